@@ -1,0 +1,197 @@
+"""The one reference torch module for the Llama family.
+
+A `Transformer` owns a contiguous layer range [start, stop) of a model and,
+optionally, the embedding (start == 0 on the head) and the final norm + LM head.
+The full model, the device head, the cloud tail, the exported ONNX graph and the
+quality evaluation are all this class with different ranges; layers a stage does
+not own are placeholders and their weights are never loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitlm.model.rope import Rotary, apply_rotary
+from splitlm.model.spec import ModelSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        h, kv, d, hd = spec.num_heads, spec.num_kv_heads, spec.hidden_size, spec.head_dim
+        self.q_proj = nn.Linear(d, h * hd, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(d, kv * hd, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(d, kv * hd, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        s = self.spec
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # (B, Hkv, P+T, D)
+            v = torch.cat((past[1], v), dim=2)
+        rep = s.num_heads // s.num_kv_heads
+        kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, P+T, D)
+        vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim)  # (B, T, H*D)
+        return self.o_proj(out), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        d, i, bias = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
+        self.gate_proj = nn.Linear(d, i, bias=bias)
+        self.up_proj = nn.Linear(d, i, bias=bias)
+        self.down_proj = nn.Linear(i, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cos, sin, past, mask):
+        h, present = self.self_attn(self.input_layernorm(x), cos, sin, past, mask)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class MissingLayer(nn.Module):
+    """Placeholder for a layer another stage owns; calling it is a bug."""
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - invariant
+        raise RuntimeError("this layer belongs to another stage")
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the layers one stage owns, for one batch of sequences."""
+
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """layer index -> (keys, values), each (B, Hkv, length, D)."""
+    length: int = 0
+    """Positions cached so far."""
+
+    def crop(self, length: int) -> None:
+        """Forget every position at or after `length`."""
+        self.layers = {i: (k[:, :, :length], v[:, :, :length]) for i, (k, v) in self.layers.items()}
+        self.length = min(self.length, length)
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers.values())
+
+
+def causal_mask(past: int, new: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """Boolean (new, past+new) mask: query i sees keys j <= past + i. None when new == 1."""
+    if new == 1:
+        return None
+    q = torch.arange(new, device=device)[:, None] + past
+    k = torch.arange(past + new, device=device)[None, :]
+    return k <= q
+
+
+class _Inner(nn.Module):
+    """Holds the parameters under Hugging Face's `model.` prefix."""
+
+    def __init__(self, spec: ModelSpec, start: int, stop: int, embed: bool, final: bool) -> None:
+        super().__init__()
+        if embed:
+            self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(spec) if start <= i < stop else MissingLayer() for i in range(spec.num_layers)
+        )
+        if final:
+            self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Layers [start, stop) of a Llama-family model, plus embedding and/or final norm + LM head."""
+
+    def __init__(self, spec: ModelSpec, start: int = 0, stop: int | None = None, *, embed: bool | None = None, final: bool | None = None) -> None:
+        super().__init__()
+        stop = spec.num_layers if stop is None else stop
+        if not 0 <= start <= stop <= spec.num_layers:
+            raise ValueError(f"layer range [{start}, {stop}) is outside [0, {spec.num_layers}]")
+        self.spec, self.start, self.stop = spec, start, stop
+        self.embeds = start == 0 if embed is None else embed
+        self.finalizes = stop == spec.num_layers if final is None else final
+        self.model = _Inner(spec, start, stop, self.embeds, self.finalizes)
+        if self.finalizes:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            if self.embeds and spec.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(spec)
+
+    @property
+    def owned_layers(self) -> range:
+        return range(self.start, self.stop)
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the owned part on T new positions.
+
+        inputs: token ids (B, T) when this stage embeds, else hidden states (B, T, d).
+        positions: (B, T) absolute positions; default continues after the cache.
+        cache: updated in place with the new keys/values; None runs without one.
+        mask: optional (B, 1, T, P+T) boolean mask; default is causal.
+        Returns logits (B, T, V) if this stage finalizes, else hidden states (B, T, d).
+        """
+        past = cache.length if cache is not None else 0
+        x = self.model.embed_tokens(inputs) if self.embeds else inputs
+        b, t = x.shape[:2]
+        if positions is None:
+            positions = torch.arange(past, past + t, device=x.device).expand(b, t)
+        if mask is None:
+            mask = causal_mask(past, t, x.device)
+        cos, sin = self.rotary(positions)
+        for i in self.owned_layers:
+            layer_past = cache.layers.get(i) if cache is not None else None
+            x, present = self.model.layers[i](x, cos, sin, layer_past, mask)
+            if cache is not None:
+                cache.layers[i] = present
+        if cache is not None:
+            cache.length = past + t
+        if self.finalizes:
+            x = self.lm_head(self.model.norm(x))
+        return x
+
+    def state_dict_names(self) -> list[str]:
+        """Checkpoint tensor names this stage needs (tied LM head maps to the embedding)."""
+        return list(self.state_dict().keys())

@@ -1,0 +1,35 @@
+"""Tensor names at the device/cloud boundary, defined once (torch-free).
+
+Export, the onnxruntime runner and the protocol all use these.
+"""
+
+from __future__ import annotations
+
+INPUT_IDS = "input_ids"
+"""Token ids (B, T) int64 entering the head."""
+POSITION_IDS = "position_ids"
+"""Absolute positions (B, T) int64 of the new tokens."""
+HIDDEN_STATES = "hidden_states"
+"""Residual stream h_ℓ (B, T, d) at the split: what crosses the link."""
+LOGITS = "logits"
+"""Next-token logits (B, T, V), produced where the final norm and LM head live."""
+
+
+def past_key(layer: int) -> str:
+    """Cached keys of `layer` entering a stage: (B, Hkv, P, D)."""
+    return f"past_key.{layer}"
+
+
+def past_value(layer: int) -> str:
+    """Cached values of `layer` entering a stage: (B, Hkv, P, D)."""
+    return f"past_value.{layer}"
+
+
+def present_key(layer: int) -> str:
+    """Keys of `layer` after the step (past + new): (B, Hkv, P+T, D)."""
+    return f"present_key.{layer}"
+
+
+def present_value(layer: int) -> str:
+    """Values of `layer` after the step (past + new): (B, Hkv, P+T, D)."""
+    return f"present_value.{layer}"
