@@ -1,0 +1,179 @@
+"""The `splitlm` command: thin drivers over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Sequence
+
+from splitlm.errors import SplitLMError
+
+log = logging.getLogger("splitlm")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from splitlm.model.registry import DEFAULT_MODEL
+
+    ap = argparse.ArgumentParser(prog="splitlm", description="Run an LLM split between an edge device and a cloud server.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the models splitlm can load")
+
+    g = sub.add_parser("generate", help="generate text with the model split at a layer (in-process)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    g.add_argument("--split", type=int, default=None, help="split layer ℓ in [0, L] (default: the plan's, else L/2)")
+    g.add_argument("--plan", default=None, help="a plan JSON file")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_sampling(g)
+
+    e = sub.add_parser("eval", help="perplexity on the DESIGN.md protocol or a text file")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--split", type=int, default=None, help="split layer (default L/2)")
+    e.add_argument("--plan", default=None, help="a plan JSON file")
+    e.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")
+    e.add_argument("--window-size", type=int, default=512)
+    e.add_argument("--text", default=None, help="a UTF-8 text file instead of pydoc_data.topics")
+    e.add_argument("--json", default=None, help="also write the result as JSON here")
+
+    d = sub.add_parser("demo", help="split generation with the default model and a default prompt")
+    d.add_argument("--model", default=DEFAULT_MODEL)
+    d.add_argument("--prompt", default="The three most useful things to know about Python are")
+    d.add_argument("--max-tokens", type=int, default=48)
+    return ap
+
+
+def _load(model: str):
+    from splitlm.model.registry import resolve_model
+
+    t0 = time.perf_counter()
+    ckpt = resolve_model(model)
+    log.info("loaded %s in %.2fs", ckpt.model_id, time.perf_counter() - t0)
+    return ckpt
+
+
+def _split_and_plan(args, ckpt):
+    from splitlm.partition.plan import Plan
+
+    plan = Plan.load(args.plan) if args.plan else None
+    if plan is not None:
+        plan.check_model(ckpt.spec.num_layers, ckpt.weights_hash)
+    split = args.split if args.split is not None else (plan.split_layer if plan else ckpt.spec.num_layers // 2)
+    return split, plan
+
+
+def _chat_prompt(prompt: str) -> str:
+    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def cmd_models(args) -> int:
+    from splitlm.model.registry import list_models
+
+    rows = list_models()
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.status:<10}  {r.description}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from splitlm.local import LocalSplit
+    from splitlm.model.tokenizer import StreamingDecoder
+    from splitlm.sampling import SamplingParams
+
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    ckpt = _load(args.model)
+    split, plan = _split_and_plan(args, ckpt)
+    runner = LocalSplit(ckpt, split, prefill_chunk=plan.prefill_chunk if plan else 128,
+                        max_seq_len=plan.max_seq_len if plan else None)
+    tok = ckpt.tokenizer()
+    prompt = _chat_prompt(args.prompt) if args.chat else args.prompt
+    ids = tok.encode(prompt).ids
+    stream = StreamingDecoder(tok)
+    print(args.prompt if not args.chat else "", end="", flush=True)
+    result = runner.generate(ids, args.max_tokens, sampling, on_token=lambda t: print(stream.push(t), end="", flush=True))
+    print()
+    print(f"[split {split}/{ckpt.spec.num_layers}] {len(ids)} prompt tokens, {len(result.token_ids)} generated "
+          f"({result.stop_reason}); TTFT {result.ttft_s * 1e3:.0f} ms, {result.tokens_per_s:.1f} tokens/s",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from splitlm import evaluate
+    from splitlm.local import LocalSplit
+
+    ckpt = _load(args.model)
+    split, plan = _split_and_plan(args, ckpt)
+    text = evaluate.read_text(args.text) if args.text else evaluate.protocol_text()
+    wins = evaluate.windows(ckpt.tokenizer(), text, args.windows, args.window_size)
+    runner = LocalSplit(ckpt, split, prefill_chunk=args.window_size)
+    t0 = time.perf_counter()
+    res = evaluate.perplexity(runner.forward, wins)
+    source = args.text or "pydoc_data.topics"
+    print(f"model {ckpt.model_id}  split {split}  text {source}  windows {res.windows}x{args.window_size}  "
+          f"tokens {res.tokens}  perplexity {res.perplexity:.4f}  ({time.perf_counter() - t0:.1f}s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": ckpt.model_id, "split": split, "text": source, "windows": res.windows,
+                       "window_size": args.window_size, "tokens": res.tokens, "nll": res.nll,
+                       "perplexity": res.perplexity, "plan_hash": plan.hash if plan else None}, f, indent=2)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from splitlm.local import LocalSplit
+    from splitlm.model.tokenizer import StreamingDecoder
+
+    ckpt = _load(args.model)
+    L = ckpt.spec.num_layers
+    split = L // 2
+    runner = LocalSplit(ckpt, split)
+    tok = ckpt.tokenizer()
+    ids = tok.encode(_chat_prompt(args.prompt)).ids
+    stream = StreamingDecoder(tok)
+    print(f"splitlm demo: {ckpt.model_id}, device layers [0, {split}), cloud layers [{split}, {L}) (in-process)")
+    print(f"prompt: {args.prompt}\n")
+    result = runner.generate(ids, args.max_tokens, on_token=lambda t: print(stream.push(t), end="", flush=True))
+    print("\n")
+    d = ckpt.spec.hidden_size
+    print(f"{'prompt tokens':<24}{len(ids)}")
+    print(f"{'generated tokens':<24}{len(result.token_ids)} ({result.stop_reason})")
+    print(f"{'time to first token':<24}{result.ttft_s * 1e3:.0f} ms")
+    print(f"{'decode speed':<24}{result.tokens_per_s:.1f} tokens/s")
+    print(f"{'split activation':<24}{d} values/token ({2 * d} bytes at fp16)")
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except SplitLMError as exc:
+        print(f"splitlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

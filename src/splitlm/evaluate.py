@@ -1,0 +1,72 @@
+"""Perplexity on the DESIGN.md §10 protocol.
+
+Corpus: the topic texts of Python's own `pydoc_data.topics`, in sorted key order,
+joined by blank lines. Tokenized with the model's tokenizer (no BOS added), cut
+into non-overlapping windows of 512 tokens; the first N windows are scored, each
+on its own, and the perplexity is exp of the mean next-token NLL over all
+predicted tokens (511 per window).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from splitlm.errors import ConfigError
+
+WINDOW = 512
+
+
+def protocol_text() -> str:
+    """The evaluation corpus of DESIGN.md §10."""
+    from pydoc_data import topics
+
+    return "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+
+
+def read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} as UTF-8 text: {exc}") from None
+
+
+def windows(tokenizer: Tokenizer, text: str, count: int, size: int = WINDOW, skip: int = 0) -> list[list[int]]:
+    """Windows `skip` .. `skip+count` of `size` tokens; ConfigError when the text is too short."""
+    if count < 1 or size < 2:
+        raise ConfigError(f"need at least 1 window of at least 2 tokens, got {count} of {size}")
+    ids = tokenizer.encode(text).ids
+    available = len(ids) // size
+    if available < skip + count:
+        raise ConfigError(f"the text has {len(ids)} tokens: {available} windows of {size}, {skip + count} asked for")
+    return [ids[(skip + i) * size:(skip + i + 1) * size] for i in range(count)]
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    """Mean next-token negative log-likelihood (nats)."""
+    tokens: int
+    """Predicted tokens."""
+    windows: int
+
+
+@torch.inference_mode()
+def perplexity(forward: Callable[[torch.Tensor], torch.Tensor], wins: list[list[int]], progress: bool = True) -> PerplexityResult:
+    """Score windows with `forward(ids (1, T)) -> logits (1, T, V)`."""
+    total, count = 0.0, 0
+    for win in tqdm(wins, desc="perplexity", unit="window", disable=not progress, leave=False):
+        ids = torch.tensor([win])
+        logits = forward(ids)[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        total += float(nll)
+        count += len(win) - 1
+    mean = total / count
+    return PerplexityResult(math.exp(mean), mean, count, len(wins))

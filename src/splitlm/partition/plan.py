@@ -1,0 +1,215 @@
+"""The Plan: where to cut and how to quantize each side (versioned JSON with a hash, torch-free)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from splitlm.errors import PlanError
+from splitlm.quantize.registry import GROUP_SIZES, KV_BITS, WEIGHT_BITS, WEIGHT_METHODS
+
+PLAN_VERSION = 1
+TS_RULES: tuple[str, ...] = ("none", "std", "channels")
+CODEC_KINDS: tuple[str, ...] = ("fp32", "fp16", "tabq")
+CODEC_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Weight quantization of one side of the split."""
+
+    bits: int = 16
+    """Bits per weight: one of WEIGHT_BITS (16 = unquantized)."""
+    group_size: int = 128
+    """Weights per scale along the input dimension: one of GROUP_SIZES (-1 = per channel)."""
+    method: str = "rtn"
+    """Quantization method: a key of quantize.registry.WEIGHT_METHODS."""
+    symmetric: bool = False
+    """Symmetric (scale only) instead of asymmetric (scale + zero point)."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in WEIGHT_BITS:
+            raise PlanError(f"weight bits {self.bits!r} not in {WEIGHT_BITS}")
+        if self.group_size not in GROUP_SIZES:
+            raise PlanError(f"weight group size {self.group_size!r} not in {GROUP_SIZES}")
+        if self.method not in WEIGHT_METHODS:
+            raise PlanError(f"weight method {self.method!r} not in {sorted(WEIGHT_METHODS)}")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Activation codec at the split (DESIGN.md §4)."""
+
+    kind: Literal["fp32", "fp16", "tabq"] = "fp16"
+    """fp32/fp16: raw rows; tabq: threshold splitting + token-wise adaptive bits."""
+    ts_rule: Literal["none", "std", "channels"] = "std"
+    """Outlier rule: none, |x| > threshold·std of the row, or a calibrated channel set."""
+    ts_threshold: float = 6.0
+    """k of the std rule."""
+    ts_channels: tuple[int, ...] = ()
+    """Channels always sent exactly under the 'channels' rule."""
+    error_budget: float = 1e-3
+    """ε: the largest relative squared error ‖x − x̂‖²/‖x‖² a row may have."""
+    bit_widths: tuple[int, ...] = CODEC_BITS
+    """Bit widths TAB-Q may pick from, ascending."""
+    group_size: int = 0
+    """Channels per scale/zero point; 0 = one per row."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CODEC_KINDS:
+            raise PlanError(f"codec kind {self.kind!r} not in {CODEC_KINDS}")
+        if self.ts_rule not in TS_RULES:
+            raise PlanError(f"threshold-splitting rule {self.ts_rule!r} not in {TS_RULES}")
+        if not self.ts_threshold > 0:
+            raise PlanError(f"ts_threshold must be > 0, got {self.ts_threshold}")
+        if not self.error_budget > 0:
+            raise PlanError(f"codec error budget must be > 0, got {self.error_budget}")
+        if not self.bit_widths or any(b not in CODEC_BITS for b in self.bit_widths):
+            raise PlanError(f"codec bit widths {self.bit_widths!r} must be a non-empty subset of {CODEC_BITS}")
+        if tuple(sorted(set(self.bit_widths))) != tuple(self.bit_widths):
+            raise PlanError(f"codec bit widths {self.bit_widths!r} must be ascending and distinct")
+        if self.group_size < 0:
+            raise PlanError(f"codec group size must be >= 0, got {self.group_size}")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What the partitioner predicted for this plan (None where not predicted)."""
+
+    device_memory_bytes: float | None = None
+    """Peak device memory at max_seq_len."""
+    token_latency_ms: float | None = None
+    """Per-token decode latency: device + link + cloud."""
+    ttft_ms: float | None = None
+    """Time to first token for the profiled prompt length."""
+    bytes_per_token: float | None = None
+    """Bytes on the wire per decoded token, upstream."""
+    quality: float | None = None
+    """Predicted perplexity on the DESIGN.md protocol."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything export, serve and generate need to agree on."""
+
+    model_id: str
+    """Name of the model in the cache."""
+    weights_hash: str
+    """Checkpoint.weights_hash of that model."""
+    split_layer: int
+    """ℓ: the device runs layers [0, ℓ), the cloud [ℓ, L)."""
+    device_weights: WeightQuant = field(default_factory=WeightQuant)
+    """Precision of the device head."""
+    cloud_weights: WeightQuant = field(default_factory=WeightQuant)
+    """Precision of the cloud tail."""
+    kv_bits: int = 16
+    """Device KV cache precision: one of KV_BITS."""
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    """Activation codec at the split."""
+    max_seq_len: int = 2048
+    """Longest sequence (prompt + generated) a session may reach."""
+    prefill_chunk: int = 128
+    """Prompt positions per prefill step."""
+    split_moves: tuple[tuple[int, int], ...] = ()
+    """(sequence length, new split layer) pairs at which the device moves the split shallower."""
+    predictions: Predictions = field(default_factory=Predictions)
+    """The partitioner's predictions (not part of the hash)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.split_layer, int) or self.split_layer < 0:
+            raise PlanError(f"split_layer must be a non-negative integer, got {self.split_layer!r}")
+        if self.kv_bits not in KV_BITS:
+            raise PlanError(f"kv_bits {self.kv_bits!r} not in {KV_BITS}")
+        if self.max_seq_len < 1:
+            raise PlanError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.prefill_chunk < 1:
+            raise PlanError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        last_len, last_layer = 0, self.split_layer
+        for at_len, layer in self.split_moves:
+            if not last_len < at_len <= self.max_seq_len:
+                raise PlanError(f"split move at length {at_len} must be after {last_len} and within max_seq_len {self.max_seq_len}")
+            if not 0 <= layer < last_layer:
+                raise PlanError(f"split move to layer {layer} must be shallower than {last_layer}")
+            last_len, last_layer = at_len, layer
+
+    def check_model(self, num_layers: int, weights_hash: str | None = None) -> None:
+        """Raise PlanError if this plan cannot run on a model with `num_layers` layers / these weights."""
+        if not 0 <= self.split_layer <= num_layers:
+            raise PlanError(f"split layer {self.split_layer} is outside [0, {num_layers}] for {self.model_id}")
+        if weights_hash is not None and weights_hash != self.weights_hash:
+            raise PlanError(f"plan was made for weights {self.weights_hash}, the model has {weights_hash}")
+
+    def replace(self, **changes: Any) -> "Plan":
+        return dataclasses.replace(self, **changes)
+
+    # -- (de)serialization ---------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["version"] = PLAN_VERSION
+        data["hash"] = self.hash
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @property
+    def hash(self) -> str:
+        """sha256 (16 hex digits) of everything but the predictions: device and cloud must agree on it."""
+        data = dataclasses.asdict(self)
+        data.pop("predictions")
+        canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(f"v{PLAN_VERSION}:{canon}".encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Plan":
+        data = dict(raw)
+        version = data.pop("version", None)
+        if version != PLAN_VERSION:
+            raise PlanError(f"plan version {version!r} is not supported (expected {PLAN_VERSION})")
+        claimed = data.pop("hash", None)
+        try:
+            plan = cls(
+                **{k: v for k, v in data.items() if k not in ("device_weights", "cloud_weights", "codec", "predictions", "split_moves")},
+                device_weights=WeightQuant(**data.get("device_weights", {})),
+                cloud_weights=WeightQuant(**data.get("cloud_weights", {})),
+                codec=_codec_from(data.get("codec", {})),
+                split_moves=tuple(tuple(m) for m in data.get("split_moves", ())),
+                predictions=Predictions(**data.get("predictions", {})),
+            )
+        except TypeError as exc:
+            raise PlanError(f"plan has a missing or unknown field: {exc}") from None
+        if claimed is not None and claimed != plan.hash:
+            raise PlanError(f"plan hash {claimed} does not match its contents ({plan.hash}); was it edited by hand? remove the hash field to accept the edit")
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise PlanError("plan JSON must be an object")
+        return cls.from_dict(raw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            return cls.from_json(Path(path).read_text())
+        except OSError as exc:
+            raise PlanError(f"cannot read plan {path}: {exc}") from None
+
+
+def _codec_from(raw: Mapping[str, Any]) -> CodecConfig:
+    raw = dict(raw)
+    for key in ("ts_channels", "bit_widths"):
+        if key in raw:
+            raw[key] = tuple(raw[key])
+    return CodecConfig(**raw)

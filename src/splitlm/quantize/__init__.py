@@ -1,0 +1,1 @@
+"""Weight quantizers (per segment), KV quantizers and the activation codec."""
