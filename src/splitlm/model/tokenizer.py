@@ -67,7 +67,7 @@ def tokenizer_from_gguf(fields: dict) -> Tokenizer:
     tokens = fields["tokenizer.ggml.tokens"]
     types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     special = [t for t, ty in zip(tokens, types) if ty in (3, 4)]  # control, user-defined
-    return build_bpe_tokenizer(tokens, fields["tokenizer.ggml.merges"], special, fields.get("tokenizer.ggml.pre", "default"))
+    return build_bpe_tokenizer(tokens, fields.get("tokenizer.ggml.merges") or [], special, fields.get("tokenizer.ggml.pre", "default"))
 
 
 BYTE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

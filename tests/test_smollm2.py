@@ -1,0 +1,63 @@
+"""Model-level checks on the default model, SmolLM2-135M (marked slow: run with --runslow)."""
+
+import pytest
+import torch
+
+from splitlm.local import LocalSplit
+from splitlm.model.load import build_stage
+from tests.tolerances import TOL
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def full(smollm_ckpt):
+    return build_stage(smollm_ckpt)
+
+
+@pytest.fixture(scope="module")
+def ids(smollm_ckpt):
+    from splitlm.evaluate import protocol_text
+
+    return torch.tensor([smollm_ckpt.tokenizer().encode(protocol_text()[:4000]).ids[:96]])
+
+
+@pytest.mark.parametrize("split", [0, 1, 15, 29, 30])
+def test_split_logits_equal_unsplit(smollm_ckpt, full, ids, split):
+    with torch.inference_mode():
+        ref = full(ids)
+        got = LocalSplit(smollm_ckpt, split, prefill_chunk=32).forward(ids)
+    assert (got - ref).abs().max() <= TOL["fp32_split"]
+
+
+@pytest.mark.parametrize("split", [0, 15, 30])
+def test_prefill_then_decode_equals_full_forward(smollm_ckpt, full, ids, split):
+    runner = LocalSplit(smollm_ckpt, split, prefill_chunk=32)
+    caches = runner.new_caches()
+    with torch.inference_mode():
+        ref = full(ids)
+        parts = [runner.forward(ids[:, :80], caches)]
+        parts += [runner.forward(ids[:, t:t + 1], caches) for t in range(80, ids.shape[1])]
+    got = torch.cat(parts, dim=1)
+    assert (got - ref).abs().max() <= TOL["fp32_split"]
+
+
+def test_cli_generate_same_text_at_12_0_30(capsys, smollm_ckpt, monkeypatch):
+    from splitlm.cli import main
+
+    monkeypatch.setenv("SPLITLM_CACHE", str(smollm_ckpt.path.parent.parent))
+    texts = []
+    for split in ("12", "0", "30"):
+        assert main(["generate", "--model", "smollm2-135m", "--split", split, "--prompt", "The capital of France is",
+                     "--max-tokens", "24"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] == texts[2]
+    assert "Paris" in texts[0]
+
+
+def test_perplexity_is_sane(smollm_ckpt):
+    from splitlm import evaluate
+
+    wins = evaluate.windows(smollm_ckpt.tokenizer(), evaluate.protocol_text(), 2)
+    res = evaluate.perplexity(LocalSplit(smollm_ckpt, 15, prefill_chunk=512).forward, wins, progress=False)
+    assert 5 < res.perplexity < 40
