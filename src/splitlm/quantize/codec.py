@@ -1,0 +1,329 @@
+"""The activation codec of DESIGN.md §4: threshold splitting (TS) + token-wise adaptive bits (TAB-Q).
+
+One algorithm, two backends (`codec_ops`): numpy on the device, torch on the cloud;
+frames and reconstructions are bit-identical between them.
+
+Frame layout (little endian), version 1:
+
+    header   magic "SLAF" | version u8 | kind u8 (0 fp32, 1 fp16, 2 tabq) | group u16 | rows T u32 | dim d u32
+    fp32/fp16: T·d raw values.
+    tabq:
+      bits     u8[T]      bit width of each row (2..8; 16 = the row is sent as raw fp16)
+      n_out    u16[T]     outliers taken out of each row
+      scales   f16[T·G]   per row and channel group (G = ceil(d / group), group 0 = whole row)
+      mins     f16[T·G]   x̂ = code · scale + min
+      out_idx  u16[N]     outlier channels, ascending within a row, rows in order (N = Σ n_out)
+      out_val  f16[N]     outlier values
+      codes    per row, d codes of `bits` bits packed LSB first, padded to a byte; raw rows: d fp16
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from splitlm.errors import CodecError
+from splitlm.partition.plan import CodecConfig
+from splitlm.quantize.codec_ops import NumpyOps
+
+HEADER = struct.Struct("<4sBBHII")
+MAGIC = b"SLAF"
+FRAME_VERSION = 1
+KINDS = {"fp32": 0, "fp16": 1, "tabq": 2}
+KIND_NAMES = {v: k for k, v in KINDS.items()}
+RAW_ROW = 16
+ROW_BITS = (2, 3, 4, 5, 6, 8, RAW_ROW)
+MAX_DIM = 65535
+
+_ops_cache: dict[str, Any] = {"numpy": NumpyOps()}
+
+
+def get_ops(backend: str):
+    """'numpy' or 'torch'."""
+    if backend not in _ops_cache:
+        if backend != "torch":
+            raise CodecError(f"codec backend {backend!r} is not one of ('numpy', 'torch')")
+        from splitlm.quantize.codec_ops import TorchOps
+
+        _ops_cache["torch"] = TorchOps()
+    return _ops_cache[backend]
+
+
+def _row_bytes(bits: np.ndarray, d: int) -> np.ndarray:
+    bits = bits.astype(np.int64)
+    return np.where(bits == RAW_ROW, 2 * d, (d * bits + 7) // 8)
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """A parsed and validated frame's side information (numpy arrays)."""
+
+    kind: str
+    rows: int
+    dim: int
+    group: int
+    groups: int
+    bits: np.ndarray
+    n_out: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray
+    out_idx: np.ndarray
+    out_val: np.ndarray
+    payload_offset: int
+    row_offsets: np.ndarray
+    """Start of each row's codes in the frame, plus the end: (T+1,)."""
+
+
+def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
+    """Check a frame's structure and read its side information; CodecError naming what is wrong."""
+    if len(buf) < HEADER.size:
+        raise CodecError(f"frame of {len(buf)} bytes is shorter than its {HEADER.size}-byte header")
+    magic, version, kind_code, group, T, d = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise CodecError(f"frame magic {magic!r} is not {MAGIC!r}: not an activation frame")
+    if version != FRAME_VERSION:
+        raise CodecError(f"frame version {version} is not supported (expected {FRAME_VERSION})")
+    if kind_code not in KIND_NAMES:
+        raise CodecError(f"frame kind {kind_code} is not one of {KINDS}")
+    if T < 1 or not 1 <= d <= MAX_DIM:
+        raise CodecError(f"frame shape ({T}, {d}) is invalid: need rows >= 1 and 1 <= dim <= {MAX_DIM}")
+    if max_rows is not None and T > max_rows:
+        raise CodecError(f"frame has {T} rows, the limit is {max_rows}")
+    kind = KIND_NAMES[kind_code]
+    off = HEADER.size
+    if kind in ("fp32", "fp16"):
+        width = 4 if kind == "fp32" else 2
+        if len(buf) != off + T * d * width:
+            raise CodecError(f"{kind} frame of shape ({T}, {d}) must be {off + T * d * width} bytes, got {len(buf)}")
+        empty = np.zeros(0)
+        return FrameLayout(kind, T, d, 0, 0, empty, empty, empty, empty, empty, empty, off, np.array([off]))
+    if group > d:
+        raise CodecError(f"frame group size {group} exceeds dim {d}")
+    G = -(-d // (group or d))
+    side = T + 2 * T + 4 * T * G
+    if len(buf) < off + side:
+        raise CodecError(f"tabq frame of shape ({T}, {d}) is truncated inside its side information")
+    bits = np.frombuffer(buf, np.uint8, T, off)
+    n_out = np.frombuffer(buf, "<u2", T, off + T)
+    bad = ~np.isin(bits, ROW_BITS)
+    if bad.any():
+        raise CodecError(f"row {int(np.argmax(bad))} has bit width {int(bits[bad][0])}, allowed {ROW_BITS}")
+    if (n_out > d).any():
+        raise CodecError(f"row {int(np.argmax(n_out > d))} claims {int(n_out.max())} outliers in {d} channels")
+    scales = np.frombuffer(buf, "<f2", T * G, off + 3 * T).reshape(T, G)
+    mins = np.frombuffer(buf, "<f2", T * G, off + 3 * T + 2 * T * G).reshape(T, G)
+    N = int(n_out.astype(np.int64).sum())
+    off += side
+    row_sizes = _row_bytes(bits, d)
+    expected = off + 4 * N + int(row_sizes.sum())
+    if len(buf) != expected:
+        raise CodecError(f"tabq frame of shape ({T}, {d}) with {N} outliers must be {expected} bytes, got {len(buf)}")
+    out_idx = np.frombuffer(buf, "<u2", N, off)
+    out_val = np.frombuffer(buf, "<f2", N, off + 2 * N)
+    if N and (out_idx >= d).any():
+        raise CodecError(f"outlier channel {int(out_idx.max())} is outside [0, {d})")
+    if N > 1:
+        starts = np.repeat(np.cumsum(n_out.astype(np.int64)) - n_out, n_out)
+        pos = np.arange(N) - starts
+        if ((np.diff(out_idx.astype(np.int64)) <= 0) & (pos[1:] > 0)).any():
+            raise CodecError("outlier channels within a row must be strictly ascending")
+    finite = np.isfinite(scales).all() and np.isfinite(mins).all() and np.isfinite(out_val).all()
+    if not finite:
+        raise CodecError("frame carries non-finite (NaN/Inf) scales, mins or outlier values")
+    offsets = off + 4 * N + np.concatenate(([0], np.cumsum(row_sizes)))
+    return FrameLayout(kind, T, d, group, G, bits, n_out, scales, mins, out_idx, out_val, off + 4 * N, offsets)
+
+
+def _pack(codes, b: int, ops):
+    """codes (n, d) int64 < 2^b -> (n, ceil(d·b/8)) uint8, LSB first."""
+    n, d = codes.shape
+    nbytes = (d * b + 7) // 8
+    bits = ((codes[:, :, None] >> ops.arange(b, ops.i64)) & 1).reshape(n, d * b)
+    if nbytes * 8 > d * b:
+        bits = ops.concat([bits, ops.zeros((n, nbytes * 8 - d * b), ops.i64)], 1)
+    packed = ops.sum(bits.reshape(n, nbytes, 8) << ops.arange(8, ops.i64), 2)
+    return ops.cast(packed, ops.u8)
+
+
+def _unpack(packed, d: int, b: int, ops):
+    """(n, nbytes) uint8 -> codes (n, d) int64."""
+    n = packed.shape[0]
+    bits = (ops.cast(packed, ops.i64)[:, :, None] >> ops.arange(8, ops.i64)) & 1  # (n, nbytes, 8)
+    bits = bits.reshape(n, -1)[:, : d * b].reshape(n, d, b)
+    return ops.sum(bits << ops.arange(b, ops.i64), 2)
+
+
+def _dequant(codes, scale16, min16, d: int, g: int, ops):
+    """codes (n, d) -> x̂ (n, d) float32 with per-group fp16 scale/min (n, G)."""
+    n, G = scale16.shape
+    q = ops.cast(codes, ops.f32)
+    if G * g > q.shape[1]:
+        q = ops.concat([q, ops.zeros((n, G * g - q.shape[1]), ops.f32)], 1)
+    q = q.reshape(n, G, g)
+    x = q * ops.cast(scale16, ops.f32)[:, :, None] + ops.cast(min16, ops.f32)[:, :, None]
+    return x.reshape(n, G * g)[:, :d]
+
+
+def _header(kind: str, group: int, T: int, d: int) -> bytes:
+    return HEADER.pack(MAGIC, FRAME_VERSION, KINDS[kind], group, T, d)
+
+
+def encode(x: Any, cfg: CodecConfig, backend: str = "numpy") -> bytes:
+    """Encode hidden states x (T, d) into one frame."""
+    ops = get_ops(backend)
+    x = ops.asarray(x, ops.f32)
+    if len(x.shape) != 2 or x.shape[0] < 1 or not 1 <= x.shape[1] <= MAX_DIM:
+        raise CodecError(f"activations must be (rows >= 1, 1 <= dim <= {MAX_DIM}), got shape {tuple(x.shape)}")
+    if not ops.isfinite_all(x):
+        raise CodecError("activations contain NaN or Inf")
+    T, d = x.shape
+    if cfg.kind == "fp32":
+        return _header("fp32", 0, T, d) + ops.tobytes(x)
+    if float(ops.amax(ops.amax(abs(x), 1), 0)) > 65504.0:
+        raise CodecError("activations exceed the fp16 range (|x| > 65504)")
+    x16 = ops.cast(x, ops.f16)
+    if cfg.kind == "fp16":
+        return _header("fp16", 0, T, d) + ops.tobytes(x16)
+    return _encode_tabq(x, x16, cfg, ops)
+
+
+def _outlier_mask(x, x64, cfg: CodecConfig, ops):
+    T, d = x.shape
+    if cfg.ts_rule == "std":
+        mean = ops.sum(x64, 1) / d
+        var = ops.sum((x64 - mean[:, None]) ** 2, 1) / d
+        return x64 * x64 > (cfg.ts_threshold ** 2) * var[:, None]
+    mask = np.zeros((T, d), dtype=bool)
+    if cfg.ts_rule == "channels" and cfg.ts_channels:
+        chans = np.asarray(cfg.ts_channels)
+        if chans.max() >= d:
+            raise CodecError(f"outlier channel {int(chans.max())} is outside the hidden size {d}")
+        mask[:, chans] = True
+    return ops.asarray(mask, ops.bool)
+
+
+def _encode_tabq(x, x16, cfg: CodecConfig, ops) -> bytes:
+    T, d = x.shape
+    g = cfg.group_size or d
+    if g > d:
+        g = d
+    G = -(-d // g)
+    pad = G * g - d
+    x64 = ops.cast(x, ops.f64)
+    mask = _outlier_mask(x, x64, cfg, ops)
+    inf = float("inf")
+    lo = ops.where(mask, inf, x)
+    hi = ops.where(mask, -inf, x)
+    xg = x
+    if pad:
+        lo = ops.concat([lo, ops.full((T, pad), inf, ops.f32)], 1)
+        hi = ops.concat([hi, ops.full((T, pad), -inf, ops.f32)], 1)
+        xg = ops.concat([x, ops.zeros((T, pad), ops.f32)], 1)
+    mn, mx = ops.amin(lo.reshape(T, G, g), 2), ops.amax(hi.reshape(T, G, g), 2)
+    empty = mn > mx
+    mn, mx = ops.where(empty, 0.0, mn), ops.where(empty, 0.0, mx)
+    m16 = ops.cast(mn, ops.f16)
+    m16 = ops.where(ops.cast(m16, ops.f32) > mn, ops.nextafter_down(m16), m16)  # round down: range covers mn
+    m32 = ops.cast(m16, ops.f32)
+    xg = xg.reshape(T, G, g)
+    x_out = ops.cast(x16, ops.f32)
+    den = ops.sum(x64 * x64, 1)
+    chosen = ops.full((T,), RAW_ROW, ops.i64)
+    candidates = {}
+    for b in cfg.bit_widths:
+        maxq = float(2 ** b - 1)
+        s = (mx - m32) / maxq
+        s16 = ops.cast(s, ops.f16)
+        s16 = ops.where(ops.cast(s16, ops.f32) < s, ops.nextafter_up(s16), s16)  # round up: range covers mx
+        s32 = ops.cast(s16, ops.f32)
+        safe = ops.where(s32 > 0, s32, 1.0)
+        q = ops.clip(ops.rint((xg - m32[:, :, None]) / safe[:, :, None]), 0.0, maxq)
+        xhat = ops.where(mask, x_out, _dequant(q.reshape(T, G * g), s16, m16, d, g, ops))
+        err = ops.sum((x64 - ops.cast(xhat, ops.f64)) ** 2, 1)
+        ok = (err <= cfg.error_budget * den) & ops.isfinite_all(s16)
+        candidates[b] = (ops.cast(q.reshape(T, G * g)[:, :d], ops.i64), s16)
+        chosen = ops.where(ok & (chosen == RAW_ROW), b, chosen)
+    return _assemble(x16, mask, m16, chosen, candidates, g, ops)
+
+
+def _assemble(x16, mask, m16, chosen, candidates, g: int, ops) -> bytes:
+    T, d = x16.shape
+    bits = ops.numpy(chosen).astype(np.uint8)
+    mask_np = ops.numpy(mask)
+    x16_np = ops.numpy(x16)
+    rows, cols = np.nonzero(mask_np)
+    n_out = mask_np.sum(1).astype("<u2")
+    G = m16.shape[1]
+    scales = np.zeros((T, G), "<f2")
+    mins = np.zeros((T, G), "<f2")
+    row_sizes = _row_bytes(bits, d)
+    offsets = np.concatenate(([0], np.cumsum(row_sizes)))
+    payload = np.zeros(int(offsets[-1]), np.uint8)
+    m16_np = ops.numpy(m16)
+    for b in np.unique(bits):
+        sel = np.nonzero(bits == b)[0]
+        if b == RAW_ROW:
+            data = x16_np[sel].astype("<f2").view(np.uint8).reshape(len(sel), 2 * d)
+        else:
+            codes, s16 = candidates[int(b)]
+            data = ops.numpy(_pack(codes[sel] if isinstance(codes, np.ndarray) else codes[ops.asarray(sel, ops.i64)], int(b), ops))
+            scales[sel] = ops.numpy(s16)[sel]
+            mins[sel] = m16_np[sel]
+        payload[offsets[sel][:, None] + np.arange(data.shape[1])] = data
+    parts = [_header("tabq", 0 if g == d else g, T, d), bits.tobytes(), n_out.tobytes(), scales.tobytes(), mins.tobytes(),
+             cols.astype("<u2").tobytes(), x16_np[rows, cols].astype("<f2").tobytes(), payload.tobytes()]
+    return b"".join(parts)
+
+
+def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None, max_rows: int | None = None):
+    """Frame -> x̂ (T, d) float32, exactly the encoder's reconstruction."""
+    ops = get_ops(backend)
+    lay = layout or parse_frame(buf, max_rows)
+    T, d = lay.rows, lay.dim
+    if lay.kind in ("fp32", "fp16"):
+        raw = np.frombuffer(buf, "<f4" if lay.kind == "fp32" else "<f2", T * d, lay.payload_offset).reshape(T, d)
+        if not np.isfinite(raw).all():
+            raise CodecError("frame carries non-finite (NaN/Inf) values")
+        return ops.cast(ops.asarray(raw, ops.f16 if lay.kind == "fp16" else ops.f32), ops.f32)
+    out = ops.zeros((T, d), ops.f32)
+    g = lay.group or d
+    data = np.frombuffer(buf, np.uint8)
+    for b in np.unique(lay.bits):
+        sel = np.nonzero(lay.bits == b)[0]
+        size = int(_row_bytes(np.array([b]), d)[0])
+        rows_bytes = data[lay.row_offsets[sel][:, None] + np.arange(size)]
+        sel_t = ops.asarray(sel, ops.i64)
+        if b == RAW_ROW:
+            raw = rows_bytes.view("<f2").reshape(len(sel), d)
+            if not np.isfinite(raw).all():
+                raise CodecError("frame carries non-finite (NaN/Inf) values in a raw row")
+            out[sel_t] = ops.cast(ops.asarray(raw, ops.f16), ops.f32)
+        else:
+            codes = _unpack(ops.asarray(rows_bytes, ops.u8), d, int(b), ops)
+            out[sel_t] = _dequant(codes, ops.asarray(lay.scales[sel], ops.f16), ops.asarray(lay.mins[sel], ops.f16), d, g, ops)
+    if len(lay.out_idx):
+        rows = np.repeat(np.arange(T), lay.n_out.astype(np.int64))
+        out[ops.asarray(rows, ops.i64), ops.asarray(lay.out_idx.astype(np.int64), ops.i64)] = ops.cast(
+            ops.asarray(lay.out_val, ops.f16), ops.f32)
+    return out
+
+
+@dataclass(frozen=True)
+class FrameStats:
+    bytes: int
+    rows: int
+    bytes_per_token: float
+    mean_bits: float
+    """Average code width over coded rows (raw rows count as 16)."""
+    outliers_per_token: float
+
+
+def frame_stats(buf: bytes) -> FrameStats:
+    lay = parse_frame(buf)
+    if lay.kind != "tabq":
+        width = 32 if lay.kind == "fp32" else 16
+        return FrameStats(len(buf), lay.rows, len(buf) / lay.rows, width, 0.0)
+    return FrameStats(len(buf), lay.rows, len(buf) / lay.rows, float(lay.bits.mean()), float(lay.n_out.mean()))
