@@ -34,7 +34,8 @@ configs = st.builds(
     CodecConfig, kind=st.just("tabq"), ts_rule=st.sampled_from(["none", "std"]), ts_threshold=st.sampled_from([3.0, 6.0]),
     error_budget=st.sampled_from([1e-4, 1e-3, 1e-2, 5e-2]),
     bit_widths=st.sets(st.sampled_from(CODEC_BITS), min_size=1).map(lambda s: tuple(sorted(s))),
-    group_size=st.sampled_from([0, 16, 64]))
+    group_size=st.sampled_from([0, 16, 64]), rotate_block=st.sampled_from([0, 8, 64]),
+    clip_ratios=st.sampled_from([(1.0,), (1.0, 0.8, 0.6)]))
 
 
 def rel_err(x, y):
@@ -48,7 +49,7 @@ def test_round_trip_error_within_budget(x, cfg):
     frame = codec.encode(x, cfg)
     y = codec.decode(frame)
     assert y.shape == x.shape and y.dtype == np.float32
-    assert (rel_err(x, y) <= cfg.error_budget * (1 + 1e-6) + 1e-12).all()
+    assert (rel_err(x, y) <= cfg.error_budget * (1 + 1e-4) + 1e-9).all()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -102,7 +103,8 @@ def test_adaptive_bits_follow_difficulty():
     rng = np.random.default_rng(4)
     easy = np.tile(np.linspace(-1, 1, 4).astype(np.float32), 64)  # 4 levels: 2 bits suffice
     hard = rng.standard_normal(256).astype(np.float32)
-    lay = codec.parse_frame(codec.encode(np.stack([easy, hard]), CodecConfig("tabq", ts_rule="none", error_budget=1e-4)))
+    cfg = CodecConfig("tabq", ts_rule="none", error_budget=1e-4, rotate_block=0, clip_ratios=(1.0,))
+    lay = codec.parse_frame(codec.encode(np.stack([easy, hard]), cfg))
     assert lay.bits[0] < lay.bits[1]
 
 
@@ -119,7 +121,7 @@ def test_encoder_rejects_bad_input(bad, message):
 
 @pytest.fixture
 def good_frame():
-    x = np.random.default_rng(5).standard_normal((6, 50)).astype(np.float32)
+    x = np.random.default_rng(5).standard_normal((6, 64)).astype(np.float32)
     x[:, 4] = 90
     return codec.encode(x, CodecConfig("tabq", error_budget=1e-2))
 
@@ -127,22 +129,24 @@ def good_frame():
 def test_malformed_frames_rejected(good_frame):
     lay = codec.parse_frame(good_frame)
     T, d = lay.rows, lay.dim
+    H = codec.HEADER.size
     cases = {
         "shorter than": good_frame[:10],
-        "magic": b"XXXX" + good_frame[4:],
-        "version 9": good_frame[:4] + bytes([9]) + good_frame[5:],
-        "kind 7": good_frame[:5] + bytes([7]) + good_frame[6:],
+        "magic": b"XX" + good_frame[2:],
+        "version 9": good_frame[:2] + bytes([9]) + good_frame[3:],
+        "kind 7": good_frame[:3] + bytes([7]) + good_frame[4:],
         "must be": good_frame[:-1],
         "must be ": good_frame + b"\0",
-        "bit width 7": good_frame[:16] + bytes([7]) + good_frame[17:],
+        "bit width 7": good_frame[:H] + bytes([7]) + good_frame[H + 1:],
         "truncated": good_frame[:20],
-        "invalid": codec.HEADER.pack(codec.MAGIC, 1, 2, 0, 0, d),
+        "invalid": codec.HEADER.pack(codec.MAGIC, 1, 2, 0, 0, 0, 0, d),
+        "rotation block": good_frame[:6] + bytes([7]) + good_frame[7:],
     }
     nan = bytearray(good_frame)
-    struct.pack_into("<e", nan, 16 + 3 * T, float("nan"))  # first scale
+    struct.pack_into("<e", nan, H + 3 * T, float("nan"))  # first scale
     cases["non-finite"] = bytes(nan)
     n_out = bytearray(good_frame)
-    struct.pack_into("<H", n_out, 16 + T, d + 1)
+    struct.pack_into("<H", n_out, H + T, d + 1)
     cases["claims"] = bytes(n_out)
     for message, frame in cases.items():
         with pytest.raises(CodecError, match=message.strip()):
@@ -155,14 +159,14 @@ def test_outlier_index_out_of_range(good_frame):
     N = int(lay.n_out.sum())
     assert N > 0
     buf = bytearray(good_frame)
-    struct.pack_into("<H", buf, 16 + 3 * T + 4 * T * G, 999)
+    struct.pack_into("<H", buf, codec.HEADER.size + 3 * T + 4 * T * G, 999)
     with pytest.raises(CodecError, match="outside"):
         codec.decode(bytes(buf))
 
 
 def test_raw_frame_with_nan_rejected():
     frame = bytearray(codec.encode(np.ones((2, 3), np.float32), CodecConfig("fp16")))
-    struct.pack_into("<e", frame, 16, float("inf"))
+    struct.pack_into("<e", frame, codec.HEADER.size, float("inf"))
     with pytest.raises(CodecError, match="non-finite"):
         codec.decode(bytes(frame))
 
@@ -171,3 +175,20 @@ def test_row_limit():
     frame = codec.encode(np.ones((5, 3), np.float32), CodecConfig("fp16"))
     with pytest.raises(CodecError, match="limit is 4"):
         codec.decode(frame, max_rows=4)
+
+
+def test_rotation_lowers_error_on_heavy_tailed_rows():
+    x = np.random.default_rng(6).laplace(size=(64, 256)).astype(np.float32)
+    plain = CodecConfig("tabq", ts_rule="none", bit_widths=(3,), error_budget=1, rotate_block=0, clip_ratios=(1.0,))
+    rotated = CodecConfig("tabq", ts_rule="none", bit_widths=(3,), error_budget=1, rotate_block=64, clip_ratios=(1.0,))
+    e_plain = rel_err(x, codec.decode(codec.encode(x, plain))).mean()
+    e_rot = rel_err(x, codec.decode(codec.encode(x, rotated))).mean()
+    assert e_rot < 0.7 * e_plain
+
+
+def test_clip_search_never_worse_than_minmax():
+    x = np.random.default_rng(7).standard_normal((32, 128)).astype(np.float32)
+    base = dict(kind="tabq", ts_rule="none", bit_widths=(2,), error_budget=1, rotate_block=0)
+    e1 = rel_err(x, codec.decode(codec.encode(x, CodecConfig(**base, clip_ratios=(1.0,)))))
+    e2 = rel_err(x, codec.decode(codec.encode(x, CodecConfig(**base, clip_ratios=(1.0, 0.8, 0.6)))))
+    assert (e2 <= e1 + 1e-7).all() and e2.mean() < e1.mean()

@@ -48,6 +48,25 @@ def windows(tokenizer: Tokenizer, text: str, count: int, size: int = WINDOW, ski
     return [ids[(skip + i) * size:(skip + i + 1) * size] for i in range(count)]
 
 
+CALIBRATION_WINDOWS = 16
+
+
+def calibration_windows(tokenizer: Tokenizer, count: int = CALIBRATION_WINDOWS, size: int = WINDOW,
+                        text: str | None = None) -> list[list[int]]:
+    """The last `count` windows of the protocol corpus: disjoint from the first evaluation windows."""
+    ids = tokenizer.encode(text if text is not None else protocol_text()).ids
+    available = len(ids) // size
+    if available < count:
+        raise ConfigError(f"the calibration text has {available} windows of {size} tokens, {count} asked for")
+    first = available - count
+    return [ids[(first + i) * size:(first + i + 1) * size] for i in range(count)]
+
+
+def eval_windows_limit(tokenizer: Tokenizer, calib_count: int = CALIBRATION_WINDOWS, size: int = WINDOW) -> int:
+    """How many leading windows can be evaluated without touching the calibration windows."""
+    return len(tokenizer.encode(protocol_text()).ids) // size - calib_count
+
+
 @dataclass(frozen=True)
 class PerplexityResult:
     perplexity: float

@@ -1,22 +1,26 @@
 """Split execution in one process: the head stage and the tail stage of one model.
 
 This is the reference for every distributed path: the gRPC path must produce
-exactly what `LocalSplit.generate` produces.
+exactly what `LocalSplit.generate` produces. A Plan sets the device and cloud
+weight precision, the device KV precision and the activation codec on the link.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from splitlm.errors import ConfigError
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.llama import KVCache, Transformer
 from splitlm.model.load import build_stage
+from splitlm.partition.plan import CodecConfig, Plan
+from splitlm.quantize import codec
+from splitlm.quantize.apply import quantize_stage
 from splitlm.sampling import Sampler, SamplingParams
 
 
@@ -31,8 +35,8 @@ class GenerationResult:
     decode_s: float
     stop_reason: str
     """'eos', 'max_tokens' or 'max_seq_len'."""
-    hidden_bytes: int = 0
-    """Bytes of split activations passed from head to tail."""
+    link_bytes: int = 0
+    """Bytes of encoded activations sent from head to tail."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -41,26 +45,70 @@ class GenerationResult:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
+@dataclass
+class LinkMeter:
+    """Counts what crosses the split."""
+
+    bytes: int = 0
+    tokens: int = 0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else float("nan")
+
+
+def exact_plan(ckpt: Checkpoint, split: int, **kw) -> Plan:
+    """A plan with no quantization and an fp32 link: the split computes exactly the unsplit model."""
+    return Plan(ckpt.model_id, ckpt.weights_hash, split, codec=CodecConfig("fp32"), **kw)
+
+
 class LocalSplit:
     """Head (embed + layers [0, ℓ)) and tail (layers [ℓ, L) + norm + LM head) in one process."""
 
-    def __init__(self, ckpt: Checkpoint, split: int, *, prefill_chunk: int = 128, max_seq_len: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, ckpt: Checkpoint, split: int | None = None, *, plan: Plan | None = None,
+                 prefill_chunk: int = 128, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32,
+                 calib_ids: list[list[int]] | None = None, progress: bool = False) -> None:
         L = ckpt.spec.num_layers
-        if not isinstance(split, int) or not 0 <= split <= L:
-            raise ConfigError(f"split layer {split!r} is outside [0, {L}] for {ckpt.model_id}")
-        if prefill_chunk < 1:
-            raise ConfigError(f"prefill chunk must be >= 1, got {prefill_chunk}")
-        self.ckpt, self.spec, self.split = ckpt, ckpt.spec, split
-        self.prefill_chunk = prefill_chunk
-        self.max_seq_len = max_seq_len or ckpt.spec.max_position
-        self.head: Transformer = build_stage(ckpt, 0, split, embed=True, final=split == L, dtype=dtype)
-        self.tail: Transformer | None = build_stage(ckpt, split, L, embed=False, final=True, dtype=dtype) if split < L else None
-        self.link: Callable[[torch.Tensor], torch.Tensor] = lambda h: h
-        """What happens to h_ℓ between head and tail (identity here; the codec later)."""
+        if plan is None:
+            if split is None:
+                raise ConfigError("give a split layer or a plan")
+            if not isinstance(split, int) or not 0 <= split <= L:
+                raise ConfigError(f"split layer {split!r} is outside [0, {L}] for {ckpt.model_id}")
+            if prefill_chunk < 1:
+                raise ConfigError(f"prefill chunk must be >= 1, got {prefill_chunk}")
+            plan = exact_plan(ckpt, split, prefill_chunk=prefill_chunk, max_seq_len=max_seq_len or ckpt.spec.max_position)
+        plan.check_model(L)
+        self.ckpt, self.spec, self.plan = ckpt, ckpt.spec, plan
+        self.split = plan.split_layer
+        self.prefill_chunk = plan.prefill_chunk
+        self.max_seq_len = plan.max_seq_len
+        self.meter = LinkMeter()
+        cache_dir = Path(ckpt.path) / "quant"
+        calib = [torch.tensor([w]) for w in calib_ids] if calib_ids else None
+        self.head: Transformer = quantize_stage(
+            build_stage(ckpt, 0, self.split, embed=True, final=self.split == L, dtype=dtype),
+            plan.device_weights, calib, cache_dir, ckpt.weights_hash, progress)
+        self.tail: Transformer | None = None
+        if self.split < L:
+            tail_calib = None
+            if calib is not None and plan.cloud_weights.method != "rtn" and plan.cloud_weights.bits != 16:
+                with torch.inference_mode():
+                    tail_calib = [self.head(c) for c in calib]
+            self.tail = quantize_stage(build_stage(ckpt, self.split, L, embed=False, final=True, dtype=dtype),
+                                       plan.cloud_weights, tail_calib, cache_dir, ckpt.weights_hash, progress)
+
+    def link(self, h: torch.Tensor) -> torch.Tensor:
+        """Encode h_ℓ (B, T, d) into frames and decode them, as the wire would; counts bytes."""
+        out = []
+        for row in h:
+            frame = codec.encode(row, self.plan.codec, "torch")
+            self.meter.bytes += len(frame)
+            self.meter.tokens += row.shape[0]
+            out.append(codec.decode(frame, "torch"))
+        return torch.stack(out).to(h.dtype)  # (B, T, d)
 
     def new_caches(self) -> tuple[KVCache, KVCache]:
-        return KVCache(), KVCache()
+        return KVCache(bits=self.plan.kv_bits), KVCache()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, caches: tuple[KVCache, KVCache] | None = None) -> torch.Tensor:
@@ -89,6 +137,7 @@ class LocalSplit:
         sampler = Sampler(sampling)
         caches = self.new_caches()
         eos = set(self.spec.eos_token_ids)
+        bytes_before = self.meter.bytes
         t0 = time.perf_counter()
         logits = self.forward(torch.tensor([prompt_ids]), caches)[0, -1]
         out: list[int] = []
@@ -113,4 +162,4 @@ class LocalSplit:
             logits = self.forward(torch.tensor([[token]]), caches)[0, -1]
         decode_s = time.perf_counter() - decode_start
         tok = self.ckpt.tokenizer()
-        return GenerationResult(prompt_ids, out, tok.decode(out), ttft, decode_s, stop)
+        return GenerationResult(prompt_ids, out, tok.decode(out), ttft, decode_s, stop, self.meter.bytes - bytes_before)

@@ -106,9 +106,19 @@ def write_manifest(path: Path, model_id: str, source: dict) -> None:
 
 
 def source_fingerprint(path: Path) -> dict:
-    """Identity of a source file or directory: path, total size, newest mtime."""
+    """Identity of a source: for a file its size and a hash of its first and last MiB
+    (the same file in two environments is the same source); for a directory its
+    path, total size and newest mtime."""
     path = Path(path).resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if path.is_file():
+        size = path.stat().st_size
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+        return {"file": path.name, "size": size, "sample_sha256": h.hexdigest()}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
     return {
         "path": str(path),
         "size": sum(p.stat().st_size for p in files),

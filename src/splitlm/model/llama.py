@@ -50,18 +50,20 @@ class Attention(nn.Module):
         past: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns the output and the keys/values of the T new positions (B, Hkv, T, D)."""
         s = self.spec
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_all, v_all = k, v
         if past is not None:
-            k = torch.cat((past[0], k), dim=2)  # (B, Hkv, P+T, D)
-            v = torch.cat((past[1], v), dim=2)
+            k_all = torch.cat((past[0], k), dim=2)  # (B, Hkv, P+T, D)
+            v_all = torch.cat((past[1], v), dim=2)
         rep = s.num_heads // s.num_kv_heads
-        kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, P+T, D)
-        vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        kr = k_all.repeat_interleave(rep, dim=1) if rep > 1 else k_all  # (B, H, P+T, D)
+        vr = v_all.repeat_interleave(rep, dim=1) if rep > 1 else v_all
         out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim)  # (B, T, H*D)
         return self.o_proj(out), (k, v)
@@ -102,12 +104,37 @@ class MissingLayer(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys and values of the layers one stage owns, for one batch of sequences."""
+    """Keys and values of the layers one stage owns, for one batch of sequences.
 
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """layer index -> (keys, values), each (B, Hkv, length, D)."""
+    With bits 8 or 4 the cache stores integer codes (per token and head, fp16
+    scale and minimum) and dequantizes on read; the positions of the current
+    step attend to their own keys at full precision.
+    """
+
+    bits: int = 16
+    """Storage precision: 16 (the compute dtype), 8 or 4."""
+    layers: dict = field(default_factory=dict)
+    """layer index -> (keys, values): tensors (B, Hkv, length, D), or QuantizedKV when bits < 16."""
     length: int = 0
     """Positions cached so far."""
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self.layers.get(layer)
+        if entry is None or self.bits == 16:
+            return entry
+        return entry[0].dequantize(), entry[1].dequantize()
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add the keys/values (B, Hkv, T, D) of T new positions."""
+        if self.bits != 16:
+            from splitlm.quantize.kv import concat_kv, quantize_kv
+
+            k, v = quantize_kv(k, self.bits), quantize_kv(v, self.bits)
+            old = self.layers.get(layer)
+            self.layers[layer] = (k, v) if old is None else (concat_kv(old[0], k), concat_kv(old[1], v))
+            return
+        old = self.layers.get(layer)
+        self.layers[layer] = (k, v) if old is None else (torch.cat((old[0], k), 2), torch.cat((old[1], v), 2))
 
     def crop(self, length: int) -> None:
         """Forget every position at or after `length`."""
@@ -115,7 +142,11 @@ class KVCache:
         self.length = min(self.length, length)
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers.values())
+        total = 0
+        for k, v in self.layers.values():
+            for t in (k, v):
+                total += t.nbytes_packed() if hasattr(t, "nbytes_packed") else t.numel() * t.element_size()
+        return total
 
 
 def causal_mask(past: int, new: int, device: torch.device | None = None) -> torch.Tensor | None:
@@ -182,10 +213,10 @@ class Transformer(nn.Module):
             mask = causal_mask(past, t, x.device)
         cos, sin = self.rotary(positions)
         for i in self.owned_layers:
-            layer_past = cache.layers.get(i) if cache is not None else None
-            x, present = self.model.layers[i](x, cos, sin, layer_past, mask)
+            layer_past = cache.read(i) if cache is not None else None
+            x, (k_new, v_new) = self.model.layers[i](x, cos, sin, layer_past, mask)
             if cache is not None:
-                cache.layers[i] = present
+                cache.append(i, k_new, v_new)
         if cache is not None:
             cache.length = past + t
         if self.finalizes:

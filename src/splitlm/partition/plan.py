@@ -48,18 +48,26 @@ class CodecConfig:
     """fp32/fp16: raw rows; tabq: threshold splitting + token-wise adaptive bits."""
     ts_rule: Literal["none", "std", "channels"] = "std"
     """Outlier rule: none, |x| > threshold·std of the row, or a calibrated channel set."""
-    ts_threshold: float = 6.0
+    ts_threshold: float = 4.0
     """k of the std rule."""
     ts_channels: tuple[int, ...] = ()
     """Channels always sent exactly under the 'channels' rule."""
-    error_budget: float = 1e-3
-    """ε: the largest relative squared error ‖x − x̂‖²/‖x‖² a row may have."""
+    error_budget: float = 0.03
+    """ε: per row, ‖x − x̂‖² (all channels) must stay under ε·‖x_inliers‖², which bounds ‖x − x̂‖²/‖x‖² by ε."""
     bit_widths: tuple[int, ...] = CODEC_BITS
     """Bit widths TAB-Q may pick from, ascending."""
     group_size: int = 0
     """Channels per scale/zero point; 0 = one per row."""
+    rotate_block: int = 64
+    """Walsh-Hadamard rotation of the inliers in blocks of this many channels (power of two; 0 = off)."""
+    clip_ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
+    """Range shrink factors tried per row and group; the one with the least error is kept."""
 
     def __post_init__(self) -> None:
+        if self.rotate_block < 0 or (self.rotate_block & (self.rotate_block - 1)):
+            raise PlanError(f"codec rotate_block must be 0 or a power of two, got {self.rotate_block}")
+        if not self.clip_ratios or any(not 0 < c <= 1 for c in self.clip_ratios):
+            raise PlanError(f"codec clip ratios {self.clip_ratios!r} must be non-empty and in (0, 1]")
         if self.kind not in CODEC_KINDS:
             raise PlanError(f"codec kind {self.kind!r} not in {CODEC_KINDS}")
         if self.ts_rule not in TS_RULES:
@@ -209,7 +217,7 @@ class Plan:
 
 def _codec_from(raw: Mapping[str, Any]) -> CodecConfig:
     raw = dict(raw)
-    for key in ("ts_channels", "bit_widths"):
+    for key in ("ts_channels", "bit_widths", "clip_ratios"):
         if key in raw:
             raw[key] = tuple(raw[key])
     return CodecConfig(**raw)

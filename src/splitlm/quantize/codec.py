@@ -5,13 +5,14 @@ frames and reconstructions are bit-identical between them.
 
 Frame layout (little endian), version 1:
 
-    header   magic "SLAF" | version u8 | kind u8 (0 fp32, 1 fp16, 2 tabq) | group u16 | rows T u32 | dim d u32
+    header (14 bytes)  magic "SL" | version u8 | kind u8 (0 fp32, 1 fp16, 2 tabq) | group u16 |
+                       log2 rotation block u8 (0 = none) | reserved u8 | rows T u32 | dim d u16
     fp32/fp16: T·d raw values.
     tabq:
       bits     u8[T]      bit width of each row (2..8; 16 = the row is sent as raw fp16)
       n_out    u16[T]     outliers taken out of each row
       scales   f16[T·G]   per row and channel group (G = ceil(d / group), group 0 = whole row)
-      mins     f16[T·G]   x̂ = code · scale + min
+      mins     f16[T·G]   ŷ = code · scale + min, then x̂ = H ŷ (blockwise Walsh-Hadamard, if rotated)
       out_idx  u16[N]     outlier channels, ascending within a row, rows in order (N = Σ n_out)
       out_val  f16[N]     outlier values
       codes    per row, d codes of `bits` bits packed LSB first, padded to a byte; raw rows: d fp16
@@ -29,8 +30,8 @@ from splitlm.errors import CodecError
 from splitlm.partition.plan import CodecConfig
 from splitlm.quantize.codec_ops import NumpyOps
 
-HEADER = struct.Struct("<4sBBHII")
-MAGIC = b"SLAF"
+HEADER = struct.Struct("<2sBBHBBIH")
+MAGIC = b"SL"
 FRAME_VERSION = 1
 KINDS = {"fp32": 0, "fp16": 1, "tabq": 2}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
@@ -66,6 +67,8 @@ class FrameLayout:
     dim: int
     group: int
     groups: int
+    rotate: int
+    """Walsh-Hadamard block size (0 = no rotation)."""
     bits: np.ndarray
     n_out: np.ndarray
     scales: np.ndarray
@@ -81,13 +84,16 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
     """Check a frame's structure and read its side information; CodecError naming what is wrong."""
     if len(buf) < HEADER.size:
         raise CodecError(f"frame of {len(buf)} bytes is shorter than its {HEADER.size}-byte header")
-    magic, version, kind_code, group, T, d = HEADER.unpack_from(buf, 0)
+    magic, version, kind_code, group, rot_log2, _, T, d = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise CodecError(f"frame magic {magic!r} is not {MAGIC!r}: not an activation frame")
     if version != FRAME_VERSION:
         raise CodecError(f"frame version {version} is not supported (expected {FRAME_VERSION})")
     if kind_code not in KIND_NAMES:
         raise CodecError(f"frame kind {kind_code} is not one of {KINDS}")
+    rotate = 1 << rot_log2 if rot_log2 else 0
+    if rot_log2 > 15 or (rotate and d % rotate):
+        raise CodecError(f"frame rotation block 2^{rot_log2} does not divide dim {d}")
     if T < 1 or not 1 <= d <= MAX_DIM:
         raise CodecError(f"frame shape ({T}, {d}) is invalid: need rows >= 1 and 1 <= dim <= {MAX_DIM}")
     if max_rows is not None and T > max_rows:
@@ -99,7 +105,7 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
         if len(buf) != off + T * d * width:
             raise CodecError(f"{kind} frame of shape ({T}, {d}) must be {off + T * d * width} bytes, got {len(buf)}")
         empty = np.zeros(0)
-        return FrameLayout(kind, T, d, 0, 0, empty, empty, empty, empty, empty, empty, off, np.array([off]))
+        return FrameLayout(kind, T, d, 0, 0, 0, empty, empty, empty, empty, empty, empty, off, np.array([off]))
     if group > d:
         raise CodecError(f"frame group size {group} exceeds dim {d}")
     G = -(-d // (group or d))
@@ -134,7 +140,7 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
     if not finite:
         raise CodecError("frame carries non-finite (NaN/Inf) scales, mins or outlier values")
     offsets = off + 4 * N + np.concatenate(([0], np.cumsum(row_sizes)))
-    return FrameLayout(kind, T, d, group, G, bits, n_out, scales, mins, out_idx, out_val, off + 4 * N, offsets)
+    return FrameLayout(kind, T, d, group, G, rotate, bits, n_out, scales, mins, out_idx, out_val, off + 4 * N, offsets)
 
 
 def _pack(codes, b: int, ops):
@@ -163,12 +169,34 @@ def _dequant(codes, scale16, min16, d: int, g: int, ops):
     if G * g > q.shape[1]:
         q = ops.concat([q, ops.zeros((n, G * g - q.shape[1]), ops.f32)], 1)
     q = q.reshape(n, G, g)
-    x = q * ops.cast(scale16, ops.f32)[:, :, None] + ops.cast(min16, ops.f32)[:, :, None]
-    return x.reshape(n, G * g)[:, :d]
+    return _dequant_groups(q, scale16, min16, ops).reshape(n, G * g)[:, :d]
 
 
-def _header(kind: str, group: int, T: int, d: int) -> bytes:
-    return HEADER.pack(MAGIC, FRAME_VERSION, KINDS[kind], group, T, d)
+def _header(kind: str, group: int, T: int, d: int, rotate: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, FRAME_VERSION, KINDS[kind], group, rotate.bit_length() - 1 if rotate else 0, 0, T, d)
+
+
+def _rotation_block(d: int, requested: int) -> int:
+    """Largest power of two <= requested that divides d (0 or 1 mean no rotation)."""
+    block = requested
+    while block > 1 and d % block:
+        block //= 2
+    return block if block > 1 else 0
+
+
+def _hadamard(x, block: int, ops):
+    """Orthonormal blockwise Walsh-Hadamard transform of rows x (T, d); its own inverse.
+
+    Butterflies of elementwise adds, so numpy and torch agree bit for bit."""
+    T, d = x.shape
+    y = x.reshape(T * (d // block), block)
+    h = 1
+    while h < block:
+        y = y.reshape(-1, block // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = ops.stack([a + b, a - b], 2)
+        h *= 2
+    return y.reshape(T, d) * float(np.float32(1.0 / np.sqrt(block)))
 
 
 def encode(x: Any, cfg: CodecConfig, backend: str = "numpy") -> bytes:
@@ -207,74 +235,83 @@ def _outlier_mask(x, x64, cfg: CodecConfig, ops):
 
 def _encode_tabq(x, x16, cfg: CodecConfig, ops) -> bytes:
     T, d = x.shape
-    g = cfg.group_size or d
-    if g > d:
-        g = d
+    g = min(cfg.group_size or d, d)
     G = -(-d // g)
     pad = G * g - d
+    rotate = _rotation_block(d, cfg.rotate_block)
     x64 = ops.cast(x, ops.f64)
     mask = _outlier_mask(x, x64, cfg, ops)
-    inf = float("inf")
-    lo = ops.where(mask, inf, x)
-    hi = ops.where(mask, -inf, x)
-    xg = x
+    x_in = ops.where(mask, 0.0, x)  # inliers; outliers travel apart
+    y = _hadamard(x_in, rotate, ops) if rotate else x_in
     if pad:
-        lo = ops.concat([lo, ops.full((T, pad), inf, ops.f32)], 1)
-        hi = ops.concat([hi, ops.full((T, pad), -inf, ops.f32)], 1)
-        xg = ops.concat([x, ops.zeros((T, pad), ops.f32)], 1)
-    mn, mx = ops.amin(lo.reshape(T, G, g), 2), ops.amax(hi.reshape(T, G, g), 2)
-    empty = mn > mx
-    mn, mx = ops.where(empty, 0.0, mn), ops.where(empty, 0.0, mx)
-    m16 = ops.cast(mn, ops.f16)
-    m16 = ops.where(ops.cast(m16, ops.f32) > mn, ops.nextafter_down(m16), m16)  # round down: range covers mn
-    m32 = ops.cast(m16, ops.f32)
-    xg = xg.reshape(T, G, g)
+        y = ops.concat([y, ops.zeros((T, pad), ops.f32)], 1)
+    yg = y.reshape(T, G, g)
+    y64 = ops.cast(yg, ops.f64)
+    lo, hi = ops.amin(yg, 2), ops.amax(yg, 2)  # (T, G)
     x_out = ops.cast(x16, ops.f32)
-    den = ops.sum(x64 * x64, 1)
+    out_err = ops.sum(ops.where(mask, (x64 - ops.cast(x_out, ops.f64)) ** 2, 0.0), 1)
+    den = ops.sum(ops.where(mask, 0.0, x64 * x64), 1)  # the budget is relative to the inlier energy
     chosen = ops.full((T,), RAW_ROW, ops.i64)
     candidates = {}
     for b in cfg.bit_widths:
-        maxq = float(2 ** b - 1)
-        s = (mx - m32) / maxq
-        s16 = ops.cast(s, ops.f16)
-        s16 = ops.where(ops.cast(s16, ops.f32) < s, ops.nextafter_up(s16), s16)  # round up: range covers mx
-        s32 = ops.cast(s16, ops.f32)
-        safe = ops.where(s32 > 0, s32, 1.0)
-        q = ops.clip(ops.rint((xg - m32[:, :, None]) / safe[:, :, None]), 0.0, maxq)
-        xhat = ops.where(mask, x_out, _dequant(q.reshape(T, G * g), s16, m16, d, g, ops))
-        err = ops.sum((x64 - ops.cast(xhat, ops.f64)) ** 2, 1)
-        ok = (err <= cfg.error_budget * den) & ops.isfinite_all(s16)
-        candidates[b] = (ops.cast(q.reshape(T, G * g)[:, :d], ops.i64), s16)
+        trials = [_quantize_groups(yg, lo * c, hi * c, b, ops) for c in cfg.clip_ratios]
+        errs = ops.stack([ops.sum((y64 - ops.cast(_dequant_groups(q, s16, m16, ops), ops.f64)) ** 2, 2)
+                          for q, s16, m16 in trials], 0)  # (C, T, G)
+        best = ops.argmin(errs, 0)  # (T, G)
+        q = ops.take(ops.stack([t[0] for t in trials], 0), best[None, :, :, None], 0)[0]  # (T, G, g)
+        s16 = ops.take(ops.stack([t[1] for t in trials], 0), best[None], 0)[0]
+        m16 = ops.take(ops.stack([t[2] for t in trials], 0), best[None], 0)[0]
+        err = ops.sum(ops.take(errs, best[None], 0)[0], 1) + out_err
+        ok = (err <= cfg.error_budget * den) & ops.isfinite_all(s16) & ops.isfinite_all(m16)
+        candidates[b] = (ops.cast(q.reshape(T, G * g)[:, :d], ops.i64), s16, m16)
         chosen = ops.where(ok & (chosen == RAW_ROW), b, chosen)
-    return _assemble(x16, mask, m16, chosen, candidates, g, ops)
+    return _assemble(x16, mask, chosen, candidates, g, G, rotate, ops)
 
 
-def _assemble(x16, mask, m16, chosen, candidates, g: int, ops) -> bytes:
+def _quantize_groups(yg, lo, hi, b: int, ops):
+    """Asymmetric b-bit codes of yg (T, G, g) over [lo, hi] per group, with fp16 scale/min covering it."""
+    maxq = float(2 ** b - 1)
+    m16 = ops.cast(lo, ops.f16)
+    m16 = ops.where(ops.cast(m16, ops.f32) > lo, ops.nextafter_down(m16), m16)  # round down: covers lo
+    m32 = ops.cast(m16, ops.f32)
+    s = (hi - m32) / maxq
+    s16 = ops.cast(s, ops.f16)
+    s16 = ops.where(ops.cast(s16, ops.f32) < s, ops.nextafter_up(s16), s16)  # round up: covers hi
+    s32 = ops.cast(s16, ops.f32)
+    safe = ops.where(s32 > 0, s32, 1.0)
+    q = ops.clip(ops.rint((yg - m32[:, :, None]) / safe[:, :, None]), 0.0, maxq)
+    return q, s16, m16
+
+
+def _dequant_groups(q, s16, m16, ops):
+    """codes (n, G, g) float32 -> values with per-group fp16 scale/min (n, G)."""
+    return q * ops.cast(s16, ops.f32)[:, :, None] + ops.cast(m16, ops.f32)[:, :, None]
+
+
+def _assemble(x16, mask, chosen, candidates, g: int, G: int, rotate: int, ops) -> bytes:
     T, d = x16.shape
     bits = ops.numpy(chosen).astype(np.uint8)
     mask_np = ops.numpy(mask)
     x16_np = ops.numpy(x16)
     rows, cols = np.nonzero(mask_np)
     n_out = mask_np.sum(1).astype("<u2")
-    G = m16.shape[1]
     scales = np.zeros((T, G), "<f2")
     mins = np.zeros((T, G), "<f2")
     row_sizes = _row_bytes(bits, d)
     offsets = np.concatenate(([0], np.cumsum(row_sizes)))
     payload = np.zeros(int(offsets[-1]), np.uint8)
-    m16_np = ops.numpy(m16)
     for b in np.unique(bits):
         sel = np.nonzero(bits == b)[0]
         if b == RAW_ROW:
             data = x16_np[sel].astype("<f2").view(np.uint8).reshape(len(sel), 2 * d)
         else:
-            codes, s16 = candidates[int(b)]
-            data = ops.numpy(_pack(codes[sel] if isinstance(codes, np.ndarray) else codes[ops.asarray(sel, ops.i64)], int(b), ops))
+            codes, s16, m16 = candidates[int(b)]
+            data = ops.numpy(_pack(codes[ops.asarray(sel, ops.i64)], int(b), ops))
             scales[sel] = ops.numpy(s16)[sel]
-            mins[sel] = m16_np[sel]
+            mins[sel] = ops.numpy(m16)[sel]
         payload[offsets[sel][:, None] + np.arange(data.shape[1])] = data
-    parts = [_header("tabq", 0 if g == d else g, T, d), bits.tobytes(), n_out.tobytes(), scales.tobytes(), mins.tobytes(),
-             cols.astype("<u2").tobytes(), x16_np[rows, cols].astype("<f2").tobytes(), payload.tobytes()]
+    parts = [_header("tabq", 0 if g == d else g, T, d, rotate), bits.tobytes(), n_out.tobytes(), scales.tobytes(),
+             mins.tobytes(), cols.astype("<u2").tobytes(), x16_np[rows, cols].astype("<f2").tobytes(), payload.tobytes()]
     return b"".join(parts)
 
 
@@ -303,7 +340,8 @@ def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None
             out[sel_t] = ops.cast(ops.asarray(raw, ops.f16), ops.f32)
         else:
             codes = _unpack(ops.asarray(rows_bytes, ops.u8), d, int(b), ops)
-            out[sel_t] = _dequant(codes, ops.asarray(lay.scales[sel], ops.f16), ops.asarray(lay.mins[sel], ops.f16), d, g, ops)
+            y = _dequant(codes, ops.asarray(lay.scales[sel], ops.f16), ops.asarray(lay.mins[sel], ops.f16), d, g, ops)
+            out[sel_t] = _hadamard(y, lay.rotate, ops) if lay.rotate else y
     if len(lay.out_idx):
         rows = np.repeat(np.arange(T), lay.n_out.astype(np.int64))
         out[ops.asarray(rows, ops.i64), ops.asarray(lay.out_idx.astype(np.int64), ops.i64)] = ops.cast(

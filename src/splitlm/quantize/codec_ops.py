@@ -90,6 +90,18 @@ class NumpyOps:
     def sqrt(x):
         return np.sqrt(x)
 
+    @staticmethod
+    def stack(parts, axis: int):
+        return np.stack(parts, axis=axis)
+
+    @staticmethod
+    def argmin(x, axis: int):
+        return np.argmin(x, axis=axis)
+
+    @staticmethod
+    def take(x, idx, axis: int):
+        return np.take_along_axis(x, idx, axis=axis)
+
 
 class TorchOps:
     name = "torch"
@@ -157,3 +169,12 @@ class TorchOps:
 
     def sqrt(self, x):
         return self.t.sqrt(x)
+
+    def stack(self, parts, axis: int):
+        return self.t.stack(parts, dim=axis)
+
+    def argmin(self, x, axis: int):
+        return self.t.argmin(x, dim=axis)
+
+    def take(self, x, idx, axis: int):
+        return self.t.take_along_dim(x, idx, dim=axis)

@@ -29,6 +29,7 @@ def register_method(info: MethodInfo) -> MethodInfo:
 
 
 register_method(MethodInfo("rtn", "group-wise round-to-nearest", needs_calibration=False))
+register_method(MethodInfo("gptq", "GPTQ: Hessian-aware error feedback from calibration text", needs_calibration=True))
 
 WEIGHT_BITS: tuple[int, ...] = (16, 8, 4, 3, 2)
 """Weight precisions a segment may use; 16 means unquantized."""

@@ -1,0 +1,150 @@
+"""Quantize the weights of a stage in place: each block Linear becomes a QuantLinear.
+
+Precision is per stage, so the device head and the cloud tail of one model can
+differ (one-point split compression). Embedding, final norm and LM head stay in
+the compute dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from splitlm.errors import ConfigError
+from splitlm.model.llama import Transformer, causal_mask
+from splitlm.partition.plan import WeightQuant
+from splitlm.quantize.gptq import HessianAccumulator, gptq_quantize
+from splitlm.quantize.weights import QuantizedTensor, QuantLinear, rtn_quantize
+
+log = logging.getLogger(__name__)
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+Quantizer = Callable[[torch.Tensor, WeightQuant, "torch.Tensor | None"], QuantizedTensor]
+IMPLEMENTATIONS: dict[str, Quantizer] = {
+    "rtn": lambda w, wq, H: rtn_quantize(w, wq.bits, wq.group_size, wq.symmetric),
+    "gptq": lambda w, wq, H: gptq_quantize(w, H, wq.bits, wq.group_size, wq.symmetric),
+}
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, name = dotted.rpartition(".")
+    setattr(_get(module, parent) if parent else module, name, new)
+
+
+def quantize_stage(stage: Transformer, wq: WeightQuant, calib_inputs: list[torch.Tensor] | None = None,
+                   cache_dir: Path | None = None, cache_tag: str = "", progress: bool = True) -> Transformer:
+    """Replace the Linears of `stage`'s blocks by QuantLinears at `wq`.
+
+    calib_inputs: what the stage consumes (token ids (1, T) if it embeds, else
+    hidden states (1, T, d)), needed by calibrated methods.
+    cache_dir/cache_tag: where to keep results of calibrated methods, keyed by
+    the tag (identify the weights), the layer range, `wq` and the calibration data.
+    """
+    if wq.bits == 16 or not stage.owned_layers:
+        return stage
+    impl = IMPLEMENTATIONS.get(wq.method)
+    if impl is None:
+        raise ConfigError(f"weight method {wq.method!r} has no implementation; use one of {sorted(IMPLEMENTATIONS)}")
+    if wq.method == "rtn":
+        for i in stage.owned_layers:
+            block = stage.model.layers[i]
+            for name in LINEARS:
+                lin = _get(block, name)
+                _set(block, name, QuantLinear(impl(lin.weight.data, wq, None), lin.bias))
+        return stage
+    if not calib_inputs:
+        raise ConfigError(f"weight method {wq.method!r} needs calibration text")
+    cached = _load_cached(stage, wq, calib_inputs, cache_dir, cache_tag)
+    if cached is not None:
+        return cached
+    _calibrated(stage, wq, impl, calib_inputs, progress)
+    _save_cached(stage, wq, calib_inputs, cache_dir, cache_tag)
+    return stage
+
+
+@torch.inference_mode()
+def _calibrated(stage: Transformer, wq: WeightQuant, impl: Quantizer, calib: list[torch.Tensor], progress: bool) -> None:
+    """Sequential layer-wise calibration: each block sees the outputs of the already quantized ones."""
+    xs = [stage.model.embed_tokens(c) if stage.embeds else c.float() for c in calib]
+    tables = [stage.rotary(torch.arange(x.shape[1])[None]) for x in xs]
+    masks = [causal_mask(0, x.shape[1]) for x in xs]
+    for i in tqdm(list(stage.owned_layers), desc=f"{wq.method} W{wq.bits}", unit="layer", disable=not progress, leave=False):
+        block = stage.model.layers[i]
+        accs = {name: HessianAccumulator(_get(block, name).in_features) for name in LINEARS}
+        hooks = [_get(block, name).register_forward_hook(lambda m, inp, out, a=accs[name]: a.add(inp[0]))
+                 for name in LINEARS]
+        try:
+            for x, (cos, sin), mask in zip(xs, tables, masks):
+                block(x, cos, sin, None, mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in LINEARS:
+            lin = _get(block, name)
+            _set(block, name, QuantLinear(impl(lin.weight.data, wq, accs[name].H), lin.bias))
+        xs = [block(x, cos, sin, None, mask)[0] for x, (cos, sin), mask in zip(xs, tables, masks)]
+
+
+def _cache_file(stage: Transformer, wq: WeightQuant, calib: list[torch.Tensor], cache_dir: Path | None, tag: str) -> Path | None:
+    if cache_dir is None:
+        return None
+    h = hashlib.sha256(json.dumps([tag, stage.start, stage.stop, stage.embeds, wq.bits, wq.group_size, wq.method,
+                                   wq.symmetric]).encode())
+    for c in calib:
+        h.update(c.detach().cpu().contiguous().numpy().tobytes())
+    return Path(cache_dir) / f"{wq.method}-w{wq.bits}g{wq.group_size}-{h.hexdigest()[:16]}.safetensors"
+
+
+def _load_cached(stage, wq, calib, cache_dir, tag) -> Transformer | None:
+    path = _cache_file(stage, wq, calib, cache_dir, tag)
+    if path is None or not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        for i in stage.owned_layers:
+            block = stage.model.layers[i]
+            for name in LINEARS:
+                p = f"{i}.{name}."
+                q = QuantizedTensor(tensors[p + "codes"], tensors[p + "scales"], tensors[p + "zeros"], wq.bits,
+                                    int(tensors[p + "group"].item()))
+                _set(block, name, QuantLinear(q, _get(block, name).bias))
+    except Exception as exc:  # noqa: BLE001 - any damage means recompute
+        log.warning("ignoring unreadable quantization cache %s (%s)", path, exc)
+        return None
+    return stage
+
+
+def _save_cached(stage, wq, calib, cache_dir, tag) -> None:
+    path = _cache_file(stage, wq, calib, cache_dir, tag)
+    if path is None:
+        return
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i in stage.owned_layers:
+        for name in LINEARS:
+            q = _get(stage.model.layers[i], name).quantized
+            p = f"{i}.{name}."
+            tensors.update({p + "codes": q.codes, p + "scales": q.scales, p + "zeros": q.zeros,
+                            p + "group": torch.tensor(q.group_size)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.rename(path)
