@@ -102,3 +102,29 @@ def test_eval_split_does_not_change_perplexity(capsys, tmp_path):
 def test_demo_runs_on_tiny_model(capsys):
     code, out, _ = run(capsys, "demo", "--model", "tiny-random", "--max-tokens", "5")
     assert code == 0 and "time to first token" in out and "device layers [0, 2)" in out
+
+
+def test_eval_plan_flags_report_bytes_and_quality(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("quantized plans cost a little perplexity and save bytes on the wire. " * 40)
+    results = {}
+    for name, flags in {"exact": [], "codec": ["--codec", "tabq", "--codec-eps", "0.05"],
+                        "w4": ["--device-bits", "4", "--cloud-bits", "8", "--device-group", "32", "--kv-bits", "8"]}.items():
+        out_json = tmp_path / f"{name}.json"
+        code, out, err = run(capsys, "eval", "--model", "tiny-random", "--split", "2", "--text", str(text), "--windows", "2",
+                             "--window-size", "256", "--json", str(out_json), *flags)
+        assert code == 0, err
+        results[name] = json.loads(out_json.read_text())
+    d = 64
+    assert results["codec"]["bytes_per_token"] < 2 * d < results["exact"]["bytes_per_token"]
+    assert "smaller than fp16" in out
+    assert results["w4"]["plan"]["device_weights"]["bits"] == 4 and results["w4"]["plan"]["kv_bits"] == 8
+    for name in ("codec", "w4"):
+        assert results[name]["perplexity"] != results["exact"]["perplexity"]
+        assert abs(results[name]["perplexity"] / results["exact"]["perplexity"] - 1) < 0.5
+
+
+def test_eval_gptq_needs_disjoint_calibration(capsys):
+    code, _, err = run(capsys, "eval", "--model", "tiny-random", "--windows", "9999", "--device-bits", "4",
+                       "--device-method", "gptq")
+    assert code == 2 and ("overlap" in err or "windows of 512" in err)

@@ -61,3 +61,20 @@ def test_perplexity_is_sane(smollm_ckpt):
     wins = evaluate.windows(smollm_ckpt.tokenizer(), evaluate.protocol_text(), 2)
     res = evaluate.perplexity(LocalSplit(smollm_ckpt, 15, prefill_chunk=512).forward, wins, progress=False)
     assert 5 < res.perplexity < 40
+
+
+def test_codec_is_4x_smaller_than_fp16_within_1pct(smollm_ckpt):
+    """Issue acceptance: ≤ 2·d/4 bytes per token, all side information counted, perplexity within 1%."""
+    from splitlm import evaluate
+    from splitlm.partition.plan import CodecConfig, Plan
+
+    wins = evaluate.windows(smollm_ckpt.tokenizer(), evaluate.protocol_text(), 8)
+
+    def quality(codec):
+        plan = Plan(smollm_ckpt.model_id, smollm_ckpt.weights_hash, 10, codec=codec)
+        return evaluate.evaluate_plan(smollm_ckpt, plan, wins, progress=False)
+
+    exact = quality(CodecConfig("fp32"))
+    coded = quality(CodecConfig("tabq", error_budget=0.035))
+    assert coded.bytes_per_token <= 2 * smollm_ckpt.spec.hidden_size / 4
+    assert coded.perplexity <= 1.01 * exact.perplexity

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Sequence
 
-from splitlm.errors import SplitLMError
+from splitlm.errors import ConfigError, SplitLMError
 
 log = logging.getLogger("splitlm")
 
@@ -19,6 +19,38 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    from splitlm.partition.plan import CODEC_KINDS, TS_RULES
+    from splitlm.quantize.registry import GROUP_SIZES, KV_BITS, WEIGHT_BITS, WEIGHT_METHODS
+
+    g = p.add_argument_group("plan (when no --plan is given)")
+    for side in ("device", "cloud"):
+        g.add_argument(f"--{side}-bits", type=int, default=16, choices=WEIGHT_BITS, help=f"{side} weight bits (16 = none)")
+        g.add_argument(f"--{side}-group", type=int, default=128, choices=GROUP_SIZES, help=f"{side} group size (-1 = per channel)")
+        g.add_argument(f"--{side}-method", default="rtn", choices=sorted(WEIGHT_METHODS), help=f"{side} quantization method")
+        g.add_argument(f"--{side}-symmetric", action="store_true", help=f"symmetric {side} quantization")
+    g.add_argument("--kv-bits", type=int, default=16, choices=KV_BITS, help="device KV cache bits")
+    g.add_argument("--codec", default="fp32", choices=CODEC_KINDS, help="activation codec on the link (default fp32: exact)")
+    g.add_argument("--codec-eps", type=float, default=0.03, help="TAB-Q error budget ε")
+    g.add_argument("--ts-rule", default="std", choices=TS_RULES, help="threshold-splitting rule")
+    g.add_argument("--ts-k", type=float, default=4.0, help="outlier threshold in row standard deviations")
+    g.add_argument("--codec-group", type=int, default=0, help="channels per codec scale (0 = per row)")
+    g.add_argument("--prefill-chunk", type=int, default=128, help="positions per prefill step")
+    g.add_argument("--calib-windows", type=int, default=16, help="calibration windows for calibrated methods")
+
+
+def _plan_from_flags(args, ckpt, split: int):
+    from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+
+    wq = {side: WeightQuant(getattr(args, f"{side}_bits"), getattr(args, f"{side}_group"),
+                            getattr(args, f"{side}_method"), getattr(args, f"{side}_symmetric"))
+          for side in ("device", "cloud")}
+    codec = CodecConfig(args.codec, ts_rule=args.ts_rule, ts_threshold=args.ts_k, error_budget=args.codec_eps,
+                        group_size=args.codec_group)
+    return Plan(ckpt.model_id, ckpt.weights_hash, split, device_weights=wq["device"], cloud_weights=wq["cloud"],
+                kv_bits=args.kv_bits, codec=codec, prefill_chunk=args.prefill_chunk, max_seq_len=ckpt.spec.max_position)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,10 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(g)
 
-    e = sub.add_parser("eval", help="perplexity on the DESIGN.md protocol or a text file")
+    e = sub.add_parser("eval", help="perplexity (and bytes per token) of a plan on the DESIGN.md protocol or a text file")
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--split", type=int, default=None, help="split layer (default L/2)")
-    e.add_argument("--plan", default=None, help="a plan JSON file")
+    e.add_argument("--plan", default=None, help="a plan JSON file (overrides the plan flags below)")
+    _add_plan_flags(e)
     e.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")
     e.add_argument("--window-size", type=int, default=512)
     e.add_argument("--text", default=None, help="a UTF-8 text file instead of pydoc_data.topics")
@@ -114,23 +147,33 @@ def cmd_eval(args) -> int:
     import json
 
     from splitlm import evaluate
-    from splitlm.local import LocalSplit
+    from splitlm.quantize.registry import WEIGHT_METHODS
 
     ckpt = _load(args.model)
     split, plan = _split_and_plan(args, ckpt)
+    if plan is None:
+        plan = _plan_from_flags(args, ckpt, split)
+    tok = ckpt.tokenizer()
     text = evaluate.read_text(args.text) if args.text else evaluate.protocol_text()
-    wins = evaluate.windows(ckpt.tokenizer(), text, args.windows, args.window_size)
-    runner = LocalSplit(ckpt, split, prefill_chunk=args.window_size)
+    wins = evaluate.windows(tok, text, args.windows, args.window_size)
+    calib = None
+    if any(WEIGHT_METHODS[w.method].needs_calibration and w.bits != 16 for w in (plan.device_weights, plan.cloud_weights)):
+        if not args.text and args.windows > evaluate.eval_windows_limit(tok, args.calib_windows, args.window_size):
+            raise ConfigError(f"{args.windows} evaluation windows would overlap the last {args.calib_windows} calibration windows")
+        calib = evaluate.calibration_windows(tok, args.calib_windows, args.window_size)
     t0 = time.perf_counter()
-    res = evaluate.perplexity(runner.forward, wins)
+    res = evaluate.evaluate_plan(ckpt, plan, wins, calib)
     source = args.text or "pydoc_data.topics"
-    print(f"model {ckpt.model_id}  split {split}  text {source}  windows {res.windows}x{args.window_size}  "
-          f"tokens {res.tokens}  perplexity {res.perplexity:.4f}  ({time.perf_counter() - t0:.1f}s)")
+    link = (f"  link {res.bytes_per_token:.1f} B/token ({res.fp16_bytes_per_token / res.bytes_per_token:.2f}x smaller than fp16)"
+            if res.bytes_per_token else "  link none (device-only)")
+    print(f"model {ckpt.model_id}  split {plan.split_layer}  text {source}  windows {res.windows}x{args.window_size}  "
+          f"tokens {res.tokens}  perplexity {res.perplexity:.4f}{link}  ({time.perf_counter() - t0:.1f}s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": ckpt.model_id, "split": split, "text": source, "windows": res.windows,
+            json.dump({"model": ckpt.model_id, "split": plan.split_layer, "text": source, "windows": res.windows,
                        "window_size": args.window_size, "tokens": res.tokens, "nll": res.nll,
-                       "perplexity": res.perplexity, "plan_hash": plan.hash if plan else None}, f, indent=2)
+                       "perplexity": res.perplexity, "bytes_per_token": res.bytes_per_token,
+                       "plan": plan.to_dict()}, f, indent=2)
     return 0
 
 

@@ -89,3 +89,29 @@ def perplexity(forward: Callable[[torch.Tensor], torch.Tensor], wins: list[list[
         count += len(win) - 1
     mean = total / count
     return PerplexityResult(math.exp(mean), mean, count, len(wins))
+
+
+@dataclass(frozen=True)
+class PlanQuality:
+    """Perplexity of a plan and what its link cost."""
+
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+    bytes_per_token: float
+    """Measured upstream bytes per token (all side information and headers counted)."""
+    fp16_bytes_per_token: int
+    """2·d, the uncompressed fp16 reference."""
+
+
+def evaluate_plan(ckpt, plan, wins: list[list[int]], calib: list[list[int]] | None = None,
+                  progress: bool = True) -> PlanQuality:
+    """Perplexity of `plan` on `wins`, with its weights, KV cache and link codec applied."""
+    from splitlm.local import LocalSplit
+
+    runner = LocalSplit(ckpt, plan=plan, calib_ids=calib, progress=progress)
+    res = perplexity(runner.forward, wins, progress)
+    d = ckpt.spec.hidden_size
+    bpt = runner.meter.bytes_per_token if runner.tail is not None else 0.0
+    return PlanQuality(res.perplexity, res.nll, res.tokens, res.windows, bpt, 2 * d)
