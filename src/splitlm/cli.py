@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
     g.add_argument("--split", type=int, default=None, help="split layer ℓ in [0, L] (default: the plan's, else L/2)")
     g.add_argument("--plan", default=None, help="a plan JSON file")
+    g.add_argument("--artifacts", default=None, help="an export directory: run its ONNX head (and its tail in-process)")
+    g.add_argument("--threads", type=int, default=None, help="onnxruntime threads on the device (default: all cores)")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(g)
@@ -79,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--window-size", type=int, default=512)
     e.add_argument("--text", default=None, help="a UTF-8 text file instead of pydoc_data.topics")
     e.add_argument("--json", default=None, help="also write the result as JSON here")
+
+    x = sub.add_parser("export", help="export the device head (ONNX) and the cloud tail for a plan")
+    x.add_argument("--model", default=DEFAULT_MODEL)
+    x.add_argument("--plan", default=None, help="a plan JSON file (else the plan flags below)")
+    x.add_argument("--split", type=int, default=None, help="split layer (default L/2)")
+    x.add_argument("--out", required=True, help="output directory (gets device/ and cloud/)")
+    x.add_argument("--check", action="store_true", help="compare the ONNX head with the torch head; fail beyond tolerance")
+    _add_plan_flags(x)
 
     d = sub.add_parser("demo", help="split generation with the default model and a default prompt")
     d.add_argument("--model", default=DEFAULT_MODEL)
@@ -121,26 +131,54 @@ def cmd_models(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from splitlm.local import LocalSplit
     from splitlm.model.tokenizer import StreamingDecoder
     from splitlm.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    ckpt = _load(args.model)
-    split, plan = _split_and_plan(args, ckpt)
-    runner = LocalSplit(ckpt, split, prefill_chunk=plan.prefill_chunk if plan else 128,
-                        max_seq_len=plan.max_seq_len if plan else None)
-    tok = ckpt.tokenizer()
+    if args.artifacts:
+        result, tok, split, L = _generate_from_artifacts(args, sampling)
+    else:
+        from splitlm.local import LocalSplit
+
+        ckpt = _load(args.model)
+        split, plan = _split_and_plan(args, ckpt)
+        runner = LocalSplit(ckpt, split, plan=plan)
+        tok, L = ckpt.tokenizer(), ckpt.spec.num_layers
     prompt = _chat_prompt(args.prompt) if args.chat else args.prompt
     ids = tok.encode(prompt).ids
     stream = StreamingDecoder(tok)
     print(args.prompt if not args.chat else "", end="", flush=True)
-    result = runner.generate(ids, args.max_tokens, sampling, on_token=lambda t: print(stream.push(t), end="", flush=True))
+    show = lambda t: print(stream.push(t), end="", flush=True)  # noqa: E731
+    result = result(ids, show) if args.artifacts else runner.generate(ids, args.max_tokens, sampling, on_token=show)
     print()
-    print(f"[split {split}/{ckpt.spec.num_layers}] {len(ids)} prompt tokens, {len(result.token_ids)} generated "
-          f"({result.stop_reason}); TTFT {result.ttft_s * 1e3:.0f} ms, {result.tokens_per_s:.1f} tokens/s",
+    link = f", {result.link_bytes / max(1, len(ids) + len(result.token_ids) - 1):.0f} B/token on the link" if result.link_bytes else ""
+    print(f"[split {split}/{L}] {len(ids)} prompt tokens, {len(result.token_ids)} generated "
+          f"({result.stop_reason}); TTFT {result.ttft_s * 1e3:.0f} ms, {result.tokens_per_s:.1f} tokens/s{link}",
           file=sys.stderr)
     return 0
+
+
+def _generate_from_artifacts(args, sampling):
+    """ONNX head on the device side; for split plans, the exported tail in this process."""
+    from pathlib import Path
+
+    from splitlm.device.runtime import HeadSession, generate_device_only, generate_split, load_tokenizer
+
+    root = Path(args.artifacts)
+    session = HeadSession(root / "device", threads=args.threads)
+    tok = load_tokenizer(root / "device")
+    L = session.spec.num_layers
+    if session.device_only:
+        run = lambda ids, show: generate_device_only(session, ids, args.max_tokens, sampling, show, tok)  # noqa: E731
+    else:
+        from splitlm.cloud.tail import TailRunner
+
+        tail = TailRunner(root / "cloud")
+        if tail.plan.hash != session.plan.hash:
+            raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
+        tail_session = tail.new_session(sampling)
+        run = lambda ids, show: generate_split(session, tail_session.next_token, ids, args.max_tokens, show, tok)  # noqa: E731
+    return run, tok, session.plan.split_layer, L
 
 
 def cmd_eval(args) -> int:
@@ -177,6 +215,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from splitlm import evaluate
+    from splitlm.device.export import check_parity, export_artifacts
+    from splitlm.quantize.registry import WEIGHT_METHODS
+
+    ckpt = _load(args.model)
+    split, plan = _split_and_plan(args, ckpt)
+    if plan is None:
+        plan = _plan_from_flags(args, ckpt, split)
+    calib = None
+    if any(WEIGHT_METHODS[w.method].needs_calibration and w.bits != 16 for w in (plan.device_weights, plan.cloud_weights)):
+        calib = evaluate.calibration_windows(ckpt.tokenizer(), args.calib_windows)
+    result = export_artifacts(ckpt, plan, args.out, calib)
+    print(f"exported plan {plan.hash} (split {plan.split_layer}/{ckpt.spec.num_layers}) in {result.seconds:.1f}s")
+    print(f"  device: {result.device_dir}  head.onnx {result.head_bytes / 2**20:.1f} MiB")
+    if result.cloud_dir is not None:
+        print(f"  cloud:  {result.cloud_dir}  tail.safetensors {result.tail_bytes / 2**20:.1f} MiB")
+    if args.check:
+        worst = check_parity(ckpt, plan, result.device_dir, calib)
+        print("  parity: " + ", ".join(f"{k} {v:.1e}" for k, v in list(worst.items())[:3]) + " (worst relative error) ok")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from splitlm.local import LocalSplit
     from splitlm.model.tokenizer import StreamingDecoder
@@ -201,7 +262,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

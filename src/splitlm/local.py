@@ -7,14 +7,14 @@ weight precision, the device KV precision and the activation codec on the link.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from splitlm.errors import ConfigError
+from splitlm.generation import GenerationResult, generate_tokens
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.llama import KVCache, Transformer
 from splitlm.model.load import build_stage
@@ -22,27 +22,6 @@ from splitlm.partition.plan import CodecConfig, Plan
 from splitlm.quantize import codec
 from splitlm.quantize.apply import quantize_stage
 from splitlm.sampling import Sampler, SamplingParams
-
-
-@dataclass
-class GenerationResult:
-    """What one generation produced and how long it took."""
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    ttft_s: float
-    decode_s: float
-    stop_reason: str
-    """'eos', 'max_tokens' or 'max_seq_len'."""
-    link_bytes: int = 0
-    """Bytes of encoded activations sent from head to tail."""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def tokens_per_s(self) -> float:
-        n = len(self.token_ids) - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
 @dataclass
@@ -128,38 +107,14 @@ class LocalSplit:
     def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
                  on_token: Callable[[int], None] | None = None) -> GenerationResult:
         """Prefill the prompt in chunks, then decode one token at a time."""
-        if not prompt_ids:
-            raise ConfigError("the prompt is empty")
-        if max_tokens < 1:
-            raise ConfigError(f"max tokens must be >= 1, got {max_tokens}")
-        if len(prompt_ids) >= self.max_seq_len:
-            raise ConfigError(f"prompt of {len(prompt_ids)} tokens does not fit max sequence length {self.max_seq_len}")
         sampler = Sampler(sampling)
         caches = self.new_caches()
-        eos = set(self.spec.eos_token_ids)
         bytes_before = self.meter.bytes
-        t0 = time.perf_counter()
-        logits = self.forward(torch.tensor([prompt_ids]), caches)[0, -1]
-        out: list[int] = []
-        ttft = decode_start = 0.0
-        stop = "max_tokens"
-        while True:
-            token = sampler(logits.float().numpy())
-            out.append(token)
-            if len(out) == 1:
-                ttft = time.perf_counter() - t0
-                decode_start = time.perf_counter()
-            if on_token is not None:
-                on_token(token)
-            if token in eos:
-                stop = "eos"
-                break
-            if len(out) >= max_tokens:
-                break
-            if len(prompt_ids) + len(out) >= self.max_seq_len:
-                stop = "max_seq_len"
-                break
-            logits = self.forward(torch.tensor([[token]]), caches)[0, -1]
-        decode_s = time.perf_counter() - decode_start
-        tok = self.ckpt.tokenizer()
-        return GenerationResult(prompt_ids, out, tok.decode(out), ttft, decode_s, stop, self.meter.bytes - bytes_before)
+
+        def advance(ids: list[int]) -> int:
+            return sampler(self.forward(torch.tensor([ids]), caches)[0, -1].float().numpy())
+
+        result = generate_tokens(advance, prompt_ids, max_tokens, self.spec.eos_token_ids, self.max_seq_len,
+                                 self.ckpt.tokenizer().decode, on_token)
+        result.link_bytes = self.meter.bytes - bytes_before
+        return result

@@ -33,3 +33,10 @@ def present_key(layer: int) -> str:
 def present_value(layer: int) -> str:
     """Values of `layer` after the step (past + new): (B, Hkv, P+T, D)."""
     return f"present_value.{layer}"
+
+
+# Files of an exported plan (DIR/device and DIR/cloud).
+HEAD_FILE = "head.onnx"
+"""The head graph, in DIR/device."""
+TAIL_FILE = "tail.safetensors"
+"""The (quantized) tail stage, in DIR/cloud."""

@@ -148,3 +148,52 @@ def _save_cached(stage, wq, calib, cache_dir, tag) -> None:
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     tmp.rename(path)
+
+
+def save_stage(stage: Transformer, path: Path) -> None:
+    """Write a (possibly quantized) stage: codes/scales/zeros for QuantLinears, floats for the rest."""
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {}
+    for name, tensor in stage.state_dict().items():
+        tensors[name] = tensor.detach().contiguous().clone()
+    for i in stage.owned_layers:
+        for lin in LINEARS:
+            mod = _get(stage.model.layers[i], lin)
+            if isinstance(mod, QuantLinear):
+                meta[f"model.layers.{i}.{lin}"] = f"{mod.bits},{mod.group_size}"
+    meta["splitlm.stage"] = json.dumps({"start": stage.start, "stop": stage.stop, "embed": stage.embeds, "final": stage.finalizes})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_stage(spec, path: Path, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Inverse of save_stage."""
+    from safetensors import safe_open
+
+    from splitlm.errors import ModelLoadError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            info = json.loads(meta["splitlm.stage"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not a saved stage: {exc}") from None
+    stage = Transformer(spec, info["start"], info["stop"], embed=info["embed"], final=info["final"])
+    for i in stage.owned_layers:
+        for lin in LINEARS:
+            key = f"model.layers.{i}.{lin}"
+            if key in meta:
+                bits, group = (int(v) for v in meta[key].split(","))
+                q = QuantizedTensor(tensors.pop(key + ".codes"), tensors.pop(key + ".scales"), tensors.pop(key + ".zeros"), bits, group)
+                bias = tensors.pop(key + ".bias", None)
+                _set(stage.model.layers[i], lin, QuantLinear(q, bias))
+                if bias is not None:
+                    tensors[key + ".bias"] = bias
+    missing, unexpected = stage.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                                                strict=False)
+    if [m for m in missing if not m.endswith((".codes", ".scales", ".zeros"))] or unexpected:
+        raise ModelLoadError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if stage.embeds and stage.finalizes and spec.tie_word_embeddings:
+        stage.lm_head.weight = stage.model.embed_tokens.weight
+    return stage.eval()

@@ -1,0 +1,1 @@
+"""The cloud side: the tail runner, sessions and (later) the gRPC service."""

@@ -1,0 +1,65 @@
+"""The tail of an exported plan: decode activation frames, run layers [ℓ, L), sample.
+
+Each session owns its KV cache and its random stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from splitlm.errors import CodecError, ModelLoadError
+from splitlm.model import names
+from splitlm.model.llama import KVCache, Transformer
+from splitlm.model.spec import ModelSpec
+from splitlm.partition.plan import Plan
+from splitlm.quantize import codec
+from splitlm.quantize.apply import load_stage
+from splitlm.sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+TAIL_FILE = names.TAIL_FILE
+
+
+class TailRunner:
+    """The tail stage of DIR/cloud, shared by all sessions."""
+
+    def __init__(self, cloud_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        self.dir = Path(cloud_dir)
+        if not (self.dir / TAIL_FILE).is_file():
+            raise ModelLoadError(f"{self.dir} has no {TAIL_FILE}: export one with `splitlm export`")
+        try:
+            self.plan = Plan.load(self.dir / "plan.json")
+            self.spec = ModelSpec.from_json((self.dir / "spec.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{self.dir}: unreadable plan or spec ({exc})") from None
+        self.stage: Transformer = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
+        if self.stage.start != self.plan.split_layer:
+            raise ModelLoadError(f"{self.dir}: tail starts at layer {self.stage.start}, the plan splits at {self.plan.split_layer}")
+
+    def new_session(self, sampling: SamplingParams = SamplingParams()) -> "TailSession":
+        return TailSession(self, sampling)
+
+
+class TailSession:
+    """One generation on the cloud: its KV cache of layers [ℓ, L) and its sampler."""
+
+    def __init__(self, runner: TailRunner, sampling: SamplingParams) -> None:
+        self.runner = runner
+        self.cache = KVCache()
+        self.sampler = Sampler(sampling)
+
+    @torch.inference_mode()
+    def logits(self, frame: bytes) -> torch.Tensor:
+        """Decode one frame (T positions) and run the tail -> logits (T, V)."""
+        h = codec.decode(frame, "torch", max_rows=self.runner.plan.max_seq_len)
+        d = self.runner.spec.hidden_size
+        if h.shape[1] != d:
+            raise CodecError(f"frame hidden size {h.shape[1]} does not match the model's {d}")
+        return self.runner.stage(h[None].to(self.runner.stage.lm_head.weight.dtype), cache=self.cache)[0]
+
+    def next_token(self, frame: bytes) -> int:
+        return self.sampler(self.logits(frame)[-1].float().numpy())

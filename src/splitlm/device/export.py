@@ -1,0 +1,225 @@
+"""`splitlm export`: the device head as ONNX and the cloud tail as safetensors (needs torch).
+
+DIR/device/  head.onnx, tokenizer.json, plan.json, spec.json, manifest.json
+DIR/cloud/   tail.safetensors, plan.json, spec.json, tokenizer.json, manifest.json
+
+The head graph is the reference module's head stage traced by torch.onnx (dynamo),
+with each quantized Linear emitted as onnxruntime's MatMulNBits over the very codes,
+scales and zero points our quantizer produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitlm.device.runtime import HEAD_FILE
+from splitlm.errors import ExportError, ParityError
+from splitlm.model import names
+from splitlm.model.checkpoint import Checkpoint
+from splitlm.model.llama import Transformer
+from splitlm.partition.plan import Plan
+from splitlm.quantize.apply import LINEARS, save_stage
+from splitlm.quantize.weights import QuantLinear
+
+log = logging.getLogger(__name__)
+
+TAIL_FILE = names.TAIL_FILE
+ACCURACY_LEVEL = 0
+"""MatMulNBits accuracy_level: 0 computes in fp32 (parity with the torch head)."""
+PARITY_TOL = {"fp32": 1e-4, "quantized": 1e-3}
+"""Largest max|onnx − torch| / max|torch| per output tensor."""
+
+
+class OrtLinear(nn.Module):
+    """A QuantLinear in MatMulNBits form: exports as one com.microsoft::MatMulNBits node."""
+
+    def __init__(self, q: QuantLinear, accuracy_level: int = ACCURACY_LEVEL) -> None:
+        super().__init__()
+        from splitlm.device.nbits import to_nbits
+
+        w = to_nbits(q.codes.numpy(), q.scales.numpy(), q.zeros.numpy(), q.bits, q.group_size)
+        self.register_buffer("b", torch.from_numpy(w.B))
+        self.register_buffer("scales", torch.from_numpy(w.scales))
+        self.register_buffer("zero_points", torch.from_numpy(w.zero_points))
+        self.attrs = (w.K, w.N, w.bits, w.block_size, accuracy_level)
+        self.bias = q.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.splitlm.matmul_nbits(x, self.b, self.scales, self.zero_points, *self.attrs)
+        return y + self.bias if self.bias is not None else y
+
+
+class HeadGraph(nn.Module):
+    """The head stage with explicit KV: (input_ids, position_ids, *past) -> (out, *present)."""
+
+    def __init__(self, stage: Transformer) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+        st = self.stage
+        x = st.model.embed_tokens(input_ids)
+        t = input_ids.shape[1]
+        presents = []
+        if st.owned_layers:
+            cos, sin = st.rotary(position_ids)
+            p = past[0].shape[2]
+            mask = torch.arange(p + t)[None, :] <= torch.arange(t)[:, None] + p  # (T, P+T)
+            for j, i in enumerate(st.owned_layers):
+                pk, pv = past[2 * j], past[2 * j + 1]
+                x, (k, v) = st.model.layers[i](x, cos, sin, (pk, pv), mask)
+                presents += [torch.cat((pk, k), 2), torch.cat((pv, v), 2)]  # (B, Hkv, P+T, D)
+        if st.finalizes:
+            x = st.lm_head(st.model.norm(x))
+        return (x, *presents)
+
+
+def io_names(stage: Transformer) -> tuple[list[str], list[str]]:
+    """Graph input and output names, from model.names."""
+    inputs = [names.INPUT_IDS, names.POSITION_IDS]
+    outputs = [names.LOGITS if stage.finalizes else names.HIDDEN_STATES]
+    for i in stage.owned_layers:
+        inputs += [names.past_key(i), names.past_value(i)]
+        outputs += [names.present_key(i), names.present_value(i)]
+    return inputs, outputs
+
+
+def _ort_form(stage: Transformer) -> Transformer:
+    """Swap QuantLinears for OrtLinears (in place)."""
+    for i in stage.owned_layers:
+        block = stage.model.layers[i]
+        for name in LINEARS:
+            mod = block.get_submodule(name)
+            if isinstance(mod, QuantLinear):
+                parent, _, attr = name.rpartition(".")
+                setattr(block.get_submodule(parent), attr, OrtLinear(mod))
+    return stage
+
+
+def export_head_onnx(stage: Transformer, path: Path) -> None:
+    """Trace the head stage (already quantized) into an ONNX file with dynamic batch, length and past."""
+    from torch.export import Dim
+
+    from splitlm.device.onnx_ops import translation_table
+
+    spec = stage.spec
+    graph = HeadGraph(_ort_form(stage)).eval()
+    in_names, out_names = io_names(stage)
+    b, t, p = 1, 3, 2
+    args = [torch.zeros(b, t, dtype=torch.long), torch.arange(p, p + t)[None]]
+    args += [torch.zeros(b, spec.num_kv_heads, p, spec.head_dim) for _ in range(2 * len(stage.owned_layers))]
+    batch, length, past = Dim("batch"), Dim("length"), Dim("past")
+    dynamic = ({0: batch, 1: length}, {0: batch, 1: length}, tuple({0: batch, 2: past} for _ in args[2:]))
+    if len(args) == 2:
+        dynamic = dynamic[:2]
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    old_level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(graph, tuple(args), dynamic_shapes=dynamic, input_names=in_names,
+                                        output_names=out_names, dynamo=True, optimize=True, verbose=False,
+                                        custom_translation_table=translation_table())
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+            raise ExportError(f"ONNX export of layers [0, {stage.stop}) failed: {exc}") from exc
+        finally:
+            quiet.setLevel(old_level)
+    program.save(str(path), external_data=False)
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name != "manifest.json":
+            files[f.name] = {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps({"format": 1, "files": files}, indent=2))
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    device_dir: Path
+    cloud_dir: Path | None
+    head_bytes: int
+    tail_bytes: int
+    seconds: float
+
+
+def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[list[int]] | None = None,
+                     progress: bool = True) -> ExportResult:
+    """Write DIR/device (and DIR/cloud unless device-only) for `plan`."""
+    from splitlm.local import LocalSplit
+
+    t0 = time.perf_counter()
+    plan.check_model(ckpt.spec.num_layers, ckpt.weights_hash)
+    runner = LocalSplit(ckpt, plan=plan, calib_ids=calib_ids, progress=progress)
+    out = Path(out)
+    device, cloud = out / "device", out / "cloud"
+    shutil.rmtree(device, ignore_errors=True)
+    device.mkdir(parents=True)
+    export_head_onnx(runner.head, device / HEAD_FILE)
+    for folder in [device] + ([cloud] if runner.tail is not None else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        plan.save(folder / "plan.json")
+        (folder / "spec.json").write_text(ckpt.spec.to_json())
+        shutil.copyfile(ckpt.path / "tokenizer.json", folder / "tokenizer.json")
+    tail_bytes = 0
+    if runner.tail is not None:
+        save_stage(runner.tail, cloud / TAIL_FILE)
+        tail_bytes = (cloud / TAIL_FILE).stat().st_size
+        _write_manifest(cloud)
+    else:
+        shutil.rmtree(cloud, ignore_errors=True)
+    _write_manifest(device)
+    return ExportResult(device, cloud if runner.tail is not None else None, (device / HEAD_FILE).stat().st_size,
+                        tail_bytes, time.perf_counter() - t0)
+
+
+def check_parity(ckpt: Checkpoint, plan: Plan, device_dir: Path, calib_ids: list[list[int]] | None = None,
+                 prompts: int = 3, seed: int = 0) -> dict[str, float]:
+    """Run the ONNX head and the torch head (same quantization) on random prompts: prefill,
+    then two single-token steps with the KV cache. Raises ParityError naming the first tensor
+    beyond tolerance; returns the worst relative error per output name."""
+    from splitlm.device.runtime import HeadSession
+    from splitlm.local import LocalSplit
+
+    torch_head = HeadGraph(LocalSplit(ckpt, plan=plan, calib_ids=calib_ids).head).eval()
+    session = HeadSession(device_dir)
+    quantized = plan.device_weights.bits != 16
+    tol = PARITY_TOL["quantized" if quantized else "fp32"]
+    rng = np.random.default_rng(seed)
+    worst: dict[str, float] = {}
+    for _ in range(prompts):
+        length = int(rng.integers(4, 40))
+        ids = rng.integers(0, ckpt.spec.vocab_size, (1, length))
+        steps = [ids, rng.integers(0, ckpt.spec.vocab_size, (1, 1)), rng.integers(0, ckpt.spec.vocab_size, (1, 1))]
+        past = session.empty_past(1)
+        pos = 0
+        for step in steps:
+            positions = np.arange(pos, pos + step.shape[1])[None]
+            onnx_out = session.run_raw(step, positions, past)
+            with torch.inference_mode():
+                ref = torch_head(torch.from_numpy(step), torch.from_numpy(positions), *[torch.from_numpy(p) for p in past])
+            for name, a, r in zip(session.output_names, onnx_out, ref):
+                r = r.numpy()
+                if a.shape != r.shape:
+                    raise ParityError(f"{name}: ONNX shape {a.shape} != torch shape {r.shape}")
+                err = float(np.abs(a - r).max() / max(float(np.abs(r).max()), 1e-6))
+                worst[name] = max(worst.get(name, 0.0), err)
+                if not err <= tol:
+                    raise ParityError(f"{name}: ONNX differs from torch by {err:.2e} (relative to max |torch|), tolerance {tol:.0e}")
+            past = onnx_out[1:]
+            pos += step.shape[1]
+    return worst

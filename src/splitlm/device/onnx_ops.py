@@ -1,0 +1,61 @@
+"""The torch side of onnxruntime's MatMulNBits: a custom op whose eager kernel is the
+reference semantics, and its translation into a `com.microsoft::MatMulNBits` node for
+the dynamo ONNX exporter. Imported by export only (needs torch and onnxscript).
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx.defs import OpSchema
+
+
+@torch.library.custom_op("splitlm::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                 K: int, N: int, bits: int, block_size: int, accuracy_level: int) -> torch.Tensor:
+    """Y = x · Wᵀ with W dequantized from MatMulNBits tensors (reference semantics)."""
+    k_blocks = b.shape[1]
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.uint8) * bits
+    mask = (1 << bits) - 1
+    q = ((b.unsqueeze(-1) >> shifts) & mask).reshape(N, k_blocks * block_size)[:, :K].to(x.dtype)
+    z = ((zero_points.reshape(N, -1).unsqueeze(-1) >> shifts) & mask).reshape(N, -1)[:, :k_blocks].to(x.dtype)
+    cols = torch.arange(K) // block_size
+    w = (q - z[:, cols]) * scales.reshape(N, k_blocks)[:, cols].to(x.dtype)
+    return x @ w.T
+
+
+@matmul_nbits.register_fake
+def _matmul_nbits_fake(x, b, scales, zero_points, K, N, bits, block_size, accuracy_level):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+def _matmul_nbits_schema() -> OpSchema:
+    FP = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    return OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[FP("A", "T1"), FP("B", "T2"), FP("scales", "T1"), FP("zero_points", "T3", param_option=optional)],
+        outputs=[FP("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "")],
+        attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT, "") for n in ("K", "N", "bits", "block_size")]
+        + [OpSchema.Attribute("accuracy_level", onnx.helper.make_attribute("accuracy_level", 0), "")],
+    )
+
+
+def translation_table() -> dict:
+    """custom_translation_table for torch.onnx.export(dynamo=True)."""
+    import onnxscript
+    from onnxscript.values import Op
+
+    try:
+        onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(_matmul_nbits_schema())
+    node = Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft"))
+
+    def matmul_nbits_onnx(x, b, scales, zero_points, K: int, N: int, bits: int, block_size: int, accuracy_level: int):
+        return node(x, b, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+
+    return {torch.ops.splitlm.matmul_nbits.default: matmul_nbits_onnx}

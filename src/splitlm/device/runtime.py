@@ -1,0 +1,162 @@
+"""The device runtime: the exported head in onnxruntime, the numpy codec, the generate loop.
+
+Imports numpy, onnxruntime and tokenizers only — no torch, no triton.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from splitlm.errors import ConfigError, ModelLoadError
+from splitlm.generation import GenerationResult, generate_tokens
+from splitlm.model import names
+from splitlm.model.spec import ModelSpec
+from splitlm.partition.plan import Plan
+from splitlm.quantize import codec
+from splitlm.sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+HEAD_FILE = names.HEAD_FILE
+
+
+def _session_options(threads: int | None, optimization: str):
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise ConfigError(f"graph optimization {optimization!r} not in {sorted(levels)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[optimization]
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+class HeadSession:
+    """One onnxruntime session over DIR/device/head.onnx and the plan beside it."""
+
+    def __init__(self, device_dir: str | Path, threads: int | None = None, optimization: str = "all") -> None:
+        import onnxruntime as ort
+
+        self.dir = Path(device_dir)
+        head = self.dir / HEAD_FILE
+        if not head.is_file():
+            raise ModelLoadError(f"{self.dir} has no {HEAD_FILE}: export one with `splitlm export`")
+        try:
+            self.plan = Plan.load(self.dir / "plan.json")
+            self.spec = ModelSpec.from_json((self.dir / "spec.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{self.dir}: unreadable plan or spec ({exc})") from None
+        self.session = ort.InferenceSession(str(head), _session_options(threads or os.cpu_count(), optimization),
+                                            providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.layers = range(self.plan.split_layer)
+        expected = [names.past_key(i) for i in self.layers]
+        missing = [n for n in expected if n not in self.input_names]
+        if missing:
+            raise ModelLoadError(f"{head} lacks inputs {missing[:3]}: it does not match plan split {self.plan.split_layer}")
+        self.device_only = self.plan.split_layer == self.spec.num_layers
+
+    def empty_past(self, batch: int = 1) -> list[np.ndarray]:
+        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        return [np.zeros(shape, np.float32) for _ in range(2 * len(self.layers))]
+
+    def run_raw(self, ids: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+        """One graph call: (B, T) ids and positions, past K/V -> [out, present K/V ...]."""
+        feed = {names.INPUT_IDS: ids.astype(np.int64), names.POSITION_IDS: positions.astype(np.int64)}
+        for j, i in enumerate(self.layers):
+            feed[names.past_key(i)], feed[names.past_value(i)] = past[2 * j], past[2 * j + 1]
+        feed = {k: v for k, v in feed.items() if k in self.input_names}
+        return self.session.run(None, feed)
+
+
+class DeviceHead:
+    """The head of one generation session: owns its KV cache between steps."""
+
+    def __init__(self, session: HeadSession) -> None:
+        self.session = session
+        self.plan = session.plan
+        self.past = session.empty_past(1)
+        self.length = 0
+
+    def reset(self) -> None:
+        self.past = self.session.empty_past(1)
+        self.length = 0
+
+    def step(self, ids: list[int]) -> np.ndarray:
+        """Run new token ids through the head in prefill chunks -> outputs (T, d or V)."""
+        if self.length + len(ids) > self.plan.max_seq_len:
+            raise ConfigError(f"sequence would reach {self.length + len(ids)} tokens, the plan allows {self.plan.max_seq_len}")
+        outs = []
+        chunk = self.plan.prefill_chunk
+        for start in range(0, len(ids), chunk):
+            part = np.asarray([ids[start:start + chunk]], dtype=np.int64)
+            positions = np.arange(self.length, self.length + part.shape[1], dtype=np.int64)[None]
+            result = self.session.run_raw(part, positions, self.past)
+            outs.append(result[0][0])
+            if len(result) > 1:
+                self.past = result[1:]  # the presents become the next step's past: no copies of ours
+            self.length += part.shape[1]
+        return np.concatenate(outs, axis=0)
+
+    def encode(self, hidden: np.ndarray) -> bytes:
+        """The activation frame for hidden states (T, d), by the plan's codec (numpy)."""
+        return codec.encode(hidden, self.plan.codec, "numpy")
+
+    def kv_bytes(self) -> int:
+        return sum(p.nbytes for p in self.past)
+
+
+def load_tokenizer(device_dir: str | Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(device_dir) / "tokenizer.json"))
+
+
+def generate_device_only(session: HeadSession, prompt_ids: list[int], max_tokens: int,
+                         sampling: SamplingParams = SamplingParams(), on_token: Callable[[int], None] | None = None,
+                         tokenizer=None) -> GenerationResult:
+    """Generation entirely on the device (a plan with split = L)."""
+    if not session.device_only:
+        raise ConfigError(f"plan split {session.plan.split_layer} < {session.spec.num_layers}: this head needs a cloud")
+    head = DeviceHead(session)
+    sampler = Sampler(sampling)
+    tok = tokenizer or load_tokenizer(session.dir)
+    return generate_tokens(lambda ids: sampler(head.step(ids)[-1]), prompt_ids, max_tokens, session.spec.eos_token_ids,
+                           session.plan.max_seq_len, tok.decode, on_token)
+
+
+def generate_split(session: HeadSession, next_token: Callable[[bytes], int], prompt_ids: list[int], max_tokens: int,
+                   on_token: Callable[[int], None] | None = None, tokenizer=None) -> GenerationResult:
+    """Generation with a cloud: each step's hidden states go out as a frame; `next_token` returns the cloud's token."""
+    head = DeviceHead(session)
+    sent = [0]
+
+    def advance(ids: list[int]) -> int:
+        frame = head.encode(head.step(ids))
+        sent[0] += len(frame)
+        return next_token(frame)
+
+    tok = tokenizer or load_tokenizer(session.dir)
+    result = generate_tokens(advance, prompt_ids, max_tokens, session.spec.eos_token_ids, session.plan.max_seq_len,
+                             tok.decode, on_token)
+    result.link_bytes = sent[0]
+    return result
+
+
+def read_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder} has no readable manifest.json ({exc})") from None

@@ -1,0 +1,63 @@
+"""The generate loop shared by every path (in-process, device-only, device + cloud). torch-free."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from splitlm.errors import ConfigError
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and how long it took."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    ttft_s: float
+    decode_s: float
+    stop_reason: str
+    """'eos', 'max_tokens' or 'max_seq_len'."""
+    link_bytes: int = 0
+    """Bytes of encoded activations sent from head to tail."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = len(self.token_ids) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
+
+
+def generate_tokens(advance: Callable[[list[int]], int], prompt_ids: list[int], max_tokens: int,
+                    eos_ids: Iterable[int], max_seq_len: int, decode: Callable[[list[int]], str],
+                    on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Feed the prompt, then each sampled token, to `advance` (which returns the next token id)."""
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty")
+    if max_tokens < 1:
+        raise ConfigError(f"max tokens must be >= 1, got {max_tokens}")
+    if len(prompt_ids) >= max_seq_len:
+        raise ConfigError(f"prompt of {len(prompt_ids)} tokens does not fit max sequence length {max_seq_len}")
+    eos = set(eos_ids)
+    t0 = time.perf_counter()
+    token = advance(list(prompt_ids))
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    out: list[int] = []
+    stop = "max_tokens"
+    while True:
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in eos:
+            stop = "eos"
+            break
+        if len(out) >= max_tokens:
+            break
+        if len(prompt_ids) + len(out) >= max_seq_len:
+            stop = "max_seq_len"
+            break
+        token = advance([token])
+    return GenerationResult(list(prompt_ids), out, decode(out), ttft, time.perf_counter() - t1, stop)

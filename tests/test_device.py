@@ -1,0 +1,139 @@
+"""The device side: ONNX export of the head, parity with torch, and the torch-free runtime."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from splitlm.errors import ParityError
+from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+
+PRECISIONS = {"fp32": WeightQuant(16), "int8": WeightQuant(8, 32), "int4": WeightQuant(4, 32)}
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_ckpt, tmp_path_factory):
+    """Exports of the tiny model at ℓ ∈ {1, L/2, L} × {fp32, int8, int4}."""
+    from splitlm.device.export import export_artifacts
+
+    L = tiny_ckpt.spec.num_layers
+    out = {}
+    for split in (1, L // 2, L):
+        for name, wq in PRECISIONS.items():
+            plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, split, device_weights=wq,
+                        cloud_weights=WeightQuant(8, 64), codec=CodecConfig("tabq", error_budget=0.01), max_seq_len=256,
+                        prefill_chunk=16)
+            root = tmp_path_factory.mktemp(f"export-{split}-{name}")
+            out[split, name] = (plan, export_artifacts(tiny_ckpt, plan, root, progress=False))
+    return out
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_onnx_head_matches_torch_head(tiny_ckpt, exports, split, precision):
+    from splitlm.device.export import check_parity
+
+    plan, result = exports[split, precision]
+    worst = check_parity(tiny_ckpt, plan, result.device_dir, prompts=2)
+    assert set(worst) >= {"hidden_states" if split < 4 else "logits"}
+    assert max(worst.values()) < 1e-4
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_graph_names_are_the_model_descriptions(tiny_ckpt, exports, split):
+    import onnx
+    import onnxruntime as ort
+
+    from splitlm.model import names
+
+    plan, result = exports[split, "int4"]
+    model = onnx.load(str(result.device_dir / names.HEAD_FILE))
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    expected_in = [names.INPUT_IDS, names.POSITION_IDS]
+    expected_out = [names.LOGITS if split == 4 else names.HIDDEN_STATES]
+    for i in range(split):
+        expected_in += [names.past_key(i), names.past_value(i)]
+        expected_out += [names.present_key(i), names.present_value(i)]
+    assert inputs == expected_in and outputs == expected_out
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 7 * split
+    # plain onnxruntime, only the documented inputs
+    sess = ort.InferenceSession(str(result.device_dir / names.HEAD_FILE), providers=["CPUExecutionProvider"])
+    spec = tiny_ckpt.spec
+    feed = {names.INPUT_IDS: np.array([[5, 6, 7]]), names.POSITION_IDS: np.array([[0, 1, 2]])}
+    for i in range(split):
+        feed[names.past_key(i)] = feed[names.past_value(i)] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+    out = sess.run(None, feed)
+    assert out[0].shape == (1, 3, spec.vocab_size if split == 4 else spec.hidden_size)
+    assert out[1].shape == (1, spec.num_kv_heads, 3, spec.head_dim)
+
+
+def test_parity_failure_names_the_tensor(tiny_ckpt, exports):
+    from splitlm.device.export import check_parity
+
+    plan, result = exports[2, "int4"]
+    other = plan.replace(device_weights=WeightQuant(8, 32))
+    with pytest.raises(ParityError, match=r"(hidden_states|present_\w+\.\d): ONNX differs from torch by .* tolerance"):
+        check_parity(tiny_ckpt, other, result.device_dir, prompts=1)
+
+
+def test_device_head_plus_exported_tail_equals_in_process_split(tiny_ckpt, exports):
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.runtime import HeadSession, generate_split
+    from splitlm.local import LocalSplit
+
+    plan, result = exports[2, "int4"]
+    prompt = tiny_ckpt.tokenizer().encode("the device talks to the cloud " * 2).ids
+    tail = TailRunner(result.cloud_dir).new_session()
+    got = generate_split(HeadSession(result.device_dir), tail.next_token, prompt, 16)
+    ref = LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 16)
+    assert got.token_ids == ref.token_ids
+    assert 0 < got.link_bytes < (len(prompt) + 15) * 2 * tiny_ckpt.spec.hidden_size
+
+
+def test_device_only_generation_runs_without_torch(tiny_ckpt, exports):
+    plan, result = exports[4, "int4"]
+    _, split_result = exports[2, "int8"]
+    prompt = tiny_ckpt.tokenizer().encode("no torch here").ids
+    from splitlm.local import LocalSplit
+
+    expected = LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 10).token_ids
+    code = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("torch", "triton"):
+                    raise ImportError("torch is not available on the device")
+        sys.meta_path.insert(0, NoTorch())
+        from splitlm.device.runtime import DeviceHead, HeadSession, generate_device_only
+        out = generate_device_only(HeadSession({str(result.device_dir)!r}), {prompt!r}, 10)
+        head = DeviceHead(HeadSession({str(split_result.device_dir)!r}))
+        frame = head.encode(head.step({prompt!r}))
+        assert "torch" not in sys.modules and len(frame) > 0
+        print(out.token_ids)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(expected)
+
+
+def test_cli_export_check_and_generate(capsys, tmp_path):
+    from splitlm.cli import main
+
+    out = tmp_path / "art"
+    assert main(["export", "--model", "tiny-random", "--split", "3", "--device-bits", "4", "--device-group", "32",
+                 "--codec", "fp16", "--out", str(out), "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "parity:" in text and "ok" in text
+    assert main(["generate", "--artifacts", str(out), "--prompt", "abc", "--max-tokens", "6"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("abc") and "[split 3/4]" in cap.err and "B/token on the link" in cap.err
+
+
+def test_missing_artifacts_are_clear_errors(capsys, tmp_path):
+    from splitlm.cli import main
+
+    assert main(["generate", "--artifacts", str(tmp_path), "--prompt", "x"]) == 2
+    assert "has no head.onnx" in capsys.readouterr().err
