@@ -137,3 +137,35 @@ def test_missing_artifacts_are_clear_errors(capsys, tmp_path):
 
     assert main(["generate", "--artifacts", str(tmp_path), "--prompt", "x"]) == 2
     assert "has no head.onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_device_kv_quantization_matches_torch_bit_for_bit(bits):
+    import torch
+
+    from splitlm.device.kvstore import QuantizedKVStore, quantize_rows
+    from splitlm.quantize.kv import quantize_kv
+
+    x = np.random.default_rng(bits).standard_normal((1, 3, 9, 16)).astype(np.float32) * 3
+    codes, s, m = quantize_rows(x, bits)
+    ref = quantize_kv(torch.from_numpy(x), bits)
+    assert np.array_equal(codes, ref.codes.numpy()) and np.array_equal(s, ref.scale.numpy())
+    store = QuantizedKVStore(bits, 1, 3, 16)
+    store.append(x[:, :, :4])
+    store.append(x[:, :, 4:])
+    assert np.array_equal(store.dequantize(), ref.dequantize().numpy())
+    assert store.nbytes() < x.nbytes * (0.3 if bits == 4 else 0.55)
+
+
+def test_kv_quantized_plan_device_matches_in_process(tiny_ckpt, tmp_path):
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.export import export_artifacts
+    from splitlm.device.runtime import HeadSession, generate_split
+    from splitlm.local import LocalSplit
+
+    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, kv_bits=4, codec=CodecConfig("fp32"), prefill_chunk=8)
+    result = export_artifacts(tiny_ckpt, plan, tmp_path, progress=False)
+    prompt = tiny_ckpt.tokenizer().encode("a quantized cache on the device").ids
+    got = generate_split(HeadSession(result.device_dir), TailRunner(result.cloud_dir).new_session().next_token, prompt, 12)
+    ref = LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 12)
+    assert got.token_ids == ref.token_ids

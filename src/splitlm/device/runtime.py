@@ -82,17 +82,27 @@ class HeadSession:
 
 
 class DeviceHead:
-    """The head of one generation session: owns its KV cache between steps."""
+    """The head of one generation session: owns its KV cache between steps.
+
+    With kv_bits 16 the graph's present K/V become the next past as they are (no copies of
+    ours); with 8 or 4 the new positions are quantized into a QuantizedKVStore after each
+    step and dequantized only for the next graph call.
+    """
 
     def __init__(self, session: HeadSession) -> None:
         self.session = session
         self.plan = session.plan
-        self.past = session.empty_past(1)
-        self.length = 0
+        self.reset()
 
     def reset(self) -> None:
-        self.past = self.session.empty_past(1)
         self.length = 0
+        self.past = self.session.empty_past(1)
+        self.stores = None
+        if self.plan.kv_bits != 16:
+            from splitlm.device.kvstore import QuantizedKVStore
+
+            spec = self.session.spec
+            self.stores = [QuantizedKVStore(self.plan.kv_bits, 1, spec.num_kv_heads, spec.head_dim) for _ in self.past]
 
     def step(self, ids: list[int]) -> np.ndarray:
         """Run new token ids through the head in prefill chunks -> outputs (T, d or V)."""
@@ -103,10 +113,14 @@ class DeviceHead:
         for start in range(0, len(ids), chunk):
             part = np.asarray([ids[start:start + chunk]], dtype=np.int64)
             positions = np.arange(self.length, self.length + part.shape[1], dtype=np.int64)[None]
-            result = self.session.run_raw(part, positions, self.past)
+            past = self.past if self.stores is None else [s.dequantize() for s in self.stores]
+            result = self.session.run_raw(part, positions, past)
             outs.append(result[0][0])
-            if len(result) > 1:
-                self.past = result[1:]  # the presents become the next step's past: no copies of ours
+            if self.stores is None:
+                self.past = result[1:]
+            else:
+                for store, present in zip(self.stores, result[1:]):
+                    store.append(present[:, :, self.length:])
             self.length += part.shape[1]
         return np.concatenate(outs, axis=0)
 
@@ -115,6 +129,9 @@ class DeviceHead:
         return codec.encode(hidden, self.plan.codec, "numpy")
 
     def kv_bytes(self) -> int:
+        """Bytes the KV cache holds between steps."""
+        if self.stores is not None:
+            return sum(s.nbytes() for s in self.stores)
         return sum(p.nbytes for p in self.past)
 
 
