@@ -56,51 +56,46 @@ def with_accuracy_level(device_dir: Path, level: int) -> Path:
     return out
 
 
-def time_ours(device_dir: Path, threads: int, prompt: list[int], decode_prompt: list[int], decode_n: int, reps: int,
-              optimization: str = "all") -> tuple[float, float]:
-    from splitlm.device.runtime import DeviceHead, HeadSession
-
-    session = HeadSession(device_dir, threads=threads, optimization=optimization)
-    head = DeviceHead(session)
-    head.step(prompt[:16])  # warm up
+def measure(reset, feed, greedy_next, prompt: list[int], decode_prompt: list[int], decode_n: int,
+            reps: int) -> tuple[float, float]:
+    """Median prefill and decode tokens/s of an engine given as three callables:
+    reset() clears the sequence, feed(ids) runs ids, greedy_next() is the argmax of the last logits."""
+    reset()
+    feed(prompt[:16])  # warm up
     prefill, decode = [], []
     for _ in range(reps):
-        head.reset()
+        reset()
         t0 = time.perf_counter()
-        head.step(prompt)
+        feed(prompt)
         prefill.append(len(prompt) / (time.perf_counter() - t0))
-        head.reset()
-        logits = head.step(decode_prompt)[-1]
+        reset()
+        feed(decode_prompt)
         t0 = time.perf_counter()
         for _ in range(decode_n):
-            logits = head.step([int(np.argmax(logits))])[-1]
+            feed([greedy_next()])
         decode.append(decode_n / (time.perf_counter() - t0))
     return statistics.median(prefill), statistics.median(decode)
 
 
-def time_llama_cpp(gguf: Path, threads: int, prompt: list[int], decode_prompt: list[int], decode_n: int,
-                   reps: int) -> tuple[float, float] | None:
+def time_ours(device_dir: Path, threads: int, optimization: str, *args) -> tuple[float, float]:
+    from splitlm.device.runtime import DeviceHead, HeadSession
+
+    head = DeviceHead(HeadSession(device_dir, threads=threads, optimization=optimization))
+    last = {}
+
+    def feed(ids):
+        last["logits"] = head.step(ids)[-1]
+
+    return measure(head.reset, feed, lambda: int(np.argmax(last["logits"])), *args)
+
+
+def time_llama_cpp(gguf: Path, threads: int, *args) -> tuple[float, float] | None:
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
-                verbose=False, logits_all=False)
-    llm.eval(prompt[:16])
-    prefill, decode = [], []
-    for _ in range(reps):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        prefill.append(len(prompt) / (time.perf_counter() - t0))
-        llm.reset()
-        llm.eval(decode_prompt)
-        t0 = time.perf_counter()
-        for _ in range(decode_n):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([token])
-        decode.append(decode_n / (time.perf_counter() - t0))
-    return statistics.median(prefill), statistics.median(decode)
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512, verbose=False)
+    return measure(llm.reset, llm.eval, lambda: int(np.argmax(llm.scores[llm.n_tokens - 1])), *args)
 
 
 def main() -> None:
@@ -126,7 +121,7 @@ def main() -> None:
         if name == "int4":
             variants.append((f"ours {name} (basic graph optimization)", device_dir, "basic"))
         for label, folder, opt in variants:
-            p, d = time_ours(folder, args.threads, prompt, decode_prompt, args.decode_tokens, args.reps, opt)
+            p, d = time_ours(folder, args.threads, opt, prompt, decode_prompt, args.decode_tokens, args.reps)
             rows.append({"engine": label, "prefill_tok_s": p, "decode_tok_s": d})
             print(f"{label:<48}{p:>12.1f}{d:>12.1f}", file=sys.stderr, flush=True)
     ref = time_llama_cpp(KNOWN_MODELS["smollm2-135m"].locate(), args.threads, prompt, decode_prompt, args.decode_tokens, args.reps)

@@ -21,6 +21,14 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
+def _add_model_and_plan(p: argparse.ArgumentParser) -> None:
+    from splitlm.model.registry import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--split", type=int, default=None, help="split layer ℓ in [0, L] (default: the plan's, else L/2)")
+    p.add_argument("--plan", default=None, help="a plan JSON file (takes precedence over the plan flags)")
+
+
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     from splitlm.partition.plan import CODEC_KINDS, TS_RULES
     from splitlm.quantize.registry import GROUP_SIZES, KV_BITS, WEIGHT_BITS, WEIGHT_METHODS
@@ -62,10 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the models splitlm can load")
 
-    g = sub.add_parser("generate", help="generate text with the model split at a layer (in-process)")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    g.add_argument("--split", type=int, default=None, help="split layer ℓ in [0, L] (default: the plan's, else L/2)")
-    g.add_argument("--plan", default=None, help="a plan JSON file")
+    g = sub.add_parser("generate", help="generate text with the model split at a layer")
+    _add_model_and_plan(g)
     g.add_argument("--artifacts", default=None, help="an export directory: run its ONNX head (and its tail in-process)")
     g.add_argument("--threads", type=int, default=None, help="onnxruntime threads on the device (default: all cores)")
     g.add_argument("--prompt", required=True, help="prompt text")
@@ -73,9 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sampling(g)
 
     e = sub.add_parser("eval", help="perplexity (and bytes per token) of a plan on the DESIGN.md protocol or a text file")
-    e.add_argument("--model", default=DEFAULT_MODEL)
-    e.add_argument("--split", type=int, default=None, help="split layer (default L/2)")
-    e.add_argument("--plan", default=None, help="a plan JSON file (overrides the plan flags below)")
+    _add_model_and_plan(e)
     _add_plan_flags(e)
     e.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")
     e.add_argument("--window-size", type=int, default=512)
@@ -83,9 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the result as JSON here")
 
     x = sub.add_parser("export", help="export the device head (ONNX) and the cloud tail for a plan")
-    x.add_argument("--model", default=DEFAULT_MODEL)
-    x.add_argument("--plan", default=None, help="a plan JSON file (else the plan flags below)")
-    x.add_argument("--split", type=int, default=None, help="split layer (default L/2)")
+    _add_model_and_plan(x)
     x.add_argument("--out", required=True, help="output directory (gets device/ and cloud/)")
     x.add_argument("--check", action="store_true", help="compare the ONNX head with the torch head; fail beyond tolerance")
     _add_plan_flags(x)

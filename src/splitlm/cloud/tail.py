@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
+from splitlm.artifacts import read_folder
 from splitlm.errors import CodecError, ModelLoadError
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
-from splitlm.model.spec import ModelSpec
-from splitlm.partition.plan import Plan
 from splitlm.quantize import codec
 from splitlm.quantize.apply import load_stage
 from splitlm.sampling import Sampler, SamplingParams
@@ -28,14 +27,7 @@ class TailRunner:
     """The tail stage of DIR/cloud, shared by all sessions."""
 
     def __init__(self, cloud_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        self.dir = Path(cloud_dir)
-        if not (self.dir / TAIL_FILE).is_file():
-            raise ModelLoadError(f"{self.dir} has no {TAIL_FILE}: export one with `splitlm export`")
-        try:
-            self.plan = Plan.load(self.dir / "plan.json")
-            self.spec = ModelSpec.from_json((self.dir / "spec.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{self.dir}: unreadable plan or spec ({exc})") from None
+        self.dir, self.plan, self.spec = read_folder(cloud_dir, TAIL_FILE)
         self.stage: Transformer = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
         if self.stage.start != self.plan.split_layer:
             raise ModelLoadError(f"{self.dir}: tail starts at layer {self.stage.start}, the plan splits at {self.plan.split_layer}")

@@ -13,11 +13,10 @@ from typing import Callable
 
 import numpy as np
 
+from splitlm.artifacts import read_folder
 from splitlm.errors import ConfigError, ModelLoadError
 from splitlm.generation import GenerationResult, generate_tokens
 from splitlm.model import names
-from splitlm.model.spec import ModelSpec
-from splitlm.partition.plan import Plan
 from splitlm.quantize import codec
 from splitlm.sampling import Sampler, SamplingParams
 
@@ -48,15 +47,8 @@ class HeadSession:
     def __init__(self, device_dir: str | Path, threads: int | None = None, optimization: str = "all") -> None:
         import onnxruntime as ort
 
-        self.dir = Path(device_dir)
+        self.dir, self.plan, self.spec = read_folder(device_dir, HEAD_FILE)
         head = self.dir / HEAD_FILE
-        if not head.is_file():
-            raise ModelLoadError(f"{self.dir} has no {HEAD_FILE}: export one with `splitlm export`")
-        try:
-            self.plan = Plan.load(self.dir / "plan.json")
-            self.spec = ModelSpec.from_json((self.dir / "spec.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{self.dir}: unreadable plan or spec ({exc})") from None
         self.session = ort.InferenceSession(str(head), _session_options(threads or os.cpu_count(), optimization),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
