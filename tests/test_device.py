@@ -169,3 +169,20 @@ def test_kv_quantized_plan_device_matches_in_process(tiny_ckpt, tmp_path):
     got = generate_split(HeadSession(result.device_dir), TailRunner(result.cloud_dir).new_session().next_token, prompt, 12)
     ref = LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 12)
     assert got.token_ids == ref.token_ids
+
+
+def test_quantized_lm_head_and_int8_compute_export(tiny_ckpt, tmp_path):
+    from splitlm.device.export import check_parity, export_artifacts
+    from splitlm.device.runtime import HeadSession, generate_device_only
+    from splitlm.local import LocalSplit
+
+    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 4, device_weights=WeightQuant(4, 32), lm_head_bits=8,
+                codec=CodecConfig("fp16"))
+    exact = export_artifacts(tiny_ckpt, plan, tmp_path / "a", progress=False)
+    check_parity(tiny_ckpt, plan, exact.device_dir, prompts=1)
+    prompt = tiny_ckpt.tokenizer().encode("lm head").ids
+    assert generate_device_only(HeadSession(exact.device_dir), prompt, 8).token_ids == \
+        LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 8).token_ids
+    fast = export_artifacts(tiny_ckpt, plan, tmp_path / "b", progress=False, accuracy_level=4)
+    worst = check_parity(tiny_ckpt, plan, fast.device_dir, prompts=1)
+    assert max(worst.values()) < 5e-2

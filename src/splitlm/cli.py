@@ -46,6 +46,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ts-k", type=float, default=4.0, help="outlier threshold in row standard deviations")
     g.add_argument("--codec-group", type=int, default=0, help="channels per codec scale (0 = per row)")
     g.add_argument("--prefill-chunk", type=int, default=128, help="positions per prefill step")
+    g.add_argument("--lm-head-bits", type=int, default=16, choices=(16, 8, 4), help="LM head precision (RTN, groups of 32)")
     g.add_argument("--calib-windows", type=int, default=16, help="calibration windows for calibrated methods")
 
 
@@ -58,7 +59,8 @@ def _plan_from_flags(args, ckpt, split: int):
     codec = CodecConfig(args.codec, ts_rule=args.ts_rule, ts_threshold=args.ts_k, error_budget=args.codec_eps,
                         group_size=args.codec_group)
     return Plan(ckpt.model_id, ckpt.weights_hash, split, device_weights=wq["device"], cloud_weights=wq["cloud"],
-                kv_bits=args.kv_bits, codec=codec, prefill_chunk=args.prefill_chunk, max_seq_len=ckpt.spec.max_position)
+                kv_bits=args.kv_bits, lm_head_bits=args.lm_head_bits, codec=codec, prefill_chunk=args.prefill_chunk,
+                max_seq_len=ckpt.spec.max_position)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_and_plan(x)
     x.add_argument("--out", required=True, help="output directory (gets device/ and cloud/)")
     x.add_argument("--check", action="store_true", help="compare the ONNX head with the torch head; fail beyond tolerance")
+    x.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
+                   help="MatMulNBits accuracy_level: 0 = fp32 compute (default), 4 = int8 compute (faster on CPU)")
     _add_plan_flags(x)
 
     d = sub.add_parser("demo", help="split generation with the default model and a default prompt")
@@ -229,7 +233,7 @@ def cmd_export(args) -> int:
     calib = None
     if any(WEIGHT_METHODS[w.method].needs_calibration and w.bits != 16 for w in (plan.device_weights, plan.cloud_weights)):
         calib = evaluate.calibration_windows(ckpt.tokenizer(), args.calib_windows)
-    result = export_artifacts(ckpt, plan, args.out, calib)
+    result = export_artifacts(ckpt, plan, args.out, calib, accuracy_level=args.accuracy_level)
     print(f"exported plan {plan.hash} (split {plan.split_layer}/{ckpt.spec.num_layers}) in {result.seconds:.1f}s")
     print(f"  device: {result.device_dir}  head.onnx {result.head_bytes / 2**20:.1f} MiB")
     if result.cloud_dir is not None:

@@ -20,7 +20,7 @@ from splitlm.model.llama import KVCache, Transformer
 from splitlm.model.load import build_stage
 from splitlm.partition.plan import CodecConfig, Plan
 from splitlm.quantize import codec
-from splitlm.quantize.apply import quantize_stage
+from splitlm.quantize.apply import quantize_lm_head, quantize_stage
 from splitlm.sampling import Sampler, SamplingParams
 
 
@@ -64,17 +64,18 @@ class LocalSplit:
         self.meter = LinkMeter()
         cache_dir = Path(ckpt.path) / "quant"
         calib = [torch.tensor([w]) for w in calib_ids] if calib_ids else None
-        self.head: Transformer = quantize_stage(
+        self.head: Transformer = quantize_lm_head(quantize_stage(
             build_stage(ckpt, 0, self.split, embed=True, final=self.split == L, dtype=dtype),
-            plan.device_weights, calib, cache_dir, ckpt.weights_hash, progress)
+            plan.device_weights, calib, cache_dir, ckpt.weights_hash, progress), plan.lm_head_bits)
         self.tail: Transformer | None = None
         if self.split < L:
             tail_calib = None
             if calib is not None and plan.cloud_weights.method != "rtn" and plan.cloud_weights.bits != 16:
                 with torch.inference_mode():
                     tail_calib = [self.head(c) for c in calib]
-            self.tail = quantize_stage(build_stage(ckpt, self.split, L, embed=False, final=True, dtype=dtype),
-                                       plan.cloud_weights, tail_calib, cache_dir, ckpt.weights_hash, progress)
+            self.tail = quantize_lm_head(quantize_stage(
+                build_stage(ckpt, self.split, L, embed=False, final=True, dtype=dtype),
+                plan.cloud_weights, tail_calib, cache_dir, ckpt.weights_hash, progress), plan.lm_head_bits)
 
     def link(self, h: torch.Tensor) -> torch.Tensor:
         """Encode h_ℓ (B, T, d) into frames and decode them, as the wire would; counts bytes."""

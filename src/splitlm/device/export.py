@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 TAIL_FILE = names.TAIL_FILE
 ACCURACY_LEVEL = 0
 """MatMulNBits accuracy_level: 0 computes in fp32 (parity with the torch head)."""
-PARITY_TOL = {"fp32": 1e-4, "quantized": 1e-3}
+PARITY_TOL = {"fp32": 1e-4, "quantized": 1e-3, "int8-compute": 5e-2}
 """Largest max|onnx − torch| / max|torch| per output tensor."""
 
 
@@ -96,26 +96,28 @@ def io_names(stage: Transformer) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def _ort_form(stage: Transformer) -> Transformer:
-    """Swap QuantLinears for OrtLinears (in place)."""
+def _ort_form(stage: Transformer, accuracy_level: int) -> Transformer:
+    """Swap QuantLinears (block Linears and the LM head) for OrtLinears, in place."""
     for i in stage.owned_layers:
         block = stage.model.layers[i]
         for name in LINEARS:
             mod = block.get_submodule(name)
             if isinstance(mod, QuantLinear):
                 parent, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent), attr, OrtLinear(mod))
+                setattr(block.get_submodule(parent), attr, OrtLinear(mod, accuracy_level))
+    if stage.finalizes and isinstance(stage.lm_head, QuantLinear):
+        stage.lm_head = OrtLinear(stage.lm_head, accuracy_level)
     return stage
 
 
-def export_head_onnx(stage: Transformer, path: Path) -> None:
+def export_head_onnx(stage: Transformer, path: Path, accuracy_level: int = ACCURACY_LEVEL) -> None:
     """Trace the head stage (already quantized) into an ONNX file with dynamic batch, length and past."""
     from torch.export import Dim
 
     from splitlm.device.onnx_ops import translation_table
 
     spec = stage.spec
-    graph = HeadGraph(_ort_form(stage)).eval()
+    graph = HeadGraph(_ort_form(stage, accuracy_level)).eval()
     in_names, out_names = io_names(stage)
     b, t, p = 1, 3, 2
     args = [torch.zeros(b, t, dtype=torch.long), torch.arange(p, p + t)[None]]
@@ -158,7 +160,7 @@ class ExportResult:
 
 
 def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[list[int]] | None = None,
-                     progress: bool = True) -> ExportResult:
+                     progress: bool = True, accuracy_level: int = ACCURACY_LEVEL) -> ExportResult:
     """Write DIR/device (and DIR/cloud unless device-only) for `plan`."""
     from splitlm.local import LocalSplit
 
@@ -169,7 +171,9 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
     device, cloud = out / "device", out / "cloud"
     shutil.rmtree(device, ignore_errors=True)
     device.mkdir(parents=True)
-    export_head_onnx(runner.head, device / HEAD_FILE)
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ExportError(f"MatMulNBits accuracy_level {accuracy_level} not in 0..4")
+    export_head_onnx(runner.head, device / HEAD_FILE, accuracy_level)
     for folder in [device] + ([cloud] if runner.tail is not None else []):
         folder.mkdir(parents=True, exist_ok=True)
         plan.save(folder / "plan.json")
@@ -195,10 +199,14 @@ def check_parity(ckpt: Checkpoint, plan: Plan, device_dir: Path, calib_ids: list
     from splitlm.device.runtime import HeadSession
     from splitlm.local import LocalSplit
 
+    import onnx
+
     torch_head = HeadGraph(LocalSplit(ckpt, plan=plan, calib_ids=calib_ids).head).eval()
     session = HeadSession(device_dir)
-    quantized = plan.device_weights.bits != 16
-    tol = PARITY_TOL["quantized" if quantized else "fp32"]
+    levels = {a.i for n in onnx.load(str(Path(device_dir) / HEAD_FILE), load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    kind = "int8-compute" if levels - {0} else ("quantized" if levels else "fp32")
+    tol = PARITY_TOL[kind]
     rng = np.random.default_rng(seed)
     worst: dict[str, float] = {}
     for _ in range(prompts):

@@ -116,6 +116,8 @@ class Plan:
     """Precision of the cloud tail."""
     kv_bits: int = 16
     """Device KV cache precision: one of KV_BITS."""
+    lm_head_bits: int = 16
+    """Precision of the LM head on whichever side holds it: 16 (as loaded), 8 or 4 (RTN, groups of 32)."""
     codec: CodecConfig = field(default_factory=CodecConfig)
     """Activation codec at the split."""
     max_seq_len: int = 2048
@@ -130,6 +132,8 @@ class Plan:
     def __post_init__(self) -> None:
         if not isinstance(self.split_layer, int) or self.split_layer < 0:
             raise PlanError(f"split_layer must be a non-negative integer, got {self.split_layer!r}")
+        if self.lm_head_bits not in (16, 8, 4):
+            raise PlanError(f"lm_head_bits {self.lm_head_bits!r} not in (16, 8, 4)")
         if self.kv_bits not in KV_BITS:
             raise PlanError(f"kv_bits {self.kv_bits!r} not in {KV_BITS}")
         if self.max_seq_len < 1:

@@ -46,6 +46,16 @@ def _set(module: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(_get(module, parent) if parent else module, name, new)
 
 
+LM_HEAD_GROUP = 32
+
+
+def quantize_lm_head(stage: Transformer, bits: int) -> Transformer:
+    """Replace the stage's LM head (if it has one) by an RTN QuantLinear at `bits` (16 = keep)."""
+    if bits != 16 and stage.finalizes and not isinstance(stage.lm_head, QuantLinear):
+        stage.lm_head = QuantLinear(rtn_quantize(stage.lm_head.weight.data, bits, LM_HEAD_GROUP), None)
+    return stage
+
+
 def quantize_stage(stage: Transformer, wq: WeightQuant, calib_inputs: list[torch.Tensor] | None = None,
                    cache_dir: Path | None = None, cache_tag: str = "", progress: bool = True) -> Transformer:
     """Replace the Linears of `stage`'s blocks by QuantLinears at `wq`.
@@ -150,6 +160,14 @@ def _save_cached(stage, wq, calib, cache_dir, tag) -> None:
     tmp.rename(path)
 
 
+def _quantizable(stage: Transformer) -> list[tuple[str, nn.Module]]:
+    """(dotted name, module) of every Linear a plan may quantize in this stage."""
+    mods = [(f"model.layers.{i}.{lin}", _get(stage.model.layers[i], lin)) for i in stage.owned_layers for lin in LINEARS]
+    if stage.finalizes:
+        mods.append(("lm_head", stage.lm_head))
+    return mods
+
+
 def save_stage(stage: Transformer, path: Path) -> None:
     """Write a (possibly quantized) stage: codes/scales/zeros for QuantLinears, floats for the rest."""
     from safetensors.torch import save_file
@@ -157,11 +175,9 @@ def save_stage(stage: Transformer, path: Path) -> None:
     tensors, meta = {}, {}
     for name, tensor in stage.state_dict().items():
         tensors[name] = tensor.detach().contiguous().clone()
-    for i in stage.owned_layers:
-        for lin in LINEARS:
-            mod = _get(stage.model.layers[i], lin)
-            if isinstance(mod, QuantLinear):
-                meta[f"model.layers.{i}.{lin}"] = f"{mod.bits},{mod.group_size}"
+    for key, mod in _quantizable(stage):
+        if isinstance(mod, QuantLinear):
+            meta[key] = f"{mod.bits},{mod.group_size}"
     meta["splitlm.stage"] = json.dumps({"start": stage.start, "stop": stage.stop, "embed": stage.embeds, "final": stage.finalizes})
     save_file(tensors, str(path), metadata=meta)
 
@@ -180,20 +196,18 @@ def load_stage(spec, path: Path, dtype: torch.dtype = torch.float32) -> Transfor
     except (OSError, KeyError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not a saved stage: {exc}") from None
     stage = Transformer(spec, info["start"], info["stop"], embed=info["embed"], final=info["final"])
-    for i in stage.owned_layers:
-        for lin in LINEARS:
-            key = f"model.layers.{i}.{lin}"
-            if key in meta:
-                bits, group = (int(v) for v in meta[key].split(","))
-                q = QuantizedTensor(tensors.pop(key + ".codes"), tensors.pop(key + ".scales"), tensors.pop(key + ".zeros"), bits, group)
-                bias = tensors.pop(key + ".bias", None)
-                _set(stage.model.layers[i], lin, QuantLinear(q, bias))
-                if bias is not None:
-                    tensors[key + ".bias"] = bias
+    for key, _ in _quantizable(stage):
+        if key in meta:
+            bits, group = (int(v) for v in meta[key].split(","))
+            q = QuantizedTensor(tensors.pop(key + ".codes"), tensors.pop(key + ".scales"), tensors.pop(key + ".zeros"), bits, group)
+            bias = tensors.pop(key + ".bias", None)
+            _set(stage, key, QuantLinear(q, bias))
+            if bias is not None:
+                tensors[key + ".bias"] = bias
     missing, unexpected = stage.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
                                                 strict=False)
     if [m for m in missing if not m.endswith((".codes", ".scales", ".zeros"))] or unexpected:
         raise ModelLoadError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if stage.embeds and stage.finalizes and spec.tie_word_embeddings:
+    if stage.embeds and stage.finalizes and spec.tie_word_embeddings and not isinstance(stage.lm_head, QuantLinear):
         stage.lm_head.weight = stage.model.embed_tokens.weight
     return stage.eval()
