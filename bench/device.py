@@ -26,12 +26,13 @@ from splitlm.model.registry import KNOWN_MODELS, resolve_model
 from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
 
 PRECISIONS = {"fp32": WeightQuant(16), "int8": WeightQuant(8, 32), "int4": WeightQuant(4, 32)}
+"""Device weights; the int4 groups of 32 match the GGUF's Q4_1 blocks."""
 
 
 def export_cached(ckpt, plan: Plan) -> Path:
-    from splitlm.device.export import export_artifacts
+    from splitlm.device.export import EXPORT_FORMAT, export_artifacts
 
-    root = cache_root() / "bench-exports" / plan.hash
+    root = cache_root() / "bench-exports" / f"{plan.hash}-f{EXPORT_FORMAT}"
     if not (root / "device" / "manifest.json").is_file():
         shutil.rmtree(root, ignore_errors=True)
         print(f"exporting {plan.device_weights.bits}-bit device-only head ...", file=sys.stderr, flush=True)
@@ -89,6 +90,22 @@ def time_ours(device_dir: Path, threads: int, optimization: str, *args) -> tuple
     return measure(head.reset, feed, lambda: int(np.argmax(last["logits"])), *args)
 
 
+def perplexity_ours(device_dir: Path, threads: int, wins: list[list[int]]) -> float:
+    """Perplexity of the device-only ONNX head itself on `wins` (one 512-token prefill each)."""
+    from splitlm.device.runtime import DeviceHead, HeadSession
+
+    head = DeviceHead(HeadSession(device_dir, threads=threads))
+    nll, count = 0.0, 0
+    for win in wins:
+        head.reset()
+        logits = head.step(win)[:-1].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(win) - 1), win[1:]].sum())
+        count += len(win) - 1
+    return float(np.exp(nll / count))
+
+
 def time_llama_cpp(gguf: Path, threads: int, *args) -> tuple[float, float] | None:
     try:
         from llama_cpp import Llama
@@ -104,36 +121,41 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--json", default="bench/results/device.json")
+    ap.add_argument("--ppl-windows", type=int, default=4, help="windows for the perplexity column (0 = skip)")
     args = ap.parse_args()
     ckpt = resolve_model("smollm2-135m")
     tok = ckpt.tokenizer()
     prompt = evaluate.windows(tok, evaluate.protocol_text(), 1)[0]  # 512 tokens
     decode_prompt = prompt[:64]
+    ppl_wins = evaluate.windows(tok, evaluate.protocol_text(), args.ppl_windows) if args.ppl_windows else []
     L = ckpt.spec.num_layers
     rows = []
     for name, wq in PRECISIONS.items():
-        plan = Plan(ckpt.model_id, ckpt.weights_hash, L, device_weights=wq, codec=CodecConfig("fp16"), prefill_chunk=512,
-                    max_seq_len=2048)
+        # quantized plans hold the LM head at 8 bits, as llama.cpp's file holds its tied output at Q8_0
+        plan = Plan(ckpt.model_id, ckpt.weights_hash, L, device_weights=wq, lm_head_bits=16 if wq.bits == 16 else 8,
+                    codec=CodecConfig("fp16"), prefill_chunk=512, max_seq_len=2048)
         device_dir = export_cached(ckpt, plan)
         variants = [(f"ours {name}", device_dir, "all")]
         if wq.bits != 16:
-            variants.append((f"ours {name} (MatMulNBits int8 compute)", with_accuracy_level(device_dir, 4), "all"))
+            variants.append((f"ours {name}, MatMulNBits fp32 compute", with_accuracy_level(device_dir, 0), "all"))
         if name == "int4":
-            variants.append((f"ours {name} (basic graph optimization)", device_dir, "basic"))
+            variants.append((f"ours {name}, basic graph optimization", device_dir, "basic"))
         for label, folder, opt in variants:
             p, d = time_ours(folder, args.threads, opt, prompt, decode_prompt, args.decode_tokens, args.reps)
-            rows.append({"engine": label, "prefill_tok_s": p, "decode_tok_s": d})
-            print(f"{label:<48}{p:>12.1f}{d:>12.1f}", file=sys.stderr, flush=True)
+            ppl = perplexity_ours(folder, args.threads, ppl_wins) if ppl_wins and opt == "all" else None
+            rows.append({"engine": label, "prefill_tok_s": p, "decode_tok_s": d, "perplexity": ppl})
+            print(f"{label:<48}{p:>12.1f}{d:>12.1f}  ppl {ppl}", file=sys.stderr, flush=True)
     ref = time_llama_cpp(KNOWN_MODELS["smollm2-135m"].locate(), args.threads, prompt, decode_prompt, args.decode_tokens, args.reps)
     if ref is not None:
-        rows.append({"engine": "llama.cpp Q4_1 (same GGUF)", "prefill_tok_s": ref[0], "decode_tok_s": ref[1]})
+        rows.append({"engine": "llama.cpp Q4_1 (same GGUF)", "prefill_tok_s": ref[0], "decode_tok_s": ref[1], "perplexity": None})
     base = rows[-1] if ref is not None else None
     print(f"\nSmolLM2-135M device-only, {args.threads} threads, prefill 512 tokens, decode {args.decode_tokens} tokens "
           f"after a 64-token prompt, median of {args.reps}")
-    print(f"{'engine':<48}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode vs llama.cpp':>22}")
+    print(f"{'engine':<48}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode vs llama.cpp':>21}{'ppl':>9}")
     for r in rows:
         ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
-        print(f"{r['engine']:<48}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{ratio:>22}")
+        ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") else "-"
+        print(f"{r['engine']:<48}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{ratio:>21}{ppl:>9}")
     if ref is None:
         print("(llama-cpp-python is not installed: `pip install llama-cpp-python` adds the llama.cpp row)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def exports(tiny_ckpt, tmp_path_factory):
                         cloud_weights=WeightQuant(8, 64), codec=CodecConfig("tabq", error_budget=0.01), max_seq_len=256,
                         prefill_chunk=16)
             root = tmp_path_factory.mktemp(f"export-{split}-{name}")
-            out[split, name] = (plan, export_artifacts(tiny_ckpt, plan, root, progress=False))
+            out[split, name] = (plan, export_artifacts(tiny_ckpt, plan, root, progress=False, accuracy_level=0))
     return out
 
 
@@ -178,7 +178,7 @@ def test_quantized_lm_head_and_int8_compute_export(tiny_ckpt, tmp_path):
 
     plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 4, device_weights=WeightQuant(4, 32), lm_head_bits=8,
                 codec=CodecConfig("fp16"))
-    exact = export_artifacts(tiny_ckpt, plan, tmp_path / "a", progress=False)
+    exact = export_artifacts(tiny_ckpt, plan, tmp_path / "a", progress=False, accuracy_level=0)
     check_parity(tiny_ckpt, plan, exact.device_dir, prompts=1)
     prompt = tiny_ckpt.tokenizer().encode("lm head").ids
     assert generate_device_only(HeadSession(exact.device_dir), prompt, 8).token_ids == \

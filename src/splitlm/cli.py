@@ -92,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_and_plan(x)
     x.add_argument("--out", required=True, help="output directory (gets device/ and cloud/)")
     x.add_argument("--check", action="store_true", help="compare the ONNX head with the torch head; fail beyond tolerance")
-    x.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
-                   help="MatMulNBits accuracy_level: 0 = fp32 compute (default), 4 = int8 compute (faster on CPU)")
+    x.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
+                   help="MatMulNBits accuracy_level: 4 = int8 compute, fast on CPU (default); 0 = fp32 compute, exact")
     _add_plan_flags(x)
 
     d = sub.add_parser("demo", help="split generation with the default model and a default prompt")

@@ -30,6 +30,30 @@ def _matmul_nbits_fake(x, b, scales, zero_points, K, N, bits, block_size, accura
     return x.new_empty((*x.shape[:-1], N))
 
 
+@torch.library.custom_op("splitlm::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis, computed in fp32 (onnxruntime's SimplifiedLayerNormalization)."""
+    xf = x.float()
+    return (weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x)
+
+
+def _rms_norm_schema() -> OpSchema:
+    FP = OpSchema.FormalParameter
+    return OpSchema(
+        "SimplifiedLayerNormalization", "", 1,
+        inputs=[FP("X", "T"), FP("scale", "T")], outputs=[FP("Y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")],
+        attributes=[OpSchema.Attribute("axis", onnx.helper.make_attribute("axis", -1), ""),
+                    OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, ""),
+                    OpSchema.Attribute("stash_type", onnx.helper.make_attribute("stash_type", 1), "")],
+    )
+
+
 def _matmul_nbits_schema() -> OpSchema:
     FP = OpSchema.FormalParameter
     optional = OpSchema.FormalParameterOption.Optional
@@ -44,18 +68,27 @@ def _matmul_nbits_schema() -> OpSchema:
     )
 
 
-def translation_table() -> dict:
-    """custom_translation_table for torch.onnx.export(dynamo=True)."""
+def _op(domain: str, name: str, make_schema):
     import onnxscript
     from onnxscript.values import Op
 
     try:
-        onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft")
+        schema = onnx.defs.get_schema(name, 1, domain)
     except onnx.defs.SchemaError:
-        onnx.defs.register_schema(_matmul_nbits_schema())
-    node = Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", onnx.defs.get_schema("MatMulNBits", 1, "com.microsoft"))
+        onnx.defs.register_schema(make_schema())
+        schema = onnx.defs.get_schema(name, 1, domain)
+    return Op(onnxscript.values.Opset(domain, 1), name, schema)
+
+
+def translation_table() -> dict:
+    """custom_translation_table for torch.onnx.export(dynamo=True): our ops -> onnxruntime contrib ops."""
+    nbits = _op("com.microsoft", "MatMulNBits", _matmul_nbits_schema)
+    simplified_ln = _op("", "SimplifiedLayerNormalization", _rms_norm_schema)
 
     def matmul_nbits_onnx(x, b, scales, zero_points, K: int, N: int, bits: int, block_size: int, accuracy_level: int):
-        return node(x, b, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+        return nbits(x, b, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
 
-    return {torch.ops.splitlm.matmul_nbits.default: matmul_nbits_onnx}
+    def rms_norm_onnx(x, weight, eps: float):
+        return simplified_ln(x, weight, axis=-1, epsilon=eps, stash_type=1)
+
+    return {torch.ops.splitlm.matmul_nbits.default: matmul_nbits_onnx, torch.ops.splitlm.rms_norm.default: rms_norm_onnx}
