@@ -40,7 +40,7 @@ ACCURACY_LEVEL = 4
 """MatMulNBits accuracy_level. 4 quantizes activations to int8 inside the matmul: onnxruntime's
 fast CPU path (8x faster int4 decode than level 0 on SmolLM2, bench/device.py). 0 computes in fp32
 and matches the torch head to 1e-6."""
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
 """Bumped whenever the exported graph changes shape (ops, names): caches of exports key on it."""
 PARITY_TOL = {"fp32": 1e-4, "quantized": 1e-3, "int8-compute": 5e-2}
 """Largest max|onnx − torch| / max|torch| per output tensor."""

@@ -32,6 +32,23 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention with grouped K/V heads, without materializing repeated K/V.
+
+    q (B, H, T, D); k, v (B, Hkv, S, D); mask (T, S) or (B, 1, T, S) boolean (True = attend) or None.
+    """
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, h // hkv, t, d)  # (B, Hkv, rep, T, D)
+    scores = (qg @ k.unsqueeze(2).transpose(-1, -2)) * (d ** -0.5)  # (B, Hkv, rep, T, S)
+    if mask is not None:
+        if mask.dim() == 4:
+            mask = mask.unsqueeze(1)  # (B, 1, 1, T, S)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return (probs @ v.unsqueeze(2)).reshape(b, h, t, d)  # (B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -61,10 +78,7 @@ class Attention(nn.Module):
         if past is not None:
             k_all = torch.cat((past[0], k), dim=2)  # (B, Hkv, P+T, D)
             v_all = torch.cat((past[1], v), dim=2)
-        rep = s.num_heads // s.num_kv_heads
-        kr = k_all.repeat_interleave(rep, dim=1) if rep > 1 else k_all  # (B, H, P+T, D)
-        vr = v_all.repeat_interleave(rep, dim=1) if rep > 1 else v_all
-        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)  # (B, H, T, D)
+        out = grouped_attention(q, k_all, v_all, mask)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim)  # (B, T, H*D)
         return self.o_proj(out), (k, v)
 
