@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from splitlm.errors import ParityError
+from splitlm.errors import ModelLoadError, ParityError
 from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
 
 PRECISIONS = {"fp32": WeightQuant(16), "int8": WeightQuant(8, 32), "int4": WeightQuant(4, 32)}
@@ -186,3 +186,27 @@ def test_quantized_lm_head_and_int8_compute_export(tiny_ckpt, tmp_path):
     fast = export_artifacts(tiny_ckpt, plan, tmp_path / "b", progress=False, accuracy_level=4)
     worst = check_parity(tiny_ckpt, plan, fast.device_dir, prompts=1)
     assert max(worst.values()) < 5e-2
+
+
+def test_exported_tail_with_quantized_lm_head_round_trips(tiny_ckpt, tmp_path):
+    import torch
+
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.local import LocalSplit
+    from splitlm.quantize.apply import load_stage, save_stage
+    from splitlm.quantize.weights import QuantLinear
+
+    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, cloud_weights=WeightQuant(4, 32), lm_head_bits=8,
+                codec=CodecConfig("fp32"))
+    tail = LocalSplit(tiny_ckpt, plan=plan).tail
+    save_stage(tail, tmp_path / "tail.safetensors")
+    again = load_stage(tiny_ckpt.spec, tmp_path / "tail.safetensors")
+    assert isinstance(again.lm_head, QuantLinear) and again.lm_head.bits == 8
+    h = torch.randn(1, 7, tiny_ckpt.spec.hidden_size)
+    with torch.inference_mode():
+        assert torch.equal(tail(h), again(h))
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError, match="not a saved stage"):
+        load_stage(tiny_ckpt.spec, tmp_path / "bad.safetensors")
+    with pytest.raises(ModelLoadError, match="has no tail.safetensors"):
+        TailRunner(tmp_path / "nothing")

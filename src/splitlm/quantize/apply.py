@@ -193,7 +193,7 @@ def load_stage(spec, path: Path, dtype: torch.dtype = torch.float32) -> Transfor
             meta = f.metadata() or {}
             info = json.loads(meta["splitlm.stage"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, KeyError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
         raise ModelLoadError(f"{path} is not a saved stage: {exc}") from None
     stage = Transformer(spec, info["start"], info["stop"], embed=info["embed"], final=info["final"])
     for key, _ in _quantizable(stage):
