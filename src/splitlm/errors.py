@@ -40,4 +40,8 @@ class TransportError(SplitLMError):
 
 
 class RemoteError(SplitLMError):
-    """The remote side answered with an error."""
+    """The remote side answered with an error; `code` is the gRPC status name when known."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,141 @@
+"""The gRPC service on a real server (port 0) and a real channel."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from splitlm.errors import RemoteError
+from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+from splitlm.quantize import codec
+from splitlm.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_ckpt, tmp_path_factory):
+    from splitlm.device.export import export_artifacts
+
+    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, device_weights=WeightQuant(4, 32),
+                cloud_weights=WeightQuant(8, 32), codec=CodecConfig("tabq", error_budget=0.01), max_seq_len=128,
+                prefill_chunk=8)
+    return plan, export_artifacts(tiny_ckpt, plan, tmp_path_factory.mktemp("svc"), progress=False, accuracy_level=0)
+
+
+@pytest.fixture()
+def server(artifacts):
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+
+    _, result = artifacts
+    srv, port, service = start_server(TailRunner(result.cloud_dir), "127.0.0.1:0",
+                                      ServerConfig(max_sessions=4, max_frame_bytes=4096, auth_token="s3cret"))
+    yield f"127.0.0.1:{port}", service
+    srv.stop(grace=None)
+
+
+def open_session(address, plan, token="s3cret", sampling=SamplingParams(), max_tokens=64):
+    from splitlm.device.client import RemoteSession, connect
+
+    return RemoteSession(connect(address), plan.hash, plan.model_id, sampling, max_tokens, token)
+
+
+def generate_remote(address, artifacts, prompt, n, **kw):
+    from splitlm.device.runtime import HeadSession, generate_split
+
+    plan, result = artifacts
+    with open_session(address, plan, **kw) as remote:
+        return generate_split(HeadSession(result.device_dir), remote.next_token, prompt, n)
+
+
+def test_grpc_generation_equals_in_process_split(tiny_ckpt, artifacts, server):
+    from splitlm.local import LocalSplit
+
+    plan, _ = artifacts
+    prompt = tiny_ckpt.tokenizer().encode("over the wire and back again").ids
+    got = generate_remote(server[0], artifacts, prompt, 20)
+    assert got.token_ids == LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 20).token_ids
+    assert not server[1].sessions  # freed
+
+
+def test_concurrent_sessions_get_their_own_outputs(tiny_ckpt, artifacts, server):
+    prompts = [tiny_ckpt.tokenizer().encode(f"prompt number {i} " * (i + 1)).ids for i in range(4)]
+    alone = [generate_remote(server[0], artifacts, p, 12).token_ids for p in prompts]
+    results = [None] * 4
+
+    def run(i):
+        results[i] = generate_remote(server[0], artifacts, prompts[i], 12).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == alone
+
+
+def _bad_frames(d):
+    good = codec.encode(np.ones((1, d), np.float32), CodecConfig("fp16"))
+    nan = bytearray(good)
+    nan[codec.HEADER.size:codec.HEADER.size + 2] = np.float16(np.nan).tobytes()
+    return {
+        "garbage": (b"definitely not a frame", "INVALID_ARGUMENT", "magic"),
+        "wrong hidden size": (codec.encode(np.ones((1, d + 3), np.float32), CodecConfig("fp16")), "INVALID_ARGUMENT", "hidden size"),
+        "nan": (bytes(nan), "INVALID_ARGUMENT", "non-finite"),
+        "too large": (codec.encode(np.ones((40, d), np.float32), CodecConfig("fp32")), "INVALID_ARGUMENT", "exceeds the limit"),
+    }
+
+
+@pytest.mark.parametrize("case", ["garbage", "wrong hidden size", "nan", "too large"])
+def test_bad_frames_fail_only_their_session(tiny_ckpt, artifacts, server, case):
+    plan, _ = artifacts
+    frame, code, message = _bad_frames(tiny_ckpt.spec.hidden_size)[case]
+    prompt = tiny_ckpt.tokenizer().encode("a healthy neighbour").ids
+    healthy = open_session(server[0], plan)
+    from splitlm.device.runtime import HeadSession, generate_split
+
+    bad = open_session(server[0], plan)
+    with pytest.raises(RemoteError, match=message) as info:
+        bad.send(frame, rows=1)
+    assert info.value.code == code
+    out = generate_split(HeadSession(artifacts[1].device_dir), healthy.next_token, prompt, 8)
+    assert len(out.token_ids) == 8
+    healthy.close()
+
+
+@pytest.mark.parametrize("kw, code", [
+    (dict(token=None), "UNAUTHENTICATED"),
+    (dict(token="wrong"), "UNAUTHENTICATED"),
+])
+def test_auth(artifacts, server, kw, code):
+    plan, _ = artifacts
+    with pytest.raises(RemoteError) as info:
+        open_session(server[0], plan, **kw)
+    assert info.value.code == code
+
+
+def test_plan_hash_mismatch_is_failed_precondition(artifacts, server):
+    plan, _ = artifacts
+    with pytest.raises(RemoteError, match="does not match") as info:
+        open_session(server[0], plan.replace(kv_bits=8))
+    assert info.value.code == "FAILED_PRECONDITION"
+
+
+def test_too_many_sessions_is_resource_exhausted(artifacts, server):
+    plan, _ = artifacts
+    held = [open_session(server[0], plan) for _ in range(4)]
+    with pytest.raises(RemoteError, match="limit of 4 sessions") as info:
+        open_session(server[0], plan)
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    for s in held:
+        s.close()
+    open_session(server[0], plan).close()  # capacity is back
+
+
+def test_out_of_order_position_is_invalid_argument(tiny_ckpt, artifacts, server):
+    plan, _ = artifacts
+    session = open_session(server[0], plan)
+    session.position = 5
+    frame = codec.encode(np.ones((1, tiny_ckpt.spec.hidden_size), np.float32), CodecConfig("fp16"))
+    with pytest.raises(RemoteError, match="starts at position 5") as info:
+        session.next_token(frame)
+    assert info.value.code == "INVALID_ARGUMENT"
