@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_and_plan(g)
     g.add_argument("--artifacts", default=None, help="an export directory: run its ONNX head (and its tail in-process)")
     g.add_argument("--threads", type=int, default=None, help="onnxruntime threads on the device (default: all cores)")
+    g.add_argument("--server", default=None, help="HOST:PORT of `splitlm serve` (with --artifacts; else the tail runs in-process)")
+    g.add_argument("--token", default=None, help="bearer token for the server")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(g)
@@ -95,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
                    help="MatMulNBits accuracy_level: 4 = int8 compute, fast on CPU (default); 0 = fp32 compute, exact")
     _add_plan_flags(x)
+
+    v = sub.add_parser("serve", help="serve the cloud tail of an export over gRPC")
+    v.add_argument("--artifacts", required=True, help="an export directory (its cloud/ folder is served)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    v.add_argument("--token", default=None, help="require this bearer token")
+    v.add_argument("--max-sessions", type=int, default=64)
 
     d = sub.add_parser("demo", help="split generation with the default model and a default prompt")
     d.add_argument("--model", default=DEFAULT_MODEL)
@@ -177,13 +186,21 @@ def _generate_from_artifacts(args, sampling):
     if session.device_only:
         run = lambda ids, show: generate_device_only(session, ids, args.max_tokens, sampling, show, tok)  # noqa: E731
     else:
-        from splitlm.cloud.tail import TailRunner
+        if args.server:
+            from splitlm.device.client import RemoteSession, connect
 
-        tail = TailRunner(root / "cloud")
-        if tail.plan.hash != session.plan.hash:
-            raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
-        tail_session = tail.new_session(sampling)
-        run = lambda ids, show: generate_split(session, tail_session.next_token, ids, args.max_tokens, show, tok)  # noqa: E731
+            def run(ids, show):
+                with RemoteSession(connect(args.server), session.plan.hash, session.plan.model_id, sampling,
+                                   args.max_tokens, args.token) as remote:
+                    return generate_split(session, remote.next_token, ids, args.max_tokens, show, tok)
+        else:
+            from splitlm.cloud.tail import TailRunner
+
+            tail = TailRunner(root / "cloud")
+            if tail.plan.hash != session.plan.hash:
+                raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
+            tail_session = tail.new_session(sampling)
+            run = lambda ids, show: generate_split(session, tail_session.next_token, ids, args.max_tokens, show, tok)  # noqa: E731
     return run, tok, session.plan.split_layer, L
 
 
@@ -244,6 +261,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+
+    runner = TailRunner(Path(args.artifacts) / "cloud")
+    server, port, _ = start_server(runner, f"{args.host}:{args.port}",
+                                   ServerConfig(max_sessions=args.max_sessions, auth_token=args.token))
+    print(f"serving plan {runner.plan.hash} (layers [{runner.plan.split_layer}, {runner.spec.num_layers})) on {args.host}:{port}",
+          flush=True)
+    try:
+        server.wait_for_termination()
+    finally:
+        server.stop(grace=2)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from splitlm.local import LocalSplit
     from splitlm.model.tokenizer import StreamingDecoder
@@ -268,7 +303,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}
+COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve,
+            "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
