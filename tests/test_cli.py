@@ -99,9 +99,12 @@ def test_eval_split_does_not_change_perplexity(capsys, tmp_path):
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-5)
 
 
-def test_demo_runs_on_tiny_model(capsys):
+def test_demo_runs_end_to_end_on_tiny_model(capsys):
     code, out, _ = run(capsys, "demo", "--model", "tiny-random", "--max-tokens", "5")
-    assert code == 0 and "time to first token" in out and "device layers [0, 2)" in out
+    assert code == 0 and "time to first token" in out and "over gRPC on 127.0.0.1:" in out
+    assert "bytes up per position" in out
+    code, out2, _ = run(capsys, "demo", "--model", "tiny-random", "--max-tokens", "5")  # export reused
+    assert code == 0
 
 
 def test_eval_plan_flags_report_bytes_and_quality(capsys, tmp_path):

@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--token", default=None, help="require this bearer token")
     v.add_argument("--max-sessions", type=int, default=64)
 
-    d = sub.add_parser("demo", help="split generation with the default model and a default prompt")
+    d = sub.add_parser("demo", help="split generation end to end: export (cached), serve on loopback, stream, report")
     d.add_argument("--model", default=DEFAULT_MODEL)
     d.add_argument("--prompt", default="The three most useful things to know about Python are")
     d.add_argument("--max-tokens", type=int, default=48)
@@ -280,26 +280,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from splitlm.local import LocalSplit
-    from splitlm.model.tokenizer import StreamingDecoder
+    from splitlm.demo import run_demo
 
-    ckpt = _load(args.model)
-    L = ckpt.spec.num_layers
-    split = L // 2
-    runner = LocalSplit(ckpt, split)
-    tok = ckpt.tokenizer()
-    ids = tok.encode(_chat_prompt(args.prompt)).ids
-    stream = StreamingDecoder(tok)
-    print(f"splitlm demo: {ckpt.model_id}, device layers [0, {split}), cloud layers [{split}, {L}) (in-process)")
-    print(f"prompt: {args.prompt}\n")
-    result = runner.generate(ids, args.max_tokens, on_token=lambda t: print(stream.push(t), end="", flush=True))
-    print("\n")
-    d = ckpt.spec.hidden_size
-    print(f"{'prompt tokens':<24}{len(ids)}")
-    print(f"{'generated tokens':<24}{len(result.token_ids)} ({result.stop_reason})")
-    print(f"{'time to first token':<24}{result.ttft_s * 1e3:.0f} ms")
-    print(f"{'decode speed':<24}{result.tokens_per_s:.1f} tokens/s")
-    print(f"{'split activation':<24}{d} values/token ({2 * d} bytes at fp16)")
+    run_demo(args.model, args.prompt, args.max_tokens, lambda text: print(text, end="", flush=True))
     return 0
 
 
