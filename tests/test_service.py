@@ -139,3 +139,33 @@ def test_out_of_order_position_is_invalid_argument(tiny_ckpt, artifacts, server)
     with pytest.raises(RemoteError, match="starts at position 5") as info:
         session.next_token(frame)
     assert info.value.code == "INVALID_ARGUMENT"
+
+
+def test_health_service_reports_serving(server):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server[0]))
+    for name in ("", "splitlm.v1.SplitInference"):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_idle_session_is_freed(artifacts):
+    import time
+
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+
+    plan, result = artifacts
+    srv, port, service = start_server(TailRunner(result.cloud_dir), "127.0.0.1:0", ServerConfig(idle_timeout_s=0.5))
+    try:
+        session = open_session(f"127.0.0.1:{port}", plan, token=None)
+        assert len(service.sessions) == 1
+        deadline = time.time() + 10
+        while service.sessions and time.time() < deadline:
+            time.sleep(0.1)
+        assert not service.sessions
+        with pytest.raises(RemoteError):
+            session.next_token(codec.encode(np.ones((1, 64), np.float32), CodecConfig("fp16")))
+    finally:
+        srv.stop(grace=None)

@@ -41,11 +41,15 @@ class ServerConfig:
     """When set, every stream must carry `authorization: Bearer <token>` (else UNAUTHENTICATED)."""
     workers: int = 32
     """Stream threads; bounds concurrent streams together with max_sessions."""
+    idle_timeout_s: float = 120.0
+    """A session that sends nothing for this long is cancelled and freed."""
+    total_timeout_s: float = 3600.0
+    """A session older than this is ended with DEADLINE_EXCEEDED at its next message."""
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_frame_bytes", "max_tokens", "workers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"server {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_sessions", "max_frame_bytes", "max_tokens", "workers", "idle_timeout_s", "total_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"server {name} must be > 0, got {getattr(self, name)}")
 
 
 class RequestError(Exception):
@@ -123,6 +127,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     def Generate(self, request_iterator: Iterator[pb.DeviceMessage], context: grpc.ServicerContext):
         sid = None
         t0 = time.perf_counter()
+        watchdog = _IdleWatchdog(self.config.idle_timeout_s, context)
         try:
             self._check_auth(context)
             first = next(request_iterator, None)
@@ -134,6 +139,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                                                    max_frame_bytes=self.config.max_frame_bytes, max_tokens=max_tokens))
             produced = 0
             for msg in request_iterator:
+                watchdog.reset()
+                if time.perf_counter() - t0 > self.config.total_timeout_s:
+                    raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"session passed its total deadline of {self.config.total_timeout_s:.0f} s")
                 kind = msg.WhichOneof("kind")
                 if kind == "cancel":
                     log.info("session %s cancelled: %s", sid, msg.cancel.reason)
@@ -155,10 +164,34 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 log.info("session %s: %s %s", sid, code.name, message)
             context.abort(code, message)
         finally:
+            watchdog.stop()
             if sid is not None:
                 with self._lock:
                     self.sessions.pop(sid, None)
                 log.info("session %s closed after %.2fs", sid, time.perf_counter() - t0)
+
+
+class _IdleWatchdog:
+    """Cancels a stream that stays silent for `timeout` seconds (the handler's finally frees it)."""
+
+    def __init__(self, timeout: float, context: grpc.ServicerContext) -> None:
+        self.timeout, self.context = timeout, context
+        self._timer: threading.Timer | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.stop()
+        self._timer = threading.Timer(self.timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        log.info("cancelling a session idle for %.0f s", self.timeout)
+        self.context.cancel()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def start_server(runner: TailRunner, address: str = "127.0.0.1:0", config: ServerConfig = ServerConfig(),
@@ -168,6 +201,12 @@ def start_server(runner: TailRunner, address: str = "127.0.0.1:0", config: Serve
                          options=[("grpc.max_receive_message_length", config.max_frame_bytes + (1 << 16))])
     service = SplitInferenceService(runner, config)
     pb_grpc.add_SplitInferenceServicer_to_server(service, server)
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", "splitlm.v1.SplitInference"):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise ConfigError(f"cannot bind {address}")
