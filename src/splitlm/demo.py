@@ -55,7 +55,7 @@ def run_demo(model: str, prompt: str, max_tokens: int, emit: Callable[[str], Non
     prepare_s = time.perf_counter() - t0
     server, port, _ = start_server(TailRunner(root / "cloud"), "127.0.0.1:0", ServerConfig(max_sessions=4))
     try:
-        head = HeadSession(root / "device")
+        head = HeadSession(root / "device", spin=False)  # the cloud's torch shares these cores
         tok = load_tokenizer(root / "device")
         L = ckpt.spec.num_layers
         emit(f"splitlm demo: {ckpt.model_id} split at layer {plan.split_layer}/{L}: device runs layers "

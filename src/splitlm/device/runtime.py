@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 HEAD_FILE = names.HEAD_FILE
 
 
-def _session_options(threads: int | None, optimization: str):
+def _session_options(threads: int | None, optimization: str, spin: bool = True):
     import onnxruntime as ort
 
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -38,18 +38,21 @@ def _session_options(threads: int | None, optimization: str):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spin:  # when another compute engine shares the cores (demo, tests), do not busy-wait
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
 class HeadSession:
     """One onnxruntime session over DIR/device/head.onnx and the plan beside it."""
 
-    def __init__(self, device_dir: str | Path, threads: int | None = None, optimization: str = "all") -> None:
+    def __init__(self, device_dir: str | Path, threads: int | None = None, optimization: str = "all",
+                 spin: bool = True) -> None:
         import onnxruntime as ort
 
         self.dir, self.plan, self.spec = read_folder(device_dir, HEAD_FILE)
         head = self.dir / HEAD_FILE
-        self.session = ort.InferenceSession(str(head), _session_options(threads or os.cpu_count(), optimization),
+        self.session = ort.InferenceSession(str(head), _session_options(threads or os.cpu_count(), optimization, spin),
                                             providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
