@@ -57,20 +57,66 @@ def test_grpc_generation_equals_in_process_split(tiny_ckpt, artifacts, server):
     assert not server[1].sessions  # freed
 
 
-def test_concurrent_sessions_get_their_own_outputs(tiny_ckpt, artifacts, server):
-    prompts = [tiny_ckpt.tokenizer().encode(f"prompt number {i} " * (i + 1)).ids for i in range(4)]
-    alone = [generate_remote(server[0], artifacts, p, 12).token_ids for p in prompts]
-    results = [None] * 4
+def test_eight_concurrent_sessions_get_what_each_gets_alone(tiny_ckpt, artifacts):
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
 
-    def run(i):
-        results[i] = generate_remote(server[0], artifacts, prompts[i], 12).token_ids
+    _, result = artifacts
+    srv, port, service = start_server(TailRunner(result.cloud_dir), "127.0.0.1:0", ServerConfig(max_sessions=8))
+    address = f"127.0.0.1:{port}"
+    try:
+        prompts = [tiny_ckpt.tokenizer().encode(f"prompt number {i} " * (i % 3 + 1)).ids for i in range(8)]
+        alone = [generate_remote(address, artifacts, p, 16, token=None).token_ids for p in prompts]
+        before = service.runner.batcher.batched_steps
+        results = [None] * 8
+        start = threading.Barrier(8)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert results == alone
+        def run(i):
+            start.wait()
+            results[i] = generate_remote(address, artifacts, prompts[i], 16, token=None).token_ids
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results == alone
+        assert service.runner.batcher.batched_steps > before  # decode steps really shared forwards
+    finally:
+        srv.stop(grace=None)
+
+
+def test_batched_decode_equals_one_by_one(tiny_ckpt, artifacts):
+    import torch
+
+    from splitlm.cloud.batcher import Batcher
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.model.llama import KVCache
+
+    runner = TailRunner(artifacts[1].cloud_dir)
+    d = tiny_ckpt.spec.hidden_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(n, d, generator=g) for n in (3, 9, 5, 1)]
+    steps = torch.randn(len(prompts), 1, d, generator=g)
+    alone = []
+    with torch.inference_mode():
+        for p, x in zip(prompts, steps):
+            cache = KVCache()
+            runner.stage(p[None], cache=cache)
+            alone.append(runner.stage(x[None], cache=cache)[0, -1])
+    from splitlm.cloud.batcher import _Work
+
+    batcher = Batcher(runner.stage)
+    caches = [KVCache() for _ in prompts]
+    for c, p in zip(caches, prompts):
+        batcher.run(c, p)
+    work = [_Work(c, x) for c, x in zip(caches, steps)]
+    batcher._decode(work)  # one batched forward (the batcher thread is idle)
+    batcher.close()
+    assert batcher.batches == 1 and batcher.batched_steps == len(prompts)
+    for a, w in zip(alone, work):
+        assert torch.allclose(a, w.future.result()[-1], atol=1e-5, rtol=1e-5)
+    assert [c.length for c in caches] == [p.shape[0] + 1 for p in prompts]
 
 
 def _bad_frames(d):

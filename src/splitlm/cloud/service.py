@@ -197,6 +197,7 @@ class _IdleWatchdog:
 def start_server(runner: TailRunner, address: str = "127.0.0.1:0", config: ServerConfig = ServerConfig(),
                  credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int, SplitInferenceService]:
     """Start serving; returns the server, the bound port and the servicer."""
+    runner.enable_batching(config.max_sessions)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
                          options=[("grpc.max_receive_message_length", config.max_frame_bytes + (1 << 16))])
     service = SplitInferenceService(runner, config)

@@ -31,6 +31,14 @@ class TailRunner:
         self.stage: Transformer = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
         if self.stage.start != self.plan.split_layer:
             raise ModelLoadError(f"{self.dir}: tail starts at layer {self.stage.start}, the plan splits at {self.plan.split_layer}")
+        self.batcher = None
+
+    def enable_batching(self, max_batch: int = 64) -> None:
+        """Run all sessions' steps through one continuous-batching thread (the service does this)."""
+        if self.batcher is None:
+            from splitlm.cloud.batcher import Batcher
+
+            self.batcher = Batcher(self.stage, max_batch)
 
     def new_session(self, sampling: SamplingParams = SamplingParams()) -> "TailSession":
         return TailSession(self, sampling)
@@ -51,7 +59,10 @@ class TailSession:
         d = self.runner.spec.hidden_size
         if h.shape[1] != d:
             raise CodecError(f"frame hidden size {h.shape[1]} does not match the model's {d}")
-        return self.runner.stage(h[None].to(self.runner.stage.lm_head.weight.dtype), cache=self.cache)[0]
+        h = h.to(torch.float32)
+        if self.runner.batcher is not None:
+            return self.runner.batcher.run(self.cache, h)
+        return self.runner.stage(h[None], cache=self.cache)[0]
 
     def next_token(self, frame: bytes) -> int:
         return self.sampler(self.logits(frame)[-1].float().numpy())

@@ -1,0 +1,129 @@
+"""Continuous batching of the tail: one thread runs the model for every session.
+
+Each turn takes every pending decode step (one position per session) as one batched
+forward — sessions of different lengths share it through right-padded K/V and a mask —
+and at most one prefill chunk, so long prompts interleave with other sessions' decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from splitlm.model.llama import KVCache, Transformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Work:
+    cache: KVCache
+    hidden: torch.Tensor
+    """(T, d) positions to run for this session."""
+    future: Future = field(default_factory=Future)
+
+
+class _BatchedCaches:
+    """The K/V of several sessions seen as one batch: right-padded to the longest on read,
+    each session's new K/V appended back to its own cache."""
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        self.caches = caches
+        self.length = max(c.length for c in caches)
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.length == 0:
+            return None
+        ks, vs = [], []
+        for c in self.caches:
+            k, v = c.read(layer)  # (1, Hkv, L_b, D)
+            pad = self.length - k.shape[2]
+            ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+        return torch.cat(ks), torch.cat(vs)  # (B, Hkv, S, D)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for b, c in enumerate(self.caches):
+            c.append(layer, k[b:b + 1], v[b:b + 1])
+
+
+class Batcher:
+    """Owns the tail stage; `run(cache, hidden)` returns logits (T, V) for that session's positions."""
+
+    def __init__(self, stage: Transformer, max_batch: int = 64) -> None:
+        self.stage, self.max_batch = stage, max_batch
+        self._inbox: queue.Queue[_Work | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="splitlm-batcher", daemon=True)
+        self.batches = 0
+        """Batched decode forwards run so far (for tests and metrics)."""
+        self.batched_steps = 0
+        """Decode steps served by those forwards."""
+        self._thread.start()
+
+    def run(self, cache: KVCache, hidden: torch.Tensor) -> torch.Tensor:
+        work = _Work(cache, hidden)
+        self._inbox.put(work)
+        return work.future.result()
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        prefills: deque[_Work] = deque()
+        decodes: list[_Work] = []
+        while True:
+            block = not prefills and not decodes
+            try:
+                while True:
+                    item = self._inbox.get(block=block)
+                    block = False
+                    if item is None:
+                        return
+                    (decodes if item.hidden.shape[0] == 1 and item.cache.length > 0 else prefills).append(item)
+            except queue.Empty:
+                pass
+            if decodes:
+                batch, decodes = decodes[: self.max_batch], decodes[self.max_batch:]
+                self._decode(batch)
+            if prefills:
+                self._single(prefills.popleft())
+
+    @torch.inference_mode()
+    def _single(self, work: _Work) -> None:
+        try:
+            work.future.set_result(self.stage(work.hidden[None], cache=work.cache)[0])
+        except Exception as exc:  # noqa: BLE001 - the session's stream reports it
+            work.future.set_exception(exc)
+
+    @torch.inference_mode()
+    def _decode(self, batch: list[_Work]) -> None:
+        if len(batch) == 1:
+            return self._single(batch[0])
+        try:
+            caches = [w.cache for w in batch]
+            view = _BatchedCaches(caches)
+            lengths = torch.tensor([c.length for c in caches])
+            s = view.length
+            mask = torch.zeros(len(batch), 1, 1, s + 1, dtype=torch.bool)  # (B, 1, T=1, S+1)
+            mask[:, 0, 0, :s] = torch.arange(s)[None, :] < lengths[:, None]
+            mask[:, 0, 0, s] = True
+            x = torch.stack([w.hidden for w in batch])  # (B, 1, d)
+            logits = self.stage(x, positions=lengths[:, None], cache=view, mask=mask)  # (B, 1, V)
+            for c in caches:
+                c.length += 1
+            self.batches += 1
+            self.batched_steps += len(batch)
+        except Exception as exc:  # noqa: BLE001 - fall back to one by one, each session gets its own error
+            log.exception("batched decode failed; running its %d steps one by one", len(batch))
+            for w in batch:
+                self._single(w)
+            return
+        for b, w in enumerate(batch):
+            w.future.set_result(logits[b])
