@@ -215,3 +215,58 @@ def test_idle_session_is_freed(artifacts):
             session.next_token(codec.encode(np.ones((1, 64), np.float32), CodecConfig("fp16")))
     finally:
         srv.stop(grace=None)
+
+
+def test_unknown_or_live_session_cannot_be_resumed(artifacts, server):
+    from splitlm.device.client import RemoteSession, connect
+
+    plan, _ = artifacts
+    with pytest.raises(RemoteError, match="unknown or expired session") as info:
+        RemoteSession(connect(server[0]), plan.hash, plan.model_id, SamplingParams(), 8, "s3cret", resume_session="nope")
+    assert info.value.code == "NOT_FOUND"
+    live = open_session(server[0], plan)
+    with pytest.raises(RemoteError, match="attached to another stream") as info:
+        RemoteSession(connect(server[0]), plan.hash, plan.model_id, SamplingParams(), 8, "s3cret",
+                      resume_session=live.info.session_id)
+    assert info.value.code == "FAILED_PRECONDITION"
+    live.close()
+
+
+def test_cancel_frees_the_session(artifacts, server):
+    import time
+
+    plan, _ = artifacts
+    session = open_session(server[0], plan)
+    assert len(server[1].sessions) == 1
+    session.close("user pressed ctrl-c")
+    deadline = time.time() + 5
+    while server[1].sessions and time.time() < deadline:
+        time.sleep(0.05)
+    assert not server[1].sessions
+
+
+def test_tls_with_token(tiny_ckpt, artifacts, tmp_path):
+    import subprocess
+
+    from splitlm.cloud.service import ServerConfig, start_server, tls_credentials
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.client import RemoteSession, connect
+    from splitlm.device.runtime import HeadSession, generate_split
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    plan, result = artifacts
+    srv, port, _ = start_server(TailRunner(result.cloud_dir), "127.0.0.1:0", ServerConfig(auth_token="t"),
+                                tls_credentials(cert.read_bytes(), key.read_bytes()))
+    try:
+        channel = connect(f"localhost:{port}", cert.read_bytes())
+        with RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), 8, "t") as remote:
+            prompt = tiny_ckpt.tokenizer().encode("secure").ids
+            out = generate_split(HeadSession(result.device_dir), remote.next_token, prompt, 5)
+        assert len(out.token_ids) == 5
+        with pytest.raises(RemoteError):  # a plaintext client cannot talk to the TLS port
+            RemoteSession(connect(f"localhost:{port}"), plan.hash, plan.model_id, SamplingParams(), 8, "t")
+    finally:
+        srv.stop(grace=None)

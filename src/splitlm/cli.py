@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="onnxruntime threads on the device (default: all cores)")
     g.add_argument("--server", default=None, help="HOST:PORT of `splitlm serve` (with --artifacts; else the tail runs in-process)")
     g.add_argument("--token", default=None, help="bearer token for the server")
+    g.add_argument("--tls-ca", default=None, help="PEM root certificate(s): connect to the server over TLS")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(g)
@@ -104,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     v.add_argument("--token", default=None, help="require this bearer token")
     v.add_argument("--max-sessions", type=int, default=64)
+    v.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
+    v.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
     d = sub.add_parser("demo", help="split generation end to end: export (cached), serve on loopback, stream, report")
     d.add_argument("--model", default=DEFAULT_MODEL)
@@ -190,7 +193,7 @@ def _generate_from_artifacts(args, sampling):
             from splitlm.device.client import RemoteSession, connect
 
             def run(ids, show):
-                with RemoteSession(connect(args.server), session.plan.hash, session.plan.model_id, sampling,
+                with RemoteSession(connect(args.server, _read_bytes(args.tls_ca)), session.plan.hash, session.plan.model_id, sampling,
                                    args.max_tokens, args.token) as remote:
                     return generate_split(session, remote.next_token, ids, args.max_tokens, show, tok)
         else:
@@ -261,15 +264,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _read_bytes(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
 def cmd_serve(args) -> int:
     from pathlib import Path
 
-    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.service import ServerConfig, start_server, tls_credentials
     from splitlm.cloud.tail import TailRunner
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    credentials = tls_credentials(_read_bytes(args.tls_cert), _read_bytes(args.tls_key)) if args.tls_cert else None
     runner = TailRunner(Path(args.artifacts) / "cloud")
     server, port, _ = start_server(runner, f"{args.host}:{args.port}",
-                                   ServerConfig(max_sessions=args.max_sessions, auth_token=args.token))
+                                   ServerConfig(max_sessions=args.max_sessions, auth_token=args.token), credentials)
     print(f"serving plan {runner.plan.hash} (layers [{runner.plan.split_layer}, {runner.spec.num_layers})) on {args.host}:{port}",
           flush=True)
     try:

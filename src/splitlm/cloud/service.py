@@ -95,7 +95,12 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"plan hash {op.plan_hash!r} does not match the server's {self.runner.plan.hash}")
         if op.resume_session:
-            raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "resuming a session is not implemented yet")
+            with self._lock:
+                live = op.resume_session in self.sessions
+            if not live:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown or expired session {op.resume_session!r}")
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"session {op.resume_session!r} is attached to another stream")
         s = op.sampling
         sampling = SamplingParams(s.temperature, s.top_k, s.top_p if s.top_p > 0 else 1.0, s.seed if s.has_seed else None)
         with self._lock:
@@ -192,6 +197,11 @@ class _IdleWatchdog:
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+
+
+def tls_credentials(cert_chain: bytes, private_key: bytes) -> grpc.ServerCredentials:
+    """Server TLS credentials from PEM bytes."""
+    return grpc.ssl_server_credentials([(private_key, cert_chain)])
 
 
 def start_server(runner: TailRunner, address: str = "127.0.0.1:0", config: ServerConfig = ServerConfig(),

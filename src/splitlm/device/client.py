@@ -20,13 +20,13 @@ class RemoteSession:
     """One generation session on the cloud."""
 
     def __init__(self, channel: grpc.Channel, plan_hash: str, model_id: str, sampling: SamplingParams,
-                 max_tokens: int, token: str | None = None) -> None:
+                 max_tokens: int, token: str | None = None, resume_session: str = "") -> None:
         self._requests: queue.Queue = queue.Queue()
         self.position = 0
         s = pb.Sampling(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                         seed=sampling.seed or 0, has_seed=sampling.seed is not None)
         self._requests.put(pb.DeviceMessage(open=pb.Open(plan_hash=plan_hash, model_id=model_id, sampling=s,
-                                                         max_tokens=max_tokens)))
+                                                         max_tokens=max_tokens, resume_session=resume_session)))
         metadata = [("authorization", f"Bearer {token}")] if token else None
         stub = pb_grpc.SplitInferenceStub(channel)
         self._responses = stub.Generate(self._request_iter(), metadata=metadata)
