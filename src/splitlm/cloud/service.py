@@ -118,6 +118,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         if act.start_position != session.cache.length:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"frame starts at position {act.start_position}, the session is at {session.cache.length}")
+        t0 = time.perf_counter()
         rows = parse_frame(act.frame).rows
         if session.cache.length + rows > self.runner.plan.max_seq_len:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -126,7 +127,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         if not act.want_token:
             return None
         token = session.sampler(logits[-1].float().numpy())
-        return pb.CloudMessage(token=pb.Token(position=session.cache.length, id=token))
+        micros = int((time.perf_counter() - t0) * 1e6)
+        return pb.CloudMessage(token=pb.Token(position=session.cache.length, id=token, compute_us=micros))
 
     # -- the RPC ------------------------------------------------------
     def Generate(self, request_iterator: Iterator[pb.DeviceMessage], context: grpc.ServicerContext):

@@ -35,6 +35,8 @@ class RemoteSession:
             raise RemoteError(f"expected Opened, got {opened.WhichOneof('kind')}")
         self.info = opened.opened
         self.bytes_up = 0
+        self.last_compute_us = 0
+        """Server time reported for the last step."""
 
     def _request_iter(self) -> Iterator[pb.DeviceMessage]:
         while True:
@@ -64,7 +66,9 @@ class RemoteSession:
         self.bytes_up += len(frame)
         if not want_token:
             return None
-        return self._next().token.id
+        token = self._next().token
+        self.last_compute_us = token.compute_us
+        return token.id
 
     def next_token(self, frame: bytes) -> int:
         return self.send(frame, True)

@@ -1,0 +1,127 @@
+"""Cloud throughput under concurrent sessions and per-step protocol overhead, on loopback.
+
+The default SmolLM2 plan's tail is served by `splitlm serve`'s code in this process; each
+session streams pre-encoded frames of real hidden states (a 64-position prompt, then one
+position per step), so the figures are the cloud's alone — no device compute competes.
+
+    .venv/bin/python bench/cloud.py [--sessions 1 4 16] [--steps 32] [--json bench/results/cloud.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitlm import evaluate
+from splitlm.demo import cached_export, default_plan
+from splitlm.model.registry import resolve_model
+from splitlm.quantize import codec
+
+
+def frames_for(ckpt, plan, prompt_len: int, steps: int, sessions: int) -> list[tuple[bytes, list[bytes]]]:
+    """Per session: one prefill frame and `steps` decode frames of real activations at the split."""
+    from splitlm.local import LocalSplit
+
+    head = LocalSplit(ckpt, plan=plan).head
+    wins = evaluate.windows(ckpt.tokenizer(), evaluate.protocol_text(), 1)[0]
+    out = []
+    with torch.inference_mode():
+        for s in range(sessions):
+            ids = wins[(s * 7) % 256:(s * 7) % 256 + prompt_len + steps]
+            h = head(torch.tensor([ids]))[0].numpy()
+            out.append((codec.encode(h[:prompt_len], plan.codec),
+                        [codec.encode(h[i:i + 1], plan.codec) for i in range(prompt_len, prompt_len + steps)]))
+    return out
+
+
+def run_sessions(address: str, plan, frames, token=None) -> tuple[float, list[float], list[float]]:
+    """Run every session concurrently; aggregate decode tokens/s, per-step client times and server times."""
+    from splitlm.device.client import RemoteSession, connect
+    from splitlm.sampling import SamplingParams
+
+    channel = connect(address)
+    step_times: list[float] = []
+    server_times: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(frames))
+    spans = []
+
+    def one(prefill, decodes):
+        with RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), len(decodes) + 1, token) as remote:
+            remote.next_token(prefill)
+            barrier.wait()
+            t0 = time.perf_counter()
+            mine, theirs = [], []
+            for f in decodes:
+                s = time.perf_counter()
+                remote.next_token(f)
+                mine.append(time.perf_counter() - s)
+                theirs.append(remote.last_compute_us / 1e6)
+            t1 = time.perf_counter()
+        with lock:
+            step_times.extend(mine)
+            server_times.extend(theirs)
+            spans.append((t0, t1))
+
+    threads = [threading.Thread(target=one, args=fr) for fr in frames]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans)
+    return sum(len(d) for _, d in frames) / wall, step_times, server_times
+
+
+def main() -> None:
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--json", default="bench/results/cloud.json")
+    args = ap.parse_args()
+    ckpt = resolve_model("smollm2-135m")
+    plan = default_plan(ckpt)
+    root = cached_export(ckpt, plan)
+    frames = frames_for(ckpt, plan, args.prompt, args.steps, max(args.sessions))
+    server, port, service = start_server(TailRunner(root / "cloud"), "127.0.0.1:0", ServerConfig(max_sessions=max(args.sessions)))
+    rows = []
+    try:
+        address = f"127.0.0.1:{port}"
+        run_sessions(address, plan, frames[:1])  # warm up
+        for n in args.sessions:
+            before = (service.runner.batcher.batches, service.runner.batcher.batched_steps)
+            tps, steps, server_t = run_sessions(address, plan, frames[:n])
+            batches = service.runner.batcher.batches - before[0]
+            batched = service.runner.batcher.batched_steps - before[1]
+            overhead = [c - s for c, s in zip(steps, server_t)]
+            rows.append({"sessions": n, "tokens_per_s": tps, "median_step_ms": 1e3 * statistics.median(steps),
+                         "median_server_ms": 1e3 * statistics.median(server_t),
+                         "median_overhead_ms": 1e3 * statistics.median(overhead),
+                         "mean_batch": batched / batches if batches else 1.0})
+    finally:
+        server.stop(grace=None)
+    base = rows[0]["tokens_per_s"]
+    print(f"cloud tail of plan {plan.hash} (SmolLM2 layers [{plan.split_layer}, {ckpt.spec.num_layers}), W{plan.cloud_weights.bits}), "
+          f"loopback gRPC, {args.steps} decode steps per session after a {args.prompt}-position prefill")
+    print(f"{'sessions':>9}{'tokens/s':>11}{'vs 1':>7}{'mean batch':>12}{'step ms':>10}{'server ms':>11}{'protocol ms':>13}")
+    for r in rows:
+        print(f"{r['sessions']:>9}{r['tokens_per_s']:>11.1f}{r['tokens_per_s'] / base:>6.1f}x{r['mean_batch']:>12.1f}"
+              f"{r['median_step_ms']:>10.2f}{r['median_server_ms']:>11.2f}{r['median_overhead_ms']:>13.2f}")
+    print("protocol ms = client step time - server time for that step (frame parse/decode, tail, sampling), median;\n"
+          "at 1 session it is the per-step cost of gRPC + protobuf + queueing on loopback.")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"plan": plan.hash, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
