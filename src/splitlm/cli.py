@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--server", default=None, help="HOST:PORT of `splitlm serve` (with --artifacts; else the tail runs in-process)")
     g.add_argument("--token", default=None, help="bearer token for the server")
     g.add_argument("--tls-ca", default=None, help="PEM root certificate(s): connect to the server over TLS")
+    g.add_argument("--json", default=None, help="also write timings and bytes as JSON here")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(g)
@@ -173,6 +174,14 @@ def cmd_generate(args) -> int:
     print(f"[split {split}/{L}] {len(ids)} prompt tokens, {len(result.token_ids)} generated "
           f"({result.stop_reason}); TTFT {result.ttft_s * 1e3:.0f} ms, {result.tokens_per_s:.1f} tokens/s{link}",
           file=sys.stderr)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"split": split, "layers": L, "prompt_tokens": len(ids), "tokens": result.token_ids,
+                       "text": result.text, "ttft_s": result.ttft_s, "decode_s": result.decode_s,
+                       "tokens_per_s": result.tokens_per_s, "link_bytes": result.link_bytes,
+                       "stop_reason": result.stop_reason}, f, indent=2)
     return 0
 
 

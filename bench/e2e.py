@@ -1,0 +1,179 @@
+"""End to end on an emulated link: device and cloud in two network namespaces joined by a
+veth pair shaped with netem (delay, rate), for a split plan, cloud-only (ℓ = 0) and device-only
+(ℓ = L). Prints TTFT and decode tokens/s; writes JSON. Needs root (ip netns, tc); without it,
+it says so and runs over loopback, unshaped.
+
+    sudo .venv/bin/python bench/e2e.py [--tokens 32] [--json bench/results/e2e.json]
+
+Both namespaces share this machine's cores: the device's onnxruntime and the cloud's torch
+compete for them, which a real deployment would not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from splitlm.demo import cached_export, default_plan
+from splitlm.model.registry import resolve_model
+from splitlm.partition.plan import CodecConfig, WeightQuant
+
+DEV_NS, CLOUD_NS = "slm-bench-dev", "slm-bench-cloud"
+DEV_IP, CLOUD_IP = "10.213.7.1", "10.213.7.2"
+LINKS = [("20 ms RTT, 50 Mbit/s", 10.0, 50), ("5 ms RTT, 200 Mbit/s", 2.5, 200)]
+SPLITLM = str(Path(sys.executable).with_name("splitlm"))
+PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def make_namespaces() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        return False
+    try:
+        teardown()
+        sh("ip", "netns", "add", DEV_NS)
+        sh("ip", "netns", "add", CLOUD_NS)
+        sh("ip", "link", "add", "slmdev0", "netns", DEV_NS, "type", "veth", "peer", "name", "slmcloud0", "netns", CLOUD_NS)
+        for ns, dev, ip in ((DEV_NS, "slmdev0", DEV_IP), (CLOUD_NS, "slmcloud0", CLOUD_IP)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        return True
+    except subprocess.CalledProcessError as exc:
+        print(f"cannot make network namespaces ({exc.stderr.strip()}); falling back to loopback", file=sys.stderr)
+        teardown()
+        return False
+
+
+def shape(one_way_ms: float, mbit: int) -> str:
+    """Shape both ends: netem delay + rate when the kernel has netem, else tbf rate in the kernel
+    and the delay in a userspace relay (returns which)."""
+    try:
+        for ns, dev in ((DEV_NS, "slmdev0"), (CLOUD_NS, "slmcloud0")):
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "netem",
+               "delay", f"{one_way_ms}ms", "rate", f"{mbit}mbit")
+        return "netem"
+    except subprocess.CalledProcessError:
+        for ns, dev in ((DEV_NS, "slmdev0"), (CLOUD_NS, "slmcloud0")):
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+               "rate", f"{mbit}mbit", "burst", "64kbit", "latency", "200ms")
+        return "tbf+relay"
+
+
+def start_relay(one_way_ms: float) -> subprocess.Popen:
+    """The device reaches the cloud through 127.0.0.1:50552 in its namespace, delayed both ways."""
+    relay = str(Path(__file__).with_name("delay_relay.py"))
+    proc = subprocess.Popen(in_ns(DEV_NS, sys.executable, relay, "127.0.0.1:50552", f"{CLOUD_IP}:50551", str(one_way_ms)),
+                            stdout=subprocess.PIPE, text=True)
+    if "relaying" not in proc.stdout.readline():
+        proc.kill()
+        raise RuntimeError("the delay relay did not start")
+    return proc
+
+
+def teardown() -> None:
+    for ns in (DEV_NS, CLOUD_NS):
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def in_ns(ns: str | None, *cmd: str) -> list[str]:
+    return (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
+
+
+def run_generate(artifacts: Path, tokens: int, server: str | None, ns: str | None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [SPLITLM, "generate", "--artifacts", str(artifacts), "--prompt", PROMPT, "--chat",
+               "--max-tokens", str(tokens), "--json", out.name]
+        if server:
+            cmd += ["--server", server]
+        proc = subprocess.run(in_ns(ns, *cmd), capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"generate failed: {proc.stderr.strip()[-500:]}")
+        return json.loads(Path(out.name).read_text())
+
+
+def serve(artifacts: Path, ns: str | None, host: str) -> subprocess.Popen:
+    proc = subprocess.Popen(in_ns(ns, SPLITLM, "serve", "--artifacts", str(artifacts), "--host", host, "--port", "50551"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line}{proc.stdout.read()[-500:]}")
+    return proc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default="bench/results/e2e.json")
+    args = ap.parse_args()
+    ckpt = resolve_model("smollm2-135m")
+    L = ckpt.spec.num_layers
+    split = default_plan(ckpt)
+    plans = {
+        f"split ℓ={split.split_layer}": split,
+        "cloud-only ℓ=0": split.replace(split_layer=0, device_weights=WeightQuant(16)),
+        f"device-only ℓ={L}": split.replace(split_layer=L, device_weights=WeightQuant(8, 32), lm_head_bits=8,
+                                            codec=CodecConfig("fp16")),
+    }
+    exports = {name: cached_export(ckpt, plan) for name, plan in plans.items()}
+    netns = make_namespaces()
+    links = LINKS if netns else [("loopback (no namespaces)", 0.0, 0)]
+    rows = []
+    relay = None
+    how = "loopback"
+    try:
+        for link, one_way, mbit in links:
+            if relay:
+                relay.terminate()
+                relay = None
+            if netns:
+                how = shape(one_way, mbit)
+                if how == "tbf+relay":
+                    relay = start_relay(one_way)
+            for name, root in exports.items():
+                server_proc = None
+                if plans[name].split_layer < L:
+                    server_proc = serve(root, CLOUD_NS if netns else None, CLOUD_IP if netns else "127.0.0.1")
+                try:
+                    target = "127.0.0.1:50552" if relay else f"{CLOUD_IP if netns else '127.0.0.1'}:50551"
+                    address = target if server_proc else None
+                    runs = [run_generate(root, args.tokens, address, DEV_NS if netns else None) for _ in range(args.reps)]
+                finally:
+                    if server_proc:
+                        server_proc.terminate()
+                        server_proc.wait(10)
+                ttft = statistics.median(r["ttft_s"] for r in runs) * 1e3
+                tps = statistics.median(r["tokens_per_s"] for r in runs)
+                bpt = statistics.median(r["link_bytes"] / (r["prompt_tokens"] + len(r["tokens"]) - 1) for r in runs)
+                rows.append({"link": link, "plan": name, "ttft_ms": ttft, "tokens_per_s": tps, "bytes_per_position": bpt})
+                print(f"{link:<26}{name:<20}{ttft:>10.0f}{tps:>12.1f}{bpt:>10.0f}", file=sys.stderr, flush=True)
+    finally:
+        if relay:
+            relay.terminate()
+        if netns:
+            teardown()
+    print(f"SmolLM2, prompt '{PROMPT}' (chat), {args.tokens} tokens, median of {args.reps}; link shaping: {how}"
+          + ("" if netns else " — loopback only: no namespaces could be made")
+          + (" (this kernel has no netem: rate by tbf on the veth, delay by bench/delay_relay.py)" if how == "tbf+relay" else ""))
+    print(f"{'link':<26}{'plan':<20}{'TTFT ms':>10}{'tokens/s':>12}{'B/pos up':>10}")
+    for r in rows:
+        print(f"{r['link']:<26}{r['plan']:<20}{r['ttft_ms']:>10.0f}{r['tokens_per_s']:>12.1f}{r['bytes_per_position']:>10.0f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"netns": netns, "shaping": how, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
