@@ -270,3 +270,21 @@ def test_tls_with_token(tiny_ckpt, artifacts, tmp_path):
             RemoteSession(connect(f"localhost:{port}"), plan.hash, plan.model_id, SamplingParams(), 8, "t")
     finally:
         srv.stop(grace=None)
+
+
+def test_kv_memory_budget_is_resource_exhausted(tiny_ckpt, artifacts):
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+
+    plan, result = artifacts
+    per_position = tiny_ckpt.spec.kv_bytes_per_token(2, 32)
+    srv, port, _ = start_server(TailRunner(result.cloud_dir), "127.0.0.1:0", ServerConfig(max_kv_bytes=int(per_position * 10)))
+    try:
+        session = open_session(f"127.0.0.1:{port}", plan, token=None)
+        frame = codec.encode(np.ones((8, tiny_ckpt.spec.hidden_size), np.float32), CodecConfig("fp16"))
+        session.next_token(frame)
+        with pytest.raises(RemoteError, match="budget") as info:
+            session.next_token(frame)
+        assert info.value.code == "RESOURCE_EXHAUSTED"
+    finally:
+        srv.stop(grace=None)

@@ -171,6 +171,8 @@ def cmd_generate(args) -> int:
     result = result(ids, show) if args.artifacts else runner.generate(ids, args.max_tokens, sampling, on_token=show)
     print()
     link = f", {result.link_bytes / max(1, len(ids) + len(result.token_ids) - 1):.0f} B/token on the link" if result.link_bytes else ""
+    if "bytes_up" in result.extra:
+        link += f" (wire: {result.extra['bytes_up']} B up, {result.extra['bytes_down']} B down)"
     print(f"[split {split}/{L}] {len(ids)} prompt tokens, {len(result.token_ids)} generated "
           f"({result.stop_reason}); TTFT {result.ttft_s * 1e3:.0f} ms, {result.tokens_per_s:.1f} tokens/s{link}",
           file=sys.stderr)
@@ -181,7 +183,7 @@ def cmd_generate(args) -> int:
             json.dump({"split": split, "layers": L, "prompt_tokens": len(ids), "tokens": result.token_ids,
                        "text": result.text, "ttft_s": result.ttft_s, "decode_s": result.decode_s,
                        "tokens_per_s": result.tokens_per_s, "link_bytes": result.link_bytes,
-                       "stop_reason": result.stop_reason}, f, indent=2)
+                       "stop_reason": result.stop_reason, **result.extra}, f, indent=2)
     return 0
 
 
@@ -202,9 +204,11 @@ def _generate_from_artifacts(args, sampling):
             from splitlm.device.client import RemoteSession, connect
 
             def run(ids, show):
-                with RemoteSession(connect(args.server, _read_bytes(args.tls_ca)), session.plan.hash, session.plan.model_id, sampling,
-                                   args.max_tokens, args.token) as remote:
-                    return generate_split(session, remote.next_token, ids, args.max_tokens, show, tok)
+                with RemoteSession(connect(args.server, _read_bytes(args.tls_ca)), session.plan.hash, session.plan.model_id,
+                                   sampling, args.max_tokens, args.token) as remote:
+                    result = generate_split(session, remote.next_token, ids, args.max_tokens, show, tok)
+                result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down)
+                return result
         else:
             from splitlm.cloud.tail import TailRunner
 

@@ -37,6 +37,8 @@ class ServerConfig:
     """Largest activation frame accepted (INVALID_ARGUMENT above)."""
     max_tokens: int = 4096
     """Tokens one session may generate."""
+    max_kv_bytes: int = 8 << 30
+    """KV cache bytes all sessions together may hold; a step that would pass it is RESOURCE_EXHAUSTED."""
     auth_token: str | None = None
     """When set, every stream must carry `authorization: Bearer <token>` (else UNAUTHENTICATED)."""
     workers: int = 32
@@ -47,7 +49,8 @@ class ServerConfig:
     """A session older than this is ended with DEADLINE_EXCEEDED at its next message."""
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_frame_bytes", "max_tokens", "workers", "idle_timeout_s", "total_timeout_s"):
+        for name in ("max_sessions", "max_frame_bytes", "max_tokens", "max_kv_bytes", "workers", "idle_timeout_s",
+                     "total_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"server {name} must be > 0, got {getattr(self, name)}")
 
@@ -123,12 +126,28 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         if session.cache.length + rows > self.runner.plan.max_seq_len:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"sequence would reach {session.cache.length + rows} positions, the limit is {self.runner.plan.max_seq_len}")
+        self._check_kv_budget(rows)
         logits = session.logits(act.frame)
         if not act.want_token:
             return None
         token = session.sampler(logits[-1].float().numpy())
         micros = int((time.perf_counter() - t0) * 1e6)
         return pb.CloudMessage(token=pb.Token(position=session.cache.length, id=token, compute_us=micros))
+
+    def kv_bytes(self) -> int:
+        """KV cache bytes held by all sessions now."""
+        with self._lock:
+            sessions = list(self.sessions.values())
+        return sum(s.cache.nbytes() for s in sessions)
+
+    def _check_kv_budget(self, rows: int) -> None:
+        spec = self.runner.spec
+        layers = spec.num_layers - self.runner.plan.split_layer
+        extra = rows * spec.kv_bytes_per_token(layers, 32)
+        held = self.kv_bytes()
+        if held + extra > self.config.max_kv_bytes:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"KV cache would grow to {held + extra:.0f} bytes, the server's budget is {self.config.max_kv_bytes}")
 
     # -- the RPC ------------------------------------------------------
     def Generate(self, request_iterator: Iterator[pb.DeviceMessage], context: grpc.ServicerContext):
@@ -141,7 +160,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             if first is None:
                 return
             sid, session, max_tokens = self._open(first)
-            log.info("session %s opened (plan %s)", sid, self.runner.plan.hash)
+            log.info("event=session_open session=%s plan=%s peer=%s", sid, self.runner.plan.hash, context.peer())
             yield pb.CloudMessage(opened=pb.Opened(session_id=sid, max_seq_len=self.runner.plan.max_seq_len,
                                                    max_frame_bytes=self.config.max_frame_bytes, max_tokens=max_tokens))
             produced = 0
@@ -152,7 +171,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                                        f"session passed its total deadline of {self.config.total_timeout_s:.0f} s")
                 kind = msg.WhichOneof("kind")
                 if kind == "cancel":
-                    log.info("session %s cancelled: %s", sid, msg.cancel.reason)
+                    log.info("event=session_cancel session=%s reason=%r", sid, msg.cancel.reason)
                     return
                 if kind != "activations":
                     raise RequestError(grpc.StatusCode.UNIMPLEMENTED if kind == "move_split" else grpc.StatusCode.INVALID_ARGUMENT,
@@ -166,16 +185,16 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         except Exception as exc:  # noqa: BLE001 - every failure becomes this stream's status, nothing else's
             code, message = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("session %s failed", sid)
+                log.exception("event=session_error session=%s code=%s", sid, code.name)
             else:
-                log.info("session %s: %s %s", sid, code.name, message)
+                log.info("event=session_error session=%s code=%s message=%r", sid, code.name, message)
             context.abort(code, message)
         finally:
             watchdog.stop()
             if sid is not None:
                 with self._lock:
                     self.sessions.pop(sid, None)
-                log.info("session %s closed after %.2fs", sid, time.perf_counter() - t0)
+                log.info("event=session_close session=%s seconds=%.2f", sid, time.perf_counter() - t0)
 
 
 class _IdleWatchdog:
@@ -193,7 +212,7 @@ class _IdleWatchdog:
         self._timer.start()
 
     def _expire(self) -> None:
-        log.info("cancelling a session idle for %.0f s", self.timeout)
+        log.info("event=session_idle_cancel timeout_s=%.0f", self.timeout)
         self.context.cancel()
 
     def stop(self) -> None:

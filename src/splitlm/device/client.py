@@ -23,6 +23,8 @@ class RemoteSession:
                  max_tokens: int, token: str | None = None, resume_session: str = "") -> None:
         self._requests: queue.Queue = queue.Queue()
         self.position = 0
+        self.bytes_down = 0
+        """Protobuf bytes received (messages, without gRPC framing)."""
         s = pb.Sampling(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                         seed=sampling.seed or 0, has_seed=sampling.seed is not None)
         self._requests.put(pb.DeviceMessage(open=pb.Open(plan_hash=plan_hash, model_id=model_id, sampling=s,
@@ -48,6 +50,7 @@ class RemoteSession:
     def _next(self) -> pb.CloudMessage:
         try:
             msg = next(self._responses)
+            self.bytes_down += msg.ByteSize()
         except grpc.RpcError as exc:
             raise RemoteError(f"{exc.code().name}: {exc.details()}", exc.code().name) from None
         except StopIteration:
@@ -60,10 +63,10 @@ class RemoteSession:
         """Send a frame of the next positions; with want_token, wait for the cloud's next token.
         `rows` (positions in the frame) is read from the frame unless given."""
         rows = parse_frame(frame).rows if rows is None else rows
-        self._requests.put(pb.DeviceMessage(activations=pb.Activations(start_position=self.position, frame=frame,
-                                                                       want_token=want_token)))
+        msg = pb.DeviceMessage(activations=pb.Activations(start_position=self.position, frame=frame, want_token=want_token))
+        self._requests.put(msg)
         self.position += rows
-        self.bytes_up += len(frame)
+        self.bytes_up += msg.ByteSize()
         if not want_token:
             return None
         token = self._next().token
