@@ -109,6 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
     v.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
+    pt = sub.add_parser("partition", help="choose a plan from a profile under memory and latency budgets")
+    pt.add_argument("--profile", required=True, help="a profile JSON (from `splitlm profile`, or written by hand)")
+    pt.add_argument("--device-memory", required=True, help="device memory budget, e.g. 64MB or 1.5GiB")
+    pt.add_argument("--token-latency", required=True, help="per-token latency budget, e.g. 40ms")
+    pt.add_argument("--ttft", default=None, help="time-to-first-token budget, e.g. 500ms")
+    pt.add_argument("--max-seq-len", type=int, default=None, help="sequence length to plan for (default: longest that fits)")
+    pt.add_argument("--prompt-tokens", type=int, default=128, help="prompt length the TTFT is predicted for")
+    pt.add_argument("--objective", choices=("quality", "latency"), default="quality")
+    pt.add_argument("--out", required=True, help="where to write the chosen plan")
+    pt.add_argument("--top", type=int, default=10, help="Pareto candidates to print")
+
     d = sub.add_parser("demo", help="split generation end to end: export (cached), serve on loopback, stream, report")
     d.add_argument("--model", default=DEFAULT_MODEL)
     d.add_argument("--prompt", default="The three most useful things to know about Python are")
@@ -308,6 +319,51 @@ def cmd_serve(args) -> int:
     return 0
 
 
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "ms": 1.0, "s": 1e3}
+
+
+def _quantity(text: str, units: tuple[str, ...], what: str) -> float:
+    """'64MB' -> bytes, '40ms' -> milliseconds."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
+    unit = (m.group(2).lower() if m else "") or units[0]
+    if not m or unit not in units:
+        raise ConfigError(f"{what} {text!r} is not a number with one of the units {units}")
+    return float(m.group(1)) * _UNITS[unit]
+
+
+def cmd_partition(args) -> int:
+    from splitlm.partition.profile import Profile
+    from splitlm.partition.search import Budgets, describe, search, to_plan
+
+    profile = Profile.load(args.profile)
+    budgets = Budgets(
+        device_memory_bytes=_quantity(args.device_memory, ("mb", "b", "kb", "gb", "kib", "mib", "gib"), "--device-memory"),
+        token_latency_ms=_quantity(args.token_latency, ("ms", "s"), "--token-latency"),
+        ttft_ms=_quantity(args.ttft, ("ms", "s"), "--ttft") if args.ttft else None,
+        max_seq_len=args.max_seq_len, prompt_tokens=args.prompt_tokens, objective=args.objective)
+    t0 = time.perf_counter()
+    result = search(profile, budgets)
+    seconds = time.perf_counter() - t0
+    if result.chosen is None:
+        print(result.message, file=sys.stderr)
+        return 3
+    L = profile.num_layers
+    print(f"{'plan':<62}{'MiB':>8}{'ms/tok':>9}{'TTFT ms':>9}{'B/tok':>8}{'ppl':>9}")
+    front = sorted(result.pareto, key=lambda c: (c.perplexity, c.token_latency_ms) if args.objective == "quality"
+                   else (c.token_latency_ms, c.perplexity))
+    for c in front[: args.top]:
+        mark = "*" if c == result.chosen else " "
+        print(f"{mark}{describe(c, L):<61}{c.memory_bytes / 2**20:>8.1f}{c.token_latency_ms:>9.1f}{c.ttft_ms:>9.0f}"
+              f"{c.bytes_per_token:>8.0f}{c.perplexity:>9.3f}")
+    print(result.message)
+    print(f"searched {result.evaluated} configurations in {seconds:.2f} s")
+    to_plan(result.chosen, profile, budgets).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from splitlm.demo import run_demo
 
@@ -316,7 +372,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve,
-            "demo": cmd_demo}
+            "partition": cmd_partition, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,194 @@
+"""The Profile: what the partitioner knows about a device, a cloud, a link and a model (torch-free).
+
+Written by `splitlm profile` (measured) or by hand/tests (synthetic); versioned JSON.
+Latencies are per layer so any split can be priced; context-dependent ones are tabulated at
+a few context lengths and interpolated linearly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from splitlm.errors import ConfigError
+
+PROFILE_VERSION = 1
+
+
+def _interp(contexts: tuple[int, ...], values: tuple[float, ...], at: float) -> float:
+    return float(np.interp(at, contexts, values))
+
+
+@dataclass(frozen=True)
+class SideProfile:
+    """Per-layer costs of one side (device or cloud), keyed by weight bits."""
+
+    contexts: tuple[int, ...]
+    """Context lengths at which decode latency was measured, ascending."""
+    decode_ms: Mapping[int, tuple[float, ...]]
+    """bits -> per-layer latency of one decode step at each context (ms)."""
+    prefill_ms_per_token: Mapping[int, float]
+    """bits -> per-layer prefill cost per prompt token (ms)."""
+    embed_ms: float = 0.0
+    """Embedding lookup per step (device side)."""
+    head_ms: Mapping[int, float] = field(default_factory=dict)
+    """LM-head bits -> final norm + LM head per token (ms)."""
+    step_overhead_ms: float = 0.0
+    """Fixed cost per step (runtime call, sampling)."""
+
+    def decode(self, bits: int, context: float) -> float:
+        return _interp(self.contexts, self.decode_ms[bits], context)
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return tuple(sorted(self.decode_ms))
+
+
+@dataclass(frozen=True)
+class CodecPoint:
+    """One activation-codec setting as measured."""
+
+    name: str
+    """e.g. 'fp16' or 'tabq eps=0.03'."""
+    bytes_per_token: float
+    """Upstream bytes per position, everything counted."""
+    encode_ms: float
+    """Device time to encode one position."""
+    decode_ms: float
+    """Cloud time to decode one position."""
+    kind: str = "tabq"
+    error_budget: float = 0.0
+
+
+@dataclass(frozen=True)
+class QualityTable:
+    """Perplexity model: log-perplexity = base + Σ measured deltas (nats per token)."""
+
+    base_ppl: float
+    """Perplexity of the unquantized model."""
+    device_delta: Mapping[int, Mapping[int, float]] = field(default_factory=dict)
+    """device bits -> {split ℓ -> Δ log ppl when layers [0, ℓ) use those bits}; interpolated over ℓ."""
+    cloud_delta: Mapping[int, Mapping[int, float]] = field(default_factory=dict)
+    """cloud bits -> {split ℓ -> Δ log ppl when layers [ℓ, L) use those bits}."""
+    kv_delta: Mapping[int, float] = field(default_factory=dict)
+    """device KV bits -> Δ log ppl (at the profiled split)."""
+    codec_delta: Mapping[str, float] = field(default_factory=dict)
+    """codec point name -> Δ log ppl."""
+
+    @staticmethod
+    def _over_split(table: Mapping[int, float], split: int) -> float:
+        keys = sorted(table)
+        return float(np.interp(split, keys, [table[k] for k in keys]))
+
+    def perplexity(self, split: int, num_layers: int, device_bits: int, cloud_bits: int, kv_bits: int, codec: str) -> float:
+        nll = float(np.log(self.base_ppl))
+        if device_bits != 16 and split > 0:
+            nll += self._over_split(self.device_delta[device_bits], split)
+        if cloud_bits != 16 and split < num_layers:
+            nll += self._over_split(self.cloud_delta[cloud_bits], split)
+        if kv_bits != 16 and split > 0:
+            nll += self.kv_delta.get(kv_bits, 0.0)
+        if split < num_layers:
+            nll += self.codec_delta.get(codec, 0.0)
+        return float(np.exp(nll))
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    bandwidth_mbps: float
+    """Usable bandwidth, megabits per second (both directions)."""
+    rtt_ms: float
+    """Round-trip time, milliseconds."""
+
+    def transfer_ms(self, nbytes: float) -> float:
+        return nbytes * 8 / (self.bandwidth_mbps * 1e3)
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """Bytes the device holds."""
+
+    layer_bytes: Mapping[int, float]
+    """weight bits -> bytes of one decoder layer's weights."""
+    embed_bytes: float
+    """The embedding table as the head holds it."""
+    lm_head_bytes: Mapping[int, float]
+    """LM-head bits -> bytes (device-only plans)."""
+    kv_bytes_per_token_layer: Mapping[int, float]
+    """KV bits -> bytes per position per layer."""
+    runtime_bytes: float = 0.0
+    """Fixed cost of the runtime (onnxruntime, tokenizer, buffers)."""
+    activation_bytes_per_token: float = 0.0
+    """Transient activation memory per prefill position."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    model_id: str
+    weights_hash: str
+    num_layers: int
+    hidden_size: int
+    device: SideProfile
+    cloud: SideProfile
+    memory: MemoryProfile
+    link: LinkProfile
+    codecs: tuple[CodecPoint, ...]
+    quality: QualityTable
+
+    def __post_init__(self) -> None:
+        if not self.codecs:
+            raise ConfigError("a profile needs at least one codec point (e.g. fp16)")
+        for side in (self.device, self.cloud):
+            for bits, values in side.decode_ms.items():
+                if len(values) != len(side.contexts):
+                    raise ConfigError(f"decode_ms[{bits}] has {len(values)} values for {len(side.contexts)} contexts")
+
+    # -- (de)serialization ---------------------------------------------
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["version"] = PROFILE_VERSION
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Profile":
+        data = dict(raw)
+        if data.pop("version", None) != PROFILE_VERSION:
+            raise ConfigError(f"profile version {raw.get('version')!r} is not supported (expected {PROFILE_VERSION})")
+
+        def side(d):
+            return SideProfile(tuple(d["contexts"]), {int(k): tuple(v) for k, v in d["decode_ms"].items()},
+                               {int(k): v for k, v in d["prefill_ms_per_token"].items()}, d.get("embed_ms", 0.0),
+                               {int(k): v for k, v in d.get("head_ms", {}).items()}, d.get("step_overhead_ms", 0.0))
+
+        m, q = data["memory"], data["quality"]
+        try:
+            return cls(
+                data["model_id"], data["weights_hash"], data["num_layers"], data["hidden_size"],
+                side(data["device"]), side(data["cloud"]),
+                MemoryProfile({int(k): v for k, v in m["layer_bytes"].items()}, m["embed_bytes"],
+                              {int(k): v for k, v in m["lm_head_bytes"].items()},
+                              {int(k): v for k, v in m["kv_bytes_per_token_layer"].items()},
+                              m.get("runtime_bytes", 0.0), m.get("activation_bytes_per_token", 0.0)),
+                LinkProfile(**data["link"]),
+                tuple(CodecPoint(**c) for c in data["codecs"]),
+                QualityTable(q["base_ppl"], {int(b): {int(s): v for s, v in t.items()} for b, t in q["device_delta"].items()},
+                             {int(b): {int(s): v for s, v in t.items()} for b, t in q["cloud_delta"].items()},
+                             {int(k): v for k, v in q["kv_delta"].items()}, dict(q["codec_delta"])),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"profile is missing or has a malformed field: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read profile {path}: {exc}") from None

@@ -1,0 +1,204 @@
+"""Search: every split point × device bits × cloud bits × KV bits × codec point, each at the
+longest sequence that fits the device memory; keep what meets the budgets, return the Pareto
+set (perplexity, per-token latency, bytes per token) and the chosen plan, and explain when
+nothing fits or when device-only / cloud-only beats every split. torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from splitlm.errors import ConfigError
+from splitlm.partition.profile import CodecPoint, Profile
+
+SEQ_LADDER = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What the user asks of a plan."""
+
+    device_memory_bytes: float
+    """Peak device memory allowed."""
+    token_latency_ms: float
+    """Per-token decode latency allowed (device + link + cloud), at the planned max sequence length."""
+    ttft_ms: float | None = None
+    """Time to first token allowed for a prompt of `prompt_tokens`."""
+    max_seq_len: int | None = None
+    """Sequence length the plan must support; None = the longest that fits."""
+    min_seq_len: int = 256
+    """Shortest sequence worth planning for."""
+    prompt_tokens: int = 128
+    """Prompt length TTFT is predicted for."""
+    prefill_chunk: int = 128
+    """Positions per prefill step (transient activation memory)."""
+    objective: Literal["quality", "latency"] = "quality"
+    """What the chosen plan optimizes among the feasible ones."""
+    lm_head_bits: int = 8
+    """LM-head precision of device-only plans."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("quality", "latency"):
+            raise ConfigError(f"objective {self.objective!r} not in ('quality', 'latency')")
+        if not self.device_memory_bytes > 0 or not self.token_latency_ms > 0:
+            raise ConfigError("device memory and token latency budgets must be > 0")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    split: int
+    device_bits: int
+    cloud_bits: int
+    kv_bits: int
+    codec: CodecPoint
+    max_seq_len: int
+    memory_bytes: float
+    token_latency_ms: float
+    ttft_ms: float
+    bytes_per_token: float
+    perplexity: float
+
+
+@dataclass
+class SearchResult:
+    chosen: Candidate | None
+    pareto: list[Candidate]
+    feasible: int
+    """How many candidates met every budget."""
+    evaluated: int
+    message: str
+    """One paragraph for the user: what was chosen and why, or which constraint binds."""
+    notes: list[str] = field(default_factory=list)
+
+
+def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, codec: CodecPoint, seq: int,
+          b: Budgets) -> Candidate:
+    """Predicted memory, latency, TTFT, bytes and perplexity of one configuration."""
+    L = p.num_layers
+    dev, cloud, mem, link = p.device, p.cloud, p.memory, p.link
+    device_only = split == L
+    memory = (split * mem.layer_bytes.get(dev_bits, 0.0) + mem.embed_bytes + mem.runtime_bytes
+              + split * mem.kv_bytes_per_token_layer[kv_bits] * seq + mem.activation_bytes_per_token * b.prefill_chunk)
+    if device_only:
+        memory += mem.lm_head_bytes[b.lm_head_bits]
+    device_ms = dev.step_overhead_ms + dev.embed_ms + (split * dev.decode(dev_bits, seq) if split else 0.0)
+    ttft = b.prompt_tokens * (split * dev.prefill_ms_per_token[dev_bits] if split else 0.0)
+    if device_only:
+        device_ms += dev.head_ms[b.lm_head_bits]
+        token_ms, bytes_up = device_ms, 0.0
+        ttft += dev.head_ms[b.lm_head_bits]
+    else:
+        device_ms += codec.encode_ms
+        bytes_up = codec.bytes_per_token
+        link_ms = link.rtt_ms + link.transfer_ms(bytes_up + 16)
+        cloud_ms = (cloud.step_overhead_ms + codec.decode_ms + (L - split) * cloud.decode(cloud_bits, seq)
+                    + cloud.head_ms.get(16, 0.0))
+        token_ms = device_ms + link_ms + cloud_ms
+        ttft += (b.prompt_tokens * codec.encode_ms + link.rtt_ms + link.transfer_ms(b.prompt_tokens * bytes_up)
+                 + b.prompt_tokens * (codec.decode_ms + (L - split) * cloud.prefill_ms_per_token[cloud_bits])
+                 + cloud.head_ms.get(16, 0.0))
+    ppl = p.quality.perplexity(split, L, dev_bits, cloud_bits, kv_bits, codec.name)
+    return Candidate(split, dev_bits, cloud_bits, kv_bits, codec, seq, memory, token_ms, ttft, bytes_up, ppl)
+
+
+def _feasible(c: Candidate, b: Budgets) -> bool:
+    return (c.memory_bytes <= b.device_memory_bytes and c.token_latency_ms <= b.token_latency_ms
+            and (b.ttft_ms is None or c.ttft_ms <= b.ttft_ms))
+
+
+def _violation(c: Candidate, b: Budgets) -> tuple[float, str]:
+    ratios = {"device memory": c.memory_bytes / b.device_memory_bytes,
+              "token latency": c.token_latency_ms / b.token_latency_ms}
+    if b.ttft_ms is not None:
+        ratios["TTFT"] = c.ttft_ms / b.ttft_ms
+    worst = max(ratios, key=ratios.get)
+    return ratios[worst], worst
+
+
+def _pareto(cands: list[Candidate]) -> list[Candidate]:
+    key = lambda c: (c.perplexity, c.token_latency_ms, c.bytes_per_token)  # noqa: E731
+    out: list[Candidate] = []
+    for c in sorted(cands, key=key):
+        if not any(o.perplexity <= c.perplexity and o.token_latency_ms <= c.token_latency_ms
+                   and o.bytes_per_token <= c.bytes_per_token for o in out):
+            out.append(c)
+    return out
+
+
+def describe(c: Candidate, L: int) -> str:
+    where = "device-only" if c.split == L else ("cloud-only" if c.split == 0 else f"split at {c.split}/{L}")
+    parts = [where]
+    if c.split > 0:
+        parts.append(f"device W{c.device_bits}" + (f" KV{c.kv_bits}" if c.kv_bits != 16 else ""))
+    if c.split < L:
+        parts += [f"cloud W{c.cloud_bits}", f"codec {c.codec.name}"]
+    return ", ".join(parts) + f", max_seq_len {c.max_seq_len}"
+
+
+def search(p: Profile, b: Budgets) -> SearchResult:
+    L = p.num_layers
+    dev_bits = [x for x in p.device.bits if x in p.memory.layer_bytes]
+    cloud_bits = list(p.cloud.bits)
+    kv_bits = sorted(p.memory.kv_bytes_per_token_layer)
+    seqs = [b.max_seq_len] if b.max_seq_len else [s for s in SEQ_LADDER if s >= b.min_seq_len]
+    cands: list[Candidate] = []
+    evaluated = 0
+    for split in range(L + 1):
+        for db in (dev_bits if split else [16]):
+            for cb in (cloud_bits if split < L else [16]):
+                for kb in (kv_bits if split else [16]):
+                    for codec in (p.codecs if split < L else (CodecPoint("-", 0.0, 0.0, 0.0, "none"),)):
+                        best = None
+                        for seq in seqs:  # memory grows with seq: keep the longest that fits, else the shortest
+                            c = price(p, split, db, cb, kb, codec, seq, b)
+                            evaluated += 1
+                            if best is None or c.memory_bytes <= b.device_memory_bytes:
+                                best = c
+                            if c.memory_bytes > b.device_memory_bytes:
+                                break
+                        cands.append(best)
+    feasible = [c for c in cands if _feasible(c, b)]
+    if not feasible:
+        nearest = min(cands, key=lambda c: _violation(c, b)[0])
+        ratio, binding = _violation(nearest, b)
+        needs = {"device memory": f"{nearest.memory_bytes / 2**20:.1f} MiB of device memory",
+                 "token latency": f"a token latency budget of {nearest.token_latency_ms:.1f} ms",
+                 "TTFT": f"a TTFT budget of {nearest.ttft_ms:.0f} ms"}[binding]
+        msg = (f"no plan fits: {binding} binds. The nearest plan ({describe(nearest, L)}) needs {needs} "
+               f"({ratio:.2f}x the budget).")
+        return SearchResult(None, [], 0, evaluated, msg)
+    if b.objective == "quality":
+        chosen = min(feasible, key=lambda c: (c.perplexity, c.token_latency_ms, c.bytes_per_token))
+    else:
+        chosen = min(feasible, key=lambda c: (c.token_latency_ms, c.perplexity, c.bytes_per_token))
+    notes = []
+    splits = [c for c in feasible if 0 < c.split < L]
+    objective = (lambda c: (c.perplexity, c.token_latency_ms)) if b.objective == "quality" else (
+        lambda c: (c.token_latency_ms, c.perplexity))
+    best_split = min(splits, key=objective) if splits else None
+    if chosen.split == L:
+        notes.append("device-only beats every split" + ("" if best_split else " (no split fits)"))
+    elif chosen.split == 0:
+        notes.append("cloud-only beats every split" + ("" if best_split else " (no split fits)"))
+    msg = (f"chose {describe(chosen, L)}: predicted {chosen.memory_bytes / 2**20:.1f} MiB, "
+           f"{chosen.token_latency_ms:.1f} ms/token, TTFT {chosen.ttft_ms:.0f} ms, {chosen.bytes_per_token:.0f} B/token, "
+           f"perplexity {chosen.perplexity:.3f} ({len(feasible)} of {len(cands)} configurations fit)")
+    if notes:
+        msg += "; " + "; ".join(notes)
+    return SearchResult(chosen, _pareto(feasible), len(feasible), evaluated, msg, notes)
+
+
+def to_plan(c: Candidate, p: Profile, b: Budgets):
+    """The Plan for a candidate, with its predictions."""
+    from splitlm.partition.plan import CodecConfig, Plan, Predictions, WeightQuant
+
+    if c.codec.kind == "tabq":
+        codec = CodecConfig("tabq", error_budget=c.codec.error_budget)
+    else:
+        codec = CodecConfig(c.codec.kind if c.codec.kind in ("fp16", "fp32") else "fp16")
+    return Plan(p.model_id, p.weights_hash, c.split,
+                device_weights=WeightQuant(c.device_bits, 32), cloud_weights=WeightQuant(c.cloud_bits, 32),
+                kv_bits=c.kv_bits, lm_head_bits=b.lm_head_bits if c.split == p.num_layers else 16, codec=codec,
+                max_seq_len=c.max_seq_len, prefill_chunk=b.prefill_chunk,
+                predictions=Predictions(c.memory_bytes, c.token_latency_ms, c.ttft_ms, c.bytes_per_token, c.perplexity))

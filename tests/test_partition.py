@@ -1,0 +1,124 @@
+"""The partitioner's cost models and search on synthetic profiles."""
+
+
+import pytest
+
+from splitlm.partition.profile import CodecPoint, LinkProfile, MemoryProfile, Profile, QualityTable, SideProfile
+from splitlm.partition.search import Budgets, price, search
+
+MB = 2**20
+
+
+def synthetic(L=12, link=LinkProfile(50.0, 20.0), **memory_overrides) -> Profile:
+    device = SideProfile((256, 4096), {16: (2.0, 2.4), 8: (1.0, 1.3), 4: (0.6, 0.9)}, {16: 0.2, 8: 0.1, 4: 0.08},
+                         embed_ms=0.05, head_ms={8: 3.0, 16: 6.0}, step_overhead_ms=0.5)
+    cloud = SideProfile((256, 4096), {16: (0.1, 0.12), 8: (0.08, 0.1)}, {16: 0.005, 8: 0.004}, head_ms={16: 0.5},
+                        step_overhead_ms=1.0)
+    memory = dict(layer_bytes={16: 8 * MB, 8: 4 * MB, 4: 2 * MB}, embed_bytes=10 * MB, lm_head_bytes={8: 5 * MB, 16: 10 * MB},
+                  kv_bytes_per_token_layer={16: 2048, 8: 1024, 4: 512}, runtime_bytes=20 * MB)
+    memory.update(memory_overrides)
+    codecs = (CodecPoint("fp16", 512, 0.01, 0.01, "fp16"), CodecPoint("tabq eps=0.03", 130, 0.1, 0.05, "tabq", 0.03))
+    quality = QualityTable(10.0, {8: {0: 0.0, L: 0.01}, 4: {0: 0.0, L: 0.2}}, {8: {0: 0.01, L: 0.0}}, {8: 0.001, 4: 0.02},
+                           {"fp16": 0.0, "tabq eps=0.03": 0.008})
+    return Profile("m", "h", L, 256, device, cloud, MemoryProfile(**memory), link, codecs, quality)
+
+
+def test_profile_json_round_trip(tmp_path):
+    p = synthetic()
+    p.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == p
+
+
+def test_costs_add_up():
+    p, b = synthetic(), Budgets(1e12, 1e6, prompt_tokens=100)
+    c = price(p, 4, 8, 16, 16, p.codecs[0], 1024, b)
+    assert c.memory_bytes == pytest.approx(4 * 4 * MB + 10 * MB + 20 * MB + 4 * 2048 * 1024)
+    decode_dev = 0.5 + 0.05 + 4 * (1.0 + 0.3 * (1024 - 256) / 3840) + 0.01
+    decode_cloud = 1.0 + 0.01 + 8 * (0.1 + 0.02 * (1024 - 256) / 3840) + 0.5
+    assert c.token_latency_ms == pytest.approx(decode_dev + 20.0 + (512 + 16) * 8 / 50e3 + decode_cloud)
+    assert c.bytes_per_token == 512
+    full = price(p, 12, 8, 16, 16, p.codecs[0], 1024, b)
+    assert full.bytes_per_token == 0 and full.memory_bytes > c.memory_bytes
+
+
+def test_nothing_fits_names_the_binding_constraint():
+    result = search(synthetic(), Budgets(device_memory_bytes=5 * MB, token_latency_ms=1000))
+    assert result.chosen is None
+    assert "device memory binds" in result.message and "MiB of device memory" in result.message
+    result = search(synthetic(), Budgets(device_memory_bytes=1e12, token_latency_ms=0.5))
+    assert result.chosen is None and "token latency binds" in result.message
+
+
+def test_memory_bound_budget_picks_a_shallow_split():
+    b = Budgets(device_memory_bytes=40 * MB, token_latency_ms=1000, max_seq_len=1024)
+    result = search(synthetic(), b)
+    assert result.chosen is not None and result.chosen.memory_bytes <= 40 * MB
+    assert 0 <= result.chosen.split < 12
+    assert all(c.memory_bytes <= 40 * MB for c in result.pareto)
+
+
+def test_latency_bound_budget_is_respected_and_changes_the_choice():
+    loose = search(synthetic(), Budgets(device_memory_bytes=1e12, token_latency_ms=1000, max_seq_len=1024))
+    tight = search(synthetic(), Budgets(device_memory_bytes=1e12, token_latency_ms=30, max_seq_len=1024))
+    assert tight.chosen.token_latency_ms <= 30 < loose.chosen.token_latency_ms or tight.chosen == loose.chosen
+    assert all(c.token_latency_ms <= 30 for c in tight.pareto)
+
+
+def test_device_only_wins_over_a_terrible_link():
+    p = synthetic(link=LinkProfile(1.0, 500.0))
+    result = search(p, Budgets(device_memory_bytes=1e12, token_latency_ms=100, max_seq_len=1024))
+    assert result.chosen.split == 12 and "device-only beats every split" in result.message
+
+
+def test_cloud_only_wins_on_a_tiny_device():
+    result = search(synthetic(link=LinkProfile(1000.0, 1.0)), Budgets(device_memory_bytes=31 * MB, token_latency_ms=1000,
+                                                                    max_seq_len=1024))
+    assert result.chosen.split == 0 and "cloud-only beats every split" in result.message
+
+
+def test_latency_objective_and_pareto_front():
+    p = synthetic()
+    result = search(p, Budgets(device_memory_bytes=1e12, token_latency_ms=1000, max_seq_len=1024, objective="latency"))
+    assert result.chosen.token_latency_ms == min(c.token_latency_ms for c in result.pareto)
+    for a in result.pareto:  # nobody on the front is dominated by another member
+        for c in result.pareto:
+            if c is not a:
+                assert not (c.perplexity <= a.perplexity and c.token_latency_ms <= a.token_latency_ms
+                            and c.bytes_per_token <= a.bytes_per_token
+                            and (c.perplexity, c.token_latency_ms, c.bytes_per_token)
+                            != (a.perplexity, a.token_latency_ms, a.bytes_per_token))
+
+
+def test_longest_fitting_sequence_is_planned():
+    result = search(synthetic(), Budgets(device_memory_bytes=80 * MB, token_latency_ms=1000))
+    c = result.chosen
+    assert c.memory_bytes <= 80 * MB
+    bigger = price(synthetic(), c.split, c.device_bits, c.cloud_bits, c.kv_bits, c.codec, c.max_seq_len * 2,
+                   Budgets(80 * MB, 1000))
+    assert c.max_seq_len == 32768 or bigger.memory_bytes > 80 * MB
+
+
+def test_thirty_layer_search_space_is_covered():
+    result = search(synthetic(L=30), Budgets(device_memory_bytes=1e12, token_latency_ms=1000))
+    # 31 splits x device bits x cloud bits x KV bits x codecs, each at its longest fitting length
+    assert result.evaluated >= 29 * 3 * 2 * 3 * 2
+    assert result.feasible > 0 and result.chosen is not None
+
+
+def test_cli_partition_writes_a_plan_with_predictions(tmp_path, capsys):
+    from splitlm.cli import main
+    from splitlm.partition.plan import Plan
+
+    synthetic().save(tmp_path / "p.json")
+    code = main(["partition", "--profile", str(tmp_path / "p.json"), "--device-memory", "64MiB", "--token-latency", "40ms",
+                 "--ttft", "2s", "--out", str(tmp_path / "plan.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "chose" in out and "searched" in out
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.predictions.device_memory_bytes <= 64 * MB and plan.predictions.token_latency_ms <= 40
+    code = main(["partition", "--profile", str(tmp_path / "p.json"), "--device-memory", "1MB", "--token-latency", "40ms",
+                 "--out", str(tmp_path / "x.json")])
+    assert code == 3 and "device memory binds" in capsys.readouterr().err
+    assert main(["partition", "--profile", str(tmp_path / "p.json"), "--device-memory", "lots", "--token-latency", "1ms",
+                 "--out", str(tmp_path / "y.json")]) == 2
+    assert "--device-memory 'lots'" in capsys.readouterr().err
