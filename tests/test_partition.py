@@ -122,3 +122,21 @@ def test_cli_partition_writes_a_plan_with_predictions(tmp_path, capsys):
     assert main(["partition", "--profile", str(tmp_path / "p.json"), "--device-memory", "lots", "--token-latency", "1ms",
                  "--out", str(tmp_path / "y.json")]) == 2
     assert "--device-memory 'lots'" in capsys.readouterr().err
+
+
+def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys):
+    from splitlm.cli import main
+    from splitlm.partition.plan import Plan
+    from splitlm.partition.profile import Profile
+
+    assert main(["profile", "--model", "tiny-random", "--out", str(tmp_path / "p.json"), "--reps", "2",
+                 "--bandwidth", "100", "--rtt", "10ms"]) == 0
+    profile = Profile.load(tmp_path / "p.json")
+    assert profile.num_layers == 4 and set(profile.device.decode_ms) == {16, 8, 4}
+    assert profile.memory.layer_bytes[4] < profile.memory.layer_bytes[16]
+    assert {c.name for c in profile.codecs} >= {"fp16", "tabq eps=0.035"}
+    assert profile.link.rtt_ms == 10 and profile.quality.base_ppl > 1
+    assert main(["partition", "--profile", str(tmp_path / "p.json"), "--device-memory", "64MB", "--token-latency", "1s",
+                 "--out", str(tmp_path / "plan.json")]) == 0
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.model_id == "tiny-random" and plan.predictions.token_latency_ms is not None

@@ -109,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
     v.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
+    pr = sub.add_parser("profile", help="measure device, cloud, codec and quality costs of a model on this machine")
+    pr.add_argument("--model", default=DEFAULT_MODEL, help="model name, .gguf file or HF directory")
+    pr.add_argument("--out", required=True, help="where to write the profile JSON")
+    pr.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    pr.add_argument("--bandwidth", default="50", help="link bandwidth in Mbit/s (default 50)")
+    pr.add_argument("--rtt", default="20ms", help="link round-trip time (default 20ms)")
+    pr.add_argument("--reps", type=int, default=5, help="timing repetitions (median)")
+
     pt = sub.add_parser("partition", help="choose a plan from a profile under memory and latency budgets")
     pt.add_argument("--profile", required=True, help="a profile JSON (from `splitlm profile`, or written by hand)")
     pt.add_argument("--device-memory", required=True, help="device memory budget, e.g. 64MB or 1.5GiB")
@@ -333,6 +341,19 @@ def _quantity(text: str, units: tuple[str, ...], what: str) -> float:
     return float(m.group(1)) * _UNITS[unit]
 
 
+def cmd_profile(args) -> int:
+    from splitlm.partition.profile import LinkProfile
+    from splitlm.partition.profiler import measure_profile
+
+    ckpt = _load(args.model)
+    link = LinkProfile(float(args.bandwidth), _quantity(args.rtt, ("ms", "s"), "--rtt"))
+    t0 = time.perf_counter()
+    profile = measure_profile(ckpt, link, threads=args.threads, reps=args.reps)
+    profile.save(args.out)
+    print(f"profiled {ckpt.model_id} in {time.perf_counter() - t0:.0f} s -> {args.out}")
+    return 0
+
+
 def cmd_partition(args) -> int:
     from splitlm.partition.profile import Profile
     from splitlm.partition.search import Budgets, describe, search, to_plan
@@ -372,7 +393,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve,
-            "partition": cmd_partition, "demo": cmd_demo}
+            "profile": cmd_profile, "partition": cmd_partition, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
