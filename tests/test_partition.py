@@ -140,3 +140,13 @@ def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys):
                  "--out", str(tmp_path / "plan.json")]) == 0
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.model_id == "tiny-random" and plan.predictions.token_latency_ms is not None
+
+
+def test_ttft_uses_the_prefill_chunk_codec_cost():
+    p = synthetic()
+    b = Budgets(1e12, 1e6, prompt_tokens=100)
+    slow = CodecPoint("tabq", 130, 2.0, 0.5, "tabq", 0.03)
+    fast = CodecPoint("tabq", 130, 2.0, 0.5, "tabq", 0.03, prefill_encode_ms_per_token=0.1, prefill_decode_ms_per_token=0.05)
+    a, c = price(p, 4, 8, 16, 16, slow, 1024, b), price(p, 4, 8, 16, 16, fast, 1024, b)
+    assert a.token_latency_ms == c.token_latency_ms
+    assert a.ttft_ms - c.ttft_ms == pytest.approx(100 * (2.0 - 0.1) + 100 * (0.5 - 0.05))

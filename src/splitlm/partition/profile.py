@@ -63,6 +63,18 @@ class CodecPoint:
     """Cloud time to decode one position."""
     kind: str = "tabq"
     error_budget: float = 0.0
+    prefill_encode_ms_per_token: float | None = None
+    """Device time per position when a whole prefill chunk is encoded at once (None: encode_ms)."""
+    prefill_decode_ms_per_token: float | None = None
+    """Cloud time per position for a whole prefill chunk (None: decode_ms)."""
+
+    @property
+    def prefill_encode(self) -> float:
+        return self.encode_ms if self.prefill_encode_ms_per_token is None else self.prefill_encode_ms_per_token
+
+    @property
+    def prefill_decode(self) -> float:
+        return self.decode_ms if self.prefill_decode_ms_per_token is None else self.prefill_decode_ms_per_token
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,12 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         frames = [codec_mod.encode(h[i:i + 1], cfg) for i in range(64)]
         enc = _median_ms(lambda: codec_mod.encode(h[:1], cfg), reps)
         dec = _median_ms(lambda: codec_mod.decode(frames[0], "torch"), reps)
-        codecs.append(CodecPoint(name, float(np.mean([len(f) for f in frames])), enc, dec, cfg.kind, cfg.error_budget))
+        chunk = h[:prefill]
+        chunk_frame = codec_mod.encode(chunk, cfg)
+        enc_chunk = _median_ms(lambda: codec_mod.encode(chunk, cfg), max(1, reps // 2)) / len(chunk)
+        dec_chunk = _median_ms(lambda: codec_mod.decode(chunk_frame, "torch"), max(1, reps // 2)) / len(chunk)
+        codecs.append(CodecPoint(name, float(np.mean([len(f) for f in frames])), enc, dec, cfg.kind, cfg.error_budget,
+                                 enc_chunk, dec_chunk))
     steps.update()
     quality = measure_quality(ckpt, calib, bits, kv_bits, progress)
     steps.close()

@@ -95,8 +95,8 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
         cloud_ms = (cloud.step_overhead_ms + codec.decode_ms + (L - split) * cloud.decode(cloud_bits, seq)
                     + cloud.head_ms.get(16, 0.0))
         token_ms = device_ms + link_ms + cloud_ms
-        ttft += (b.prompt_tokens * codec.encode_ms + link.rtt_ms + link.transfer_ms(b.prompt_tokens * bytes_up)
-                 + b.prompt_tokens * (codec.decode_ms + (L - split) * cloud.prefill_ms_per_token[cloud_bits])
+        ttft += (b.prompt_tokens * codec.prefill_encode + link.rtt_ms + link.transfer_ms(b.prompt_tokens * bytes_up)
+                 + b.prompt_tokens * (codec.prefill_decode + (L - split) * cloud.prefill_ms_per_token[cloud_bits])
                  + cloud.head_ms.get(16, 0.0))
     ppl = p.quality.perplexity(split, L, dev_bits, cloud_bits, kv_bits, codec.name)
     return Candidate(split, dev_bits, cloud_bits, kv_bits, codec, seq, memory, token_ms, ttft, bytes_up, ppl)
