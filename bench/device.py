@@ -53,7 +53,7 @@ def with_accuracy_level(device_dir: Path, level: int) -> Path:
                 for attr in node.attribute:
                     if attr.name == "accuracy_level":
                         attr.i = level
-        onnx.save(model, str(out / "head.onnx"))
+        onnx.save(model, str(out / "head.onnx"), save_as_external_data=True, location="head.onnx.data")
     return out
 
 

@@ -40,7 +40,7 @@ ACCURACY_LEVEL = 4
 """MatMulNBits accuracy_level. 4 quantizes activations to int8 inside the matmul: onnxruntime's
 fast CPU path (8x faster int4 decode than level 0 on SmolLM2, bench/device.py). 0 computes in fp32
 and matches the torch head to 1e-6."""
-EXPORT_FORMAT = 3
+EXPORT_FORMAT = 4
 """Bumped whenever the exported graph changes shape (ops, names): caches of exports key on it."""
 PARITY_TOL = {"fp32": 1e-4, "quantized": 1e-3, "int8-compute": 5e-2}
 """Largest max|onnx − torch| / max|torch| per output tensor."""
@@ -159,7 +159,9 @@ def export_head_onnx(stage: Transformer, path: Path, accuracy_level: int = ACCUR
             raise ExportError(f"ONNX export of layers [0, {stage.stop}) failed: {exc}") from exc
         finally:
             quiet.setLevel(old_level)
-    program.save(str(path), external_data=False)
+    # weights in head.onnx.data beside the graph: onnxruntime maps them instead of holding the
+    # protobuf and a copy of every initializer at once (which doubled the load-time peak)
+    program.save(str(path), external_data=True)
 
 
 def _write_manifest(folder: Path) -> None:
@@ -207,7 +209,8 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
     else:
         shutil.rmtree(cloud, ignore_errors=True)
     _write_manifest(device)
-    return ExportResult(device, cloud if runner.tail is not None else None, (device / HEAD_FILE).stat().st_size,
+    head_bytes = sum(f.stat().st_size for f in device.glob(HEAD_FILE + "*"))
+    return ExportResult(device, cloud if runner.tail is not None else None, head_bytes,
                         tail_bytes, time.perf_counter() - t0)
 
 
