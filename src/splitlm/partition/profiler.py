@@ -78,6 +78,44 @@ def _time_cloud(stage, spec, contexts: tuple[int, ...], prefill: int, reps: int)
     return decode, pre
 
 
+_BASELINE = (
+    "import resource, sys\n"
+    "from splitlm.device.runtime import load_tokenizer\n"
+    "import onnxruntime\n"
+    "load_tokenizer(sys.argv[1])\n"
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+)
+
+
+def runtime_baseline_bytes(device_dir: Path) -> float:
+    """Peak RSS of a device process with the runtime imported and the tokenizer loaded, no model."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _BASELINE, str(device_dir)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_peak_rss(device_dir: Path, positions: int, threads: int | None = None) -> float:
+    """Peak RSS (bytes) of a device process that runs the head to `positions` (prefill chunks, then decode)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys, numpy as np\n"
+        "from splitlm.device.runtime import DeviceHead, HeadSession, load_tokenizer\n"
+        "load_tokenizer(sys.argv[1])\n"
+        "h = DeviceHead(HeadSession(sys.argv[1], threads=int(sys.argv[3]) or None))\n"
+        "n = int(sys.argv[2]); first = min(n - 1, h.plan.prefill_chunk)\n"
+        "h.step(list(np.arange(first) % 200 + 3))\n"
+        "while h.length < n: h.step([5])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(device_dir), str(positions), str(threads or 0)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...] = (16, 8, 4), kv_bits=(16, 8, 4),
                     contexts: tuple[int, ...] = (128, 1024), probe_layers: int = 2, prefill: int = 128,
                     quality_windows: int = 2, threads: int | None = None, reps: int = 5, progress: bool = True) -> Profile:
@@ -94,6 +132,7 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         base_plan = Plan(ckpt.model_id, ckpt.weights_hash, 0, codec=CodecConfig("fp16"), max_seq_len=max(contexts) + prefill + 8,
                          prefill_chunk=prefill)
         base = export_artifacts(ckpt, base_plan, tmp / "base", progress=False)
+        runtime_bytes = runtime_baseline_bytes(base.device_dir)
         base_decode, base_pre = _time_device_head(base.device_dir, contexts, prefill, threads, reps)
         steps.update()
         dev_decode, dev_pre, layer_bytes = {}, {}, {}
@@ -144,7 +183,7 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
     steps.close()
     kv = {kb: spec.kv_bytes_per_token(1, kb) + (0 if kb == 16 else 2 * spec.num_kv_heads * 4) for kb in kv_bits}
     lm_head = {16: spec.vocab_size * spec.hidden_size * 4.0, 8: spec.vocab_size * spec.hidden_size * (1 + 2.5 / 32)}
-    memory = MemoryProfile(layer_bytes, float(base.head_bytes), lm_head, kv)
+    memory = MemoryProfile(layer_bytes, float(base.head_bytes), lm_head, kv, runtime_bytes)
     return Profile(ckpt.model_id, ckpt.weights_hash, L, spec.hidden_size, device, cloud, memory, link, tuple(codecs), quality)
 
 
