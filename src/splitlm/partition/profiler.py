@@ -78,12 +78,13 @@ def _time_cloud(stage, spec, contexts: tuple[int, ...], prefill: int, reps: int)
     return decode, pre
 
 
+# Peak RSS of this process image: VmHWM (ru_maxrss would carry the parent's peak across fork + exec).
+_PEAK = "print(1024 * int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))))\n"
 _BASELINE = (
-    "import resource, sys\n"
+    "import sys\n"
     "from splitlm.device.runtime import load_tokenizer\n"
     "import onnxruntime\n"
-    "load_tokenizer(sys.argv[1])\n"
-    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    "load_tokenizer(sys.argv[1])\n" + _PEAK
 )
 
 
@@ -102,14 +103,13 @@ def measure_peak_rss(device_dir: Path, positions: int, threads: int | None = Non
     import sys
 
     code = (
-        "import resource, sys, numpy as np\n"
+        "import sys, numpy as np\n"
         "from splitlm.device.runtime import DeviceHead, HeadSession, load_tokenizer\n"
         "load_tokenizer(sys.argv[1])\n"
         "h = DeviceHead(HeadSession(sys.argv[1], threads=int(sys.argv[3]) or None))\n"
         "n = int(sys.argv[2]); first = min(n - 1, h.plan.prefill_chunk)\n"
         "h.step(list(np.arange(first) % 200 + 3))\n"
-        "while h.length < n: h.step([5])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+        "while h.length < n: h.step([5])\n" + _PEAK
     )
     out = subprocess.run([sys.executable, "-c", code, str(device_dir), str(positions), str(threads or 0)],
                          capture_output=True, text=True, check=True)
