@@ -20,7 +20,7 @@ from splitlm.partition.profiler import measure_peak_rss
 from splitlm.partition.search import Budgets, describe, search, to_plan
 
 MiB = 2**20
-BUDGETS = [(160 * MiB, 60.0, 512), (200 * MiB, 60.0, 1024), (400 * MiB, 25.0, 1024)]
+BUDGETS = [(260 * MiB, 200.0, 512), (320 * MiB, 200.0, 1024), (600 * MiB, 100.0, 1024)]
 
 
 def main() -> None:
