@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitlm.errors import ConfigError, ModelLoadError
-from splitlm.model.checkpoint import WEIGHTS_FILE, Checkpoint
+from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.convert import random_weights, tiny_spec, write_random_hf_dir
 from splitlm.model.load import build_stage
 from splitlm.model.registry import resolve_model

@@ -120,7 +120,7 @@ class Batcher:
                 c.length += 1
             self.batches += 1
             self.batched_steps += len(batch)
-        except Exception as exc:  # noqa: BLE001 - fall back to one by one, each session gets its own error
+        except Exception:  # noqa: BLE001 - fall back to one by one, each session gets its own error
             log.exception("batched decode failed; running its %d steps one by one", len(batch))
             for w in batch:
                 self._single(w)

@@ -5,7 +5,6 @@ Imports numpy, onnxruntime and tokenizers only — no torch, no triton.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -165,10 +164,3 @@ def generate_split(session: HeadSession, next_token: Callable[[bytes], int], pro
                              tok.decode, on_token)
     result.link_bytes = sent[0]
     return result
-
-
-def read_manifest(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / "manifest.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{folder} has no readable manifest.json ({exc})") from None

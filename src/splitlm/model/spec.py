@@ -61,8 +61,6 @@ class RopeScaling:
         if not raw:
             return cls()
         kind = raw.get("rope_type", raw.get("type", "default"))
-        if kind == "su":
-            kind = "longrope"
         if kind not in ROPE_KINDS:
             raise ConfigError(f"rope scaling type {kind!r} is not supported; use one of {ROPE_KINDS}")
         if kind == "default":

@@ -87,10 +87,6 @@ class NumpyOps:
         return np.nextafter(x, np.array(-np.inf, dtype=x.dtype))
 
     @staticmethod
-    def sqrt(x):
-        return np.sqrt(x)
-
-    @staticmethod
     def stack(parts, axis: int):
         return np.stack(parts, axis=axis)
 
@@ -166,9 +162,6 @@ class TorchOps:
 
     def nextafter_down(self, x):
         return self.t.nextafter(x, self.t.full_like(x, float("-inf")))
-
-    def sqrt(self, x):
-        return self.t.sqrt(x)
 
     def stack(self, parts, axis: int):
         return self.t.stack(parts, dim=axis)
