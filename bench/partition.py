@@ -1,57 +1,135 @@
-"""Predicted vs measured device memory for plans the partitioner chooses (latency and TTFT on
-emulated links are still to come: see bench/e2e.py for the link harness).
+"""Predicted against measured, for plans the partitioner chooses under three budgets.
 
-    .venv/bin/python bench/partition.py --profile profile.json [--json bench/results/partition.json]
+    .venv/bin/splitlm profile --out profile.json
+    sudo .venv/bin/python bench/partition.py --profile profile.json [--json bench/results/partition.json]
 
-For each budget: partition -> export -> a fresh device process runs the head to the plan's
-max_seq_len (prefill chunk, then decode) -> its peak RSS against the predicted device memory.
+For each budget: partition -> export -> (1) a fresh device process runs the head to the plan's
+max_seq_len on real text: its peak RSS against the predicted device memory; (2) `splitlm generate`
+in one network namespace against `splitlm serve` in another, over the emulated links of
+bench/e2e.py: median per-token latency and TTFT against the prediction for that link, that
+prompt length and that context. Without root it says so and skips (2).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import tempfile
+import statistics
+import sys
+import time
 from pathlib import Path
 
-from splitlm.model.registry import resolve_model
-from splitlm.partition.profile import Profile
-from splitlm.partition.profiler import measure_peak_rss
-from splitlm.partition.search import Budgets, describe, search, to_plan
+sys.path.insert(0, str(Path(__file__).parent))
+import e2e  # noqa: E402  (the namespace/link harness)
+
+from splitlm import evaluate  # noqa: E402
+from splitlm.model.registry import resolve_model  # noqa: E402
+from splitlm.partition.profile import LinkProfile, Profile  # noqa: E402
+from splitlm.partition.profiler import measure_peak_rss  # noqa: E402
+from splitlm.partition.search import Budgets, describe, price, search, to_plan  # noqa: E402
 
 MiB = 2**20
-BUDGETS = [(260 * MiB, 200.0, 512), (320 * MiB, 200.0, 1024), (600 * MiB, 100.0, 1024)]
+# (device memory, token latency, max_seq_len): a tight device, a middling one, a roomy one
+BUDGETS = [(220 * MiB, 150.0, 512), (300 * MiB, 150.0, 1024), (420 * MiB, 150.0, 1024)]
+
+
+def predicted_for_run(profile: Profile, cand, link: LinkProfile, prompt_tokens: int, context: float, chunk: int):
+    """Re-price a chosen configuration for what the run did: its link, its prompt, its mean context."""
+    p = dataclasses.replace(profile, link=link)
+    b = Budgets(1e18, 1e9, prompt_tokens=prompt_tokens, prefill_chunk=chunk)
+    return price(p, cand.split, cand.device_bits, cand.cloud_bits, cand.kv_bits, cand.codec, int(context), b)
 
 
 def main() -> None:
-    from splitlm.device.export import export_artifacts
+    from splitlm.demo import cached_export
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", required=True)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default="bench/results/partition.json")
     args = ap.parse_args()
     profile = Profile.load(args.profile)
     ckpt = resolve_model(profile.model_id)
-    rows = []
-    print(f"{'budget':<22}{'plan':<58}{'predicted MiB':>14}{'measured MiB':>14}{'error':>8}")
+    L = profile.num_layers
+    text = [t for w in evaluate.calibration_windows(ckpt.tokenizer(), 4) for t in w]
+    chosen = []
     for memory, latency, seq in BUDGETS:
         budgets = Budgets(memory, latency, max_seq_len=seq)
+        t0 = time.perf_counter()
         result = search(profile, budgets)
+        seconds = time.perf_counter() - t0
+        label = f"{memory / MiB:.0f} MiB / {latency:.0f} ms / {seq}"
         if result.chosen is None:
-            print(f"{memory / MiB:.0f} MiB / {latency:.0f} ms: {result.message}")
+            print(f"{label}: {result.message}")
             continue
-        plan = to_plan(result.chosen, profile, budgets)
-        with tempfile.TemporaryDirectory() as tmp:
-            exported = export_artifacts(ckpt, plan, Path(tmp), progress=False)
-            measured = measure_peak_rss(exported.device_dir, plan.max_seq_len)
+        print(f"{label}: {result.message} [search {seconds:.2f} s]", file=sys.stderr)
+        chosen.append((label, budgets, result.chosen, to_plan(result.chosen, profile, budgets), seconds))
+    rows = []
+    print(f"\nmemory: peak RSS of a device process run to max_seq_len on real text")
+    print(f"{'budget':<24}{'plan':<62}{'predicted MiB':>14}{'measured MiB':>14}{'error':>8}")
+    exports = {}
+    for label, budgets, cand, plan, seconds in chosen:
+        exports[label] = root = cached_export(ckpt, plan)
+        measured = measure_peak_rss(root / "device", plan.max_seq_len, text=text)
         predicted = plan.predictions.device_memory_bytes
         err = measured / predicted - 1
-        label = f"{memory / MiB:.0f} MiB / {latency:.0f} ms"
-        print(f"{label:<22}{describe(result.chosen, profile.num_layers):<58}{predicted / MiB:>14.1f}{measured / MiB:>14.1f}{err:>+7.1%}")
-        rows.append({"budget_bytes": memory, "token_latency_ms": latency, "plan": plan.to_dict(),
-                     "predicted_bytes": predicted, "measured_peak_bytes": measured, "relative_error": err})
+        print(f"{label:<24}{describe(cand, L):<62}{predicted / MiB:>14.1f}{measured / MiB:>14.1f}{err:>+8.1%}")
+        rows.append({"budget": label, "plan": plan.to_dict(), "search_s": seconds, "predicted_bytes": predicted,
+                     "measured_peak_bytes": measured, "memory_error": err, "latency": []})
+    netns = e2e.make_namespaces()
+    if not netns:
+        print("\nlatency: needs root for network namespaces (ip netns, tc): skipped")
+    else:
+        relay = None
+        try:
+            for link_name, one_way, mbit in e2e.LINKS:
+                if relay:
+                    relay.terminate()
+                    relay = None
+                how = e2e.shape(one_way, mbit)
+                if how == "tbf+relay":
+                    relay = e2e.start_relay(one_way)
+                link = LinkProfile(float(mbit), 2 * one_way)
+                for (label, budgets, cand, plan, _), row in zip(chosen, rows):
+                    root = exports[label]
+                    server = None
+                    if plan.split_layer < L:
+                        server = e2e.serve(root, e2e.CLOUD_NS, e2e.CLOUD_IP)
+                    try:
+                        address = ("127.0.0.1:50552" if relay else f"{e2e.CLOUD_IP}:50551") if server else None
+                        runs = [e2e.run_generate(root, args.tokens, address, e2e.DEV_NS) for _ in range(args.reps)]
+                    finally:
+                        if server:
+                            server.terminate()
+                            server.wait(10)
+                    prompt = runs[0]["prompt_tokens"]
+                    n = statistics.median(len(r["tokens"]) for r in runs)
+                    pred = predicted_for_run(profile, cand, link, prompt, prompt + n / 2, plan.prefill_chunk)
+                    token_ms = statistics.median(1e3 / r["tokens_per_s"] for r in runs)
+                    ttft_ms = statistics.median(r["ttft_s"] * 1e3 for r in runs)
+                    row["latency"].append({"link": link_name, "shaping": how, "prompt_tokens": prompt,
+                                           "predicted_token_ms": pred.token_latency_ms, "measured_token_ms": token_ms,
+                                           "predicted_ttft_ms": pred.ttft_ms, "measured_ttft_ms": ttft_ms})
+                    print(f"  {link_name:<22}{label:<24}token {pred.token_latency_ms:6.1f} / {token_ms:6.1f} ms, "
+                          f"TTFT {pred.ttft_ms:6.0f} / {ttft_ms:6.0f} ms", file=sys.stderr, flush=True)
+        finally:
+            if relay:
+                relay.terminate()
+            e2e.teardown()
+        print(f"\nlatency on emulated links (shaping: {how}); predicted for each run's link, prompt and context; "
+              f"median of {args.reps} runs of {args.tokens} tokens")
+        print(f"{'link':<24}{'budget':<24}{'split':>6}{'pred ms/tok':>12}{'meas ms/tok':>12}{'error':>8}"
+              f"{'pred TTFT':>10}{'meas TTFT':>10}{'error':>8}")
+        for row in rows:
+            for r in row["latency"]:
+                print(f"{r['link']:<24}{row['budget']:<24}{row['plan']['split_layer']:>6}{r['predicted_token_ms']:>12.1f}"
+                      f"{r['measured_token_ms']:>12.1f}{r['measured_token_ms'] / r['predicted_token_ms'] - 1:>+8.1%}"
+                      f"{r['predicted_ttft_ms']:>10.0f}{r['measured_ttft_ms']:>10.0f}"
+                      f"{r['measured_ttft_ms'] / r['predicted_ttft_ms'] - 1:>+8.1%}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+    Path(args.json).write_text(json.dumps({"profile": args.profile, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run under the interpreter on machines without CUDA; the switch is read when
+# a kernel is decorated, so it must be set before any splitlm.kernels import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser):

@@ -124,23 +124,75 @@ def test_cli_partition_writes_a_plan_with_predictions(tmp_path, capsys):
     assert "--device-memory 'lots'" in capsys.readouterr().err
 
 
-def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys):
+def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
     from splitlm.cli import main
     from splitlm.partition.plan import Plan
-    from splitlm.partition.profile import Profile
+    from splitlm.partition.profiler import measure_profile
 
-    assert main(["profile", "--model", "tiny-random", "--out", str(tmp_path / "p.json"), "--reps", "2",
-                 "--bandwidth", "100", "--rtt", "10ms"]) == 0
+    profile = measure_profile(tiny_ckpt, LinkProfile(100.0, 10.0), bits=(16, 4), kv_bits=(16, 8), contexts=(32, 128),
+                              prefill=32, memory_positions=256, lm_head_bits=(8,), reps=2, progress=False)
+    profile.save(tmp_path / "p.json")
     profile = Profile.load(tmp_path / "p.json")
-    assert profile.num_layers == 4 and set(profile.device.decode_ms) == {16, 8, 4}
-    assert profile.memory.layer_bytes[4] < profile.memory.layer_bytes[16]
+    assert profile.num_layers == tiny_ckpt.spec.num_layers and set(profile.device.decode_ms) == {16, 4}
+    assert set(profile.memory.layer_bytes) == {16, 4} and set(profile.memory.kv_bytes_per_token_layer) == {16, 8}
     assert {c.name for c in profile.codecs} >= {"fp16", "tabq eps=0.035"}
     assert profile.link.rtt_ms == 10 and profile.quality.base_ppl > 1
     assert 10 * MB < profile.memory.runtime_bytes < 1024 * MB  # a real process was measured
+    assert profile.memory.embed_bytes > 0 and set(profile.memory.lm_head_bytes) == {8}
+    # the service's costs come from a real server over loopback: a step costs something
+    assert profile.cloud.step_overhead_ms + profile.cloud.head_ms[16] > 0
+    assert all(v >= 0 for v in profile.device.prefill_fixed_ms.values())
     assert main(["partition", "--profile", str(tmp_path / "p.json"), "--device-memory", "1GB", "--token-latency", "1s",
-                 "--out", str(tmp_path / "plan.json")]) == 0
+                 "--out", str(tmp_path / "plan.json"), "--plot", str(tmp_path / "pareto.png")]) == 0
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.model_id == "tiny-random" and plan.predictions.token_latency_ms is not None
+    assert plan.predictions.prompt_tokens == 128
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_cli_probes_the_link_rtt_of_a_server(tmp_path):
+    """--server: the RTT comes from health checks against a running service, not the flag."""
+    from splitlm.partition.profiler import probe_rtt_ms
+
+    import grpc
+    from concurrent import futures
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert 0 < probe_rtt_ms(f"127.0.0.1:{port}", count=5) < 100
+    finally:
+        server.stop(0)
+    from splitlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot probe the link"):
+        probe_rtt_ms("127.0.0.1:1", count=1)
+
+
+def test_ttft_counts_each_prefill_chunk_and_the_fixed_costs():
+    p = synthetic()
+    p = Profile(p.model_id, p.weights_hash, p.num_layers, p.hidden_size,
+                SideProfile(p.device.contexts, p.device.decode_ms, p.device.prefill_ms_per_token, embed_ms=0.05,
+                            head_ms=p.device.head_ms, prefill_fixed_ms={8: 0.3}),
+                SideProfile(p.cloud.contexts, p.cloud.decode_ms, p.cloud.prefill_ms_per_token, head_ms={16: 0.5},
+                            prefill_fixed_ms={16: 0.2}, prefill_overhead_ms=4.0),
+                p.memory, p.link, p.codecs, p.quality)
+    fp16 = p.codecs[0]
+    c = price(p, 4, 8, 16, 16, fp16, 1024, Budgets(1e12, 1e6, prompt_tokens=300, prefill_chunk=128))
+    device = 3 * 0.05 + 4 * (3 * 0.3 + 300 * 0.1)  # three chunks (128, 128, 44)
+    link = 20.0 + 300 * 512 * 8 / 50e3
+    cloud = 4.0 + 300 * 0.01 + 8 * (0.2 + 300 * 0.005) + 0.5
+    assert c.ttft_ms == pytest.approx(device + 300 * 0.01 + link + cloud)
+
+
+def test_embedding_rows_touched_grow_with_the_sequence():
+    p = synthetic(embed_bytes_per_token=1000.0)
+    b = Budgets(1e12, 1e6)
+    short, long = (price(p, 4, 8, 16, 16, p.codecs[0], seq, b) for seq in (256, 4096))
+    assert long.memory_bytes - short.memory_bytes == pytest.approx((4096 - 256) * (1000 + 4 * 2048))
 
 
 def test_ttft_uses_the_prefill_chunk_codec_cost():

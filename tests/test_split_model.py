@@ -101,3 +101,12 @@ def test_generate_stops_at_max_seq_len(tiny_ckpt):
     assert res.stop_reason in ("max_seq_len", "eos")
     if res.stop_reason == "max_seq_len":
         assert len(prompt) + len(res.token_ids) == 14
+
+
+def test_last_only_logits_are_the_last_row(tiny_ckpt, full, ids):
+    """The cloud runs the LM head on a prompt's last position only: same logits as the full run's last row."""
+    with torch.no_grad():
+        want = full(ids)[:, -1:]
+        got = full(ids, last_only=True)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= TOL["fp32_split"]

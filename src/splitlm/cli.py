@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     pr.add_argument("--bandwidth", default="50", help="link bandwidth in Mbit/s (default 50)")
     pr.add_argument("--rtt", default="20ms", help="link round-trip time (default 20ms)")
-    pr.add_argument("--reps", type=int, default=5, help="timing repetitions (median)")
+    pr.add_argument("--reps", type=int, default=7, help="timing repetitions (median)")
+    pr.add_argument("--server", default=None, help="HOST:PORT of a running `splitlm serve`: probe the link's RTT against it")
 
     pt = sub.add_parser("partition", help="choose a plan from a profile under memory and latency budgets")
     pt.add_argument("--profile", required=True, help="a profile JSON (from `splitlm profile`, or written by hand)")
@@ -127,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--objective", choices=("quality", "latency"), default="quality")
     pt.add_argument("--out", required=True, help="where to write the chosen plan")
     pt.add_argument("--top", type=int, default=10, help="Pareto candidates to print")
+    pt.add_argument("--plot", default=None, help="write a Pareto plot (PNG/SVG/PDF) of the feasible plans here")
 
     d = sub.add_parser("demo", help="split generation end to end: export (cached), serve on loopback, stream, report")
     d.add_argument("--model", default=DEFAULT_MODEL)
@@ -174,7 +176,7 @@ def cmd_generate(args) -> int:
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if args.artifacts:
-        result, tok, split, L = _generate_from_artifacts(args, sampling)
+        result, tok, split, L, plan = _generate_from_artifacts(args, sampling)
     else:
         from splitlm.local import LocalSplit
 
@@ -195,6 +197,8 @@ def cmd_generate(args) -> int:
     print(f"[split {split}/{L}] {len(ids)} prompt tokens, {len(result.token_ids)} generated "
           f"({result.stop_reason}); TTFT {result.ttft_s * 1e3:.0f} ms, {result.tokens_per_s:.1f} tokens/s{link}",
           file=sys.stderr)
+    if plan is not None and plan.predictions.token_latency_ms is not None:
+        print(_predicted_vs_measured(plan, result), file=sys.stderr)
     if args.json:
         import json
 
@@ -204,6 +208,18 @@ def cmd_generate(args) -> int:
                        "tokens_per_s": result.tokens_per_s, "link_bytes": result.link_bytes,
                        "stop_reason": result.stop_reason, **result.extra}, f, indent=2)
     return 0
+
+
+def _predicted_vs_measured(plan, result) -> str:
+    """One line: the partitioner's predictions for this plan against what this run measured."""
+    p = plan.predictions
+    measured_ms = 1e3 / result.tokens_per_s if result.tokens_per_s > 0 else float("nan")
+    line = (f"[plan] predicted {p.token_latency_ms:.1f} ms/token (at {plan.max_seq_len} positions), measured {measured_ms:.1f}"
+            f" (at <= {len(result.prompt_ids) + len(result.token_ids)})")
+    if p.ttft_ms is not None:
+        line += (f"; predicted TTFT {p.ttft_ms:.0f} ms for {p.prompt_tokens or '?'} prompt tokens, measured "
+                 f"{result.ttft_s * 1e3:.0f} ms for {len(result.prompt_ids)}")
+    return line
 
 
 def _generate_from_artifacts(args, sampling):
@@ -236,7 +252,7 @@ def _generate_from_artifacts(args, sampling):
                 raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
             tail_session = tail.new_session(sampling)
             run = lambda ids, show: generate_split(session, tail_session.next_token, ids, args.max_tokens, show, tok)  # noqa: E731
-    return run, tok, session.plan.split_layer, L
+    return run, tok, session.plan.split_layer, L, session.plan
 
 
 def cmd_eval(args) -> int:
@@ -348,7 +364,7 @@ def cmd_profile(args) -> int:
     ckpt = _load(args.model)
     link = LinkProfile(float(args.bandwidth), _quantity(args.rtt, ("ms", "s"), "--rtt"))
     t0 = time.perf_counter()
-    profile = measure_profile(ckpt, link, threads=args.threads, reps=args.reps)
+    profile = measure_profile(ckpt, link, threads=args.threads, reps=args.reps, server=args.server)
     profile.save(args.out)
     print(f"profiled {ckpt.model_id} in {time.perf_counter() - t0:.0f} s -> {args.out}")
     return 0
@@ -382,6 +398,12 @@ def cmd_partition(args) -> int:
     print(f"searched {result.evaluated} configurations in {seconds:.2f} s")
     to_plan(result.chosen, profile, budgets).save(args.out)
     print(f"wrote {args.out}")
+    if args.plot:
+        from splitlm.partition.plot import pareto_plot
+
+        pareto_plot(result, L, args.plot, f"{profile.model_id}: {budgets.device_memory_bytes / 2**20:.0f} MiB, "
+                    f"{budgets.token_latency_ms:.0f} ms/token")
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -26,6 +26,8 @@ class _Work:
     cache: KVCache
     hidden: torch.Tensor
     """(T, d) positions to run for this session."""
+    last_only: bool = False
+    """Only the last position's logits are wanted."""
     future: Future = field(default_factory=Future)
 
 
@@ -66,8 +68,8 @@ class Batcher:
         """Decode steps served by those forwards."""
         self._thread.start()
 
-    def run(self, cache: KVCache, hidden: torch.Tensor) -> torch.Tensor:
-        work = _Work(cache, hidden)
+    def run(self, cache: KVCache, hidden: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        work = _Work(cache, hidden, last_only)
         self._inbox.put(work)
         return work.future.result()
 
@@ -98,7 +100,7 @@ class Batcher:
     @torch.inference_mode()
     def _single(self, work: _Work) -> None:
         try:
-            work.future.set_result(self.stage(work.hidden[None], cache=work.cache)[0])
+            work.future.set_result(self.stage(work.hidden[None], cache=work.cache, last_only=work.last_only)[0])
         except Exception as exc:  # noqa: BLE001 - the session's stream reports it
             work.future.set_exception(exc)
 
@@ -109,10 +111,11 @@ class Batcher:
         try:
             caches = [w.cache for w in batch]
             view = _BatchedCaches(caches)
-            lengths = torch.tensor([c.length for c in caches])
+            dev = batch[0].hidden.device
+            lengths = torch.tensor([c.length for c in caches], device=dev)
             s = view.length
-            mask = torch.zeros(len(batch), 1, 1, s + 1, dtype=torch.bool)  # (B, 1, T=1, S+1)
-            mask[:, 0, 0, :s] = torch.arange(s)[None, :] < lengths[:, None]
+            mask = torch.zeros(len(batch), 1, 1, s + 1, dtype=torch.bool, device=dev)  # (B, 1, T=1, S+1)
+            mask[:, 0, 0, :s] = torch.arange(s, device=dev)[None, :] < lengths[:, None]
             mask[:, 0, 0, s] = True
             x = torch.stack([w.hidden for w in batch])  # (B, 1, d)
             logits = self.stage(x, positions=lengths[:, None], cache=view, mask=mask)  # (B, 1, V)

@@ -127,10 +127,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"sequence would reach {session.cache.length + rows} positions, the limit is {self.runner.plan.max_seq_len}")
         self._check_kv_budget(rows)
-        logits = session.logits(act.frame)
+        logits = session.logits(act.frame, last_only=True)
         if not act.want_token:
             return None
-        token = session.sampler(logits[-1].float().numpy())
+        token = session.sampler(logits[-1].float().cpu().numpy())
         micros = int((time.perf_counter() - t0) * 1e6)
         return pb.CloudMessage(token=pb.Token(position=session.cache.length, id=token, compute_us=micros))
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from splitlm.artifacts import read_folder
-from splitlm.errors import CodecError, ModelLoadError
+from splitlm.errors import CodecError, ConfigError, ModelLoadError
+from splitlm.kernels import dispatch
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
-from splitlm.quantize import codec
 from splitlm.quantize.apply import load_stage
 from splitlm.sampling import Sampler, SamplingParams
 
@@ -26,11 +26,25 @@ TAIL_FILE = names.TAIL_FILE
 class TailRunner:
     """The tail stage of DIR/cloud, shared by all sessions."""
 
-    def __init__(self, cloud_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, cloud_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "auto",
+                 kernels: str = "auto") -> None:
+        """device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'. kernels: 'auto' (Triton on
+        CUDA, torch references elsewhere), 'triton' or 'reference' (kernels.dispatch)."""
         self.dir, self.plan, self.spec = read_folder(cloud_dir, TAIL_FILE)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise ConfigError(f"device {device!r}: {exc}") from None
+        self.kernels = dispatch.choose(kernels, self.device)
         self.stage: Transformer = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
         if self.stage.start != self.plan.split_layer:
             raise ModelLoadError(f"{self.dir}: tail starts at layer {self.stage.start}, the plan splits at {self.plan.split_layer}")
+        self.kernel_linears = dispatch.apply_kernels(self.stage, "triton") if self.kernels == "triton" else 0
+        self.stage.to(self.device)
+        log.info("tail [%d, %d) on %s, kernels %s (%d quantized Linears on kernels)", self.stage.start,
+                 self.spec.num_layers, self.device, self.kernels, self.kernel_linears)
         self.batcher = None
 
     def enable_batching(self, max_batch: int = 64) -> None:
@@ -53,16 +67,17 @@ class TailSession:
         self.sampler = Sampler(sampling)
 
     @torch.inference_mode()
-    def logits(self, frame: bytes) -> torch.Tensor:
-        """Decode one frame (T positions) and run the tail -> logits (T, V)."""
-        h = codec.decode(frame, "torch", max_rows=self.runner.plan.max_seq_len)
+    def logits(self, frame: bytes, last_only: bool = False) -> torch.Tensor:
+        """Decode one frame (T positions) and run the tail -> logits (T, V), or (1, V) with last_only
+        (the LM head then runs on the last position only: a prompt's other logits are never sampled)."""
+        h = dispatch.decode_frame(frame, self.runner.kernels, self.runner.device, self.runner.plan.max_seq_len)
         d = self.runner.spec.hidden_size
         if h.shape[1] != d:
             raise CodecError(f"frame hidden size {h.shape[1]} does not match the model's {d}")
         h = h.to(torch.float32)
         if self.runner.batcher is not None:
-            return self.runner.batcher.run(self.cache, h)
-        return self.runner.stage(h[None], cache=self.cache)[0]
+            return self.runner.batcher.run(self.cache, h, last_only)
+        return self.runner.stage(h[None], cache=self.cache, last_only=last_only)[0]
 
     def next_token(self, frame: bytes) -> int:
-        return self.sampler(self.logits(frame)[-1].float().numpy())
+        return self.sampler(self.logits(frame, last_only=True)[-1].float().cpu().numpy())

@@ -46,10 +46,15 @@ class HeadSession:
     """One onnxruntime session over DIR/device/head.onnx and the plan beside it."""
 
     def __init__(self, device_dir: str | Path, threads: int | None = None, optimization: str = "all",
-                 spin: bool = True) -> None:
+                 spin: bool | None = None) -> None:
+        """spin: let onnxruntime's threads busy-wait between calls. Default: only for device-only plans;
+        a split plan waits on the network after each step, and spinning threads would burn the
+        device's cores (and a co-located cloud's) for nothing."""
         import onnxruntime as ort
 
         self.dir, self.plan, self.spec = read_folder(device_dir, HEAD_FILE)
+        if spin is None:
+            spin = self.plan.split_layer == self.spec.num_layers
         head = self.dir / HEAD_FILE
         self.session = ort.InferenceSession(str(head), _session_options(threads or os.cpu_count(), optimization, spin),
                                             providers=["CPUExecutionProvider"])

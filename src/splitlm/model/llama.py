@@ -209,13 +209,14 @@ class Transformer(nn.Module):
         return range(self.start, self.stop)
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Run the owned part on T new positions.
 
         inputs: token ids (B, T) when this stage embeds, else hidden states (B, T, d).
         positions: (B, T) absolute positions; default continues after the cache.
         cache: updated in place with the new keys/values; None runs without one.
         mask: optional (B, 1, T, P+T) boolean mask; default is causal.
+        last_only: a finalizing stage computes logits for the last position only (B, 1, V).
         Returns logits (B, T, V) if this stage finalizes, else hidden states (B, T, d).
         """
         past = cache.length if cache is not None else 0
@@ -234,7 +235,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = past + t
         if self.finalizes:
-            x = self.lm_head(self.model.norm(x))
+            x = self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
         return x
 
     def state_dict_names(self) -> list[str]:

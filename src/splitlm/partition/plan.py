@@ -93,7 +93,9 @@ class Predictions:
     token_latency_ms: float | None = None
     """Per-token decode latency: device + link + cloud."""
     ttft_ms: float | None = None
-    """Time to first token for the profiled prompt length."""
+    """Time to first token for a prompt of `prompt_tokens`."""
+    prompt_tokens: int | None = None
+    """Prompt length the TTFT was predicted for."""
     bytes_per_token: float | None = None
     """Bytes on the wire per decoded token, upstream."""
     quality: float | None = None

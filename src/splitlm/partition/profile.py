@@ -39,10 +39,18 @@ class SideProfile:
     head_ms: Mapping[int, float] = field(default_factory=dict)
     """LM-head bits -> final norm + LM head per token (ms)."""
     step_overhead_ms: float = 0.0
-    """Fixed cost per step (runtime call, sampling)."""
+    """Fixed cost per decode step (runtime call, sampling; on the cloud: the service's own work)."""
+    prefill_fixed_ms: Mapping[int, float] = field(default_factory=dict)
+    """bits -> per-layer cost of one prefill call on top of its per-token cost (ms)."""
+    prefill_overhead_ms: float = 0.0
+    """Fixed cost of the first (prefill) step beyond the per-layer costs (ms)."""
 
     def decode(self, bits: int, context: float) -> float:
         return _interp(self.contexts, self.decode_ms[bits], context)
+
+    def prefill(self, bits: int, tokens: int) -> float:
+        """Per-layer cost of one prefill call over `tokens` positions (ms)."""
+        return self.prefill_fixed_ms.get(bits, 0.0) + tokens * self.prefill_ms_per_token[bits]
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -128,7 +136,7 @@ class MemoryProfile:
     layer_bytes: Mapping[int, float]
     """weight bits -> bytes of one decoder layer's weights."""
     embed_bytes: float
-    """The embedding table as the head holds it."""
+    """Resident bytes of the embedding-only head after one prefill chunk (the table is mapped, not read)."""
     lm_head_bytes: Mapping[int, float]
     """LM-head bits -> bytes (device-only plans)."""
     kv_bytes_per_token_layer: Mapping[int, float]
@@ -137,6 +145,8 @@ class MemoryProfile:
     """Fixed cost of the runtime (onnxruntime, tokenizer, buffers)."""
     activation_bytes_per_token: float = 0.0
     """Transient activation memory per prefill position."""
+    embed_bytes_per_token: float = 0.0
+    """Growth of the embedding-only head's resident memory per position (mapped embedding rows it touches)."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,9 @@ class Profile:
         def side(d):
             return SideProfile(tuple(d["contexts"]), {int(k): tuple(v) for k, v in d["decode_ms"].items()},
                                {int(k): v for k, v in d["prefill_ms_per_token"].items()}, d.get("embed_ms", 0.0),
-                               {int(k): v for k, v in d.get("head_ms", {}).items()}, d.get("step_overhead_ms", 0.0))
+                               {int(k): v for k, v in d.get("head_ms", {}).items()}, d.get("step_overhead_ms", 0.0),
+                               {int(k): v for k, v in d.get("prefill_fixed_ms", {}).items()},
+                               d.get("prefill_overhead_ms", 0.0))
 
         m, q = data["memory"], data["quality"]
         try:
@@ -188,7 +200,8 @@ class Profile:
                 MemoryProfile({int(k): v for k, v in m["layer_bytes"].items()}, m["embed_bytes"],
                               {int(k): v for k, v in m["lm_head_bytes"].items()},
                               {int(k): v for k, v in m["kv_bytes_per_token_layer"].items()},
-                              m.get("runtime_bytes", 0.0), m.get("activation_bytes_per_token", 0.0)),
+                              m.get("runtime_bytes", 0.0), m.get("activation_bytes_per_token", 0.0),
+                              m.get("embed_bytes_per_token", 0.0)),
                 LinkProfile(**data["link"]),
                 tuple(CodecPoint(**c) for c in data["codecs"]),
                 QualityTable(q["base_ppl"], {int(b): {int(s): v for s, v in t.items()} for b, t in q["device_delta"].items()},

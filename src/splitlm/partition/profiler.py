@@ -1,17 +1,29 @@
 """`splitlm profile`: measure a Profile on this machine (needs torch for export and the cloud side).
 
-Device: heads of `probe_layers` layers are exported per weight precision and timed in the
-onnxruntime runtime (decode at several contexts, prefill per token); per-layer cost is the
-difference to an embedding-only head, divided by the layer count. Cloud: tail stages of the
-same size timed in torch. Memory: exported sizes (device) and analytic KV sizes. Codec: each
-point encoded/decoded on real activations at the middle layer. Quality: perplexity on
-calibration windows for each precision at a few split points, each KV width and codec point.
+Everything the partitioner prices is measured on the components that run it:
+
+* device latency: heads of `probe_layers` layers exported per weight precision and timed in the
+  onnxruntime runtime (decode at several contexts, prefill at two chunk sizes); per-layer cost is
+  the difference to an embedding-only head, divided by the layer count. The device LM head
+  (device-only plans) is its own exported graph, timed the same way.
+* device memory: peak RSS of fresh device processes (the runtime alone; the embedding-only head;
+  each precision's head; each KV width at two sequence lengths) driven with real text, so what
+  onnxruntime maps, prepacks and allocates is counted as it happens.
+* cloud latency: tail stages of the same size timed in torch; the service's own per-step and
+  first-step costs calibrated against a real `splitlm serve` over loopback.
+* codec: each point encoded/decoded on real activations at the middle layer.
+* link: the given bandwidth; the RTT given, or probed against a running server.
+* quality: perplexity on calibration windows for each precision at a few split points, each KV
+  width and codec point.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from splitlm import evaluate
+from splitlm.errors import ConfigError
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
 from splitlm.partition.profile import CodecPoint, LinkProfile, MemoryProfile, Profile, QualityTable, SideProfile
@@ -34,9 +47,12 @@ CODEC_POINTS: dict[str, CodecConfig] = {
     "tabq eps=0.035": CodecConfig("tabq", error_budget=0.035),
     "tabq eps=0.05": CodecConfig("tabq", error_budget=0.05),
 }
+SHORT_PREFILL = 16
+"""The small prefill call that, with the plan's chunk, gives each layer's fixed and per-token prefill cost."""
 
 
 def _median_ms(fn, reps: int) -> float:
+    fn()  # warm-up: first calls allocate
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -45,21 +61,29 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _time_device_head(device_dir: Path, contexts: tuple[int, ...], prefill: int, threads: int | None, reps: int):
+def _line(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
+    """(intercept, slope) through two points, both clamped at 0 (timing noise)."""
+    slope = max(0.0, (y2 - y1) / (x2 - x1))
+    return max(0.0, y1 - slope * x1), slope
+
+
+def _time_device_head(device_dir: Path, contexts, sizes, text: list[int], threads: int | None, reps: int):
+    """Decode ms at each context, prefill ms for each chunk size, of one exported head."""
     from splitlm.device.runtime import DeviceHead, HeadSession
 
     head = DeviceHead(HeadSession(device_dir, threads=threads))
     decode = []
     for ctx in contexts:
         head.reset()
-        head.step(list(np.arange(ctx) % 200 + 3))
-        decode.append(_median_ms(lambda: head.step([7]), reps))  # the context grows by `reps` positions: negligible
-    head.reset()
-    pre = _median_ms(lambda: (head.reset(), head.step(list(np.arange(prefill) % 200 + 3))), max(1, reps // 2)) / prefill
-    return decode, pre
+        head.step(text[:ctx])
+        decode.append(_median_ms(lambda: head.step([text[ctx]]), reps))  # the context grows by `reps`: negligible
+    prefill = {}
+    for t in sizes:
+        prefill[t] = _median_ms(lambda: (head.reset(), head.step(text[:t])), reps)
+    return decode, prefill
 
 
-def _time_cloud(stage, spec, contexts: tuple[int, ...], prefill: int, reps: int):
+def _time_cloud(stage, spec, contexts, sizes, reps: int):
     from splitlm.model.llama import KVCache
 
     decode = []
@@ -70,12 +94,11 @@ def _time_cloud(stage, spec, contexts: tuple[int, ...], prefill: int, reps: int)
             x = torch.randn(1, 1, spec.hidden_size)
 
             def step():
-                stage(x, cache=cache)
+                stage(x, cache=cache, last_only=True)
                 cache.crop(ctx)
             decode.append(_median_ms(step, reps))
-        h = torch.randn(1, prefill, spec.hidden_size)
-        pre = _median_ms(lambda: stage(h), max(1, reps // 2)) / prefill
-    return decode, pre
+        prefill = {t: _median_ms(lambda: stage(torch.randn(1, t, spec.hidden_size), last_only=True), reps) for t in sizes}
+    return decode, prefill
 
 
 # Peak RSS of this process image: VmHWM (ru_maxrss would carry the parent's peak across fork + exec).
@@ -86,39 +109,133 @@ _BASELINE = (
     "import onnxruntime\n"
     "load_tokenizer(sys.argv[1])\n" + _PEAK
 )
+_RUN_HEAD = (
+    "import sys, numpy as np\n"
+    "from splitlm.device.runtime import DeviceHead, HeadSession, load_tokenizer\n"
+    "load_tokenizer(sys.argv[1])\n"
+    "h = DeviceHead(HeadSession(sys.argv[1], threads=int(sys.argv[3]) or None))\n"
+    "text = [int(t) for t in open(sys.argv[4]).read().split()] if sys.argv[4] != '-' else None\n"
+    "n = int(sys.argv[2]); first = min(n - 1, h.plan.prefill_chunk)\n"
+    "ids = text if text is not None else list(np.arange(n) % 200 + 3)\n"
+    "h.step(list(ids[:first]))\n"
+    "while h.length < n: h.step([int(ids[h.length % len(ids)])])\n" + _PEAK
+)
+_RUN_GRAPH = (  # a bare graph with input_ids/position_ids only (the device LM-head probe)
+    "import sys, numpy as np, onnxruntime as ort\n"
+    "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+    "s.run(None, {'input_ids': np.array([[5]], np.int64), 'position_ids': np.array([[0]], np.int64)})\n" + _PEAK
+)
+
+
+def _peak(code: str, *args: str) -> float:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {out.stderr.strip()[-800:]}")
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def runtime_baseline_bytes(device_dir: Path) -> float:
     """Peak RSS of a device process with the runtime imported and the tokenizer loaded, no model."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", _BASELINE, str(device_dir)], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return _peak(_BASELINE, str(device_dir))
 
 
-def measure_peak_rss(device_dir: Path, positions: int, threads: int | None = None) -> float:
-    """Peak RSS (bytes) of a device process that runs the head to `positions` (prefill chunks, then decode)."""
-    import subprocess
-    import sys
+def measure_peak_rss(device_dir: Path, positions: int, threads: int | None = None, text: list[int] | None = None) -> float:
+    """Peak RSS (bytes) of a fresh device process that runs the head to `positions` (one prefill
+    chunk, then decode), fed `text` token ids (cycled) or, without text, a synthetic pattern."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        if text is not None:
+            f.write(" ".join(map(str, text)))
+            f.flush()
+        return _peak(_RUN_HEAD, str(device_dir), str(positions), str(threads or 0), f.name if text is not None else "-")
 
-    code = (
-        "import sys, numpy as np\n"
-        "from splitlm.device.runtime import DeviceHead, HeadSession, load_tokenizer\n"
-        "load_tokenizer(sys.argv[1])\n"
-        "h = DeviceHead(HeadSession(sys.argv[1], threads=int(sys.argv[3]) or None))\n"
-        "n = int(sys.argv[2]); first = min(n - 1, h.plan.prefill_chunk)\n"
-        "h.step(list(np.arange(first) % 200 + 3))\n"
-        "while h.length < n: h.step([5])\n" + _PEAK
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(device_dir), str(positions), str(threads or 0)],
-                         capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+
+def probe_rtt_ms(address: str, count: int = 20) -> float:
+    """Median round trip of the gRPC health check against a running `splitlm serve` (ms)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            times.append((time.perf_counter() - t0) * 1e3)
+    except grpc.RpcError as exc:
+        raise ConfigError(f"cannot probe the link to {address}: {exc.code().name}: {exc.details()}") from None
+    finally:
+        channel.close()
+    return statistics.median(times)
+
+
+def _serve(cloud_root: Path) -> tuple[subprocess.Popen, str]:
+    exe = Path(sys.executable).with_name("splitlm")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "splitlm.cli"]
+    proc = subprocess.Popen(cmd + ["serve", "--artifacts", str(cloud_root), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"the calibration server did not start: {line}{proc.stdout.read()[-500:]}")
+    return proc, "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
+
+
+def _loopback_run(root: Path, prompt: list[int], tokens: int, threads: int | None):
+    """One real split generation over loopback: (TTFT ms, median decode step ms)."""
+    from splitlm.device.client import RemoteSession, connect
+    from splitlm.device.runtime import DeviceHead, HeadSession
+    from splitlm.sampling import SamplingParams
+
+    proc, address = _serve(root)
+    try:
+        session = HeadSession(root / "device", threads=threads)
+        steps = []
+        for _ in range(2):  # the first run warms the server up
+            head = DeviceHead(session)
+            with RemoteSession(connect(address), session.plan.hash, session.plan.model_id, SamplingParams(), tokens) as rs:
+                t0 = time.perf_counter()
+                tok = rs.next_token(head.encode(head.step(prompt)))
+                ttft = (time.perf_counter() - t0) * 1e3
+                steps = []
+                for _ in range(tokens - 1):
+                    t0 = time.perf_counter()
+                    tok = rs.next_token(head.encode(head.step([tok])))
+                    steps.append((time.perf_counter() - t0) * 1e3)
+        return ttft, statistics.median(steps)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _export_lm_head(ckpt: Checkpoint, bits: int, path: Path) -> None:
+    """An ONNX graph of embedding + final norm + LM head at `bits` (no layers)."""
+    from splitlm.device.export import export_head_onnx
+    from splitlm.model.load import build_stage
+    from splitlm.quantize.apply import quantize_lm_head
+
+    export_head_onnx(quantize_lm_head(build_stage(ckpt, 0, 0, embed=True, final=True), bits), path)
+
+
+def _time_graph(path: Path, threads: int | None, reps: int, sample: bool) -> float:
+    import onnxruntime as ort
+
+    from splitlm.device.runtime import _session_options
+    from splitlm.sampling import Sampler, SamplingParams
+
+    s = ort.InferenceSession(str(path), _session_options(threads or os.cpu_count(), "all"), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([[5]], np.int64), "position_ids": np.array([[7]], np.int64)}
+    sampler = Sampler(SamplingParams())
+    if sample:
+        return _median_ms(lambda: sampler(s.run(None, feed)[0][0, -1]), reps)
+    return _median_ms(lambda: s.run(None, feed), reps)
 
 
 def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...] = (16, 8, 4), kv_bits=(16, 8, 4),
-                    contexts: tuple[int, ...] = (128, 1024), probe_layers: int = 2, prefill: int = 128,
-                    quality_windows: int = 2, threads: int | None = None, reps: int = 5, progress: bool = True) -> Profile:
+                    contexts: tuple[int, ...] = (128, 512, 1024), probe_layers: int = 4, prefill: int = 128,
+                    memory_positions: int = 1024, quality_windows: int = 2, threads: int | None = None, reps: int = 7,
+                    server: str | None = None, lm_head_bits: tuple[int, ...] = (16, 8), progress: bool = True) -> Profile:
     from splitlm.device.export import export_artifacts
     from splitlm.local import LocalSplit
     from splitlm.model.load import build_stage
@@ -126,64 +243,112 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
 
     spec, L = ckpt.spec, ckpt.spec.num_layers
     n = min(probe_layers, L)
-    steps = tqdm(total=2 * len(bits) + 3, desc="profile", disable=not progress, leave=False)
+    tok = ckpt.tokenizer()
+    calib = evaluate.calibration_windows(tok, max(2, quality_windows, -(-(max(contexts) + 2 * reps + 16) // evaluate.WINDOW)))
+    text = [t for w in calib for t in w]
+    sizes = (SHORT_PREFILL, prefill)
+    lo, hi = prefill + 1, max(memory_positions, prefill + 2)
+    kv_extra = [kb for kb in kv_bits if kb != 16]
+    bar = tqdm(total=4 + 2 * len(bits) + len(kv_extra) + len(lm_head_bits), desc="profile",
+               disable=not progress, leave=False)
+
+    def done(what: str) -> None:
+        bar.set_postfix_str(what)
+        bar.update()
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base_plan = Plan(ckpt.model_id, ckpt.weights_hash, 0, codec=CodecConfig("fp16"), max_seq_len=max(contexts) + prefill + 8,
-                         prefill_chunk=prefill)
+        base_plan = Plan(ckpt.model_id, ckpt.weights_hash, 0, codec=CodecConfig("fp16"),
+                         max_seq_len=max(hi, max(contexts) + 2 * reps + 16) + 8, prefill_chunk=prefill)
         base = export_artifacts(ckpt, base_plan, tmp / "base", progress=False)
         runtime_bytes = runtime_baseline_bytes(base.device_dir)
-        base_decode, base_pre = _time_device_head(base.device_dir, contexts, prefill, threads, reps)
-        steps.update()
-        dev_decode, dev_pre, layer_bytes = {}, {}, {}
+        base_lo = measure_peak_rss(base.device_dir, lo, threads, text)
+        base_hi = measure_peak_rss(base.device_dir, hi, threads, text)
+        base_decode, base_pre = _time_device_head(base.device_dir, contexts, sizes, text, threads, reps)
+        done("embedding-only head")
+        # KV: heads at 8-bit weights with each KV width, peak RSS at two lengths
+        kv_mem = {}
+        for kb in kv_bits:
+            res = export_artifacts(ckpt, base_plan.replace(split_layer=n, device_weights=WeightQuant(8, 32), kv_bits=kb),
+                                   tmp / f"kv{kb}", progress=False)
+            grow = measure_peak_rss(res.device_dir, hi, threads, text) - measure_peak_rss(res.device_dir, lo, threads, text)
+            kv_mem[kb] = max(0.0, (grow - (base_hi - base_lo)) / (n * (hi - lo)))
+            if kb != 16:
+                done(f"KV {kb}-bit")
+        dev_decode, dev_pre, dev_fixed, layer_bytes = {}, {}, {}, {}
         for b in bits:
             plan = base_plan.replace(split_layer=n, device_weights=WeightQuant(b, 32))
             res = export_artifacts(ckpt, plan, tmp / f"w{b}", progress=False)
-            dec, pre = _time_device_head(res.device_dir, contexts, prefill, threads, reps)
+            dec, pre = _time_device_head(res.device_dir, contexts, sizes, text, threads, reps)
             dev_decode[b] = tuple(max(0.0, (d - d0) / n) for d, d0 in zip(dec, base_decode))
-            dev_pre[b] = max(0.0, (pre - base_pre) / n)
-            layer_bytes[b] = max(0.0, (res.head_bytes - base.head_bytes) / n)
-            steps.update()
-    device = SideProfile(contexts, dev_decode, dev_pre, embed_ms=min(base_decode), head_ms={}, step_overhead_ms=0.0)
-    cloud_decode, cloud_pre = {}, {}
-    for b in bits:
-        stage = quantize_stage(build_stage(ckpt, L - n, L, embed=False, final=False), WeightQuant(b, 32), progress=False)
-        dec, pre = _time_cloud(stage, spec, contexts, prefill, reps)
-        cloud_decode[b], cloud_pre[b] = tuple(d / n for d in dec), pre / n
-        steps.update()
-    head_ms = {}
-    with torch.inference_mode():
-        for hb in (16, 8):
-            final = quantize_lm_head(build_stage(ckpt, L, L, embed=False, final=True), hb)
+            (t1, p1), (t2, p2) = [(t, (pre[t] - base_pre[t]) / n) for t in sizes]
+            dev_fixed[b], dev_pre[b] = _line(t1, p1, t2, p2)
+            rss = measure_peak_rss(res.device_dir, lo, threads, text)
+            layer_bytes[b] = max(0.0, (rss - base_lo) / n - kv_mem[16] * lo)
+            done(f"device W{b}")
+        # the device LM head (device-only plans): embedding + norm + LM head + sampling, less the embedding step
+        embed_graph = tmp / "base" / "device" / "head.onnx"
+        embed_ms = _time_graph(embed_graph, threads, reps, sample=False)
+        embed_peak = _peak(_RUN_GRAPH, str(embed_graph))
+        head_ms, lm_head_mem = {}, {}
+        for hb in lm_head_bits:
+            path = tmp / f"lm{hb}" / "head.onnx"
+            path.parent.mkdir()
+            _export_lm_head(ckpt, hb, path)
+            head_ms[hb] = max(0.0, _time_graph(path, threads, reps, sample=True) - embed_ms)
+            lm_head_mem[hb] = max(0.0, _peak(_RUN_GRAPH, str(path)) - embed_peak)
+            done(f"device LM head {hb}-bit")
+        # cloud: tail stages of n layers per precision, and the final norm + LM head
+        cloud_decode, cloud_pre, cloud_fixed = {}, {}, {}
+        for b in bits:
+            stage = quantize_stage(build_stage(ckpt, L - n, L, embed=False, final=False), WeightQuant(b, 32), progress=False)
+            dec, pre = _time_cloud(stage, spec, contexts, sizes, reps)
+            cloud_decode[b] = tuple(d / n for d in dec)
+            cloud_fixed[b], cloud_pre[b] = _line(sizes[0], pre[sizes[0]] / n, sizes[1], pre[sizes[1]] / n)
+            done(f"cloud W{b}")
+        with torch.inference_mode():
+            final = quantize_lm_head(build_stage(ckpt, L, L, embed=False, final=True), 16)
             x = torch.randn(1, 1, spec.hidden_size)
-            head_ms[hb] = _median_ms(lambda: final(x), reps)
-    cloud = SideProfile(contexts, cloud_decode, cloud_pre, head_ms={16: head_ms[16]})
-    # the device's LM head (device-only plans) is timed with torch for now: an estimate of the onnxruntime cost
-    device = SideProfile(contexts, dev_decode, dev_pre, embed_ms=device.embed_ms, head_ms=head_ms)
-    steps.update()
-    # codec points on real activations at the middle layer
-    tok = ckpt.tokenizer()
-    calib = evaluate.calibration_windows(tok, max(1, quality_windows))
-    mid = LocalSplit(ckpt, L // 2)
-    with torch.inference_mode():
-        h = mid.head(torch.tensor([calib[0][:256]]))[0].numpy()
-    codecs = []
-    for name, cfg in CODEC_POINTS.items():
-        frames = [codec_mod.encode(h[i:i + 1], cfg) for i in range(64)]
-        enc = _median_ms(lambda: codec_mod.encode(h[:1], cfg), reps)
-        dec = _median_ms(lambda: codec_mod.decode(frames[0], "torch"), reps)
-        chunk = h[:prefill]
-        chunk_frame = codec_mod.encode(chunk, cfg)
-        enc_chunk = _median_ms(lambda: codec_mod.encode(chunk, cfg), max(1, reps // 2)) / len(chunk)
-        dec_chunk = _median_ms(lambda: codec_mod.decode(chunk_frame, "torch"), max(1, reps // 2)) / len(chunk)
-        codecs.append(CodecPoint(name, float(np.mean([len(f) for f in frames])), enc, dec, cfg.kind, cfg.error_budget,
-                                 enc_chunk, dec_chunk))
-    steps.update()
-    quality = measure_quality(ckpt, calib, bits, kv_bits, progress)
-    steps.close()
-    kv = {kb: spec.kv_bytes_per_token(1, kb) + (0 if kb == 16 else 2 * spec.num_kv_heads * 4) for kb in kv_bits}
-    lm_head = {16: spec.vocab_size * spec.hidden_size * 4.0, 8: spec.vocab_size * spec.hidden_size * (1 + 2.5 / 32)}
-    memory = MemoryProfile(layer_bytes, float(base.head_bytes), lm_head, kv, runtime_bytes)
+            cloud_head = _median_ms(lambda: final(x), reps)
+        # codec points on real activations at the middle layer
+        mid = LocalSplit(ckpt, L // 2)
+        with torch.inference_mode():
+            h = mid.head(torch.tensor([text[:256]]))[0].numpy()
+        codecs = []
+        for name, cfg in CODEC_POINTS.items():
+            frames = [codec_mod.encode(h[i:i + 1], cfg) for i in range(64)]
+            enc = _median_ms(lambda: codec_mod.encode(h[:1], cfg), reps)
+            dec = _median_ms(lambda: codec_mod.decode(frames[0], "torch"), reps)
+            chunk = h[:prefill]
+            chunk_frame = codec_mod.encode(chunk, cfg)
+            enc_chunk = _median_ms(lambda: codec_mod.encode(chunk, cfg), max(1, reps // 2)) / len(chunk)
+            dec_chunk = _median_ms(lambda: codec_mod.decode(chunk_frame, "torch"), max(1, reps // 2)) / len(chunk)
+            codecs.append(CodecPoint(name, float(np.mean([len(f) for f in frames])), enc, dec, cfg.kind, cfg.error_budget,
+                                     enc_chunk, dec_chunk))
+        done("codec")
+        device = SideProfile(contexts, dev_decode, dev_pre, embed_ms=min(base_decode), head_ms=head_ms,
+                             prefill_fixed_ms=dev_fixed)
+        cloud = SideProfile(contexts, cloud_decode, cloud_pre, head_ms={16: cloud_head}, prefill_fixed_ms=cloud_fixed)
+        # the service's own costs: a real server over loopback runs the base plan (all L layers in the cloud)
+        prompt = text[:SHORT_PREFILL * 2]
+        ttft, step = _loopback_run(tmp / "base", prompt, 24, threads)
+        fp16 = codecs[0]
+        ctx = len(prompt) + 12
+        step_model = device.embed_ms + fp16.encode_ms + fp16.decode_ms + L * cloud.decode(16, ctx) + cloud_head
+        ttft_model = (device.embed_ms + len(prompt) * (fp16.prefill_encode + fp16.prefill_decode)
+                      + L * cloud.prefill(16, len(prompt)) + cloud_head)
+        cloud = SideProfile(contexts, cloud_decode, cloud_pre, head_ms={16: cloud_head}, prefill_fixed_ms=cloud_fixed,
+                            step_overhead_ms=max(0.0, step - step_model), prefill_overhead_ms=max(0.0, ttft - ttft_model))
+        log.info("loopback calibration: step %.2f ms (model %.2f), TTFT %.1f ms (model %.1f)", step, step_model, ttft, ttft_model)
+        done("service overhead")
+    if server:
+        link = LinkProfile(link.bandwidth_mbps, probe_rtt_ms(server))
+    quality = measure_quality(ckpt, calib[-quality_windows:], bits, kv_bits, progress)
+    done("quality")
+    bar.close()
+    runtime_bytes = min(runtime_bytes, base_lo)  # the embedding is mapped, barely touched: keep noise out of it
+    memory = MemoryProfile(layer_bytes, base_lo - runtime_bytes, lm_head_mem, kv_mem, runtime_bytes,
+                           embed_bytes_per_token=max(0.0, (base_hi - base_lo) / (hi - lo)))
     return Profile(ckpt.model_id, ckpt.weights_hash, L, spec.hidden_size, device, cloud, memory, link, tuple(codecs), quality)
 
 

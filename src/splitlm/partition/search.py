@@ -70,20 +70,35 @@ class SearchResult:
     message: str
     """One paragraph for the user: what was chosen and why, or which constraint binds."""
     notes: list[str] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    """Every feasible configuration (at its longest fitting sequence)."""
+
+
+def _chunks(tokens: int, chunk: int) -> list[int]:
+    return [min(chunk, tokens - s) for s in range(0, tokens, chunk)]
 
 
 def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, codec: CodecPoint, seq: int,
           b: Budgets) -> Candidate:
-    """Predicted memory, latency, TTFT, bytes and perplexity of one configuration."""
+    """Predicted memory, latency, TTFT, bytes and perplexity of one configuration.
+
+    Decode step: device (overhead + embedding + ℓ layers at the context + encode) + link (RTT +
+    transfer) + cloud (overhead + frame decode + L − ℓ layers + final norm and LM head). TTFT: the
+    device runs the prompt in prefill chunks, sends one frame, the cloud runs it in one call.
+    """
     L = p.num_layers
     dev, cloud, mem, link = p.device, p.cloud, p.memory, p.link
     device_only = split == L
-    memory = (split * mem.layer_bytes.get(dev_bits, 0.0) + mem.embed_bytes + mem.runtime_bytes
-              + split * mem.kv_bytes_per_token_layer[kv_bits] * seq + mem.activation_bytes_per_token * b.prefill_chunk)
+    memory = (split * mem.layer_bytes.get(dev_bits, 0.0) + mem.embed_bytes + mem.embed_bytes_per_token * seq
+              + mem.runtime_bytes + split * mem.kv_bytes_per_token_layer[kv_bits] * seq
+              + mem.activation_bytes_per_token * b.prefill_chunk)
     if device_only:
         memory += mem.lm_head_bytes[b.lm_head_bits]
     device_ms = dev.step_overhead_ms + dev.embed_ms + (split * dev.decode(dev_bits, seq) if split else 0.0)
-    ttft = b.prompt_tokens * (split * dev.prefill_ms_per_token[dev_bits] if split else 0.0)
+    chunks = _chunks(b.prompt_tokens, b.prefill_chunk)
+    ttft = dev.prefill_overhead_ms + len(chunks) * dev.embed_ms
+    if split:
+        ttft += sum(split * dev.prefill(dev_bits, t) for t in chunks)
     if device_only:
         device_ms += dev.head_ms[b.lm_head_bits]
         token_ms, bytes_up = device_ms, 0.0
@@ -96,8 +111,8 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
                     + cloud.head_ms.get(16, 0.0))
         token_ms = device_ms + link_ms + cloud_ms
         ttft += (b.prompt_tokens * codec.prefill_encode + link.rtt_ms + link.transfer_ms(b.prompt_tokens * bytes_up)
-                 + b.prompt_tokens * (codec.prefill_decode + (L - split) * cloud.prefill_ms_per_token[cloud_bits])
-                 + cloud.head_ms.get(16, 0.0))
+                 + cloud.prefill_overhead_ms + b.prompt_tokens * codec.prefill_decode
+                 + (L - split) * cloud.prefill(cloud_bits, b.prompt_tokens) + cloud.head_ms.get(16, 0.0))
     ppl = p.quality.perplexity(split, L, dev_bits, cloud_bits, kv_bits, codec.name)
     return Candidate(split, dev_bits, cloud_bits, kv_bits, codec, seq, memory, token_ms, ttft, bytes_up, ppl)
 
@@ -186,7 +201,7 @@ def search(p: Profile, b: Budgets) -> SearchResult:
            f"perplexity {chosen.perplexity:.3f} ({len(feasible)} of {len(cands)} configurations fit)")
     if notes:
         msg += "; " + "; ".join(notes)
-    return SearchResult(chosen, _pareto(feasible), len(feasible), evaluated, msg, notes)
+    return SearchResult(chosen, _pareto(feasible), len(feasible), evaluated, msg, notes, feasible)
 
 
 def to_plan(c: Candidate, p: Profile, b: Budgets):
@@ -201,4 +216,5 @@ def to_plan(c: Candidate, p: Profile, b: Budgets):
                 device_weights=WeightQuant(c.device_bits, 32), cloud_weights=WeightQuant(c.cloud_bits, 32),
                 kv_bits=c.kv_bits, lm_head_bits=b.lm_head_bits if c.split == p.num_layers else 16, codec=codec,
                 max_seq_len=c.max_seq_len, prefill_chunk=b.prefill_chunk,
-                predictions=Predictions(c.memory_bytes, c.token_latency_ms, c.ttft_ms, c.bytes_per_token, c.perplexity))
+                predictions=Predictions(c.memory_bytes, c.token_latency_ms, c.ttft_ms, b.prompt_tokens, c.bytes_per_token,
+                                            c.perplexity))

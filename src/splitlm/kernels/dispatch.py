@@ -1,0 +1,80 @@
+"""Which implementation the cloud tail runs, chosen once when the tail is built.
+
+'auto': the Triton kernels on CUDA, the torch references elsewhere. 'triton' forces the
+kernels (on the CPU only under TRITON_INTERPRET=1, the interpreter the tests use);
+'reference' forces the references.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from splitlm.errors import ConfigError
+from splitlm.kernels import frame_decode, wq_matmul
+from splitlm.quantize import codec
+from splitlm.quantize.weights import QuantLinear
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def choose(impl: str, device: torch.device | str) -> str:
+    """'triton' or 'reference' for `impl` on `device`; ConfigError when the kernels cannot run there."""
+    if impl not in IMPLS:
+        raise ConfigError(f"kernel implementation {impl!r} not in {IMPLS}")
+    device = torch.device(device)
+    have_triton = wq_matmul.triton is not None
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and have_triton else "reference"
+    if impl == "triton":
+        if not have_triton:
+            raise ConfigError("kernels 'triton' need triton installed (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"Triton kernels on {device.type} run only under TRITON_INTERPRET=1 (set before start)")
+    return impl
+
+
+class KernelLinear(nn.Module):
+    """A QuantLinear whose matmul runs on the packed codes (no dequantized copy of the weight is kept)."""
+
+    def __init__(self, ql: QuantLinear, impl: str) -> None:
+        super().__init__()
+        w = wq_matmul.pack_weight(ql.quantized)
+        self.register_buffer("qweight", w.qweight)
+        self.register_buffer("scales", w.scales)
+        self.register_buffer("zeros", w.zeros)
+        self.bias = ql.bias
+        self.bits, self.group, self.in_features = w.bits, w.group, w.in_features
+        self.out_features = w.qweight.shape[0]
+        self.impl = impl
+        self._fn = wq_matmul.wq_matmul_triton if impl == "triton" else wq_matmul.wq_matmul_reference
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = wq_matmul.PackedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group, self.in_features)
+        y = self._fn(x.reshape(-1, self.in_features), w, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group}, impl={self.impl}"
+
+
+def apply_kernels(module: nn.Module, impl: str) -> int:
+    """Swap every 4/8-bit QuantLinear in `module` for a KernelLinear running `impl`; returns how many."""
+    swapped = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, QuantLinear) and child.bits in wq_matmul.KERNEL_BITS:
+            setattr(module, name, KernelLinear(child, impl))
+            swapped += 1
+        else:
+            swapped += apply_kernels(child, impl)
+    return swapped
+
+
+def decode_frame(frame: bytes, impl: str, device: torch.device | str, max_rows: int | None = None) -> torch.Tensor:
+    """One frame -> (T, d) float32 on `device`: the batched Triton decoder with one frame, or the
+    codec's own torch decoder."""
+    if impl == "reference":
+        return codec.decode(frame, "torch", max_rows=max_rows).to(device)
+    return frame_decode.decode_frames([frame], device, impl, max_rows)[0]
