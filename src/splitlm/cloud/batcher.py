@@ -13,6 +13,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,27 @@ class _Work:
     last_only: bool = False
     """Only the last position's logits are wanted."""
     future: Future = field(default_factory=Future)
+
+
+class TorchThread:
+    """One daemon thread that runs submitted calls in order: the tail's only torch thread."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
 
 
 class _BatchedCaches:
@@ -58,24 +80,36 @@ class _BatchedCaches:
 class Batcher:
     """Owns the tail stage; `run(cache, hidden)` returns logits (T, V) for that session's positions."""
 
-    def __init__(self, stage: Transformer, max_batch: int = 64) -> None:
+    def __init__(self, stage: Transformer, max_batch: int = 64, worker: TorchThread | None = None) -> None:
+        """worker: the torch thread the loop then occupies (the thread that built the stage, so one
+        OpenMP pool serves every torch op); None starts a thread of its own."""
         self.stage, self.max_batch = stage, max_batch
         self._inbox: queue.Queue[_Work | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="splitlm-batcher", daemon=True)
+        self._done: Future | None = None
+        self._thread = None if worker else threading.Thread(target=self._loop, name="splitlm-batcher", daemon=True)
         self.batches = 0
         """Batched decode forwards run so far (for tests and metrics)."""
         self.batched_steps = 0
         """Decode steps served by those forwards."""
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
+        else:
+            self._done = worker.submit(self._loop)
 
-    def run(self, cache: KVCache, hidden: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def run(self, cache: KVCache, hidden: torch.Tensor | Callable[[], torch.Tensor], last_only: bool = False) -> torch.Tensor:
+        """Run (T, d) hidden states through the stage for this cache. `hidden` may be a function that
+        makes them (the frame decode): it then runs on the batcher's thread, so every torch op of
+        the service runs on one thread (two threads' OpenMP pools spinning on few cores cost ~40%)."""
         work = _Work(cache, hidden, last_only)
         self._inbox.put(work)
         return work.future.result()
 
     def close(self) -> None:
         self._inbox.put(None)
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        elif self._done is not None:
+            self._done.result(timeout=5)
 
     def _loop(self) -> None:
         prefills: deque[_Work] = deque()
@@ -88,6 +122,13 @@ class Batcher:
                     block = False
                     if item is None:
                         return
+                    if callable(item.hidden):
+                        try:
+                            with torch.inference_mode():
+                                item.hidden = item.hidden()
+                        except Exception as exc:  # noqa: BLE001 - the session's stream reports it
+                            item.future.set_exception(exc)
+                            continue
                     (decodes if item.hidden.shape[0] == 1 and item.cache.length > 0 else prefills).append(item)
             except queue.Empty:
                 pass

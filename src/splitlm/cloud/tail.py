@@ -12,6 +12,7 @@ import torch
 
 from splitlm.artifacts import read_folder
 from splitlm.errors import CodecError, ConfigError, ModelLoadError
+from splitlm.cloud.batcher import TorchThread
 from splitlm.kernels import dispatch
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
@@ -38,21 +39,27 @@ class TailRunner:
         except RuntimeError as exc:
             raise ConfigError(f"device {device!r}: {exc}") from None
         self.kernels = dispatch.choose(kernels, self.device)
-        self.stage: Transformer = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
-        if self.stage.start != self.plan.split_layer:
-            raise ModelLoadError(f"{self.dir}: tail starts at layer {self.stage.start}, the plan splits at {self.plan.split_layer}")
-        self.kernel_linears = dispatch.apply_kernels(self.stage, "triton") if self.kernels == "triton" else 0
-        self.stage.to(self.device)
+        # every torch op of the tail runs on this one thread (the batcher's): a second thread's
+        # OpenMP pool makes GNU OpenMP stop spinning when threads outnumber cores (~40 % slower)
+        self._worker = TorchThread("splitlm-tail")
+        self.stage: Transformer = self._worker.submit(self._build, dtype).result()
         log.info("tail [%d, %d) on %s, kernels %s (%d quantized Linears on kernels)", self.stage.start,
                  self.spec.num_layers, self.device, self.kernels, self.kernel_linears)
         self.batcher = None
+
+    def _build(self, dtype: torch.dtype) -> Transformer:
+        stage = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
+        if stage.start != self.plan.split_layer:
+            raise ModelLoadError(f"{self.dir}: tail starts at layer {stage.start}, the plan splits at {self.plan.split_layer}")
+        self.kernel_linears = dispatch.apply_kernels(stage, "triton") if self.kernels == "triton" else 0
+        return stage.to(self.device)
 
     def enable_batching(self, max_batch: int = 64) -> None:
         """Run all sessions' steps through one continuous-batching thread (the service does this)."""
         if self.batcher is None:
             from splitlm.cloud.batcher import Batcher
 
-            self.batcher = Batcher(self.stage, max_batch)
+            self.batcher = Batcher(self.stage, max_batch, self._worker)
 
     def new_session(self, sampling: SamplingParams = SamplingParams()) -> "TailSession":
         return TailSession(self, sampling)
@@ -70,14 +77,20 @@ class TailSession:
     def logits(self, frame: bytes, last_only: bool = False) -> torch.Tensor:
         """Decode one frame (T positions) and run the tail -> logits (T, V), or (1, V) with last_only
         (the LM head then runs on the last position only: a prompt's other logits are never sampled)."""
-        h = dispatch.decode_frame(frame, self.runner.kernels, self.runner.device, self.runner.plan.max_seq_len)
-        d = self.runner.spec.hidden_size
-        if h.shape[1] != d:
-            raise CodecError(f"frame hidden size {h.shape[1]} does not match the model's {d}")
-        h = h.to(torch.float32)
+        def hidden() -> torch.Tensor:
+            h = dispatch.decode_frame(frame, self.runner.kernels, self.runner.device, self.runner.plan.max_seq_len)
+            d = self.runner.spec.hidden_size
+            if h.shape[1] != d:
+                raise CodecError(f"frame hidden size {h.shape[1]} does not match the model's {d}")
+            return h.to(torch.float32)
+
         if self.runner.batcher is not None:
-            return self.runner.batcher.run(self.cache, h, last_only)
-        return self.runner.stage(h[None], cache=self.cache, last_only=last_only)[0]
+            return self.runner.batcher.run(self.cache, hidden, last_only)
+        return self.runner._worker.submit(self._run, hidden, last_only).result()
+
+    @torch.inference_mode()
+    def _run(self, hidden, last_only: bool) -> torch.Tensor:
+        return self.runner.stage(hidden()[None], cache=self.cache, last_only=last_only)[0]
 
     def next_token(self, frame: bytes) -> int:
         return self.sampler(self.logits(frame, last_only=True)[-1].float().cpu().numpy())
