@@ -67,7 +67,7 @@ def main() -> None:
         print(f"{label}: {result.message} [search {seconds:.2f} s]", file=sys.stderr)
         chosen.append((label, budgets, result.chosen, to_plan(result.chosen, profile, budgets), seconds))
     rows = []
-    print(f"\nmemory: peak RSS of a device process run to max_seq_len on real text")
+    print("\nmemory: peak RSS of a device process run to max_seq_len on real text")
     print(f"{'budget':<24}{'plan':<62}{'predicted MiB':>14}{'measured MiB':>14}{'error':>8}")
     exports = {}
     for label, budgets, cand, plan, seconds in chosen:

@@ -9,9 +9,19 @@ import torch
 
 from splitlm.errors import CodecError, ConfigError
 from splitlm.kernels import dispatch
-from splitlm.kernels.frame_decode import batch_frames, decode_frames, decode_rows_reference, decode_rows_triton
-from splitlm.kernels.wq_matmul import (PackedWeight, pack_weight, unpack_codes, wq_matmul_reference,
-                                       wq_matmul_triton)
+from splitlm.kernels.frame_decode import (
+    batch_frames,
+    decode_frames,
+    decode_rows_reference,
+    decode_rows_triton,
+)
+from splitlm.kernels.wq_matmul import (
+    PackedWeight,
+    pack_weight,
+    unpack_codes,
+    wq_matmul_reference,
+    wq_matmul_triton,
+)
 from splitlm.partition.plan import CodecConfig
 from splitlm.quantize import codec
 from splitlm.quantize.weights import rtn_quantize

@@ -3,7 +3,14 @@
 
 import pytest
 
-from splitlm.partition.profile import CodecPoint, LinkProfile, MemoryProfile, Profile, QualityTable, SideProfile
+from splitlm.partition.profile import (
+    CodecPoint,
+    LinkProfile,
+    MemoryProfile,
+    Profile,
+    QualityTable,
+    SideProfile,
+)
 from splitlm.partition.search import Budgets, price, search
 
 MB = 2**20
@@ -152,11 +159,12 @@ def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
 
 def test_profile_cli_probes_the_link_rtt_of_a_server(tmp_path):
     """--server: the RTT comes from health checks against a running service, not the flag."""
-    from splitlm.partition.profiler import probe_rtt_ms
+    from concurrent import futures
 
     import grpc
-    from concurrent import futures
     from grpc_health.v1 import health, health_pb2_grpc
+
+    from splitlm.partition.profiler import probe_rtt_ms
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)

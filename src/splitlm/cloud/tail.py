@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from splitlm.artifacts import read_folder
-from splitlm.errors import CodecError, ConfigError, ModelLoadError
 from splitlm.cloud.batcher import TorchThread
+from splitlm.errors import CodecError, ConfigError, ModelLoadError
 from splitlm.kernels import dispatch
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer

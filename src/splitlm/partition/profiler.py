@@ -36,7 +36,14 @@ from splitlm import evaluate
 from splitlm.errors import ConfigError
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
-from splitlm.partition.profile import CodecPoint, LinkProfile, MemoryProfile, Profile, QualityTable, SideProfile
+from splitlm.partition.profile import (
+    CodecPoint,
+    LinkProfile,
+    MemoryProfile,
+    Profile,
+    QualityTable,
+    SideProfile,
+)
 from splitlm.quantize import codec as codec_mod
 
 log = logging.getLogger(__name__)
