@@ -31,7 +31,7 @@ from splitlm.partition.search import Budgets, describe, price, search, to_plan  
 
 MiB = 2**20
 # (device memory, token latency, max_seq_len): a tight device, a middling one, a roomy one
-BUDGETS = [(220 * MiB, 150.0, 512), (300 * MiB, 150.0, 1024), (420 * MiB, 150.0, 1024)]
+BUDGETS = [(200 * MiB, 150.0, 512), (250 * MiB, 150.0, 1024), (340 * MiB, 150.0, 1024)]
 
 
 def predicted_for_run(profile: Profile, cand, link: LinkProfile, prompt_tokens: int, context: float, chunk: int):
