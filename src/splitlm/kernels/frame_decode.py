@@ -106,8 +106,7 @@ def decode_rows_reference(b: FrameBatch) -> torch.Tensor:
     y = q.to(torch.float32) * b.scales.to(torch.float32)[:, g] + b.mins.to(torch.float32)[:, g]
     if b.rotate:
         y = codec._hadamard(y, b.rotate, TorchOps())
-    raw_vals = word.to(torch.int16).view(torch.float16).to(torch.float32) if R else y
-    out = torch.where(raw, raw_vals, y)
+    out = torch.where(raw, word.to(torch.int16).view(torch.float16).to(torch.float32), y)
     rows = torch.repeat_interleave(torch.arange(R, device=out.device), b.n_out.to(torch.int64))
     out[rows, b.out_idx.to(torch.int64)] = b.out_val.to(torch.float32)
     return out

@@ -19,6 +19,7 @@ Everything the partitioner prices is measured on the components that run it:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import statistics
@@ -104,7 +105,8 @@ def _time_cloud(stage, spec, contexts, sizes, reps: int):
                 stage(x, cache=cache, last_only=True)
                 cache.crop(ctx)
             decode.append(_median_ms(step, reps))
-        prefill = {t: _median_ms(lambda: stage(torch.randn(1, t, spec.hidden_size), last_only=True), reps) for t in sizes}
+        inputs = {t: torch.randn(1, t, spec.hidden_size) for t in sizes}
+        prefill = {t: _median_ms(lambda: stage(inputs[t], last_only=True), reps) for t in sizes}
     return decode, prefill
 
 
@@ -344,8 +346,8 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         step_model = device.embed_ms + fp16.encode_ms + fp16.decode_ms + L * cloud.decode(16, ctx) + cloud_head
         ttft_model = (device.embed_ms + len(prompt) * (fp16.prefill_encode + fp16.prefill_decode)
                       + L * cloud.prefill(16, len(prompt)) + cloud_head)
-        cloud = SideProfile(contexts, cloud_decode, cloud_pre, head_ms={16: cloud_head}, prefill_fixed_ms=cloud_fixed,
-                            step_overhead_ms=max(0.0, step - step_model), prefill_overhead_ms=max(0.0, ttft - ttft_model))
+        cloud = dataclasses.replace(cloud, step_overhead_ms=max(0.0, step - step_model),
+                                    prefill_overhead_ms=max(0.0, ttft - ttft_model))
         log.info("loopback calibration: step %.2f ms (model %.2f), TTFT %.1f ms (model %.1f)", step, step_model, ttft, ttft_model)
         done("service overhead")
     if server:
