@@ -1,5 +1,6 @@
 """The partitioner's cost models and search on synthetic profiles."""
 
+import dataclasses
 
 import pytest
 
@@ -11,6 +12,7 @@ from splitlm.partition.profile import (
     QualityTable,
     SideProfile,
 )
+from splitlm.errors import ConfigError
 from splitlm.partition.search import Budgets, price, search
 
 MB = 2**20
@@ -149,6 +151,9 @@ def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
     # the service's costs come from a real server over loopback: a step costs something
     assert profile.cloud.step_overhead_ms + profile.cloud.head_ms[16] > 0
     assert all(v >= 0 for v in profile.device.prefill_fixed_ms.values())
+    # a quantized KV cache was timed against a 16-bit one at every context
+    assert set(profile.device.kv_decode_ms) == {8} and len(profile.device.kv_decode_ms[8]) == 2
+    assert profile.device.kv_prefill_ms_per_token[8] >= 0
     assert main(["partition", "--profile", str(tmp_path / "p.json"), "--device-memory", "1GB", "--token-latency", "1s",
                  "--out", str(tmp_path / "plan.json"), "--plot", str(tmp_path / "pareto.png")]) == 0
     plan = Plan.load(tmp_path / "plan.json")
@@ -174,7 +179,6 @@ def test_profile_cli_probes_the_link_rtt_of_a_server(tmp_path):
         assert 0 < probe_rtt_ms(f"127.0.0.1:{port}", count=5) < 100
     finally:
         server.stop(0)
-    from splitlm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cannot probe the link"):
         probe_rtt_ms("127.0.0.1:1", count=1)
@@ -211,3 +215,49 @@ def test_ttft_uses_the_prefill_chunk_codec_cost():
     a, c = price(p, 4, 8, 16, 16, slow, 1024, b), price(p, 4, 8, 16, 16, fast, 1024, b)
     assert a.token_latency_ms == c.token_latency_ms
     assert a.ttft_ms - c.ttft_ms == pytest.approx(100 * (2.0 - 0.1) + 100 * (0.5 - 0.05))
+
+
+def test_a_quantized_kv_cache_costs_device_time_that_grows_with_the_context():
+    p = synthetic()
+    dev = p.device
+    kv = dataclasses.replace(dev, kv_decode_ms={8: (0.1, 0.5)}, kv_prefill_ms_per_token={8: 0.01})
+    q = dataclasses.replace(p, device=kv)
+    b = Budgets(1e12, 1e6, prompt_tokens=100)
+    for seq, per_layer in ((256, 0.1), (4096, 0.5)):
+        base, slow = price(p, 4, 8, 16, 8, p.codecs[0], seq, b), price(q, 4, 8, 16, 8, p.codecs[0], seq, b)
+        assert slow.token_latency_ms - base.token_latency_ms == pytest.approx(4 * per_layer)
+        assert slow.ttft_ms - base.ttft_ms == pytest.approx(4 * 100 * 0.01)
+    # a 16-bit cache and cloud-only plans pay nothing
+    assert price(q, 4, 8, 16, 16, p.codecs[0], 4096, b) == price(p, 4, 8, 16, 16, p.codecs[0], 4096, b)
+    assert q.device.kv_decode(16, 1000) == 0.0
+    with pytest.raises(ConfigError, match="kv_decode_ms"):
+        dataclasses.replace(p, device=dataclasses.replace(dev, kv_decode_ms={8: (0.1,)}))
+
+
+def test_link_only_reprofiles_the_link_of_a_profile(tmp_path, capsys):
+    """`profile --link-only P --server ADDR`: the model's costs are kept, the RTT is probed."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from splitlm.cli import main
+
+    synthetic().save(tmp_path / "p.json")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert main(["profile", "--link-only", str(tmp_path / "p.json"), "--server", f"127.0.0.1:{port}",
+                     "--bandwidth", "200", "--out", str(tmp_path / "q.json")]) == 0
+    finally:
+        server.stop(0)
+    q = Profile.load(tmp_path / "q.json")
+    assert q.link.bandwidth_mbps == 200 and 0 < q.link.rtt_ms < 20  # loopback, not the profile's 20 ms
+    assert dataclasses.replace(q, link=synthetic().link) == synthetic()
+    assert main(["profile", "--link-only", str(tmp_path / "p.json"), "--rtt", "35ms", "--out", str(tmp_path / "r.json")]) == 0
+    assert Profile.load(tmp_path / "r.json").link == LinkProfile(50.0, 35.0)
+    assert main(["profile", "--link-only", str(tmp_path / "p.json"), "--out", str(tmp_path / "s.json")]) == 2
+    assert main(["profile", "--link-only", str(tmp_path / "p.json"), "--bandwidth", "fast", "--out", str(tmp_path / "s.json")]) == 2
+    assert "--bandwidth is a number" in capsys.readouterr().err

@@ -113,10 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default=DEFAULT_MODEL, help="model name, .gguf file or HF directory")
     pr.add_argument("--out", required=True, help="where to write the profile JSON")
     pr.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
-    pr.add_argument("--bandwidth", default="50", help="link bandwidth in Mbit/s (default 50)")
-    pr.add_argument("--rtt", default="20ms", help="link round-trip time (default 20ms)")
+    pr.add_argument("--bandwidth", default=None, help="link bandwidth in Mbit/s (default 50)")
+    pr.add_argument("--rtt", default=None, help="link round-trip time (default 20ms)")
     pr.add_argument("--reps", type=int, default=7, help="timing repetitions (median)")
     pr.add_argument("--server", default=None, help="HOST:PORT of a running `splitlm serve`: probe the link's RTT against it")
+    pr.add_argument("--link-only", default=None, metavar="PROFILE",
+                    help="measure nothing but the link (--server, or --bandwidth/--rtt given) and write PROFILE with it "
+                         "to --out: re-profile a new network without re-measuring the model")
 
     pt = sub.add_parser("partition", help="choose a plan from a profile under memory and latency budgets")
     pt.add_argument("--profile", required=True, help="a profile JSON (from `splitlm profile`, or written by hand)")
@@ -358,11 +361,35 @@ def _quantity(text: str, units: tuple[str, ...], what: str) -> float:
 
 
 def cmd_profile(args) -> int:
-    from splitlm.partition.profile import LinkProfile
-    from splitlm.partition.profiler import measure_profile
+    import dataclasses
 
+    from splitlm.partition.profile import LinkProfile, Profile
+    from splitlm.partition.profiler import measure_profile, probe_rtt_ms
+
+    def mbps(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            raise ConfigError(f"--bandwidth is a number of Mbit/s > 0, got {text!r}")
+        return value
+
+    rtt = _quantity(args.rtt, ("ms", "s"), "--rtt") if args.rtt is not None else None
+    if args.link_only:
+        if args.server is None and args.bandwidth is None and rtt is None:
+            raise ConfigError("--link-only needs --server, --bandwidth or --rtt: there is nothing else to measure")
+        profile = Profile.load(args.link_only)
+        if args.server:
+            rtt = probe_rtt_ms(args.server)
+        old = profile.link
+        link = LinkProfile(mbps(args.bandwidth) if args.bandwidth else old.bandwidth_mbps, old.rtt_ms if rtt is None else rtt)
+        dataclasses.replace(profile, link=link).save(args.out)
+        print(f"link: {link.bandwidth_mbps:g} Mbit/s, RTT {link.rtt_ms:.2f} ms"
+              + (f" (probed against {args.server})" if args.server else "") + f" -> {args.out}")
+        return 0
     ckpt = _load(args.model)
-    link = LinkProfile(float(args.bandwidth), _quantity(args.rtt, ("ms", "s"), "--rtt"))
+    link = LinkProfile(mbps(args.bandwidth or "50"), 20.0 if rtt is None else rtt)
     t0 = time.perf_counter()
     profile = measure_profile(ckpt, link, threads=args.threads, reps=args.reps, server=args.server)
     profile.save(args.out)

@@ -44,9 +44,23 @@ class SideProfile:
     """bits -> per-layer cost of one prefill call on top of its per-token cost (ms)."""
     prefill_overhead_ms: float = 0.0
     """Fixed cost of the first (prefill) step beyond the per-layer costs (ms)."""
+    kv_decode_ms: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
+    """KV bits -> per-layer cost of a quantized KV cache on one decode step, at each context, over
+    a 16-bit cache (ms; device side: quantizing the new position, dequantizing the past)."""
+    kv_prefill_ms_per_token: Mapping[int, float] = field(default_factory=dict)
+    """KV bits -> per-layer cost of a quantized KV cache per prefill position (ms)."""
 
     def decode(self, bits: int, context: float) -> float:
         return _interp(self.contexts, self.decode_ms[bits], context)
+
+    def kv_decode(self, kv_bits: int, context: float) -> float:
+        """Per-layer extra decode cost of a `kv_bits` cache (0 for 16 bits or when not measured)."""
+        values = self.kv_decode_ms.get(kv_bits)
+        return _interp(self.contexts, values, context) if values else 0.0
+
+    def kv_prefill(self, kv_bits: int, tokens: int) -> float:
+        """Per-layer extra cost of a `kv_bits` cache on a prefill call over `tokens` positions."""
+        return tokens * self.kv_prefill_ms_per_token.get(kv_bits, 0.0)
 
     def prefill(self, bits: int, tokens: int) -> float:
         """Per-layer cost of one prefill call over `tokens` positions (ms)."""
@@ -166,9 +180,10 @@ class Profile:
         if not self.codecs:
             raise ConfigError("a profile needs at least one codec point (e.g. fp16)")
         for side in (self.device, self.cloud):
-            for bits, values in side.decode_ms.items():
-                if len(values) != len(side.contexts):
-                    raise ConfigError(f"decode_ms[{bits}] has {len(values)} values for {len(side.contexts)} contexts")
+            for name, table in (("decode_ms", side.decode_ms), ("kv_decode_ms", side.kv_decode_ms)):
+                for bits, values in table.items():
+                    if len(values) != len(side.contexts):
+                        raise ConfigError(f"{name}[{bits}] has {len(values)} values for {len(side.contexts)} contexts")
 
     # -- (de)serialization ---------------------------------------------
     def to_json(self) -> str:
@@ -190,7 +205,9 @@ class Profile:
                                {int(k): v for k, v in d["prefill_ms_per_token"].items()}, d.get("embed_ms", 0.0),
                                {int(k): v for k, v in d.get("head_ms", {}).items()}, d.get("step_overhead_ms", 0.0),
                                {int(k): v for k, v in d.get("prefill_fixed_ms", {}).items()},
-                               d.get("prefill_overhead_ms", 0.0))
+                               d.get("prefill_overhead_ms", 0.0),
+                               {int(k): tuple(v) for k, v in d.get("kv_decode_ms", {}).items()},
+                               {int(k): v for k, v in d.get("kv_prefill_ms_per_token", {}).items()})
 
         m, q = data["memory"], data["quality"]
         try:

@@ -9,10 +9,15 @@ Everything the partitioner prices is measured on the components that run it:
 * device memory: peak RSS of fresh device processes (the runtime alone; the embedding-only head;
   each precision's head; each KV width at two sequence lengths) driven with real text, so what
   onnxruntime maps, prepacks and allocates is counted as it happens.
-* cloud latency: tail stages of the same size timed in torch; the service's own per-step and
-  first-step costs calibrated against a real `splitlm serve` over loopback.
+* device KV: the same head with each KV width, timed: what quantizing the cache adds per layer
+  at each context and per prefill position.
+* cloud latency: tail stages of the same size timed in torch.
+* what per-layer costs miss (runtime calls and buffers on a fresh device session, gRPC, the
+  service's own work): real split sessions against a real `splitlm serve` over loopback, device
+  time and waiting time measured apart, less the modelled costs and the loopback RTT.
 * codec: each point encoded/decoded on real activations at the middle layer.
-* link: the given bandwidth; the RTT given, or probed against a running server.
+* link: the given bandwidth; the RTT given, or probed against a running server (also alone:
+  `relink`).
 * quality: perplexity on calibration windows for each precision at a few split points, each KV
   width and codec point.
 """
@@ -191,28 +196,57 @@ def _serve(cloud_root: Path) -> tuple[subprocess.Popen, str]:
     return proc, "127.0.0.1:" + line.strip().rsplit(":", 1)[1]
 
 
-def _loopback_run(root: Path, prompt: list[int], tokens: int, threads: int | None):
-    """One real split generation over loopback: (TTFT ms, median decode step ms)."""
+@dataclasses.dataclass(frozen=True)
+class _Calibration:
+    """Medians over real split sessions over loopback (ms)."""
+
+    device_prefill: float
+    """The device's first call of a fresh session (prompt in, frame out)."""
+    prefill_wait: float
+    """From sending the prompt's frame to the first token."""
+    device_step: float
+    """One decode step on the device (token in, frame out)."""
+    step_wait: float
+    """From sending a step's frame to its token."""
+    rtt: float
+    """The loopback link's own round trip (gRPC health check)."""
+
+
+def _loopback_calibration(root: Path, prompt: list[int], tokens: int, threads: int | None, runs: int = 3) -> _Calibration:
+    """Real split generations against a `splitlm serve` of `root` over loopback, each from a fresh
+    device session as a new `splitlm generate` process would be: what the per-layer costs miss
+    (runtime calls, buffers, gRPC, the service's own work) shows up as the difference."""
     from splitlm.device.client import RemoteSession, connect
     from splitlm.device.runtime import DeviceHead, HeadSession
     from splitlm.sampling import SamplingParams
 
     proc, address = _serve(root)
     try:
-        session = HeadSession(root / "device", threads=threads)
-        steps = []
-        for _ in range(2):  # the first run warms the server up
-            head = DeviceHead(session)
-            with RemoteSession(connect(address), session.plan.hash, session.plan.model_id, SamplingParams(), tokens) as rs:
+        rtt = probe_rtt_ms(address)
+        channel = connect(address)
+        pre, pre_wait, dev, wait = [], [], [], []
+        for run in range(runs + 1):  # run 0 warms the server up
+            head = DeviceHead(HeadSession(root / "device", threads=threads))
+            with RemoteSession(channel, head.plan.hash, head.plan.model_id, SamplingParams(), tokens) as rs:
                 t0 = time.perf_counter()
-                tok = rs.next_token(head.encode(head.step(prompt)))
-                ttft = (time.perf_counter() - t0) * 1e3
-                steps = []
+                frame = head.encode(head.step(prompt))
+                t1 = time.perf_counter()
+                tok = rs.next_token(frame)
+                t2 = time.perf_counter()
+                if run:
+                    pre.append((t1 - t0) * 1e3)
+                    pre_wait.append((t2 - t1) * 1e3)
                 for _ in range(tokens - 1):
                     t0 = time.perf_counter()
-                    tok = rs.next_token(head.encode(head.step([tok])))
-                    steps.append((time.perf_counter() - t0) * 1e3)
-        return ttft, statistics.median(steps)
+                    frame = head.encode(head.step([tok]))
+                    t1 = time.perf_counter()
+                    tok = rs.next_token(frame)
+                    if run:
+                        dev.append((t1 - t0) * 1e3)
+                        wait.append((time.perf_counter() - t1) * 1e3)
+        channel.close()
+        med = statistics.median
+        return _Calibration(med(pre), med(pre_wait), med(dev), med(wait), rtt)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -276,14 +310,22 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         base_decode, base_pre = _time_device_head(base.device_dir, contexts, sizes, text, threads, reps)
         done("embedding-only head")
         # KV: heads at 8-bit weights with each KV width, peak RSS at two lengths
-        kv_mem = {}
-        for kb in kv_bits:
+        # KV: heads at 8-bit weights with each KV width: peak RSS at two lengths, and the time a
+        # quantized cache adds to each step over a 16-bit one
+        kv_mem, kv_time = {}, {}
+        for kb in sorted(set(kv_bits) | {16}, reverse=True):
             res = export_artifacts(ckpt, base_plan.replace(split_layer=n, device_weights=WeightQuant(8, 32), kv_bits=kb),
                                    tmp / f"kv{kb}", progress=False)
             grow = measure_peak_rss(res.device_dir, hi, threads, text) - measure_peak_rss(res.device_dir, lo, threads, text)
             kv_mem[kb] = max(0.0, (grow - (base_hi - base_lo)) / (n * (hi - lo)))
             if kb != 16:
+                kv_time[kb] = _time_device_head(res.device_dir, contexts, sizes, text, threads, reps)
                 done(f"KV {kb}-bit")
+            else:
+                kv_time[16] = _time_device_head(res.device_dir, contexts, sizes, text, threads, reps)
+        (dec16, pre16) = kv_time.pop(16)
+        kv_decode = {kb: tuple(max(0.0, (d - d16) / n) for d, d16 in zip(dec, dec16)) for kb, (dec, _) in kv_time.items()}
+        kv_prefill = {kb: max(0.0, (pre[prefill] - pre16[prefill]) / (n * prefill)) for kb, (_, pre) in kv_time.items()}
         dev_decode, dev_pre, dev_fixed, layer_bytes = {}, {}, {}, {}
         for b in bits:
             plan = base_plan.replace(split_layer=n, device_weights=WeightQuant(b, 32))
@@ -336,19 +378,36 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
                                      enc_chunk, dec_chunk))
         done("codec")
         device = SideProfile(contexts, dev_decode, dev_pre, embed_ms=min(base_decode), head_ms=head_ms,
-                             prefill_fixed_ms=dev_fixed)
+                             prefill_fixed_ms=dev_fixed, kv_decode_ms=kv_decode, kv_prefill_ms_per_token=kv_prefill)
         cloud = SideProfile(contexts, cloud_decode, cloud_pre, head_ms={16: cloud_head}, prefill_fixed_ms=cloud_fixed)
-        # the service's own costs: a real server over loopback runs the base plan (all L layers in the cloud)
+        # what the per-layer costs miss, on both sides: real split sessions over loopback, n device
+        # layers (W8, 16-bit KV) and the rest in the cloud (16-bit), a real server
         prompt = text[:SHORT_PREFILL * 2]
-        ttft, step = _loopback_run(tmp / "base", prompt, 24, threads)
+        tokens = 24
+        k = min(n, L - 1)  # the calibration needs a cloud part
+        cb = 16 if 16 in bits else max(bits)
+        cal_root = tmp / "kv16"
+        if k != n or cb != 16:
+            cal_root = tmp / "calibration"
+            export_artifacts(ckpt, base_plan.replace(split_layer=k, device_weights=WeightQuant(8, 32),
+                                                     cloud_weights=WeightQuant(cb, 32)), cal_root, progress=False)
+        cal = _loopback_calibration(cal_root, prompt, tokens, threads)
         fp16 = codecs[0]
-        ctx = len(prompt) + 12
-        step_model = device.embed_ms + fp16.encode_ms + fp16.decode_ms + L * cloud.decode(16, ctx) + cloud_head
-        ttft_model = (device.embed_ms + len(prompt) * (fp16.prefill_encode + fp16.prefill_decode)
-                      + L * cloud.prefill(16, len(prompt)) + cloud_head)
-        cloud = dataclasses.replace(cloud, step_overhead_ms=max(0.0, step - step_model),
-                                    prefill_overhead_ms=max(0.0, ttft - ttft_model))
-        log.info("loopback calibration: step %.2f ms (model %.2f), TTFT %.1f ms (model %.1f)", step, step_model, ttft, ttft_model)
+        T, ctx = len(prompt), len(prompt) + tokens // 2
+        # the device model: the 8-bit, 16-bit-KV head of n layers as timed alone, scaled to k layers
+        head_step = np.interp(ctx, contexts, [b + k * (d - b) / n for d, b in zip(dec16, base_decode)])
+        w8_fixed, w8_slope = _line(*(x for t in sizes for x in (t, (pre16[t] - base_pre[t]) / n)))
+        dev_step = head_step + fp16.encode_ms
+        dev_pre = device.embed_ms + k * (w8_fixed + T * w8_slope) + T * fp16.prefill_encode
+        cloud_step = fp16.decode_ms + (L - k) * cloud.decode(cb, ctx) + cloud_head
+        cloud_pre = T * fp16.prefill_decode + (L - k) * cloud.prefill(cb, T) + cloud_head
+        device = dataclasses.replace(device, step_overhead_ms=max(0.0, cal.device_step - dev_step),
+                                     prefill_overhead_ms=max(0.0, cal.device_prefill - dev_pre))
+        cloud = dataclasses.replace(cloud, step_overhead_ms=max(0.0, cal.step_wait - cal.rtt - cloud_step),
+                                    prefill_overhead_ms=max(0.0, cal.prefill_wait - cal.rtt - cloud_pre))
+        log.info("loopback calibration (RTT %.2f ms): device step %.2f ms (model %.2f), prefill %.1f ms (model %.1f); "
+                 "cloud step %.2f ms (model %.2f), prefill %.1f ms (model %.1f)", cal.rtt, cal.device_step, dev_step,
+                 cal.device_prefill, dev_pre, cal.step_wait - cal.rtt, cloud_step, cal.prefill_wait - cal.rtt, cloud_pre)
         done("service overhead")
     if server:
         link = LinkProfile(link.bandwidth_mbps, probe_rtt_ms(server))

@@ -82,9 +82,10 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
           b: Budgets) -> Candidate:
     """Predicted memory, latency, TTFT, bytes and perplexity of one configuration.
 
-    Decode step: device (overhead + embedding + ℓ layers at the context + encode) + link (RTT +
-    transfer) + cloud (overhead + frame decode + L − ℓ layers + final norm and LM head). TTFT: the
-    device runs the prompt in prefill chunks, sends one frame, the cloud runs it in one call.
+    Decode step: device (overhead + embedding + ℓ layers at the context with their KV cache's
+    quantization + encode) + link (RTT + transfer) + cloud (overhead + frame decode + L − ℓ layers
+    + final norm and LM head). TTFT: the device runs the prompt in prefill chunks, sends one
+    frame, the cloud runs it in one call.
     """
     L = p.num_layers
     dev, cloud, mem, link = p.device, p.cloud, p.memory, p.link
@@ -94,11 +95,13 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
               + mem.activation_bytes_per_token * b.prefill_chunk)
     if device_only:
         memory += mem.lm_head_bytes[b.lm_head_bits]
-    device_ms = dev.step_overhead_ms + dev.embed_ms + (split * dev.decode(dev_bits, seq) if split else 0.0)
+    device_ms = dev.step_overhead_ms + dev.embed_ms
+    if split:
+        device_ms += split * (dev.decode(dev_bits, seq) + dev.kv_decode(kv_bits, seq))
     chunks = _chunks(b.prompt_tokens, b.prefill_chunk)
     ttft = dev.prefill_overhead_ms + len(chunks) * dev.embed_ms
     if split:
-        ttft += sum(split * dev.prefill(dev_bits, t) for t in chunks)
+        ttft += sum(split * (dev.prefill(dev_bits, t) + dev.kv_prefill(kv_bits, t)) for t in chunks)
     if device_only:
         device_ms += dev.head_ms[b.lm_head_bits]
         token_ms, bytes_up = device_ms, 0.0
