@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from splitlm.errors import ConfigError
 from splitlm.partition.profile import (
     CodecPoint,
     LinkProfile,
@@ -12,7 +13,6 @@ from splitlm.partition.profile import (
     QualityTable,
     SideProfile,
 )
-from splitlm.errors import ConfigError
 from splitlm.partition.search import Budgets, price, search
 
 MB = 2**20
