@@ -7,7 +7,10 @@ For each budget: partition -> export -> (1) a fresh device process runs the head
 max_seq_len on real text: its peak RSS against the predicted device memory; (2) `splitlm generate`
 in one network namespace against `splitlm serve` in another, over the emulated links of
 bench/e2e.py: median per-token latency and TTFT against the prediction for that link, that
-prompt length and that context. Without root it says so and skips (2).
+prompt length and that context. The link is measured the way a user would measure theirs:
+`splitlm profile --link-only PROFILE --server ADDR --bandwidth MBIT` from the device's namespace
+against the running server probes the RTT through the emulated link (its nominal RTT is printed
+beside it). Without root it says so and skips (2).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import argparse
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +44,17 @@ def predicted_for_run(profile: Profile, cand, link: LinkProfile, prompt_tokens: 
     p = dataclasses.replace(profile, link=link)
     b = Budgets(1e18, 1e9, prompt_tokens=prompt_tokens, prefill_chunk=chunk)
     return price(p, cand.split, cand.device_bits, cand.cloud_bits, cand.kv_bits, cand.codec, int(context), b)
+
+
+def probe_link(profile_path: str, address: str, mbit: float) -> LinkProfile:
+    """`splitlm profile --link-only` in the device's namespace, against the server at `address`."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [e2e.SPLITLM, "profile", "--link-only", profile_path, "--server", address, "--bandwidth", str(mbit),
+               "--out", out.name]
+        proc = subprocess.run(e2e.in_ns(e2e.DEV_NS, *cmd), capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"link probe failed: {proc.stderr.strip()[-500:]}")
+        return Profile.load(out.name).link
 
 
 def main() -> None:
@@ -91,7 +107,6 @@ def main() -> None:
                 how = e2e.shape(one_way, mbit)
                 if how == "tbf+relay":
                     relay = e2e.start_relay(one_way)
-                link = LinkProfile(float(mbit), 2 * one_way)
                 for (label, budgets, cand, plan, _), row in zip(chosen, rows):
                     root = exports[label]
                     server = None
@@ -99,6 +114,7 @@ def main() -> None:
                         server = e2e.serve(root, e2e.CLOUD_NS, e2e.CLOUD_IP)
                     try:
                         address = ("127.0.0.1:50552" if relay else f"{e2e.CLOUD_IP}:50551") if server else None
+                        link = probe_link(args.profile, address, mbit) if server else LinkProfile(float(mbit), 2 * one_way)
                         runs = [e2e.run_generate(root, args.tokens, address, e2e.DEV_NS) for _ in range(args.reps)]
                     finally:
                         if server:
@@ -110,9 +126,10 @@ def main() -> None:
                     token_ms = statistics.median(1e3 / r["tokens_per_s"] for r in runs)
                     ttft_ms = statistics.median(r["ttft_s"] * 1e3 for r in runs)
                     row["latency"].append({"link": link_name, "shaping": how, "prompt_tokens": prompt,
+                                           "nominal_rtt_ms": 2 * one_way, "probed_rtt_ms": link.rtt_ms,
                                            "predicted_token_ms": pred.token_latency_ms, "measured_token_ms": token_ms,
                                            "predicted_ttft_ms": pred.ttft_ms, "measured_ttft_ms": ttft_ms})
-                    print(f"  {link_name:<22}{label:<24}token {pred.token_latency_ms:6.1f} / {token_ms:6.1f} ms, "
+                    print(f"  {link_name:<22}{label:<24}RTT {link.rtt_ms:5.1f} ms, token {pred.token_latency_ms:6.1f} / {token_ms:6.1f} ms, "
                           f"TTFT {pred.ttft_ms:6.0f} / {ttft_ms:6.0f} ms", file=sys.stderr, flush=True)
         finally:
             if relay:
@@ -120,11 +137,12 @@ def main() -> None:
             e2e.teardown()
         print(f"\nlatency on emulated links (shaping: {how}); predicted for each run's link, prompt and context; "
               f"median of {args.reps} runs of {args.tokens} tokens")
-        print(f"{'link':<24}{'budget':<24}{'split':>6}{'pred ms/tok':>12}{'meas ms/tok':>12}{'error':>8}"
+        print(f"{'link':<24}{'budget':<24}{'split':>6}{'RTT ms':>8}{'pred ms/tok':>12}{'meas ms/tok':>12}{'error':>8}"
               f"{'pred TTFT':>10}{'meas TTFT':>10}{'error':>8}")
         for row in rows:
             for r in row["latency"]:
-                print(f"{r['link']:<24}{row['budget']:<24}{row['plan']['split_layer']:>6}{r['predicted_token_ms']:>12.1f}"
+                print(f"{r['link']:<24}{row['budget']:<24}{row['plan']['split_layer']:>6}{r['probed_rtt_ms']:>8.1f}"
+                      f"{r['predicted_token_ms']:>12.1f}"
                       f"{r['measured_token_ms']:>12.1f}{r['measured_token_ms'] / r['predicted_token_ms'] - 1:>+8.1%}"
                       f"{r['predicted_ttft_ms']:>10.0f}{r['measured_ttft_ms']:>10.0f}"
                       f"{r['measured_ttft_ms'] / r['predicted_ttft_ms'] - 1:>+8.1%}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from splitlm.artifacts import read_folder
@@ -16,6 +17,7 @@ from splitlm.errors import CodecError, ConfigError, ModelLoadError
 from splitlm.kernels import dispatch
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
+from splitlm.quantize import codec
 from splitlm.quantize.apply import load_stage
 from splitlm.sampling import Sampler, SamplingParams
 
@@ -28,9 +30,11 @@ class TailRunner:
     """The tail stage of DIR/cloud, shared by all sessions."""
 
     def __init__(self, cloud_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "auto",
-                 kernels: str = "auto") -> None:
+                 kernels: str = "auto", warm_up: bool = True) -> None:
         """device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'. kernels: 'auto' (Triton on
-        CUDA, torch references elsewhere), 'triton' or 'reference' (kernels.dispatch)."""
+        CUDA, torch references elsewhere), 'triton' or 'reference' (kernels.dispatch). warm_up: run
+        a throwaway prompt and step now, so that the first session does not pay for lazy
+        initialisation (oneDNN primitives, CUDA context, Triton compiles: ~0.5 s for SmolLM2 on CPU)."""
         self.dir, self.plan, self.spec = read_folder(cloud_dir, TAIL_FILE)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,6 +50,16 @@ class TailRunner:
         log.info("tail [%d, %d) on %s, kernels %s (%d quantized Linears on kernels)", self.stage.start,
                  self.spec.num_layers, self.device, self.kernels, self.kernel_linears)
         self.batcher = None
+        if warm_up:
+            self.warm_up()
+
+    def warm_up(self, prompt: int = 16) -> None:
+        """A throwaway session: one `prompt`-position frame, then one decode step."""
+        rng = np.random.default_rng(0)
+        session = self.new_session()
+        for rows in (max(1, min(prompt, self.plan.max_seq_len - 1)), 1):
+            x = rng.standard_normal((rows, self.spec.hidden_size), dtype=np.float32)
+            session.next_token(codec.encode(x, self.plan.codec))
 
     def _build(self, dtype: torch.dtype) -> Transformer:
         stage = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
