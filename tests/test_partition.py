@@ -261,3 +261,23 @@ def test_link_only_reprofiles_the_link_of_a_profile(tmp_path, capsys):
     assert main(["profile", "--link-only", str(tmp_path / "p.json"), "--out", str(tmp_path / "s.json")]) == 2
     assert main(["profile", "--link-only", str(tmp_path / "p.json"), "--bandwidth", "fast", "--out", str(tmp_path / "s.json")]) == 2
     assert "--bandwidth is a number" in capsys.readouterr().err
+
+
+def test_quality_ties_within_the_tolerance_go_to_the_faster_plan():
+    """8-bit cloud layers cost +0.2 % perplexity here, below the quality model's resolution, and
+    are 3x faster: with the default tolerance they win; with none, the strictly best perplexity
+    (16-bit everywhere) does."""
+    p = synthetic(link=LinkProfile(50.0, 2.0))
+    p = dataclasses.replace(p, cloud=dataclasses.replace(p.cloud, decode_ms={16: (3.0, 3.5), 8: (1.0, 1.2)}),
+                            quality=dataclasses.replace(p.quality, cloud_delta={8: {0: 0.002, 12: 0.0}}))
+    b = dict(device_memory_bytes=1e12, token_latency_ms=1000, max_seq_len=1024)
+    tied = search(p, Budgets(**b)).chosen
+    strict = search(p, Budgets(**b, quality_tolerance=0.0))
+    assert strict.chosen.perplexity == min(c.perplexity for c in strict.candidates) == pytest.approx(10.0)
+    assert tied.cloud_bits == 8 and tied.perplexity <= strict.chosen.perplexity * 1.005
+    assert tied.token_latency_ms < strict.chosen.token_latency_ms and tied.perplexity > strict.chosen.perplexity
+    # beyond the tolerance quality still rules: nothing faster than the tie is chosen at a worse perplexity
+    assert all(c.perplexity > strict.chosen.perplexity * 1.005 for c in strict.candidates
+               if c.token_latency_ms < tied.token_latency_ms)
+    with pytest.raises(ConfigError, match="quality tolerance"):
+        Budgets(**b, quality_tolerance=1.5)

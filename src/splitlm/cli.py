@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--max-seq-len", type=int, default=None, help="sequence length to plan for (default: longest that fits)")
     pt.add_argument("--prompt-tokens", type=int, default=128, help="prompt length the TTFT is predicted for")
     pt.add_argument("--objective", choices=("quality", "latency"), default="quality")
+    pt.add_argument("--quality-tolerance", type=float, default=0.005,
+                    help="quality objective: perplexities within this fraction of the best count as equal and the "
+                         "fastest of them wins (default 0.005)")
     pt.add_argument("--out", required=True, help="where to write the chosen plan")
     pt.add_argument("--top", type=int, default=10, help="Pareto candidates to print")
     pt.add_argument("--plot", default=None, help="write a Pareto plot (PNG/SVG/PDF) of the feasible plans here")
@@ -406,7 +409,8 @@ def cmd_partition(args) -> int:
         device_memory_bytes=_quantity(args.device_memory, ("mb", "b", "kb", "gb", "kib", "mib", "gib"), "--device-memory"),
         token_latency_ms=_quantity(args.token_latency, ("ms", "s"), "--token-latency"),
         ttft_ms=_quantity(args.ttft, ("ms", "s"), "--ttft") if args.ttft else None,
-        max_seq_len=args.max_seq_len, prompt_tokens=args.prompt_tokens, objective=args.objective)
+        max_seq_len=args.max_seq_len, prompt_tokens=args.prompt_tokens, objective=args.objective,
+        quality_tolerance=args.quality_tolerance)
     t0 = time.perf_counter()
     result = search(profile, budgets)
     seconds = time.perf_counter() - t0

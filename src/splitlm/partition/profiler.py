@@ -11,7 +11,7 @@ Everything the partitioner prices is measured on the components that run it:
   onnxruntime maps, prepacks and allocates is counted as it happens.
 * device KV: the same head with each KV width, timed: what quantizing the cache adds per layer
   at each context and per prefill position.
-* cloud latency: tail stages of the same size timed in torch.
+* cloud latency: tail stages of `cloud_probe_layers` (default twice `probe_layers`) timed in torch.
 * what per-layer costs miss (runtime calls and buffers on a fresh device session, gRPC, the
   service's own work): real split sessions against a real `splitlm serve` over loopback, device
   time and waiting time measured apart, less the modelled costs and the loopback RTT.
@@ -78,6 +78,18 @@ def _line(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float]:
     """(intercept, slope) through two points, both clamped at 0 (timing noise)."""
     slope = max(0.0, (y2 - y1) / (x2 - x1))
     return max(0.0, y1 - slope * x1), slope
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(fixed, scale) with y = fixed + scale * x through one or two (x, y) points: the scale is
+    kept within [0.5, 2] (two noisy points close together would swing it) and fixed at >= 0."""
+    if len(points) < 2 or abs(points[0][0] - points[1][0]) < 1e-9:
+        (x, y), scale = points[0], 1.0
+    else:
+        (x1, y1), (x2, y2) = points[:2]
+        scale = min(2.0, max(0.5, (y2 - y1) / (x2 - x1)))
+        x, y = points[0]
+    return max(0.0, y - scale * x), scale
 
 
 def _time_device_head(device_dir: Path, contexts, sizes, text: list[int], threads: int | None, reps: int):
@@ -277,6 +289,7 @@ def _time_graph(path: Path, threads: int | None, reps: int, sample: bool) -> flo
 
 def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...] = (16, 8, 4), kv_bits=(16, 8, 4),
                     contexts: tuple[int, ...] = (128, 512, 1024), probe_layers: int = 4, prefill: int = 128,
+                    cloud_probe_layers: int | None = None,
                     memory_positions: int = 1024, quality_windows: int = 2, threads: int | None = None, reps: int = 7,
                     server: str | None = None, lm_head_bits: tuple[int, ...] = (16, 8), progress: bool = True) -> Profile:
     from splitlm.device.export import export_artifacts
@@ -349,13 +362,15 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             head_ms[hb] = max(0.0, _time_graph(path, threads, reps, sample=True) - embed_ms)
             lm_head_mem[hb] = max(0.0, _peak(_RUN_GRAPH, str(path)) - embed_peak)
             done(f"device LM head {hb}-bit")
-        # cloud: tail stages of n layers per precision, and the final norm + LM head
+        # cloud: tail stages of m layers per precision, and the final norm + LM head. Twice the
+        # device's probe: a 4-layer stage times ~20 % faster per layer than 8 or 15 (SmolLM2, CPU)
+        m = min(L, cloud_probe_layers or 2 * probe_layers)
         cloud_decode, cloud_pre, cloud_fixed = {}, {}, {}
         for b in bits:
-            stage = quantize_stage(build_stage(ckpt, L - n, L, embed=False, final=False), WeightQuant(b, 32), progress=False)
+            stage = quantize_stage(build_stage(ckpt, L - m, L, embed=False, final=False), WeightQuant(b, 32), progress=False)
             dec, pre = _time_cloud(stage, spec, contexts, sizes, reps)
-            cloud_decode[b] = tuple(d / n for d in dec)
-            cloud_fixed[b], cloud_pre[b] = _line(sizes[0], pre[sizes[0]] / n, sizes[1], pre[sizes[1]] / n)
+            cloud_decode[b] = tuple(d / m for d in dec)
+            cloud_fixed[b], cloud_pre[b] = _line(sizes[0], pre[sizes[0]] / m, sizes[1], pre[sizes[1]] / m)
             done(f"cloud W{b}")
         with torch.inference_mode():
             final = quantize_lm_head(build_stage(ckpt, L, L, embed=False, final=True), 16)
@@ -380,18 +395,24 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         device = SideProfile(contexts, dev_decode, dev_pre, embed_ms=min(base_decode), head_ms=head_ms,
                              prefill_fixed_ms=dev_fixed, kv_decode_ms=kv_decode, kv_prefill_ms_per_token=kv_prefill)
         cloud = SideProfile(contexts, cloud_decode, cloud_pre, head_ms={16: cloud_head}, prefill_fixed_ms=cloud_fixed)
-        # what the per-layer costs miss, on both sides: real split sessions over loopback, n device
-        # layers (W8, 16-bit KV) and the rest in the cloud (16-bit), a real server
+        # what the per-layer costs miss, on both sides: real split sessions over loopback against a
+        # real server, k device layers (W8, 16-bit KV) and the rest in the cloud. The cloud is
+        # calibrated at two depths (deep: L - k layers; shallow: 2), which separates its fixed cost
+        # per step from how its per-layer cost in the service compares with the layers timed alone.
         prompt = text[:SHORT_PREFILL * 2]
         tokens = 24
-        k = min(n, L - 1)  # the calibration needs a cloud part
         cb = 16 if 16 in bits else max(bits)
-        cal_root = tmp / "kv16"
-        if k != n or cb != 16:
-            cal_root = tmp / "calibration"
-            export_artifacts(ckpt, base_plan.replace(split_layer=k, device_weights=WeightQuant(8, 32),
-                                                     cloud_weights=WeightQuant(cb, 32)), cal_root, progress=False)
-        cal = _loopback_calibration(cal_root, prompt, tokens, threads)
+        k = min(n, L - 1)  # the calibration needs a cloud part
+        depths = [k] + ([L - 2] if L - 2 > k else [])
+        cals = []
+        for d in depths:
+            root = tmp / "kv16"
+            if d != n or cb != 16:
+                root = tmp / f"calibration{d}"
+                export_artifacts(ckpt, base_plan.replace(split_layer=d, device_weights=WeightQuant(8, 32),
+                                                         cloud_weights=WeightQuant(cb, 32)), root, progress=False)
+            cals.append(_loopback_calibration(root, prompt, tokens, threads))
+        cal = cals[0]
         fp16 = codecs[0]
         T, ctx = len(prompt), len(prompt) + tokens // 2
         # the device model: the 8-bit, 16-bit-KV head of n layers as timed alone, scaled to k layers
@@ -399,15 +420,23 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         w8_fixed, w8_slope = _line(*(x for t in sizes for x in (t, (pre16[t] - base_pre[t]) / n)))
         dev_step = head_step + fp16.encode_ms
         dev_pre = device.embed_ms + k * (w8_fixed + T * w8_slope) + T * fp16.prefill_encode
-        cloud_step = fp16.decode_ms + (L - k) * cloud.decode(cb, ctx) + cloud_head
-        cloud_pre = T * fp16.prefill_decode + (L - k) * cloud.prefill(cb, T) + cloud_head
         device = dataclasses.replace(device, step_overhead_ms=max(0.0, cal.device_step - dev_step),
                                      prefill_overhead_ms=max(0.0, cal.device_prefill - dev_pre))
-        cloud = dataclasses.replace(cloud, step_overhead_ms=max(0.0, cal.step_wait - cal.rtt - cloud_step),
-                                    prefill_overhead_ms=max(0.0, cal.prefill_wait - cal.rtt - cloud_pre))
+        # the cloud: waited time less the RTT = fixed + scale * (the cloud layers timed alone) + head
+        step_fixed, step_scale = _fit([((L - d) * cloud.decode(cb, ctx), c.step_wait - c.rtt - fp16.decode_ms - cloud_head)
+                                       for d, c in zip(depths, cals)])
+        pre_fixed, pre_scale = _fit([((L - d) * cloud.prefill(cb, T), c.prefill_wait - c.rtt - T * fp16.prefill_decode
+                                      - cloud_head) for d, c in zip(depths, cals)])
+        cloud = dataclasses.replace(
+            cloud, step_overhead_ms=step_fixed, prefill_overhead_ms=pre_fixed,
+            decode_ms={b: tuple(v * step_scale for v in vals) for b, vals in cloud.decode_ms.items()},
+            prefill_ms_per_token={b: v * pre_scale for b, v in cloud.prefill_ms_per_token.items()},
+            prefill_fixed_ms={b: v * pre_scale for b, v in cloud.prefill_fixed_ms.items()})
         log.info("loopback calibration (RTT %.2f ms): device step %.2f ms (model %.2f), prefill %.1f ms (model %.1f); "
-                 "cloud step %.2f ms (model %.2f), prefill %.1f ms (model %.1f)", cal.rtt, cal.device_step, dev_step,
-                 cal.device_prefill, dev_pre, cal.step_wait - cal.rtt, cloud_step, cal.prefill_wait - cal.rtt, cloud_pre)
+                 "cloud at %s layers: step %s ms -> fixed %.2f ms + %.2f x layers, prefill %s ms -> fixed %.1f ms + %.2f x layers",
+                 cal.rtt, cal.device_step, dev_step, cal.device_prefill, dev_pre, [L - d for d in depths],
+                 [round(c.step_wait - c.rtt, 2) for c in cals], step_fixed, step_scale,
+                 [round(c.prefill_wait - c.rtt, 1) for c in cals], pre_fixed, pre_scale)
         done("service overhead")
     if server:
         link = LinkProfile(link.bandwidth_mbps, probe_rtt_ms(server))

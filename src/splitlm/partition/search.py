@@ -35,6 +35,10 @@ class Budgets:
     """Positions per prefill step (transient activation memory)."""
     objective: Literal["quality", "latency"] = "quality"
     """What the chosen plan optimizes among the feasible ones."""
+    quality_tolerance: float = 0.005
+    """With the quality objective: perplexities within this fraction of the best feasible one count
+    as equal (a quality model from a few calibration windows resolves no finer: an 8-bit layer or
+    KV cache measures a few 0.0001 either side of full precision), and the fastest of them wins."""
     lm_head_bits: int = 8
     """LM-head precision of device-only plans."""
 
@@ -43,6 +47,8 @@ class Budgets:
             raise ConfigError(f"objective {self.objective!r} not in ('quality', 'latency')")
         if not self.device_memory_bytes > 0 or not self.token_latency_ms > 0:
             raise ConfigError("device memory and token latency budgets must be > 0")
+        if not 0 <= self.quality_tolerance < 1:
+            raise ConfigError(f"quality tolerance {self.quality_tolerance!r} is a fraction in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -95,11 +101,13 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
               + mem.activation_bytes_per_token * b.prefill_chunk)
     if device_only:
         memory += mem.lm_head_bytes[b.lm_head_bits]
-    device_ms = dev.step_overhead_ms + dev.embed_ms
+    # a device-only step never waits on the network: the split session's overheads (gRPC, idle
+    # runtime threads waking) are not paid
+    device_ms = (0.0 if device_only else dev.step_overhead_ms) + dev.embed_ms
     if split:
         device_ms += split * (dev.decode(dev_bits, seq) + dev.kv_decode(kv_bits, seq))
     chunks = _chunks(b.prompt_tokens, b.prefill_chunk)
-    ttft = dev.prefill_overhead_ms + len(chunks) * dev.embed_ms
+    ttft = (0.0 if device_only else dev.prefill_overhead_ms) + len(chunks) * dev.embed_ms
     if split:
         ttft += sum(split * (dev.prefill(dev_bits, t) + dev.kv_prefill(kv_bits, t)) for t in chunks)
     if device_only:
@@ -187,7 +195,9 @@ def search(p: Profile, b: Budgets) -> SearchResult:
                f"({ratio:.2f}x the budget).")
         return SearchResult(None, [], 0, evaluated, msg)
     if b.objective == "quality":
-        chosen = min(feasible, key=lambda c: (c.perplexity, c.token_latency_ms, c.bytes_per_token))
+        best = min(c.perplexity for c in feasible) * (1 + b.quality_tolerance)
+        chosen = min((c for c in feasible if c.perplexity <= best),
+                     key=lambda c: (c.token_latency_ms, c.perplexity, c.bytes_per_token))
     else:
         chosen = min(feasible, key=lambda c: (c.token_latency_ms, c.perplexity, c.bytes_per_token))
     notes = []
