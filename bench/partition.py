@@ -35,8 +35,9 @@ from splitlm.partition.profiler import measure_peak_rss  # noqa: E402
 from splitlm.partition.search import Budgets, describe, price, search, to_plan  # noqa: E402
 
 MiB = 2**20
-# (device memory, token latency, max_seq_len): a tight device, a middling one, a roomy one
-BUDGETS = [(200 * MiB, 150.0, 512), (250 * MiB, 150.0, 1024), (340 * MiB, 150.0, 1024)]
+# (device memory, token latency, max_seq_len): three devices whose memory puts the split at
+# different depths, and a roomy one where device-only wins
+BUDGETS = [(140 * MiB, 150.0, 512), (180 * MiB, 150.0, 512), (250 * MiB, 150.0, 1024), (340 * MiB, 150.0, 1024)]
 
 
 def predicted_for_run(profile: Profile, cand, link: LinkProfile, prompt_tokens: int, context: float, chunk: int):

@@ -146,6 +146,28 @@ _RUN_HEAD = (
     "h.step(list(ids[:first]))\n"
     "while h.length < n: h.step([int(ids[h.length % len(ids)])])\n" + _PEAK
 )
+_FIRST_CALL = (  # a fresh device process: ms of its first call (a prompt), as `splitlm generate` makes it
+    "import sys, time\n"
+    "from splitlm.device.runtime import DeviceHead, HeadSession\n"
+    "h = DeviceHead(HeadSession(sys.argv[1], threads=int(sys.argv[2]) or None))\n"
+    "ids = [int(t) for t in sys.argv[3].split(',')]\n"
+    "t0 = time.perf_counter(); h.encode(h.step(ids)); print((time.perf_counter() - t0) * 1e3)\n"
+)
+
+
+def first_call_ms(device_dir: Path, prompt: list[int], threads: int | None = None, runs: int = 3) -> float:
+    """Median over fresh processes of the device's first call on `prompt` (process and session
+    start-up costs included: what a new `splitlm generate` pays in its TTFT)."""
+    times = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", _FIRST_CALL, str(device_dir), str(threads or 0),
+                              ",".join(map(str, prompt))], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"first-call probe failed: {out.stderr.strip()[-800:]}")
+        times.append(float(out.stdout.split()[-1]))
+    return statistics.median(times)
+
+
 _RUN_GRAPH = (  # a bare graph with input_ids/position_ids only (the device LM-head probe)
     "import sys, numpy as np, onnxruntime as ort\n"
     "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
@@ -420,8 +442,15 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         w8_fixed, w8_slope = _line(*(x for t in sizes for x in (t, (pre16[t] - base_pre[t]) / n)))
         dev_step = head_step + fp16.encode_ms
         dev_pre = device.embed_ms + k * (w8_fixed + T * w8_slope) + T * fp16.prefill_encode
-        device = dataclasses.replace(device, step_overhead_ms=max(0.0, cal.device_step - dev_step),
-                                     prefill_overhead_ms=max(0.0, cal.device_prefill - dev_pre))
+        # the device's prompt: a fresh process's first call at both depths (per-layer prefill of a
+        # deep head in a new process differs from a 4-layer head timed warm)
+        roots = {d: (tmp / "kv16" if d == n and cb == 16 else tmp / f"calibration{d}") for d in depths}
+        pre_fit = _fit([(d * (w8_fixed + T * w8_slope), first_call_ms(roots[d] / "device", prompt, threads)
+                         - device.embed_ms - T * fp16.prefill_encode) for d in depths])
+        device = dataclasses.replace(
+            device, step_overhead_ms=max(0.0, cal.device_step - dev_step), prefill_overhead_ms=pre_fit[0],
+            prefill_ms_per_token={b: v * pre_fit[1] for b, v in device.prefill_ms_per_token.items()},
+            prefill_fixed_ms={b: v * pre_fit[1] for b, v in device.prefill_fixed_ms.items()})
         # the cloud: waited time less the RTT = fixed + scale * (the cloud layers timed alone) + head
         step_fixed, step_scale = _fit([((L - d) * cloud.decode(cb, ctx), c.step_wait - c.rtt - fp16.decode_ms - cloud_head)
                                        for d, c in zip(depths, cals)])
@@ -432,6 +461,7 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             decode_ms={b: tuple(v * step_scale for v in vals) for b, vals in cloud.decode_ms.items()},
             prefill_ms_per_token={b: v * pre_scale for b, v in cloud.prefill_ms_per_token.items()},
             prefill_fixed_ms={b: v * pre_scale for b, v in cloud.prefill_fixed_ms.items()})
+        log.info("device prompt in a fresh process at %s layers: fixed %.1f ms + %.2f x layers", depths, *pre_fit)
         log.info("loopback calibration (RTT %.2f ms): device step %.2f ms (model %.2f), prefill %.1f ms (model %.1f); "
                  "cloud at %s layers: step %s ms -> fixed %.2f ms + %.2f x layers, prefill %s ms -> fixed %.1f ms + %.2f x layers",
                  cal.rtt, cal.device_step, dev_step, cal.device_prefill, dev_pre, [L - d for d in depths],

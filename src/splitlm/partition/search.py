@@ -107,7 +107,7 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
     if split:
         device_ms += split * (dev.decode(dev_bits, seq) + dev.kv_decode(kv_bits, seq))
     chunks = _chunks(b.prompt_tokens, b.prefill_chunk)
-    ttft = (0.0 if device_only else dev.prefill_overhead_ms) + len(chunks) * dev.embed_ms
+    ttft = dev.prefill_overhead_ms + len(chunks) * dev.embed_ms
     if split:
         ttft += sum(split * (dev.prefill(dev_bits, t) + dev.kv_prefill(kv_bits, t)) for t in chunks)
     if device_only:
