@@ -92,6 +92,14 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(0.0, y - scale * x), scale
 
 
+def _scaled(side: SideProfile, decode: float = 1.0, prefill: float = 1.0) -> SideProfile:
+    """`side` with its per-layer decode and prefill costs multiplied by the given factors."""
+    return dataclasses.replace(
+        side, decode_ms={b: tuple(v * decode for v in vals) for b, vals in side.decode_ms.items()},
+        prefill_ms_per_token={b: v * prefill for b, v in side.prefill_ms_per_token.items()},
+        prefill_fixed_ms={b: v * prefill for b, v in side.prefill_fixed_ms.items()})
+
+
 def _time_device_head(device_dir: Path, contexts, sizes, text: list[int], threads: int | None, reps: int):
     """Decode ms at each context, prefill ms for each chunk size, of one exported head."""
     from splitlm.device.runtime import DeviceHead, HeadSession
@@ -353,11 +361,9 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
                                    tmp / f"kv{kb}", progress=False)
             grow = measure_peak_rss(res.device_dir, hi, threads, text) - measure_peak_rss(res.device_dir, lo, threads, text)
             kv_mem[kb] = max(0.0, (grow - (base_hi - base_lo)) / (n * (hi - lo)))
+            kv_time[kb] = _time_device_head(res.device_dir, contexts, sizes, text, threads, reps)
             if kb != 16:
-                kv_time[kb] = _time_device_head(res.device_dir, contexts, sizes, text, threads, reps)
                 done(f"KV {kb}-bit")
-            else:
-                kv_time[16] = _time_device_head(res.device_dir, contexts, sizes, text, threads, reps)
         (dec16, pre16) = kv_time.pop(16)
         kv_decode = {kb: tuple(max(0.0, (d - d16) / n) for d, d16 in zip(dec, dec16)) for kb, (dec, _) in kv_time.items()}
         kv_prefill = {kb: max(0.0, (pre[prefill] - pre16[prefill]) / (n * prefill)) for kb, (_, pre) in kv_time.items()}
@@ -426,13 +432,14 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         cb = 16 if 16 in bits else max(bits)
         k = min(n, L - 1)  # the calibration needs a cloud part
         depths = [k] + ([L - 2] if L - 2 > k else [])
-        cals = []
+        cals, roots = [], []
         for d in depths:
             root = tmp / "kv16"
             if d != n or cb != 16:
                 root = tmp / f"calibration{d}"
                 export_artifacts(ckpt, base_plan.replace(split_layer=d, device_weights=WeightQuant(8, 32),
                                                          cloud_weights=WeightQuant(cb, 32)), root, progress=False)
+            roots.append(root)
             cals.append(_loopback_calibration(root, prompt, tokens, threads))
         cal = cals[0]
         fp16 = codecs[0]
@@ -440,27 +447,22 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         # the device model: the 8-bit, 16-bit-KV head of n layers as timed alone, scaled to k layers
         head_step = np.interp(ctx, contexts, [b + k * (d - b) / n for d, b in zip(dec16, base_decode)])
         w8_fixed, w8_slope = _line(*(x for t in sizes for x in (t, (pre16[t] - base_pre[t]) / n)))
+        w8_prompt = w8_fixed + T * w8_slope  # one layer's prefill of the prompt
         dev_step = head_step + fp16.encode_ms
-        dev_pre = device.embed_ms + k * (w8_fixed + T * w8_slope) + T * fp16.prefill_encode
+        dev_pre = device.embed_ms + k * w8_prompt + T * fp16.prefill_encode
         # the device's prompt: a fresh process's first call at both depths (per-layer prefill of a
         # deep head in a new process differs from a 4-layer head timed warm)
-        roots = {d: (tmp / "kv16" if d == n and cb == 16 else tmp / f"calibration{d}") for d in depths}
-        pre_fit = _fit([(d * (w8_fixed + T * w8_slope), first_call_ms(roots[d] / "device", prompt, threads)
-                         - device.embed_ms - T * fp16.prefill_encode) for d in depths])
-        device = dataclasses.replace(
-            device, step_overhead_ms=max(0.0, cal.device_step - dev_step), prefill_overhead_ms=pre_fit[0],
-            prefill_ms_per_token={b: v * pre_fit[1] for b, v in device.prefill_ms_per_token.items()},
-            prefill_fixed_ms={b: v * pre_fit[1] for b, v in device.prefill_fixed_ms.items()})
+        pre_fit = _fit([(d * w8_prompt, first_call_ms(root / "device", prompt, threads) - device.embed_ms
+                         - T * fp16.prefill_encode) for d, root in zip(depths, roots)])
+        device = dataclasses.replace(_scaled(device, prefill=pre_fit[1]), prefill_overhead_ms=pre_fit[0],
+                                     step_overhead_ms=max(0.0, cal.device_step - dev_step))
         # the cloud: waited time less the RTT = fixed + scale * (the cloud layers timed alone) + head
         step_fixed, step_scale = _fit([((L - d) * cloud.decode(cb, ctx), c.step_wait - c.rtt - fp16.decode_ms - cloud_head)
                                        for d, c in zip(depths, cals)])
         pre_fixed, pre_scale = _fit([((L - d) * cloud.prefill(cb, T), c.prefill_wait - c.rtt - T * fp16.prefill_decode
                                       - cloud_head) for d, c in zip(depths, cals)])
-        cloud = dataclasses.replace(
-            cloud, step_overhead_ms=step_fixed, prefill_overhead_ms=pre_fixed,
-            decode_ms={b: tuple(v * step_scale for v in vals) for b, vals in cloud.decode_ms.items()},
-            prefill_ms_per_token={b: v * pre_scale for b, v in cloud.prefill_ms_per_token.items()},
-            prefill_fixed_ms={b: v * pre_scale for b, v in cloud.prefill_fixed_ms.items()})
+        cloud = dataclasses.replace(_scaled(cloud, decode=step_scale, prefill=pre_scale), step_overhead_ms=step_fixed,
+                                    prefill_overhead_ms=pre_fixed)
         log.info("device prompt in a fresh process at %s layers: fixed %.1f ms + %.2f x layers", depths, *pre_fit)
         log.info("loopback calibration (RTT %.2f ms): device step %.2f ms (model %.2f), prefill %.1f ms (model %.1f); "
                  "cloud at %s layers: step %s ms -> fixed %.2f ms + %.2f x layers, prefill %s ms -> fixed %.1f ms + %.2f x layers",

@@ -104,11 +104,10 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
     # a device-only step never waits on the network: the split session's overheads (gRPC, idle
     # runtime threads waking) are not paid
     device_ms = (0.0 if device_only else dev.step_overhead_ms) + dev.embed_ms
-    if split:
-        device_ms += split * (dev.decode(dev_bits, seq) + dev.kv_decode(kv_bits, seq))
     chunks = _chunks(b.prompt_tokens, b.prefill_chunk)
     ttft = dev.prefill_overhead_ms + len(chunks) * dev.embed_ms
     if split:
+        device_ms += split * (dev.decode(dev_bits, seq) + dev.kv_decode(kv_bits, seq))
         ttft += sum(split * (dev.prefill(dev_bits, t) + dev.kv_prefill(kv_bits, t)) for t in chunks)
     if device_only:
         device_ms += dev.head_ms[b.lm_head_bits]
