@@ -3,6 +3,8 @@ on irregular sizes; the cloud tail on the kernels gives the reference's greedy t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,7 @@ from tests.tolerances import TOL
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -79,12 +82,15 @@ def test_frame_decode_batch_errors():
     with pytest.raises(CodecError, match="frame 1 has"):
         batch_frames([a, b])
     with pytest.raises(CodecError, match="magic"):
-        decode_frames([b"XX" + a[2:]], "cpu", "triton")
+        decode_frames([b"XX" + a[2:]], DEVICE, "triton")
     with pytest.raises(CodecError, match="no frames"):
         batch_frames([])
     fp16 = codec.encode(activations(2, 64, 0), CodecConfig("fp16"))
-    mixed = decode_frames([fp16, a], "cpu", "triton")  # fp16 frames pass through without the kernel
-    assert torch.equal(mixed[0], codec.decode(fp16, "torch"))
+    mixed = decode_frames([fp16, a], DEVICE, "triton")  # fp16 frames pass through without the kernel
+    assert torch.equal(mixed[0].cpu(), codec.decode(fp16, "torch"))
+    if not INTERPRETED:  # CPU tensors to a compiled kernel: a clear error, not the driver's
+        with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+            decode_frames([a], "cpu", "triton")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -96,7 +102,7 @@ def test_wq_matmul_matches_reference(bits, group, n, k):
     w = pack_weight(q).to(DEVICE)
     assert torch.equal(unpack_codes(w).cpu(), q.codes)
     bias = torch.randn(n, generator=g).to(DEVICE)
-    for m in (1, 5, 19):  # decode-shaped (1, 5) and GEMM (19)
+    for m in (1, 5, 12, 19):  # decode-shaped (1, 5), GEMM with 16-row blocks (12) and 64-row ones (19)
         x = torch.randn(m, k, generator=g).to(DEVICE)
         ref = wq_matmul_reference(x, w, bias)
         # the reference is the quantizer's own dequantization
@@ -121,14 +127,14 @@ def test_wq_matmul_half_inputs(dtype):
 
 
 def test_wq_matmul_checks_its_inputs():
-    w = pack_weight(rtn_quantize(torch.randn(8, 64), 4, 32))
+    w = pack_weight(rtn_quantize(torch.randn(8, 64), 4, 32)).to(DEVICE)
     with pytest.raises(ConfigError, match="features"):
-        wq_matmul_triton(torch.randn(2, 63), w)
+        wq_matmul_triton(torch.randn(2, 63, device=DEVICE), w)
     with pytest.raises(ConfigError, match="dtype"):
-        wq_matmul_reference(torch.ones(2, 64, dtype=torch.int32), w)
+        wq_matmul_reference(torch.ones(2, 64, dtype=torch.int32, device=DEVICE), w)
     bad = PackedWeight(w.qweight, w.scales.float(), w.zeros, 4, 32, 64)
     with pytest.raises(ConfigError, match="scales must be float16"):
-        wq_matmul_triton(torch.randn(2, 64), bad)
+        wq_matmul_triton(torch.randn(2, 64, device=DEVICE), bad)
     with pytest.raises(ConfigError, match="take"):
         pack_weight(rtn_quantize(torch.randn(8, 64), 3, 32))
 
@@ -136,7 +142,15 @@ def test_wq_matmul_checks_its_inputs():
 def test_dispatch_choice():
     assert dispatch.choose("auto", "cpu") == "reference"
     assert dispatch.choose("reference", "cpu") == "reference"
-    assert dispatch.choose("triton", "cpu") == "triton"  # the interpreter is on in tests
+    if INTERPRETED:
+        assert dispatch.choose("triton", "cpu") == "triton"
+    else:
+        with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+            dispatch.choose("triton", "cpu")
+        with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
+            wq_matmul_triton(torch.randn(1, 64), pack_weight(rtn_quantize(torch.randn(8, 64), 4, 32)))
+    if DEVICE == "cuda":
+        assert dispatch.choose("auto", "cuda") == "triton"
     with pytest.raises(ConfigError, match="not in"):
         dispatch.choose("fast", "cpu")
 

@@ -96,8 +96,8 @@ def test_batched_decode_equals_one_by_one(tiny_ckpt, artifacts):
     runner = TailRunner(artifacts[1].cloud_dir)
     d = tiny_ckpt.spec.hidden_size
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randn(n, d, generator=g) for n in (3, 9, 5, 1)]
-    steps = torch.randn(len(prompts), 1, d, generator=g)
+    prompts = [torch.randn(n, d, generator=g).to(runner.device) for n in (3, 9, 5, 1)]  # CUDA where there is one
+    steps = torch.randn(len(prompts), 1, d, generator=g).to(runner.device)
     alone = []
     with torch.inference_mode():
         for p, x in zip(prompts, steps):

@@ -7,8 +7,6 @@ kernels (on the CPU only under TRITON_INTERPRET=1, the interpreter the tests use
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -29,10 +27,7 @@ def choose(impl: str, device: torch.device | str) -> str:
     if impl == "auto":
         return "triton" if device.type == "cuda" and have_triton else "reference"
     if impl == "triton":
-        if not have_triton:
-            raise ConfigError("kernels 'triton' need triton installed (pip install triton)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(f"Triton kernels on {device.type} run only under TRITON_INTERPRET=1 (set before start)")
+        wq_matmul.check_triton_device(device)
     return impl
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from splitlm.errors import CodecError
+from splitlm.kernels.wq_matmul import check_triton_device
 from splitlm.quantize import codec
 from splitlm.quantize.codec_ops import TorchOps
 
@@ -188,6 +189,7 @@ def decode_rows_triton(b: FrameBatch) -> torch.Tensor:
         raise CodecError("frame batch tensors are on different devices")
     if not all(t.is_contiguous() for t in tensors):
         raise CodecError("frame batch tensors must be contiguous")
+    check_triton_device(b.payload.device)
     y = torch.empty((R, d), dtype=torch.float32, device=b.payload.device)
     if R == 0:
         return y
