@@ -138,8 +138,9 @@ def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
     from splitlm.partition.plan import Plan
     from splitlm.partition.profiler import measure_profile
 
+    # probe_layers=1: heads of 1 and 2 layers, so memory is fitted from two depths
     profile = measure_profile(tiny_ckpt, LinkProfile(100.0, 10.0), bits=(16, 4), kv_bits=(16, 8), contexts=(32, 128),
-                              prefill=32, memory_positions=256, lm_head_bits=(8,), reps=2, progress=False)
+                              prefill=32, memory_positions=256, lm_head_bits=(8,), reps=2, probe_layers=1, progress=False)
     profile.save(tmp_path / "p.json")
     profile = Profile.load(tmp_path / "p.json")
     assert profile.num_layers == tiny_ckpt.spec.num_layers and set(profile.device.decode_ms) == {16, 4}
@@ -148,6 +149,8 @@ def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
     assert profile.link.rtt_ms == 10 and profile.quality.base_ppl > 1
     assert 10 * MB < profile.memory.runtime_bytes < 1024 * MB  # a real process was measured
     assert profile.memory.embed_bytes > 0 and set(profile.memory.lm_head_bytes) == {8}
+    assert profile.memory.head_bytes is not None
+    assert profile.memory.device_bytes(2, 16, 16, 256) >= profile.memory.device_bytes(0, 16, 16, 256) > 10 * MB
     # the service's costs come from a real server over loopback: a step costs something
     assert profile.cloud.step_overhead_ms + profile.cloud.head_ms[16] > 0
     assert all(v >= 0 for v in profile.device.prefill_fixed_ms.values())
@@ -281,3 +284,22 @@ def test_quality_ties_within_the_tolerance_go_to_the_faster_plan():
                if c.token_latency_ms < tied.token_latency_ms)
     with pytest.raises(ConfigError, match="quality tolerance"):
         Budgets(**b, quality_tolerance=1.5)
+
+
+def test_memory_fitted_from_two_depths_recovers_the_surface():
+    from splitlm.partition.profiler import _memory_fit
+
+    runtime, fixed, per_token, layer, kv = 80 * MB, -6 * MB, 300.0, 5 * MB, 3000.0
+
+    def peak(depth, seq):
+        return runtime + fixed + per_token * seq + depth * (layer + kv * seq)
+
+    fit = _memory_fit(4, 28, 129, 1025, [peak(4, 129), peak(4, 1025)], [peak(28, 129), peak(28, 1025)], runtime)
+    assert fit == pytest.approx({"fixed": fixed, "per_token": per_token, "layer": layer, "kv": kv})
+    p = synthetic(layer_bytes={8: layer}, kv_bytes_per_token_layer={16: kv}, runtime_bytes=runtime, embed_bytes=9 * MB,
+                  head_bytes=fixed, head_bytes_per_token=per_token)
+    assert p.memory.device_bytes(12, 8, 16, 700) == pytest.approx(peak(12, 700))
+    # the embedding-only head is the floor of a head with layers; a cloud-only plan is that head
+    assert p.memory.device_bytes(1, 8, 16, 129) == pytest.approx(runtime + 9 * MB)
+    assert p.memory.device_bytes(0, 8, 16, 700) == pytest.approx(runtime + 9 * MB)
+    assert price(p, 10, 8, 8, 16, p.codecs[0], 700, Budgets(1e12, 1e6)).memory_bytes == pytest.approx(peak(10, 700))

@@ -161,6 +161,23 @@ class MemoryProfile:
     """Transient activation memory per prefill position."""
     embed_bytes_per_token: float = 0.0
     """Growth of the embedding-only head's resident memory per position (mapped embedding rows it touches)."""
+    head_bytes: float | None = None
+    """Fixed bytes of a head with layers, beside the runtime: the intercept of the line through heads
+    of two depths (None: measured at one depth only, the embedding-only head is the intercept). It
+    can be below `embed_bytes`: a small head's peak overlaps the process's start-up peak."""
+    head_bytes_per_token: float = 0.0
+    """Growth per position of a head with layers that is not per layer (with `head_bytes`)."""
+
+    def device_bytes(self, split: int, bits: int, kv_bits: int, seq: int) -> float:
+        """Peak resident bytes of a device process running `split` layers at `bits` to `seq` positions
+        (runtime included; activation and LM head not)."""
+        embed_only = self.embed_bytes + self.embed_bytes_per_token * seq
+        layers = split * (self.layer_bytes.get(bits, 0.0) + self.kv_bytes_per_token_layer[kv_bits] * seq)
+        if split and self.head_bytes is not None:
+            body = max(embed_only, self.head_bytes + self.head_bytes_per_token * seq + layers)
+        else:
+            body = embed_only + layers
+        return self.runtime_bytes + body
 
 
 @dataclass(frozen=True)
@@ -218,7 +235,8 @@ class Profile:
                               {int(k): v for k, v in m["lm_head_bytes"].items()},
                               {int(k): v for k, v in m["kv_bytes_per_token_layer"].items()},
                               m.get("runtime_bytes", 0.0), m.get("activation_bytes_per_token", 0.0),
-                              m.get("embed_bytes_per_token", 0.0)),
+                              m.get("embed_bytes_per_token", 0.0), m.get("head_bytes"),
+                              m.get("head_bytes_per_token", 0.0)),
                 LinkProfile(**data["link"]),
                 tuple(CodecPoint(**c) for c in data["codecs"]),
                 QualityTable(q["base_ppl"], {int(b): {int(s): v for s, v in t.items()} for b, t in q["device_delta"].items()},

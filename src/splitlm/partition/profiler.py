@@ -92,6 +92,16 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(0.0, y - scale * x), scale
 
 
+def _memory_fit(n: int, d: int, lo: int, hi: int, shallow: list[float], deep: list[float], runtime: float) -> dict:
+    """Peak RSS of heads of n and d layers at lo and hi positions -> M(l, s) = runtime + fixed +
+    per_token * s + l * (layer + kv * s): the bilinear surface through the four points."""
+    slope_lo, slope_hi = (deep[0] - shallow[0]) / (d - n), (deep[1] - shallow[1]) / (d - n)
+    kv = (slope_hi - slope_lo) / (hi - lo)
+    at_lo, at_hi = shallow[0] - n * slope_lo, shallow[1] - n * slope_hi
+    per_token = (at_hi - at_lo) / (hi - lo)
+    return {"layer": slope_lo - kv * lo, "kv": kv, "per_token": per_token, "fixed": at_lo - per_token * lo - runtime}
+
+
 def _scaled(side: SideProfile, decode: float = 1.0, prefill: float = 1.0) -> SideProfile:
     """`side` with its per-layer decode and prefill costs multiplied by the given factors."""
     return dataclasses.replace(
@@ -335,7 +345,7 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
     sizes = (SHORT_PREFILL, prefill)
     lo, hi = prefill + 1, max(memory_positions, prefill + 2)
     kv_extra = [kb for kb in kv_bits if kb != 16]
-    bar = tqdm(total=4 + 2 * len(bits) + len(kv_extra) + len(lm_head_bits), desc="profile",
+    bar = tqdm(total=5 + 2 * len(bits) + len(kv_extra) + len(lm_head_bits), desc="profile",
                disable=not progress, leave=False)
 
     def done(what: str) -> None:
@@ -350,24 +360,25 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         runtime_bytes = runtime_baseline_bytes(base.device_dir)
         base_lo = measure_peak_rss(base.device_dir, lo, threads, text)
         base_hi = measure_peak_rss(base.device_dir, hi, threads, text)
+        runtime_bytes = min(runtime_bytes, base_lo)  # the embedding is mapped, barely touched: keep noise out of it
         base_decode, base_pre = _time_device_head(base.device_dir, contexts, sizes, text, threads, reps)
         done("embedding-only head")
         # KV: heads at 8-bit weights with each KV width, peak RSS at two lengths
         # KV: heads at 8-bit weights with each KV width: peak RSS at two lengths, and the time a
         # quantized cache adds to each step over a 16-bit one
-        kv_mem, kv_time = {}, {}
+        kv_mem, kv_time, kv_rss = {}, {}, {}
         for kb in sorted(set(kv_bits) | {16}, reverse=True):
             res = export_artifacts(ckpt, base_plan.replace(split_layer=n, device_weights=WeightQuant(8, 32), kv_bits=kb),
                                    tmp / f"kv{kb}", progress=False)
-            grow = measure_peak_rss(res.device_dir, hi, threads, text) - measure_peak_rss(res.device_dir, lo, threads, text)
-            kv_mem[kb] = max(0.0, (grow - (base_hi - base_lo)) / (n * (hi - lo)))
+            kv_rss[kb] = [measure_peak_rss(res.device_dir, t, threads, text) for t in (lo, hi)]
+            kv_mem[kb] = max(0.0, (kv_rss[kb][1] - kv_rss[kb][0] - (base_hi - base_lo)) / (n * (hi - lo)))
             kv_time[kb] = _time_device_head(res.device_dir, contexts, sizes, text, threads, reps)
             if kb != 16:
                 done(f"KV {kb}-bit")
         (dec16, pre16) = kv_time.pop(16)
         kv_decode = {kb: tuple(max(0.0, (d - d16) / n) for d, d16 in zip(dec, dec16)) for kb, (dec, _) in kv_time.items()}
         kv_prefill = {kb: max(0.0, (pre[prefill] - pre16[prefill]) / (n * prefill)) for kb, (_, pre) in kv_time.items()}
-        dev_decode, dev_pre, dev_fixed, layer_bytes = {}, {}, {}, {}
+        dev_decode, dev_pre, dev_fixed, layer_bytes, layer_rss = {}, {}, {}, {}, {}
         for b in bits:
             plan = base_plan.replace(split_layer=n, device_weights=WeightQuant(b, 32))
             res = export_artifacts(ckpt, plan, tmp / f"w{b}", progress=False)
@@ -375,8 +386,8 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             dev_decode[b] = tuple(max(0.0, (d - d0) / n) for d, d0 in zip(dec, base_decode))
             (t1, p1), (t2, p2) = [(t, (pre[t] - base_pre[t]) / n) for t in sizes]
             dev_fixed[b], dev_pre[b] = _line(t1, p1, t2, p2)
-            rss = measure_peak_rss(res.device_dir, lo, threads, text)
-            layer_bytes[b] = max(0.0, (rss - base_lo) / n - kv_mem[16] * lo)
+            layer_rss[b] = kv_rss[16][0] if b == 8 else measure_peak_rss(res.device_dir, lo, threads, text)
+            layer_bytes[b] = max(0.0, (layer_rss[b] - base_lo) / n - kv_mem[16] * lo)
             done(f"device W{b}")
         # the device LM head (device-only plans): embedding + norm + LM head + sampling, less the embedding step
         embed_graph = tmp / "base" / "device" / "head.onnx"
@@ -470,14 +481,25 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
                  [round(c.step_wait - c.rtt, 2) for c in cals], step_fixed, step_scale,
                  [round(c.prefill_wait - c.rtt, 1) for c in cals], pre_fixed, pre_scale)
         done("service overhead")
+        # memory from two depths: a small head's peak overlaps the process's start-up peak and
+        # hides part of its layers; the deep calibration head (8-bit, 16-bit KV) gives the slope
+        head_fit = None
+        if len(depths) == 2 and depths[1] > n:
+            deep = [measure_peak_rss(roots[1] / "device", t, threads, text) for t in (lo, hi)]
+            head_fit = _memory_fit(n, depths[1], lo, hi, kv_rss[16], deep, runtime_bytes)
+            # other precisions: their difference from the 8-bit head at n layers, per layer
+            layer_bytes = {b: max(0.0, head_fit["layer"] + (r - kv_rss[16][0]) / n) for b, r in layer_rss.items()}
+            kv_mem = {kb: max(0.0, head_fit["kv"] + (r[1] - r[0] - kv_rss[16][1] + kv_rss[16][0]) / (n * (hi - lo)))
+                      for kb, r in kv_rss.items()}
+        done("memory")
     if server:
         link = LinkProfile(link.bandwidth_mbps, probe_rtt_ms(server))
     quality = measure_quality(ckpt, calib[-quality_windows:], bits, kv_bits, progress)
     done("quality")
     bar.close()
-    runtime_bytes = min(runtime_bytes, base_lo)  # the embedding is mapped, barely touched: keep noise out of it
     memory = MemoryProfile(layer_bytes, base_lo - runtime_bytes, lm_head_mem, kv_mem, runtime_bytes,
-                           embed_bytes_per_token=max(0.0, (base_hi - base_lo) / (hi - lo)))
+                           embed_bytes_per_token=max(0.0, (base_hi - base_lo) / (hi - lo)),
+                           head_bytes=head_fit and head_fit["fixed"], head_bytes_per_token=head_fit["per_token"] if head_fit else 0.0)
     return Profile(ckpt.model_id, ckpt.weights_hash, L, spec.hidden_size, device, cloud, memory, link, tuple(codecs), quality)
 
 

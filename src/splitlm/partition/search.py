@@ -96,9 +96,7 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
     L = p.num_layers
     dev, cloud, mem, link = p.device, p.cloud, p.memory, p.link
     device_only = split == L
-    memory = (split * mem.layer_bytes.get(dev_bits, 0.0) + mem.embed_bytes + mem.embed_bytes_per_token * seq
-              + mem.runtime_bytes + split * mem.kv_bytes_per_token_layer[kv_bits] * seq
-              + mem.activation_bytes_per_token * b.prefill_chunk)
+    memory = mem.device_bytes(split, dev_bits, kv_bits, seq) + mem.activation_bytes_per_token * b.prefill_chunk
     if device_only:
         memory += mem.lm_head_bytes[b.lm_head_bits]
     # a device-only step never waits on the network: the split session's overheads (gRPC, idle
