@@ -35,9 +35,10 @@ from splitlm.partition.profiler import measure_peak_rss  # noqa: E402
 from splitlm.partition.search import Budgets, describe, price, search, to_plan  # noqa: E402
 
 MiB = 2**20
-# (device memory, token latency, max_seq_len): three devices whose memory puts the split at
+# (device memory, token latency, max_seq_len): four devices whose memory puts the split at
 # different depths, and a roomy one where device-only wins
-BUDGETS = [(140 * MiB, 150.0, 512), (180 * MiB, 150.0, 512), (250 * MiB, 150.0, 1024), (340 * MiB, 150.0, 1024)]
+BUDGETS = [(140 * MiB, 150.0, 512), (180 * MiB, 150.0, 512), (250 * MiB, 150.0, 1024), (340 * MiB, 150.0, 1024),
+           (430 * MiB, 150.0, 1024)]
 
 
 def predicted_for_run(profile: Profile, cand, link: LinkProfile, prompt_tokens: int, context: float, chunk: int):
@@ -64,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", required=True)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default="bench/results/partition.json")
     args = ap.parse_args()
     profile = Profile.load(args.profile)
@@ -129,7 +130,9 @@ def main() -> None:
                     row["latency"].append({"link": link_name, "shaping": how, "prompt_tokens": prompt,
                                            "nominal_rtt_ms": 2 * one_way, "probed_rtt_ms": link.rtt_ms,
                                            "predicted_token_ms": pred.token_latency_ms, "measured_token_ms": token_ms,
-                                           "predicted_ttft_ms": pred.ttft_ms, "measured_ttft_ms": ttft_ms})
+                                           "predicted_ttft_ms": pred.ttft_ms, "measured_ttft_ms": ttft_ms,
+                                           "runs_token_ms": [1e3 / r["tokens_per_s"] for r in runs],
+                                           "runs_ttft_ms": [r["ttft_s"] * 1e3 for r in runs]})
                     print(f"  {link_name:<22}{label:<24}RTT {link.rtt_ms:5.1f} ms, token {pred.token_latency_ms:6.1f} / {token_ms:6.1f} ms, "
                           f"TTFT {pred.ttft_ms:6.0f} / {ttft_ms:6.0f} ms", file=sys.stderr, flush=True)
         finally:

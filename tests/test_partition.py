@@ -157,6 +157,7 @@ def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
     # a quantized KV cache was timed against a 16-bit one at every context
     assert set(profile.device.kv_decode_ms) == {8} and len(profile.device.kv_decode_ms[8]) == 2
     assert profile.device.kv_prefill_ms_per_token[8] >= 0
+    assert 0.5 <= profile.device.alone_decode_scale <= 1.5
     assert main(["partition", "--profile", str(tmp_path / "p.json"), "--device-memory", "1GB", "--token-latency", "1s",
                  "--out", str(tmp_path / "plan.json"), "--plot", str(tmp_path / "pareto.png")]) == 0
     plan = Plan.load(tmp_path / "plan.json")
@@ -303,3 +304,13 @@ def test_memory_fitted_from_two_depths_recovers_the_surface():
     assert p.memory.device_bytes(1, 8, 16, 129) == pytest.approx(runtime + 9 * MB)
     assert p.memory.device_bytes(0, 8, 16, 700) == pytest.approx(runtime + 9 * MB)
     assert price(p, 10, 8, 8, 16, p.codecs[0], 700, Budgets(1e12, 1e6)).memory_bytes == pytest.approx(peak(10, 700))
+
+
+def test_device_only_steps_use_the_spinning_threads_scale():
+    p = synthetic()
+    fast = dataclasses.replace(p, device=dataclasses.replace(p.device, alone_decode_scale=0.5))
+    b = Budgets(1e12, 1e6)
+    alone, alone_fast = (price(q, 12, 8, 16, 16, q.codecs[0], 256, b) for q in (p, fast))
+    assert alone.token_latency_ms - alone_fast.token_latency_ms == pytest.approx(0.5 * 12 * 1.0)
+    split, split_fast = (price(q, 6, 8, 16, 16, q.codecs[0], 256, b) for q in (p, fast))
+    assert split.token_latency_ms == split_fast.token_latency_ms  # split sessions do not spin

@@ -49,6 +49,9 @@ class SideProfile:
     a 16-bit cache (ms; device side: quantizing the new position, dequantizing the past)."""
     kv_prefill_ms_per_token: Mapping[int, float] = field(default_factory=dict)
     """KV bits -> per-layer cost of a quantized KV cache per prefill position (ms)."""
+    alone_decode_scale: float = 1.0
+    """Device-only plans: their runtime's threads spin between steps (nothing to wait on), so a
+    layer's decode costs this times the split session's (measured on a deep head, both ways)."""
 
     def decode(self, bits: int, context: float) -> float:
         return _interp(self.contexts, self.decode_ms[bits], context)
@@ -224,7 +227,8 @@ class Profile:
                                {int(k): v for k, v in d.get("prefill_fixed_ms", {}).items()},
                                d.get("prefill_overhead_ms", 0.0),
                                {int(k): tuple(v) for k, v in d.get("kv_decode_ms", {}).items()},
-                               {int(k): v for k, v in d.get("kv_prefill_ms_per_token", {}).items()})
+                               {int(k): v for k, v in d.get("kv_prefill_ms_per_token", {}).items()},
+                               d.get("alone_decode_scale", 1.0))
 
         m, q = data["memory"], data["quality"]
         try:

@@ -110,11 +110,13 @@ def _scaled(side: SideProfile, decode: float = 1.0, prefill: float = 1.0) -> Sid
         prefill_fixed_ms={b: v * prefill for b, v in side.prefill_fixed_ms.items()})
 
 
-def _time_device_head(device_dir: Path, contexts, sizes, text: list[int], threads: int | None, reps: int):
-    """Decode ms at each context, prefill ms for each chunk size, of one exported head."""
+def _time_device_head(device_dir: Path, contexts, sizes, text: list[int], threads: int | None, reps: int,
+                      spin: bool | None = None):
+    """Decode ms at each context, prefill ms for each chunk size, of one exported head (spin: as
+    HeadSession's; by default as the head's plan runs it)."""
     from splitlm.device.runtime import DeviceHead, HeadSession
 
-    head = DeviceHead(HeadSession(device_dir, threads=threads))
+    head = DeviceHead(HeadSession(device_dir, threads=threads, spin=spin))
     decode = []
     for ctx in contexts:
         head.reset()
@@ -465,8 +467,13 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         # deep head in a new process differs from a 4-layer head timed warm)
         pre_fit = _fit([(d * w8_prompt, first_call_ms(root / "device", prompt, threads) - device.embed_ms
                          - T * fp16.prefill_encode) for d, root in zip(depths, roots)])
+        # device-only plans run with spinning threads: the deepest calibration head timed that way
+        # against the per-layer model for it
+        spinning = _time_device_head(roots[-1] / "device", (ctx,), (), text, threads, reps, spin=True)[0][0]
+        modelled = depths[-1] * np.interp(ctx, contexts, [(d - b) / n for d, b in zip(dec16, base_decode)])
+        alone_scale = max(0.5, min(1.5, (spinning - device.embed_ms) / max(1e-9, modelled)))
         device = dataclasses.replace(_scaled(device, prefill=pre_fit[1]), prefill_overhead_ms=pre_fit[0],
-                                     step_overhead_ms=max(0.0, cal.device_step - dev_step))
+                                     step_overhead_ms=max(0.0, cal.device_step - dev_step), alone_decode_scale=alone_scale)
         # the cloud: waited time less the RTT = fixed + scale * (the cloud layers timed alone) + head
         step_fixed, step_scale = _fit([((L - d) * cloud.decode(cb, ctx), c.step_wait - c.rtt - fp16.decode_ms - cloud_head)
                                        for d, c in zip(depths, cals)])
@@ -475,6 +482,8 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         cloud = dataclasses.replace(_scaled(cloud, decode=step_scale, prefill=pre_scale), step_overhead_ms=step_fixed,
                                     prefill_overhead_ms=pre_fixed)
         log.info("device prompt in a fresh process at %s layers: fixed %.1f ms + %.2f x layers", depths, *pre_fit)
+        log.info("device step at %s layers with spinning threads: %.2f ms (model %.2f: x%.2f)", depths[-1], spinning,
+                 modelled + device.embed_ms, alone_scale)
         log.info("loopback calibration (RTT %.2f ms): device step %.2f ms (model %.2f), prefill %.1f ms (model %.1f); "
                  "cloud at %s layers: step %s ms -> fixed %.2f ms + %.2f x layers, prefill %s ms -> fixed %.1f ms + %.2f x layers",
                  cal.rtt, cal.device_step, dev_step, cal.device_prefill, dev_pre, [L - d for d in depths],

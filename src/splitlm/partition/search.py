@@ -105,7 +105,8 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
     chunks = _chunks(b.prompt_tokens, b.prefill_chunk)
     ttft = dev.prefill_overhead_ms + len(chunks) * dev.embed_ms
     if split:
-        device_ms += split * (dev.decode(dev_bits, seq) + dev.kv_decode(kv_bits, seq))
+        device_ms += split * ((dev.alone_decode_scale if device_only else 1.0) * dev.decode(dev_bits, seq)
+                              + dev.kv_decode(kv_bits, seq))
         ttft += sum(split * (dev.prefill(dev_bits, t) + dev.kv_prefill(kv_bits, t)) for t in chunks)
     if device_only:
         device_ms += dev.head_ms[b.lm_head_bits]
