@@ -314,3 +314,24 @@ def test_device_only_steps_use_the_spinning_threads_scale():
     assert alone.token_latency_ms - alone_fast.token_latency_ms == pytest.approx(0.5 * 12 * 1.0)
     split, split_fast = (price(q, 6, 8, 16, 16, q.codecs[0], 256, b) for q in (p, fast))
     assert split.token_latency_ms == split_fast.token_latency_ms  # split sessions do not spin
+
+
+def test_quality_table_is_cached_across_profiles(tiny_ckpt, monkeypatch, caplog):
+    from splitlm.partition import profiler
+
+    wins = [list(range(3, 40)), list(range(50, 90))]
+    first = profiler.cached_quality(tiny_ckpt, wins, (16, 4), (16, 8), progress=False)
+    path = profiler.quality_cache_path(tiny_ckpt, wins, (16, 4), (16, 8))
+    assert path.exists() and first.base_ppl > 1
+
+    def no_measuring(*args):
+        raise AssertionError("measured again although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(profiler, "measure_quality", no_measuring)
+        assert profiler.cached_quality(tiny_ckpt, wins, (4, 16), (8, 16), progress=False) == first
+    # other windows or precisions are another entry; a corrupt entry is measured again, with a warning
+    assert profiler.quality_cache_path(tiny_ckpt, wins[:1], (16, 4), (16, 8)) != path
+    path.write_text('{"base_ppl": ')
+    assert profiler.cached_quality(tiny_ckpt, wins, (16, 4), (16, 8), progress=False) == first
+    assert "unreadable" in caplog.text

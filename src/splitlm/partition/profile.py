@@ -117,6 +117,12 @@ class QualityTable:
     codec_delta: Mapping[str, float] = field(default_factory=dict)
     """codec point name -> Δ log ppl."""
 
+    @classmethod
+    def from_dict(cls, q: Mapping[str, Any]) -> "QualityTable":
+        return cls(q["base_ppl"], {int(b): {int(s): v for s, v in t.items()} for b, t in q["device_delta"].items()},
+                   {int(b): {int(s): v for s, v in t.items()} for b, t in q["cloud_delta"].items()},
+                   {int(k): v for k, v in q["kv_delta"].items()}, dict(q["codec_delta"]))
+
     @staticmethod
     def _over_split(table: Mapping[int, float], split: int) -> float:
         keys = sorted(table)
@@ -243,9 +249,7 @@ class Profile:
                               m.get("head_bytes_per_token", 0.0)),
                 LinkProfile(**data["link"]),
                 tuple(CodecPoint(**c) for c in data["codecs"]),
-                QualityTable(q["base_ppl"], {int(b): {int(s): v for s, v in t.items()} for b, t in q["device_delta"].items()},
-                             {int(b): {int(s): v for s, v in t.items()} for b, t in q["cloud_delta"].items()},
-                             {int(k): v for k, v in q["kv_delta"].items()}, dict(q["codec_delta"])),
+                QualityTable.from_dict(q),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"profile is missing or has a malformed field: {exc}") from None

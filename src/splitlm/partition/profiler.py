@@ -25,6 +25,8 @@ Everything the partitioner prices is measured on the components that run it:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import statistics
@@ -40,7 +42,7 @@ from tqdm import tqdm
 
 from splitlm import evaluate
 from splitlm.errors import ConfigError
-from splitlm.model.checkpoint import Checkpoint
+from splitlm.model.checkpoint import Checkpoint, cache_root
 from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
 from splitlm.partition.profile import (
     CodecPoint,
@@ -457,23 +459,26 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         cal = cals[0]
         fp16 = codecs[0]
         T, ctx = len(prompt), len(prompt) + tokens // 2
-        # the device model: the 8-bit, 16-bit-KV head of n layers as timed alone, scaled to k layers
-        head_step = np.interp(ctx, contexts, [b + k * (d - b) / n for d, b in zip(dec16, base_decode)])
+        # the device model: the 8-bit, 16-bit-KV head of n layers as timed alone, one layer's step at ctx
+        per_layer = float(np.interp(ctx, contexts, [(d - b) / n for d, b in zip(dec16, base_decode)]))
+        embed_at = float(np.interp(ctx, contexts, base_decode))
         w8_fixed, w8_slope = _line(*(x for t in sizes for x in (t, (pre16[t] - base_pre[t]) / n)))
         w8_prompt = w8_fixed + T * w8_slope  # one layer's prefill of the prompt
-        dev_step = head_step + fp16.encode_ms
-        dev_pre = device.embed_ms + k * w8_prompt + T * fp16.prefill_encode
+        # the device's step in split sessions at both depths = fixed (gRPC, idle threads waking) +
+        # scale x the layers as timed alone (a deep head's layers cost more than a 4-layer head's)
+        step_fit_dev = _fit([(d * per_layer, c.device_step - embed_at - fp16.encode_ms) for d, c in zip(depths, cals)])
         # the device's prompt: a fresh process's first call at both depths (per-layer prefill of a
         # deep head in a new process differs from a 4-layer head timed warm)
         pre_fit = _fit([(d * w8_prompt, first_call_ms(root / "device", prompt, threads) - device.embed_ms
                          - T * fp16.prefill_encode) for d, root in zip(depths, roots)])
         # device-only plans run with spinning threads: the deepest calibration head timed that way
-        # against the per-layer model for it
+        # against the (scaled) per-layer model for it
         spinning = _time_device_head(roots[-1] / "device", (ctx,), (), text, threads, reps, spin=True)[0][0]
-        modelled = depths[-1] * np.interp(ctx, contexts, [(d - b) / n for d, b in zip(dec16, base_decode)])
-        alone_scale = max(0.5, min(1.5, (spinning - device.embed_ms) / max(1e-9, modelled)))
-        device = dataclasses.replace(_scaled(device, prefill=pre_fit[1]), prefill_overhead_ms=pre_fit[0],
-                                     step_overhead_ms=max(0.0, cal.device_step - dev_step), alone_decode_scale=alone_scale)
+        modelled = depths[-1] * per_layer * step_fit_dev[1]
+        alone_scale = max(0.5, min(1.5, (spinning - embed_at) / max(1e-9, modelled)))
+        device = dataclasses.replace(_scaled(device, decode=step_fit_dev[1], prefill=pre_fit[1]),
+                                     prefill_overhead_ms=pre_fit[0], step_overhead_ms=step_fit_dev[0],
+                                     alone_decode_scale=alone_scale)
         # the cloud: waited time less the RTT = fixed + scale * (the cloud layers timed alone) + head
         step_fixed, step_scale = _fit([((L - d) * cloud.decode(cb, ctx), c.step_wait - c.rtt - fp16.decode_ms - cloud_head)
                                        for d, c in zip(depths, cals)])
@@ -481,12 +486,12 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
                                       - cloud_head) for d, c in zip(depths, cals)])
         cloud = dataclasses.replace(_scaled(cloud, decode=step_scale, prefill=pre_scale), step_overhead_ms=step_fixed,
                                     prefill_overhead_ms=pre_fixed)
-        log.info("device prompt in a fresh process at %s layers: fixed %.1f ms + %.2f x layers", depths, *pre_fit)
-        log.info("device step at %s layers with spinning threads: %.2f ms (model %.2f: x%.2f)", depths[-1], spinning,
-                 modelled + device.embed_ms, alone_scale)
-        log.info("loopback calibration (RTT %.2f ms): device step %.2f ms (model %.2f), prefill %.1f ms (model %.1f); "
-                 "cloud at %s layers: step %s ms -> fixed %.2f ms + %.2f x layers, prefill %s ms -> fixed %.1f ms + %.2f x layers",
-                 cal.rtt, cal.device_step, dev_step, cal.device_prefill, dev_pre, [L - d for d in depths],
+        log.info("device at %s layers: prompt in a fresh process %s ms -> fixed %.1f ms + %.2f x layers; split-session "
+                 "step %s ms -> fixed %.2f ms + %.2f x layers; step with spinning threads at %s layers %.2f ms (x%.2f)",
+                 depths, [round(c.device_prefill, 1) for c in cals], *pre_fit, [round(c.device_step, 2) for c in cals],
+                 *step_fit_dev, depths[-1], spinning, alone_scale)
+        log.info("cloud at %s layers (loopback RTT %.2f ms): step %s ms -> fixed %.2f ms + %.2f x layers, prefill %s ms "
+                 "-> fixed %.1f ms + %.2f x layers", [L - d for d in depths], cal.rtt,
                  [round(c.step_wait - c.rtt, 2) for c in cals], step_fixed, step_scale,
                  [round(c.prefill_wait - c.rtt, 1) for c in cals], pre_fixed, pre_scale)
         done("service overhead")
@@ -503,13 +508,40 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         done("memory")
     if server:
         link = LinkProfile(link.bandwidth_mbps, probe_rtt_ms(server))
-    quality = measure_quality(ckpt, calib[-quality_windows:], bits, kv_bits, progress)
+    quality = cached_quality(ckpt, calib[-quality_windows:], bits, kv_bits, progress)
     done("quality")
     bar.close()
     memory = MemoryProfile(layer_bytes, base_lo - runtime_bytes, lm_head_mem, kv_mem, runtime_bytes,
                            embed_bytes_per_token=max(0.0, (base_hi - base_lo) / (hi - lo)),
                            head_bytes=head_fit and head_fit["fixed"], head_bytes_per_token=head_fit["per_token"] if head_fit else 0.0)
     return Profile(ckpt.model_id, ckpt.weights_hash, L, spec.hidden_size, device, cloud, memory, link, tuple(codecs), quality)
+
+
+QUALITY_CACHE_VERSION = 1
+
+
+def quality_cache_path(ckpt: Checkpoint, wins: list[list[int]], bits, kv_bits) -> Path:
+    """Where the quality table of these weights, windows, precisions and codec points is cached
+    (it does not depend on the machine: a second profile, on any device, reuses it)."""
+    key = json.dumps([QUALITY_CACHE_VERSION, ckpt.weights_hash, sorted(bits), sorted(kv_bits), wins,
+                      {name: dataclasses.asdict(cfg) for name, cfg in CODEC_POINTS.items()}], sort_keys=True)
+    return cache_root() / "quality" / f"{ckpt.model_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def cached_quality(ckpt: Checkpoint, wins: list[list[int]], bits, kv_bits, progress: bool) -> QualityTable:
+    """measure_quality, read from the cache when it was measured before (a corrupt entry is measured again)."""
+    path = quality_cache_path(ckpt, wins, bits, kv_bits)
+    if path.exists():
+        try:
+            return QualityTable.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("quality cache %s is unreadable (%s): measuring again", path, exc)
+    table = measure_quality(ckpt, wins, bits, kv_bits, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(table)))
+    tmp.replace(path)
+    return table
 
 
 def measure_quality(ckpt: Checkpoint, wins: list[list[int]], bits, kv_bits, progress: bool) -> QualityTable:
