@@ -51,7 +51,8 @@ class SideProfile:
     """KV bits -> per-layer cost of a quantized KV cache per prefill position (ms)."""
     alone_decode_scale: float = 1.0
     """Device-only plans: their runtime's threads spin between steps (nothing to wait on), so a
-    layer's decode costs this times the split session's (measured on a deep head, both ways)."""
+    layer's decode costs this times the split session's (from a device-only export stepped as
+    `generate` steps it)."""
 
     def decode(self, bits: int, context: float) -> float:
         return _interp(self.contexts, self.decode_ms[bits], context)

@@ -471,11 +471,14 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         # deep head in a new process differs from a 4-layer head timed warm)
         pre_fit = _fit([(d * w8_prompt, first_call_ms(root / "device", prompt, threads) - device.embed_ms
                          - T * fp16.prefill_encode) for d, root in zip(depths, roots)])
-        # device-only plans run with spinning threads: the deepest calibration head timed that way
-        # against the (scaled) per-layer model for it
-        spinning = _time_device_head(roots[-1] / "device", (ctx,), (), text, threads, reps, spin=True)[0][0]
-        modelled = depths[-1] * per_layer * step_fit_dev[1]
-        alone_scale = max(0.5, min(1.5, (spinning - embed_at) / max(1e-9, modelled)))
+        # device-only plans run with spinning threads (nothing to wait on) and their LM head in the
+        # graph: a device-only export stepped as `generate` steps it, against the (scaled) model
+        hb = 8 if 8 in head_ms else max(head_ms)
+        alone = export_artifacts(ckpt, base_plan.replace(split_layer=L, device_weights=WeightQuant(8, 32), lm_head_bits=hb),
+                                 tmp / "alone", progress=False)
+        spinning = _time_device_head(alone.device_dir, (ctx,), (), text, threads, reps)[0][0]
+        modelled = L * per_layer * step_fit_dev[1]
+        alone_scale = max(0.5, min(1.5, (spinning - embed_at - head_ms[hb]) / max(1e-9, modelled)))
         device = dataclasses.replace(_scaled(device, decode=step_fit_dev[1], prefill=pre_fit[1]),
                                      prefill_overhead_ms=pre_fit[0], step_overhead_ms=step_fit_dev[0],
                                      alone_decode_scale=alone_scale)
@@ -487,9 +490,9 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         cloud = dataclasses.replace(_scaled(cloud, decode=step_scale, prefill=pre_scale), step_overhead_ms=step_fixed,
                                     prefill_overhead_ms=pre_fixed)
         log.info("device at %s layers: prompt in a fresh process %s ms -> fixed %.1f ms + %.2f x layers; split-session "
-                 "step %s ms -> fixed %.2f ms + %.2f x layers; step with spinning threads at %s layers %.2f ms (x%.2f)",
+                 "step %s ms -> fixed %.2f ms + %.2f x layers; device-only step (spinning threads, LM head) %.2f ms (x%.2f)",
                  depths, [round(c.device_prefill, 1) for c in cals], *pre_fit, [round(c.device_step, 2) for c in cals],
-                 *step_fit_dev, depths[-1], spinning, alone_scale)
+                 *step_fit_dev, spinning, alone_scale)
         log.info("cloud at %s layers (loopback RTT %.2f ms): step %s ms -> fixed %.2f ms + %.2f x layers, prefill %s ms "
                  "-> fixed %.1f ms + %.2f x layers", [L - d for d in depths], cal.rtt,
                  [round(c.step_wait - c.rtt, 2) for c in cals], step_fixed, step_scale,
