@@ -131,3 +131,15 @@ def test_eval_gptq_needs_disjoint_calibration(capsys):
     code, _, err = run(capsys, "eval", "--model", "tiny-random", "--windows", "9999", "--device-bits", "4",
                        "--device-method", "gptq")
     assert code == 2 and ("overlap" in err or "windows of 512" in err)
+
+
+def test_verbose_turns_on_splitlm_logging_not_the_libraries(capsys):
+    import logging
+
+    ours = logging.getLogger("splitlm")
+    try:
+        assert main(["-v", "models"]) == 0
+        assert ours.getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("onnxscript").getEffectiveLevel() > logging.DEBUG  # -v alone: not the exporter's chatter
+    finally:
+        ours.setLevel(logging.NOTSET)

@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     from splitlm.model.registry import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser(prog="splitlm", description="Run an LLM split between an edge device and a cloud server.")
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("-v", "--verbose", action="count", default=0,
+                    help="splitlm's own debug logging; -vv also the libraries' (onnx exporter, grpc, ...)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the models splitlm can load")
@@ -451,8 +452,10 @@ COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "e
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("splitlm").setLevel(logging.DEBUG)
     try:
         return COMMANDS[args.command](args)
     except SplitLMError as exc:
