@@ -258,7 +258,7 @@ def _sub_block(group: int, groups: int) -> int:
     return min(128, group & -group)  # group sizes are 32/64/128 or per channel; _check rejects odd 4-bit groups
 
 
-def _decode_config(M: int, N: int, K: int, sub: int, bits: int, device: torch.device) -> tuple[int, int, int]:
+def _decode_config(M: int, K: int, sub: int, bits: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_N, SUBS, num_warps), swept on an H100 over the shapes of bench/kernels.py (4096 to
     11008 wide): up to four rows, a single warp per program over 2 (4-bit, one or two rows) or
     4 output rows and 512 columns per step; more rows, 8 output rows and 4 warps."""
@@ -283,7 +283,7 @@ def wq_matmul_triton(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M <= DECODE_MAX_ROWS:
         sub = _sub_block(w.group, G)
-        block_n, subs, warps = _decode_config(M, N, K, sub, w.bits, x.device)
+        block_n, subs, warps = _decode_config(M, K, sub, w.bits, x.device)
         _wq_decode_kernel[(triton.cdiv(N, block_n),)](
             x, w.qweight, w.scales, w.zeros, bias if bias is not None else y, y, M, N, K, G, w.group, x.stride(0),
             w.qweight.stride(0), y.stride(0), BITS=w.bits, HAS_BIAS=bias is not None,

@@ -7,19 +7,21 @@ Everything the partitioner prices is measured on the components that run it:
   the difference to an embedding-only head, divided by the layer count. The device LM head
   (device-only plans) is its own exported graph, timed the same way.
 * device memory: peak RSS of fresh device processes (the runtime alone; the embedding-only head;
-  each precision's head; each KV width at two sequence lengths) driven with real text, so what
-  onnxruntime maps, prepacks and allocates is counted as it happens.
+  each precision's head; each KV width at two sequence lengths; heads of two depths at two
+  lengths, through which memory is fitted) driven with real text, so what onnxruntime maps,
+  prepacks and allocates is counted as it happens.
 * device KV: the same head with each KV width, timed: what quantizing the cache adds per layer
   at each context and per prefill position.
 * cloud latency: tail stages of `cloud_probe_layers` (default twice `probe_layers`) timed in torch.
 * what per-layer costs miss (runtime calls and buffers on a fresh device session, gRPC, the
-  service's own work): real split sessions against a real `splitlm serve` over loopback, device
-  time and waiting time measured apart, less the modelled costs and the loopback RTT.
+  service's own work): real split sessions at two depths against a real `splitlm serve` over
+  loopback, device time and waiting time measured apart, less the modelled costs and the loopback
+  RTT; a device-only export stepped as `generate` steps it.
 * codec: each point encoded/decoded on real activations at the middle layer.
 * link: the given bandwidth; the RTT given, or probed against a running server (also alone:
-  `relink`).
+  `splitlm profile --link-only`).
 * quality: perplexity on calibration windows for each precision at a few split points, each KV
-  width and codec point.
+  width and codec point (cached: it does not depend on the machine).
 """
 
 from __future__ import annotations
@@ -516,7 +518,8 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
     bar.close()
     memory = MemoryProfile(layer_bytes, base_lo - runtime_bytes, lm_head_mem, kv_mem, runtime_bytes,
                            embed_bytes_per_token=max(0.0, (base_hi - base_lo) / (hi - lo)),
-                           head_bytes=head_fit and head_fit["fixed"], head_bytes_per_token=head_fit["per_token"] if head_fit else 0.0)
+                           head_bytes=head_fit["fixed"] if head_fit else None,
+                           head_bytes_per_token=head_fit["per_token"] if head_fit else 0.0)
     return Profile(ckpt.model_id, ckpt.weights_hash, L, spec.hidden_size, device, cloud, memory, link, tuple(codecs), quality)
 
 
