@@ -119,19 +119,26 @@ def test_batched_decode_equals_one_by_one(tiny_ckpt, artifacts):
     assert [c.length for c in caches] == [p.shape[0] + 1 for p in prompts]
 
 
+TABQ = CodecConfig("tabq", error_budget=0.01)  # the artifacts' plan codec
+
+
 def _bad_frames(d):
-    good = codec.encode(np.ones((1, d), np.float32), CodecConfig("fp16"))
+    good = codec.encode(np.ones((1, d), np.float32), TABQ)
     nan = bytearray(good)
-    nan[codec.HEADER.size:codec.HEADER.size + 2] = np.float16(np.nan).tobytes()
+    scales = codec.HEADER.size + 3  # after one row's bit width (u8) and outlier count (u16)
+    nan[scales:scales + 2] = np.float16(np.nan).tobytes()
+    reserved = bytearray(good)
+    reserved[7] = 1
     return {
         "garbage": (b"definitely not a frame", "INVALID_ARGUMENT", "magic"),
-        "wrong hidden size": (codec.encode(np.ones((1, d + 3), np.float32), CodecConfig("fp16")), "INVALID_ARGUMENT", "hidden size"),
+        "wrong hidden size": (codec.encode(np.ones((1, d + 3), np.float32), TABQ), "INVALID_ARGUMENT", "hidden size"),
+        "wrong kind": (codec.encode(np.ones((1, d), np.float32), CodecConfig("fp32")), "INVALID_ARGUMENT", "plan's codec"),
         "nan": (bytes(nan), "INVALID_ARGUMENT", "non-finite"),
         "too large": (codec.encode(np.ones((40, d), np.float32), CodecConfig("fp32")), "INVALID_ARGUMENT", "exceeds the limit"),
     }
 
 
-@pytest.mark.parametrize("case", ["garbage", "wrong hidden size", "nan", "too large"])
+@pytest.mark.parametrize("case", ["garbage", "wrong hidden size", "wrong kind", "nan", "too large"])
 def test_bad_frames_fail_only_their_session(tiny_ckpt, artifacts, server, case):
     plan, _ = artifacts
     frame, code, message = _bad_frames(tiny_ckpt.spec.hidden_size)[case]
@@ -181,7 +188,7 @@ def test_out_of_order_position_is_invalid_argument(tiny_ckpt, artifacts, server)
     plan, _ = artifacts
     session = open_session(server[0], plan)
     session.position = 5
-    frame = codec.encode(np.ones((1, tiny_ckpt.spec.hidden_size), np.float32), CodecConfig("fp16"))
+    frame = codec.encode(np.ones((1, tiny_ckpt.spec.hidden_size), np.float32), TABQ)
     with pytest.raises(RemoteError, match="starts at position 5") as info:
         session.next_token(frame)
     assert info.value.code == "INVALID_ARGUMENT"
@@ -212,7 +219,7 @@ def test_idle_session_is_freed(artifacts):
             time.sleep(0.1)
         assert not service.sessions
         with pytest.raises(RemoteError):
-            session.next_token(codec.encode(np.ones((1, 64), np.float32), CodecConfig("fp16")))
+            session.next_token(codec.encode(np.ones((1, 64), np.float32), TABQ))
     finally:
         srv.stop(grace=None)
 
@@ -281,7 +288,7 @@ def test_kv_memory_budget_is_resource_exhausted(tiny_ckpt, artifacts):
     srv, port, _ = start_server(TailRunner(result.cloud_dir), "127.0.0.1:0", ServerConfig(max_kv_bytes=int(per_position * 10)))
     try:
         session = open_session(f"127.0.0.1:{port}", plan, token=None)
-        frame = codec.encode(np.ones((8, tiny_ckpt.spec.hidden_size), np.float32), CodecConfig("fp16"))
+        frame = codec.encode(np.ones((8, tiny_ckpt.spec.hidden_size), np.float32), TABQ)
         session.next_token(frame)
         with pytest.raises(RemoteError, match="budget") as info:
             session.next_token(frame)

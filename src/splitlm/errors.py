@@ -35,6 +35,10 @@ class CodecError(SplitLMError, ValueError):
     """An activation frame could not be encoded or does not parse."""
 
 
+class ResourceExhausted(SplitLMError):
+    """A limit (sessions, sequence length, KV memory) would be passed; nothing was changed."""
+
+
 class TransportError(SplitLMError):
     """The link between device and cloud failed."""
 

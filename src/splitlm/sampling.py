@@ -64,3 +64,14 @@ class Sampler:
             order = order[:keep]
         idx = int(np.searchsorted(np.cumsum(probs), self.rng.random() * probs.sum(), side="right"))
         return int(order[min(idx, len(order) - 1)])
+
+
+def top_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """log p(token) and the k most likely (id, log p), best first, under softmax(logits) (V,)."""
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    logp = z - np.log(np.exp(z).sum())
+    k = min(k, len(logp))
+    best = np.argpartition(-logp, k - 1)[:k]
+    best = best[np.lexsort((best, -logp[best]))]
+    return float(logp[token]), tuple((int(i), float(logp[i])) for i in best)

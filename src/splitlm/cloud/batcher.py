@@ -2,7 +2,11 @@
 
 Each turn takes every pending decode step (one position per session) as one batched
 forward — sessions of different lengths share it through right-padded K/V and a mask —
-and at most one prefill chunk, so long prompts interleave with other sessions' decoding.
+and one prefill chunk of at most `chunk` positions, so a long prompt, however the client
+framed it, interleaves with other sessions' decoding and its memory is bounded per chunk.
+
+The batcher thread also keeps the KV byte count of every cache it runs, so the budget
+is checked without walking other sessions' caches from other threads.
 """
 
 from __future__ import annotations
@@ -11,25 +15,63 @@ import logging
 import queue
 import threading
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
+from splitlm.errors import ResourceExhausted
 from splitlm.model.llama import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
 
+class Cache(Protocol):
+    """What a stage forward needs of a cache (KVCache, or several of them seen as a batch)."""
+
+    length: int
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def crop(self, length: int) -> None: ...
+
+
 @dataclass
 class _Work:
     cache: KVCache
-    hidden: torch.Tensor
-    """(T, d) positions to run for this session."""
+    hidden: torch.Tensor | Callable[[], torch.Tensor]
+    """(T, d) positions to run for this session, or a function that makes them on the batcher thread."""
     last_only: bool = False
     """Only the last position's logits are wanted."""
+    finish: Callable[[torch.Tensor], Any] | None = None
+    """Runs on the batcher thread on the logits; its result is the future's (None: the logits are)."""
+    rows: int | None = None
+    """T, when known before `hidden` is made: the KV budget is checked before any decoding."""
     future: Future = field(default_factory=Future)
+    done_rows: int = 0
+    """Positions of `hidden` already run (a prefill runs in chunks)."""
+    outputs: list = field(default_factory=list)
+    reserved: int = 0
+    """KV bytes reserved for the positions not yet run."""
+
+
+@dataclass
+class _Release:
+    cache: KVCache
+
+
+def _resolve(future: Future, result: Any = None, exc: BaseException | None = None) -> None:
+    """Complete a future that its waiter may have cancelled meanwhile."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 class TorchThread:
@@ -76,15 +118,28 @@ class _BatchedCaches:
         for b, c in enumerate(self.caches):
             c.append(layer, k[b:b + 1], v[b:b + 1])
 
+    def crop(self, length: int) -> None:
+        """Take back a failed step: each cache returns to its own committed length."""
+        for c in self.caches:
+            c.crop(c.length)
+
 
 class Batcher:
-    """Owns the tail stage; `run(cache, hidden)` returns logits (T, V) for that session's positions."""
+    """Owns the tail stage; `submit(cache, hidden)` returns a future of that session's logits (T, V)."""
 
-    def __init__(self, stage: Transformer, max_batch: int = 64, worker: TorchThread | None = None) -> None:
+    def __init__(self, stage: Transformer, max_batch: int = 64, worker: TorchThread | None = None,
+                 chunk: int = 256, kv_budget: int | None = None) -> None:
         """worker: the torch thread the loop then occupies (the thread that built the stage, so one
-        OpenMP pool serves every torch op); None starts a thread of its own."""
-        self.stage, self.max_batch = stage, max_batch
-        self._inbox: queue.Queue[_Work | None] = queue.Queue()
+        OpenMP pool serves every torch op); None starts a thread of its own. chunk: positions per
+        prefill turn. kv_budget: KV bytes all caches together may hold (None = unbounded)."""
+        self.stage, self.max_batch, self.chunk, self.kv_budget = stage, max_batch, chunk, kv_budget
+        dtype = next((p.dtype for p in stage.parameters() if p.is_floating_point()), torch.float32)
+        self.kv_bytes_per_position = stage.spec.kv_bytes_per_token(len(stage.owned_layers), 8 * dtype.itemsize)
+        """Estimate used to reserve a frame's KV before it runs (the exact bytes are counted after)."""
+        self.kv_bytes = 0
+        """KV bytes held by the caches this batcher ran and has not released (updated on its thread)."""
+        self._reserved = 0
+        self._inbox: queue.Queue[_Work | _Release | None] = queue.Queue()
         self._done: Future | None = None
         self._thread = None if worker else threading.Thread(target=self._loop, name="splitlm-batcher", daemon=True)
         self.batches = 0
@@ -96,13 +151,24 @@ class Batcher:
         else:
             self._done = worker.submit(self._loop)
 
-    def run(self, cache: KVCache, hidden: torch.Tensor | Callable[[], torch.Tensor], last_only: bool = False) -> torch.Tensor:
+    def submit(self, cache: KVCache, hidden: torch.Tensor | Callable[[], torch.Tensor], last_only: bool = False,
+               finish: Callable[[torch.Tensor], Any] | None = None, rows: int | None = None) -> Future:
         """Run (T, d) hidden states through the stage for this cache. `hidden` may be a function that
         makes them (the frame decode): it then runs on the batcher's thread, so every torch op of
-        the service runs on one thread (two threads' OpenMP pools spinning on few cores cost ~40%)."""
-        work = _Work(cache, hidden, last_only)
+        the service runs on one thread (two threads' OpenMP pools spinning on few cores cost ~40%).
+        The future holds `finish(logits)`, or the logits. A frame that would pass the KV budget
+        fails with ResourceExhausted before anything runs."""
+        work = _Work(cache, hidden, last_only, finish, rows)
         self._inbox.put(work)
-        return work.future.result()
+        return work.future
+
+    def run(self, cache: KVCache, hidden: torch.Tensor | Callable[[], torch.Tensor], last_only: bool = False) -> torch.Tensor:
+        """`submit` and wait."""
+        return self.submit(cache, hidden, last_only).result()
+
+    def release(self, cache: KVCache) -> None:
+        """The session of `cache` ended: drop its pending work and stop counting its bytes."""
+        self._inbox.put(_Release(cache))
 
     def close(self) -> None:
         self._inbox.put(None)
@@ -111,6 +177,7 @@ class Batcher:
         elif self._done is not None:
             self._done.result(timeout=5)
 
+    # -- the loop (batcher thread) -----------------------------------------
     def _loop(self) -> None:
         prefills: deque[_Work] = deque()
         decodes: list[_Work] = []
@@ -122,35 +189,100 @@ class Batcher:
                     block = False
                     if item is None:
                         return
-                    if callable(item.hidden):
-                        try:
-                            with torch.inference_mode():
-                                item.hidden = item.hidden()
-                        except Exception as exc:  # noqa: BLE001 - the session's stream reports it
-                            item.future.set_exception(exc)
-                            continue
-                    (decodes if item.hidden.shape[0] == 1 and item.cache.length > 0 else prefills).append(item)
+                    if isinstance(item, _Release):
+                        prefills = deque(w for w in prefills if w.cache is not item.cache)
+                        decodes = [w for w in decodes if w.cache is not item.cache]
+                        self.kv_bytes -= item.cache.nbytes()
+                        continue
+                    if self._admit(item):
+                        (decodes if item.hidden.shape[0] == 1 and item.cache.length > 0 else prefills).append(item)
             except queue.Empty:
                 pass
             if decodes:
                 batch, decodes = decodes[: self.max_batch], decodes[self.max_batch:]
-                self._decode(batch)
-            if prefills:
-                self._single(prefills.popleft())
+                self._decode([w for w in batch if not w.future.cancelled()])
+            while prefills and prefills[0].future.cancelled():
+                self._unreserve(prefills.popleft())
+            if prefills and self._chunk(prefills[0]):
+                prefills.popleft()
+
+    def _admit(self, work: _Work) -> bool:
+        """Reserve the work's KV and make its hidden states; False (future failed) when it cannot run."""
+        if work.future.cancelled():
+            return False
+        try:
+            if work.rows is not None:
+                self._reserve(work, work.rows)
+            if callable(work.hidden):
+                with torch.inference_mode():
+                    work.hidden = work.hidden()
+            if work.rows is None:
+                self._reserve(work, work.hidden.shape[0])
+            elif work.hidden.shape[0] != work.rows:
+                raise RuntimeError(f"work announced {work.rows} rows and made {work.hidden.shape[0]}")
+            return True
+        except Exception as exc:  # noqa: BLE001 - the session's stream reports it
+            self._unreserve(work)
+            _resolve(work.future, exc=exc)
+            return False
+
+    def _reserve(self, work: _Work, rows: int) -> None:
+        need = int(rows * self.kv_bytes_per_position)
+        if self.kv_budget is not None and self.kv_bytes + self._reserved + need > self.kv_budget:
+            raise ResourceExhausted(f"KV cache would grow to {self.kv_bytes + self._reserved + need} bytes, the server's "
+                                    f"budget is {self.kv_budget}")
+        work.reserved = need
+        self._reserved += need
+
+    def _unreserve(self, work: _Work) -> None:
+        self._reserved -= work.reserved
+        work.reserved = 0
+
+    def _ran(self, work: _Work, rows: int, bytes_before: int) -> None:
+        """Account for `rows` positions of `work` that ran."""
+        share = work.reserved if work.done_rows + rows >= work.hidden.shape[0] else int(rows * self.kv_bytes_per_position)
+        self._reserved -= share
+        work.reserved -= share
+        work.done_rows += rows
+        self.kv_bytes += work.cache.nbytes() - bytes_before
+
+    def _complete(self, work: _Work, logits: torch.Tensor) -> None:
+        try:
+            _resolve(work.future, work.finish(logits) if work.finish is not None else logits)
+        except Exception as exc:  # noqa: BLE001 - the session's stream reports it
+            _resolve(work.future, exc=exc)
 
     @torch.inference_mode()
-    def _single(self, work: _Work) -> None:
+    def _chunk(self, work: _Work) -> bool:
+        """Run the next prefill chunk of `work`; True when the work is finished (done or failed)."""
+        start = work.done_rows
+        stop = min(start + self.chunk, work.hidden.shape[0])
+        last = stop == work.hidden.shape[0]
+        before = work.cache.nbytes()
         try:
-            work.future.set_result(self.stage(work.hidden[None], cache=work.cache, last_only=work.last_only)[0])
+            out = self.stage(work.hidden[None, start:stop], cache=work.cache, last_only=work.last_only or not last)[0]
         except Exception as exc:  # noqa: BLE001 - the session's stream reports it
-            work.future.set_exception(exc)
+            self._unreserve(work)
+            _resolve(work.future, exc=exc)
+            return True
+        self._ran(work, stop - start, before)
+        if not work.last_only:
+            work.outputs.append(out)
+        if not last:
+            return False
+        self._complete(work, out if work.last_only else torch.cat(work.outputs))
+        return True
 
     @torch.inference_mode()
     def _decode(self, batch: list[_Work]) -> None:
         if len(batch) == 1:
-            return self._single(batch[0])
+            self._chunk(batch[0])
+            return
+        if not batch:
+            return
+        caches = [w.cache for w in batch]
+        before = [c.nbytes() for c in caches]
         try:
-            caches = [w.cache for w in batch]
             view = _BatchedCaches(caches)
             dev = batch[0].hidden.device
             lengths = torch.tensor([c.length for c in caches], device=dev)
@@ -160,14 +292,15 @@ class Batcher:
             mask[:, 0, 0, s] = True
             x = torch.stack([w.hidden for w in batch])  # (B, 1, d)
             logits = self.stage(x, positions=lengths[:, None], cache=view, mask=mask)  # (B, 1, V)
-            for c in caches:
-                c.length += 1
-            self.batches += 1
-            self.batched_steps += len(batch)
-        except Exception:  # noqa: BLE001 - fall back to one by one, each session gets its own error
+        except Exception:  # noqa: BLE001 - the forward took its K/V back: run one by one, each gets its own error
             log.exception("batched decode failed; running its %d steps one by one", len(batch))
             for w in batch:
-                self._single(w)
+                self._chunk(w)
             return
+        for c in caches:
+            c.length += 1
+        self.batches += 1
+        self.batched_steps += len(batch)
         for b, w in enumerate(batch):
-            w.future.set_result(logits[b])
+            self._ran(w, 1, before[b])
+            self._complete(w, logits[b])

@@ -1,30 +1,33 @@
 """The gRPC service: one bidirectional stream per generation session, KV per session.
 
-This first version runs each session's steps on its own stream thread (no cross-session
-batching yet). Every error a client can cause maps to one status code in `status_for`,
-ends only its own stream, and frees the session.
+The server is `grpc.aio` on one event-loop thread: a stream costs no thread, so no number of
+silent or idle streams can starve new sessions or the health check. Every session's steps run
+on the tail's one batching thread (`cloud.batcher`). Every error a client can cause maps to
+one status code in `status_for`, ends only its own stream, and frees the session.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
-from concurrent import futures
 from dataclasses import dataclass
-from typing import Iterator
 
 import grpc
 
 from splitlm.cloud.tail import TailRunner, TailSession
-from splitlm.errors import CodecError, ConfigError, PlanError, SplitLMError
+from splitlm.errors import CodecError, ConfigError, PlanError, ResourceExhausted, SplitLMError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
 from splitlm.quantize.codec import parse_frame
 from splitlm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+ECHO_CHARS = 80
+"""A client's string is echoed into errors and logs up to this many characters."""
 
 
 @dataclass(frozen=True)
@@ -33,24 +36,31 @@ class ServerConfig:
 
     max_sessions: int = 64
     """Concurrent sessions; one more is answered RESOURCE_EXHAUSTED."""
+    max_pending_streams: int = 64
+    """Streams that have not sent Open yet; one more is answered RESOURCE_EXHAUSTED."""
+    open_timeout_s: float = 10.0
+    """A stream must send its Open within this (else DEADLINE_EXCEEDED)."""
     max_frame_bytes: int = 8 << 20
     """Largest activation frame accepted (INVALID_ARGUMENT above)."""
     max_tokens: int = 4096
-    """Tokens one session may generate."""
+    """Tokens one session may generate; a session asking for more is given this many."""
+    max_logprobs: int = 20
+    """Most top log-probabilities a session may ask for per token."""
     max_kv_bytes: int = 8 << 30
     """KV cache bytes all sessions together may hold; a step that would pass it is RESOURCE_EXHAUSTED."""
     auth_token: str | None = None
     """When set, every stream must carry `authorization: Bearer <token>` (else UNAUTHENTICATED)."""
-    workers: int = 32
-    """Stream threads; bounds concurrent streams together with max_sessions."""
     idle_timeout_s: float = 120.0
-    """A session that sends nothing for this long is cancelled and freed."""
+    """A session the server has waited on this long for its next message is ended (DEADLINE_EXCEEDED).
+    Time the server spends computing for it, or for others, does not count."""
     total_timeout_s: float = 3600.0
-    """A session older than this is ended with DEADLINE_EXCEEDED at its next message."""
+    """A session older than this is ended with DEADLINE_EXCEEDED."""
+    keepalive_s: float = 30.0
+    """The server pings a silent connection this often to find dead clients."""
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_frame_bytes", "max_tokens", "max_kv_bytes", "workers", "idle_timeout_s",
-                     "total_timeout_s"):
+        for name in ("max_sessions", "max_pending_streams", "open_timeout_s", "max_frame_bytes", "max_tokens",
+                     "max_logprobs", "max_kv_bytes", "idle_timeout_s", "total_timeout_s", "keepalive_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"server {name} must be > 0, got {getattr(self, name)}")
 
@@ -71,153 +81,181 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, (CodecError, ConfigError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, ResourceExhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, SplitLMError):
         return grpc.StatusCode.INTERNAL, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
+def _clip(text: str) -> str:
+    """A client's string, bounded for echoing."""
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} chars)"
+
+
+@dataclass
+class _Session:
+    tail: TailSession
+    max_tokens: int
+    position: int = 0
+    """Positions the session has sent so far."""
+    produced: int = 0
+    """Tokens answered so far."""
+
+
 class SplitInferenceService(pb_grpc.SplitInferenceServicer):
+    """The Generate stream. Its state is touched on the event loop's thread only."""
+
     def __init__(self, runner: TailRunner, config: ServerConfig = ServerConfig()) -> None:
         self.runner, self.config = runner, config
-        self._lock = threading.Lock()
-        self.sessions: dict[str, TailSession] = {}
+        self.sessions: dict[str, _Session] = {}
+        self.pending_streams = 0
+        """Streams that have not sent Open yet."""
 
-    # -- helpers ------------------------------------------------------
-    def _check_auth(self, context: grpc.ServicerContext) -> None:
+    def kv_bytes(self) -> int:
+        """KV cache bytes held by all sessions now (counted on the batcher thread)."""
+        return self.runner.batcher.kv_bytes
+
+    # -- one message at a time ----------------------------------------
+    def _check_auth(self, context: grpc.aio.ServicerContext) -> None:
         if self.config.auth_token is None:
             return
-        meta = dict(context.invocation_metadata())
+        meta = dict(context.invocation_metadata() or ())
         if meta.get("authorization") != f"Bearer {self.config.auth_token}":
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-    def _open(self, msg: pb.DeviceMessage) -> tuple[str, TailSession, int]:
+    def _sampling(self, s: pb.Sampling) -> SamplingParams:
+        if s.logprobs > self.config.max_logprobs:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"logprobs {s.logprobs} exceeds the server's limit of {self.config.max_logprobs}")
+        # proto3 cannot tell an unset top_p from 0: 0 is read as 1 (off), as the .proto says
+        return SamplingParams(s.temperature, s.top_k, 1.0 if s.top_p == 0 else s.top_p, s.seed if s.has_seed else None)
+
+    def _open(self, msg: pb.DeviceMessage) -> tuple[str, _Session]:
         if msg.WhichOneof("kind") != "open":
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"the first message must be Open, got {msg.WhichOneof('kind')}")
-        op = msg.open
-        if op.plan_hash != self.runner.plan.hash:
+        op, plan = msg.open, self.runner.plan
+        if op.plan_hash != plan.hash:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"plan hash {op.plan_hash!r} does not match the server's {self.runner.plan.hash}")
+                               f"plan hash {_clip(op.plan_hash)!r} does not match the server's {plan.hash}")
+        if op.model_id and op.model_id != plan.model_id:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model {_clip(op.model_id)!r} does not match the server's {plan.model_id!r}")
         if op.resume_session:
-            with self._lock:
-                live = op.resume_session in self.sessions
-            if not live:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown or expired session {op.resume_session!r}")
+            if op.resume_session not in self.sessions:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown or expired session {_clip(op.resume_session)!r}")
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"session {op.resume_session!r} is attached to another stream")
-        s = op.sampling
-        sampling = SamplingParams(s.temperature, s.top_k, s.top_p if s.top_p > 0 else 1.0, s.seed if s.has_seed else None)
-        with self._lock:
-            if len(self.sessions) >= self.config.max_sessions:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is at its limit of {self.config.max_sessions} sessions")
-            sid = uuid.uuid4().hex
-            self.sessions[sid] = self.runner.new_session(sampling)
-        max_tokens = min(op.max_tokens or self.config.max_tokens, self.config.max_tokens)
-        return sid, self.sessions[sid], max_tokens
+                               f"session {_clip(op.resume_session)!r} is attached to another stream")
+        if op.max_tokens < 1:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1, got 0")
+        sampling = self._sampling(op.sampling)
+        if len(self.sessions) >= self.config.max_sessions:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is at its limit of {self.config.max_sessions} sessions")
+        sid = uuid.uuid4().hex
+        self.sessions[sid] = _Session(self.runner.new_session(sampling, op.sampling.logprobs),
+                                      min(op.max_tokens, self.config.max_tokens))
+        return sid, self.sessions[sid]
 
-    def _activations(self, session: TailSession, act: pb.Activations) -> pb.CloudMessage | None:
+    async def _activations(self, session: _Session, act: pb.Activations) -> pb.CloudMessage | None:
+        plan, spec = self.runner.plan, self.runner.spec
         if len(act.frame) > self.config.max_frame_bytes:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"frame of {len(act.frame)} bytes exceeds the limit of {self.config.max_frame_bytes}")
-        if act.start_position != session.cache.length:
+        if act.start_position != session.position:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"frame starts at position {act.start_position}, the session is at {session.cache.length}")
+                               f"frame starts at position {act.start_position}, the session is at {session.position}")
+        if act.want_token and session.produced >= session.max_tokens:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"session reached its {session.max_tokens} tokens")
+        # the header and side information against the plan, before anything is decoded
+        layout = parse_frame(act.frame, max_rows=plan.max_seq_len)
+        if layout.kind != plan.codec.kind:
+            raise CodecError(f"frame kind {layout.kind!r} is not the plan's codec {plan.codec.kind!r}")
+        if layout.dim != spec.hidden_size:
+            raise CodecError(f"frame hidden size {layout.dim} does not match the model's {spec.hidden_size}")
+        if session.position + layout.rows > plan.max_seq_len:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"sequence would reach {session.position + layout.rows} "
+                                                                  f"positions, the limit is {plan.max_seq_len}")
         t0 = time.perf_counter()
-        rows = parse_frame(act.frame).rows
-        if session.cache.length + rows > self.runner.plan.max_seq_len:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"sequence would reach {session.cache.length + rows} positions, the limit is {self.runner.plan.max_seq_len}")
-        self._check_kv_budget(rows)
-        logits = session.logits(act.frame, last_only=True)
-        if not act.want_token:
+        choice = await asyncio.wrap_future(session.tail.submit(act.frame, act.want_token, layout.rows))
+        session.position += layout.rows
+        if choice is None:
             return None
-        token = session.sampler(logits[-1].float().cpu().numpy())
-        micros = int((time.perf_counter() - t0) * 1e6)
-        return pb.CloudMessage(token=pb.Token(position=session.cache.length, id=token, compute_us=micros))
+        session.produced += 1
+        token = pb.Token(position=session.position, id=choice.id, compute_us=int((time.perf_counter() - t0) * 1e6))
+        if choice.logprob is not None:
+            token.logprob = choice.logprob
+            token.top.extend(pb.TopLogprob(id=i, logprob=lp) for i, lp in choice.top)
+        return pb.CloudMessage(token=token)
 
-    def kv_bytes(self) -> int:
-        """KV cache bytes held by all sessions now."""
-        with self._lock:
-            sessions = list(self.sessions.values())
-        return sum(s.cache.nbytes() for s in sessions)
-
-    def _check_kv_budget(self, rows: int) -> None:
-        spec = self.runner.spec
-        layers = spec.num_layers - self.runner.plan.split_layer
-        extra = rows * spec.kv_bytes_per_token(layers, 32)
-        held = self.kv_bytes()
-        if held + extra > self.config.max_kv_bytes:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"KV cache would grow to {held + extra:.0f} bytes, the server's budget is {self.config.max_kv_bytes}")
+    async def _read(self, context: grpc.aio.ServicerContext, timeout: float, waiting_for: str) -> pb.DeviceMessage | None:
+        """The next message, None at the end of the stream; DEADLINE_EXCEEDED after `timeout` s of silence."""
+        try:
+            msg = await asyncio.wait_for(context.read(), timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {waiting_for} within {timeout:.3g} s") from None
+        return None if msg is grpc.aio.EOF else msg
 
     # -- the RPC ------------------------------------------------------
-    def Generate(self, request_iterator: Iterator[pb.DeviceMessage], context: grpc.ServicerContext):
-        sid = None
-        t0 = time.perf_counter()
-        watchdog = _IdleWatchdog(self.config.idle_timeout_s, context)
+    async def Generate(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        sid, session = None, None
+        t0 = time.monotonic()
+        pending = False
         try:
             self._check_auth(context)
-            first = next(request_iterator, None)
+            if self.pending_streams >= self.config.max_pending_streams:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"server is at its limit of {self.config.max_pending_streams} streams waiting to open")
+            self.pending_streams += 1
+            pending = True
+            first = await self._read(context, self.config.open_timeout_s, "Open message")
+            self.pending_streams -= 1
+            pending = False
             if first is None:
                 return
-            sid, session, max_tokens = self._open(first)
+            sid, session = self._open(first)
             log.info("event=session_open session=%s plan=%s peer=%s", sid, self.runner.plan.hash, context.peer())
-            yield pb.CloudMessage(opened=pb.Opened(session_id=sid, max_seq_len=self.runner.plan.max_seq_len,
-                                                   max_frame_bytes=self.config.max_frame_bytes, max_tokens=max_tokens))
-            produced = 0
-            for msg in request_iterator:
-                watchdog.reset()
-                if time.perf_counter() - t0 > self.config.total_timeout_s:
+            await context.write(pb.CloudMessage(opened=pb.Opened(
+                session_id=sid, max_seq_len=self.runner.plan.max_seq_len, max_frame_bytes=self.config.max_frame_bytes,
+                max_tokens=session.max_tokens)))
+            while True:
+                left = self.config.total_timeout_s - (time.monotonic() - t0)
+                if left <= 0:
                     raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                       f"session passed its total deadline of {self.config.total_timeout_s:.0f} s")
+                                       f"session passed its total deadline of {self.config.total_timeout_s:.3g} s")
+                idle = self.config.idle_timeout_s
+                msg = await self._read(context, min(idle, left), "message" if idle <= left else "message before the "
+                                       "session's total deadline")
+                if msg is None:
+                    log.info("event=session_end session=%s reason=client_closed", sid)
+                    return
                 kind = msg.WhichOneof("kind")
                 if kind == "cancel":
-                    log.info("event=session_cancel session=%s reason=%r", sid, msg.cancel.reason)
+                    log.info("event=session_cancel session=%s reason=%r", sid, _clip(msg.cancel.reason))
                     return
+                if kind == "move_split":
+                    raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "MoveSplit is not implemented by this server")
                 if kind != "activations":
-                    raise RequestError(grpc.StatusCode.UNIMPLEMENTED if kind == "move_split" else grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"message {kind!r} is not supported here")
-                out = self._activations(session, msg.activations)
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"message {kind!r} is not valid after Open")
+                out = await self._activations(session, msg.activations)
                 if out is not None:
-                    produced += 1
-                    if produced > max_tokens:
-                        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"session reached its {max_tokens} tokens")
-                    yield out
+                    await context.write(out)
+        except asyncio.CancelledError:
+            log.info("event=session_end session=%s reason=client_gone", sid)
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes this stream's status, nothing else's
             code, message = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("event=session_error session=%s code=%s", sid, code.name)
             else:
                 log.info("event=session_error session=%s code=%s message=%r", sid, code.name, message)
-            context.abort(code, message)
+            await context.abort(code, message)
         finally:
-            watchdog.stop()
+            if pending:
+                self.pending_streams -= 1
             if sid is not None:
-                with self._lock:
-                    self.sessions.pop(sid, None)
-                log.info("event=session_close session=%s seconds=%.2f", sid, time.perf_counter() - t0)
-
-
-class _IdleWatchdog:
-    """Cancels a stream that stays silent for `timeout` seconds (the handler's finally frees it)."""
-
-    def __init__(self, timeout: float, context: grpc.ServicerContext) -> None:
-        self.timeout, self.context = timeout, context
-        self._timer: threading.Timer | None = None
-        self.reset()
-
-    def reset(self) -> None:
-        self.stop()
-        self._timer = threading.Timer(self.timeout, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _expire(self) -> None:
-        log.info("event=session_idle_cancel timeout_s=%.0f", self.timeout)
-        self.context.cancel()
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+                self.sessions.pop(sid, None)
+                session.tail.close()
+                log.info("event=session_close session=%s seconds=%.2f", sid, time.monotonic() - t0)
 
 
 def tls_credentials(cert_chain: bytes, private_key: bytes) -> grpc.ServerCredentials:
@@ -225,22 +263,82 @@ def tls_credentials(cert_chain: bytes, private_key: bytes) -> grpc.ServerCredent
     return grpc.ssl_server_credentials([(private_key, cert_chain)])
 
 
-def start_server(runner: TailRunner, address: str = "127.0.0.1:0", config: ServerConfig = ServerConfig(),
-                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int, SplitInferenceService]:
-    """Start serving; returns the server, the bound port and the servicer."""
-    runner.enable_batching(config.max_sessions)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
-                         options=[("grpc.max_receive_message_length", config.max_frame_bytes + (1 << 16))])
-    service = SplitInferenceService(runner, config)
-    pb_grpc.add_SplitInferenceServicer_to_server(service, server)
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+class Server:
+    """A running server: a grpc.aio server on an event loop of its own thread."""
 
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", "splitlm.v1.SplitInference"):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if port == 0:
-        raise ConfigError(f"cannot bind {address}")
-    server.start()
-    return server, port, service
+    def __init__(self, runner: TailRunner, address: str, config: ServerConfig,
+                 credentials: grpc.ServerCredentials | None) -> None:
+        self.service = SplitInferenceService(runner, config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="splitlm-grpc", daemon=True)
+        self._thread.start()
+        try:
+            self._server, self.port = self._call(self._start(address, config, credentials))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self, address: str, config: ServerConfig, credentials) -> tuple[grpc.aio.Server, int]:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", config.max_frame_bytes + (1 << 16)),
+            ("grpc.so_reuseport", 0),  # a second server on a port in use must fail, not share it
+            ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),  # clients may ping every second
+            ("grpc.http2.max_ping_strikes", 0),
+        ])
+        pb_grpc.add_SplitInferenceServicer_to_server(self.service, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", "splitlm.v1.SplitInference"):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        try:
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise ConfigError(f"cannot serve on {address}: the port is in use or the address cannot be bound")
+        await server.start()
+        return server, port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving (after `grace` seconds for streams in flight; None ends them now)."""
+        if self._loop.is_closed():
+            return
+        self._call(self._server.stop(grace))
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def wait_for_termination(self) -> None:
+        """Block until the server stops (Ctrl-C interrupts)."""
+        done = asyncio.run_coroutine_threadsafe(self._server.wait_for_termination(), self._loop)
+        while not done.done():
+            try:
+                done.result(timeout=0.5)
+            except TimeoutError:
+                pass
+
+
+def _check_address(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"address {address!r} is not HOST:PORT with a port in 0..65535")
+
+
+def start_server(runner: TailRunner, address: str = "127.0.0.1:0", config: ServerConfig = ServerConfig(),
+                 credentials: grpc.ServerCredentials | None = None) -> tuple[Server, int, SplitInferenceService]:
+    """Start serving; returns the server, the bound port and the servicer."""
+    _check_address(address)
+    runner.limit(config.max_sessions, config.max_kv_bytes)
+    server = Server(runner, address, config, credentials)
+    return server, server.port, server.service

@@ -6,20 +6,22 @@ Each session owns its KV cache and its random stream.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from splitlm.artifacts import read_folder
-from splitlm.cloud.batcher import TorchThread
+from splitlm.cloud.batcher import Batcher, TorchThread
 from splitlm.errors import CodecError, ConfigError, ModelLoadError
 from splitlm.kernels import dispatch
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
 from splitlm.quantize import codec
 from splitlm.quantize.apply import load_stage
-from splitlm.sampling import Sampler, SamplingParams
+from splitlm.sampling import Sampler, SamplingParams, top_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ class TailRunner:
         self.stage: Transformer = self._worker.submit(self._build, dtype).result()
         log.info("tail [%d, %d) on %s, kernels %s (%d quantized Linears on kernels)", self.stage.start,
                  self.spec.num_layers, self.device, self.kernels, self.kernel_linears)
-        self.batcher = None
+        self.batcher = Batcher(self.stage, worker=self._worker, chunk=self.plan.prefill_chunk)
+        """Runs every session's steps from now on (it occupies the torch thread)."""
         if warm_up:
             self.warm_up()
 
@@ -60,6 +63,7 @@ class TailRunner:
         for rows in (max(1, min(prompt, self.plan.max_seq_len - 1)), 1):
             x = rng.standard_normal((rows, self.spec.hidden_size), dtype=np.float32)
             session.next_token(codec.encode(x, self.plan.codec))
+        session.close()
 
     def _build(self, dtype: torch.dtype) -> Transformer:
         stage = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
@@ -68,43 +72,68 @@ class TailRunner:
         self.kernel_linears = dispatch.apply_kernels(stage, "triton") if self.kernels == "triton" else 0
         return stage.to(self.device)
 
-    def enable_batching(self, max_batch: int = 64) -> None:
-        """Run all sessions' steps through one continuous-batching thread (the service does this)."""
-        if self.batcher is None:
-            from splitlm.cloud.batcher import Batcher
+    def limit(self, max_batch: int, kv_budget: int | None) -> None:
+        """Sessions batched together at most, and KV bytes all sessions together may hold."""
+        self.batcher.max_batch, self.batcher.kv_budget = max_batch, kv_budget
 
-            self.batcher = Batcher(self.stage, max_batch, self._worker)
+    def new_session(self, sampling: SamplingParams = SamplingParams(), logprobs: int = 0) -> "TailSession":
+        return TailSession(self, sampling, logprobs)
 
-    def new_session(self, sampling: SamplingParams = SamplingParams()) -> "TailSession":
-        return TailSession(self, sampling)
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """The token the cloud picked for the next position, and its log-probabilities when asked for."""
+
+    id: int
+    logprob: float | None = None
+    """log p(id) under the model's distribution (before temperature, top-k and top-p)."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The most likely (id, logprob) pairs, best first."""
 
 
 class TailSession:
-    """One generation on the cloud: its KV cache of layers [ℓ, L) and its sampler."""
+    """One generation on the cloud: its KV cache of layers [ℓ, L), its sampler, what it returns."""
 
-    def __init__(self, runner: TailRunner, sampling: SamplingParams) -> None:
+    def __init__(self, runner: TailRunner, sampling: SamplingParams, logprobs: int = 0) -> None:
         self.runner = runner
         self.cache = KVCache()
         self.sampler = Sampler(sampling)
+        self.logprobs = logprobs
+        """Top log-probabilities returned with each token (0 = none)."""
 
-    @torch.inference_mode()
-    def logits(self, frame: bytes, last_only: bool = False) -> torch.Tensor:
-        """Decode one frame (T positions) and run the tail -> logits (T, V), or (1, V) with last_only
-        (the LM head then runs on the last position only: a prompt's other logits are never sampled)."""
+    def _hidden(self, frame: bytes):
         def hidden() -> torch.Tensor:
             h = dispatch.decode_frame(frame, self.runner.kernels, self.runner.device, self.runner.plan.max_seq_len)
             d = self.runner.spec.hidden_size
             if h.shape[1] != d:
                 raise CodecError(f"frame hidden size {h.shape[1]} does not match the model's {d}")
             return h.to(torch.float32)
+        return hidden
 
-        if self.runner.batcher is not None:
-            return self.runner.batcher.run(self.cache, hidden, last_only)
-        return self.runner._worker.submit(self._run, hidden, last_only).result()
+    def submit(self, frame: bytes, want_token: bool = True, rows: int | None = None) -> Future:
+        """Decode one frame (T positions) and run the tail on the batcher: a future of the TokenChoice
+        for the next position (None without want_token). `rows` (T, when the caller parsed the
+        frame) lets the KV budget be checked before the frame is decoded."""
+        choose = self._choose if want_token else (lambda logits: None)
+        return self.runner.batcher.submit(self.cache, self._hidden(frame), True, choose, rows)
 
-    @torch.inference_mode()
-    def _run(self, hidden, last_only: bool) -> torch.Tensor:
-        return self.runner.stage(hidden()[None], cache=self.cache, last_only=last_only)[0]
+    def _choose(self, logits: torch.Tensor) -> TokenChoice:
+        """On the batcher thread: sample the last position's logits (1, V)."""
+        row = logits[-1].float().cpu().numpy()
+        token = self.sampler(row)
+        if not self.logprobs:
+            return TokenChoice(token)
+        logprob, top = top_logprobs(row, token, self.logprobs)
+        return TokenChoice(token, logprob, top)
+
+    def logits(self, frame: bytes, last_only: bool = False) -> torch.Tensor:
+        """Decode one frame (T positions) and run the tail -> logits (T, V), or (1, V) with last_only
+        (the LM head then runs on the last position only: a prompt's other logits are never sampled)."""
+        return self.runner.batcher.submit(self.cache, self._hidden(frame), last_only).result()
 
     def next_token(self, frame: bytes) -> int:
-        return self.sampler(self.logits(frame, last_only=True)[-1].float().cpu().numpy())
+        return self.submit(frame).result().id
+
+    def close(self) -> None:
+        """Free the cache (the batcher stops counting it and drops work still queued for it)."""
+        self.runner.batcher.release(self.cache)

@@ -116,6 +116,10 @@ class MissingLayer(nn.Module):
         raise RuntimeError("this layer belongs to another stage")
 
 
+def _entry_bytes(t) -> int:
+    return t.nbytes_packed() if hasattr(t, "nbytes_packed") else t.numel() * t.element_size()
+
+
 @dataclass
 class KVCache:
     """Keys and values of the layers one stage owns, for one batch of sequences.
@@ -130,7 +134,8 @@ class KVCache:
     layers: dict = field(default_factory=dict)
     """layer index -> (keys, values): tensors (B, Hkv, length, D), or QuantizedKV when bits < 16."""
     length: int = 0
-    """Positions cached so far."""
+    """Positions committed so far: a forward that fails leaves it, and the layers, as they were."""
+    _bytes: int = field(default=0, repr=False)
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         entry = self.layers.get(layer)
@@ -146,21 +151,20 @@ class KVCache:
             k, v = quantize_kv(k, self.bits), quantize_kv(v, self.bits)
             old = self.layers.get(layer)
             self.layers[layer] = (k, v) if old is None else (concat_kv(old[0], k), concat_kv(old[1], v))
-            return
-        old = self.layers.get(layer)
-        self.layers[layer] = (k, v) if old is None else (torch.cat((old[0], k), 2), torch.cat((old[1], v), 2))
+        else:
+            old = self.layers.get(layer)
+            self.layers[layer] = (k, v) if old is None else (torch.cat((old[0], k), 2), torch.cat((old[1], v), 2))
+        self._bytes += _entry_bytes(k) + _entry_bytes(v)
 
     def crop(self, length: int) -> None:
         """Forget every position at or after `length`."""
         self.layers = {i: (k[:, :, :length], v[:, :, :length]) for i, (k, v) in self.layers.items()}
         self.length = min(self.length, length)
+        self._bytes = sum(_entry_bytes(t) for kv in self.layers.values() for t in kv)
 
     def nbytes(self) -> int:
-        total = 0
-        for k, v in self.layers.values():
-            for t in (k, v):
-                total += t.nbytes_packed() if hasattr(t, "nbytes_packed") else t.numel() * t.element_size()
-        return total
+        """Bytes held (kept up to date on every append: O(1))."""
+        return self._bytes
 
 
 def causal_mask(past: int, new: int, device: torch.device | None = None) -> torch.Tensor | None:
@@ -227,11 +231,16 @@ class Transformer(nn.Module):
         if mask is None:
             mask = causal_mask(past, t, x.device)
         cos, sin = self.rotary(positions)
-        for i in self.owned_layers:
-            layer_past = cache.read(i) if cache is not None else None
-            x, (k_new, v_new) = self.model.layers[i](x, cos, sin, layer_past, mask)
-            if cache is not None:
-                cache.append(i, k_new, v_new)
+        try:
+            for i in self.owned_layers:
+                layer_past = cache.read(i) if cache is not None else None
+                x, (k_new, v_new) = self.model.layers[i](x, cos, sin, layer_past, mask)
+                if cache is not None:
+                    cache.append(i, k_new, v_new)
+        except BaseException:
+            if cache is not None:  # layers before the failure hold the new positions: take them back
+                cache.crop(past)
+            raise
         if cache is not None:
             cache.length = past + t
         if self.finalizes:
