@@ -36,8 +36,9 @@ class ServerConfig:
 
     max_sessions: int = 64
     """Concurrent sessions; one more is answered RESOURCE_EXHAUSTED."""
-    max_pending_streams: int = 64
-    """Streams that have not sent Open yet; one more is answered RESOURCE_EXHAUSTED."""
+    max_pending_streams: int = 256
+    """Streams that have not sent Open yet (each costs a few KiB and no thread); one more is answered
+    RESOURCE_EXHAUSTED. Such a stream is ended after open_timeout_s."""
     open_timeout_s: float = 10.0
     """A stream must send its Open within this (else DEADLINE_EXCEEDED)."""
     max_frame_bytes: int = 8 << 20
@@ -243,6 +244,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             log.info("event=session_end session=%s reason=client_gone", sid)
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes this stream's status, nothing else's
+            if context.cancelled() or context.done():  # the client went away while we wrote to it
+                log.info("event=session_end session=%s reason=client_gone during=%s", sid, type(exc).__name__)
+                return
             code, message = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("event=session_error session=%s code=%s", sid, code.name)
