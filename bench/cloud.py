@@ -78,6 +78,39 @@ def run_sessions(address: str, plan, frames, token=None) -> tuple[float, list[fl
     return sum(len(d) for _, d in frames) / wall, step_times, server_times
 
 
+def echo_step_times(frames: list[bytes]) -> list[float]:
+    """Per-step round trips of a bare grpcio bidi echo (bytes in, the same bytes out, no protobuf), with
+    the same client pattern as RemoteSession (a queue-fed request iterator, one response per step)."""
+    import queue
+    from concurrent import futures
+
+    import grpc
+
+    def echo(request_iterator, context):
+        for item in request_iterator:
+            yield item
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(echo)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        call = grpc.insecure_channel(f"127.0.0.1:{port}").stream_stream("/bench.Echo/Echo")
+        requests: queue.Queue = queue.Queue()
+        responses = call(iter(requests.get, None))
+        times = []
+        for frame in frames:
+            t0 = time.perf_counter()
+            requests.put(frame)
+            next(responses)
+            times.append(time.perf_counter() - t0)
+        requests.put(None)
+        return times
+    finally:
+        server.stop(grace=None)
+
+
 def main() -> None:
     from splitlm.cloud.service import ServerConfig, start_server
     from splitlm.cloud.tail import TailRunner
@@ -109,6 +142,10 @@ def main() -> None:
                          "mean_batch": batched / batches if batches else 1.0})
     finally:
         server.stop(grace=None)
+    decode_frames = [f for _, steps in frames[:1] for f in steps]
+    echo_step_times(decode_frames)  # warm up
+    echo = echo_step_times(decode_frames * 4)
+    echo_ms = 1e3 * statistics.median(echo)
     base = rows[0]["tokens_per_s"]
     print(f"cloud tail of plan {plan.hash} (SmolLM2 layers [{plan.split_layer}, {ckpt.spec.num_layers}), W{plan.cloud_weights.bits}), "
           f"loopback gRPC, {args.steps} decode steps per session after a {args.prompt}-position prefill")
@@ -118,8 +155,12 @@ def main() -> None:
               f"{r['median_step_ms']:>10.2f}{r['median_server_ms']:>11.2f}{r['median_overhead_ms']:>13.2f}")
     print("protocol ms = client step time - server time for that step (frame parse/decode, tail, sampling), median;\n"
           "at 1 session it is the per-step cost of gRPC + protobuf + queueing on loopback.")
+    ours = rows[0]["median_overhead_ms"]
+    print(f"bare grpcio bidi echo of the same decode frames, same client pattern, same run: {echo_ms:.3f} ms/step; "
+          f"our protocol at 1 session: {ours:.3f} ms = {ours / echo_ms:.2f}x the echo")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"plan": plan.hash, "rows": rows}, indent=2))
+    Path(args.json).write_text(json.dumps({"plan": plan.hash, "rows": rows, "echo_median_step_ms": echo_ms,
+                                           "protocol_vs_echo": ours / echo_ms}, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,31 @@ from splitlm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
+if hasattr(asyncio, "timeout"):  # 3.11+: a timer on the running task, no task per read as wait_for makes
+    _timeout = asyncio.timeout
+else:  # pragma: no cover - Python 3.10
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def _timeout(seconds: float):
+        task = asyncio.current_task()
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            task.cancel()
+
+        handle = asyncio.get_running_loop().call_later(seconds, expire)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if timed_out:
+                raise asyncio.TimeoutError from None
+            raise
+        finally:
+            handle.cancel()
+
 ECHO_CHARS = 80
 """A client's string is echoed into errors and logs up to this many characters."""
 
@@ -191,7 +216,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     async def _read(self, context: grpc.aio.ServicerContext, timeout: float, waiting_for: str) -> pb.DeviceMessage | None:
         """The next message, None at the end of the stream; DEADLINE_EXCEEDED after `timeout` s of silence."""
         try:
-            msg = await asyncio.wait_for(context.read(), timeout)
+            async with _timeout(timeout):
+                msg = await context.read()
         except asyncio.TimeoutError:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {waiting_for} within {timeout:.3g} s") from None
         return None if msg is grpc.aio.EOF else msg
