@@ -372,3 +372,19 @@ def test_logprobs_come_with_each_token(tiny_ckpt, artifacts, serve):  # noqa: F8
     assert token.logprob == pytest.approx(token.top[0].logprob)
     got, _, _ = raw_call(address, [open_msg(plan), frame_msg(x)])
     assert not got[1].token.top and got[1].token.logprob == 0  # none unless asked for
+
+
+def test_the_client_asks_for_logprobs(tiny_ckpt, artifacts, serve):  # noqa: F811
+    address, _ = serve()
+    plan, _ = artifacts
+    session = open_session(address, plan, token=None)
+    from splitlm.device.client import RemoteSession, connect
+    from splitlm.sampling import SamplingParams
+
+    frame = codec.encode(hidden(tiny_ckpt, 3), TABQ)
+    plain = session.next_token(frame)
+    session.close()
+    with RemoteSession(connect(address), plan.hash, plan.model_id, SamplingParams(), 4, logprobs=2) as remote:
+        assert remote.next_token(frame) == plain
+        assert [t.id for t in remote.last_token.top][0] == plain and len(remote.last_token.top) == 2
+        assert remote.last_token.logprob <= 0

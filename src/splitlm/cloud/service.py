@@ -320,8 +320,7 @@ class Server:
             ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),  # clients may ping every second
-            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1_000),  # clients' keepalive (5 s) is welcome; floods are not
         ])
         pb_grpc.add_SplitInferenceServicer_to_server(self.service, server)
         health_servicer = health.aio.HealthServicer()

@@ -1,44 +1,237 @@
-"""The device's side of the gRPC stream (torch-free): open a session, send frames, get tokens."""
+"""The device's side of the gRPC stream (torch-free): open a session, send frames, get tokens.
+
+The device never waits on the cloud without a deadline, so that a dead link or a frozen server
+is noticed within seconds and the device can fail over (DESIGN.md §7):
+
+* every wait is bounded: for `Opened`, and for the `Token` answering a frame
+  (`LinkConfig.step_deadline_s`: a fixed part plus a part per row sent, for long prefills);
+  a wait that passes its deadline cancels the call and raises `LinkError` (DEADLINE_EXCEEDED);
+* HTTP/2 keepalive pings run while a session is open, so a peer that stops answering ends
+  the link (`LinkError`, UNAVAILABLE) even while the device is busy between steps.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
+import logging
+import math
+import os
 import queue
-from typing import Iterator
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, NoReturn
 
 import grpc
+import numpy as np
 
-from splitlm.errors import RemoteError, TransportError
+from splitlm.errors import ConfigError, RemoteError, TransportError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
 from splitlm.quantize.codec import parse_frame
 from splitlm.sampling import SamplingParams
 
+log = logging.getLogger(__name__)
+
 _CLOSE = object()
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)  # the proto's floats
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """How long the device waits on the cloud, and how it checks that the link is alive."""
+
+    open_timeout_s: float = 10.0
+    """Wait for `Opened` once the stream starts (connect, TLS, admission; no model work), and for
+    the server to end the stream after `close()`."""
+    step_timeout_s: float = 15.0
+    """Wait for the token answering a frame: the whole budget of a decode step."""
+    per_row_timeout_s: float = 0.02
+    """Added per row (position) sent since the last token, for prefill: a 2,048-row prompt waits
+    15 + 41 s. A frozen server is noticed sooner by keepalive, whatever the frame's size."""
+    keepalive_s: float = 5.0
+    """HTTP/2 ping interval while a session is open (no pings on a channel without sessions). The
+    server must accept a ping this often: `grpc.http2.min_ping_interval_without_data_ms` at most
+    half of it, or it answers GOAWAY "too_many_pings"."""
+    keepalive_timeout_s: float = 10.0
+    """A ping unanswered this long ends the link (UNAVAILABLE): a frozen server or dead link is noticed
+    within keepalive_s + keepalive_timeout_s, also between steps. Raise it on slow links where a
+    large prefill frame queues ahead of the ping for longer."""
+
+    def __post_init__(self) -> None:
+        for name in ("open_timeout_s", "step_timeout_s", "keepalive_s", "keepalive_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        if not (isinstance(self.per_row_timeout_s, (int, float)) and math.isfinite(self.per_row_timeout_s)
+                and self.per_row_timeout_s >= 0):
+            raise ConfigError(f"per_row_timeout_s must be a finite number of seconds >= 0, got {self.per_row_timeout_s!r}")
+        if self.keepalive_s < 0.001 or self.keepalive_timeout_s < 0.001:
+            raise ConfigError("keepalive_s and keepalive_timeout_s must be at least 1 ms (gRPC counts milliseconds)")
+
+    def step_deadline_s(self, rows: int) -> float:
+        """The wait for the token answering `rows` positions sent since the previous token."""
+        return self.step_timeout_s + self.per_row_timeout_s * rows
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """gRPC channel arguments for the keepalive above."""
+        return [("grpc.keepalive_time_ms", round(self.keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", round(self.keepalive_timeout_s * 1000)),
+                # any ping (a flow-control BDP ping too, which a keepalive ping joins instead of sending its own)
+                # fails the link when unanswered this long; gRPC's default is 1 minute
+                ("grpc.http2.ping_timeout_ms", round(self.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 0),  # only sessions need watching; the server need not allow more
+                ("grpc.http2.max_pings_without_data", 0)]  # keep pinging while the device sends nothing (busy or idle)
+
+
+class LinkError(TransportError, RemoteError):
+    """The link to the cloud failed, or the device gave up waiting. `code` is the gRPC status name:
+    UNAVAILABLE (unreachable, link lost, keepalive unanswered), DEADLINE_EXCEEDED (no answer within
+    a step's deadline) or CANCELLED (the device cancelled the session). A TransportError, and a
+    RemoteError too so that callers handling gRPC statuses by `code` see it."""
+
+    def __init__(self, message: str, code: str) -> None:
+        RemoteError.__init__(self, message, code)
+
+
+class CloudChannel(grpc.Channel):
+    """A grpc.Channel to one cloud address that remembers the address and its LinkConfig."""
+
+    def __init__(self, channel: grpc.Channel, address: str, link: LinkConfig) -> None:
+        self._channel = channel
+        self.address = address
+        self.link = link
+
+    def subscribe(self, callback, try_to_connect=False):
+        return self._channel.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback):
+        return self._channel.unsubscribe(callback)
+
+    def unary_unary(self, method, *args, **kwargs):
+        return self._channel.unary_unary(method, *args, **kwargs)
+
+    def unary_stream(self, method, *args, **kwargs):
+        return self._channel.unary_stream(method, *args, **kwargs)
+
+    def stream_unary(self, method, *args, **kwargs):
+        return self._channel.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method, *args, **kwargs):
+        return self._channel.stream_stream(method, *args, **kwargs)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "CloudChannel":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+
+class _Deadline:
+    """One thread per session that calls `expire` when an armed wait passes its deadline."""
+
+    def __init__(self, expire: Callable[[], None]) -> None:
+        self._expire = expire
+        self._cond = threading.Condition()
+        self._at: float | None = None  # monotonic time of the armed deadline
+        self._sleeping_until: float | None = None  # what the thread waits for (None: until notified)
+        self._stopped = False
+        self.fired = False
+        self._thread = threading.Thread(target=self._run, name="splitlm-step-deadline", daemon=True)
+        self._thread.start()
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            self._at = time.monotonic() + seconds
+            if self._sleeping_until is None or self._at < self._sleeping_until:
+                self._cond.notify()  # otherwise the thread wakes at its old deadline and sleeps on
+
+    def disarm(self) -> bool:
+        """Stop waiting; True when the deadline had fired."""
+        with self._cond:
+            self._at = None
+            return self.fired
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                if self._at is not None and now >= self._at:
+                    self._at, self.fired = None, True
+                    break
+                self._sleeping_until = self._at
+                self._cond.wait(None if self._at is None else self._at - now)
+            self._sleeping_until = None
+        if self.fired and not self._stopped:
+            self._expire()
 
 
 class RemoteSession:
-    """One generation session on the cloud."""
+    """One generation session on the cloud. Every wait has a deadline (`LinkConfig`); `cancel()`
+    ends the session from any thread."""
 
     def __init__(self, channel: grpc.Channel, plan_hash: str, model_id: str, sampling: SamplingParams,
-                 max_tokens: int, token: str | None = None, resume_session: str = "") -> None:
-        self._requests: queue.Queue = queue.Queue()
+                 max_tokens: int, token: str | None = None, resume_session: str = "",
+                 link: LinkConfig | None = None, logprobs: int = 0) -> None:
+        """`link` defaults to the one `connect` gave the channel (else LinkConfig()). `logprobs`: the
+        cloud returns this many top log-probabilities with each token (`last_token`)."""
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= _UINT32_MAX:
+            raise ConfigError(f"logprobs must be an integer >= 0, got {logprobs!r}")
+        wire_sampling = _sampling_message(sampling)
+        wire_sampling.logprobs = logprobs
+        opening = pb.DeviceMessage(open=pb.Open(plan_hash=plan_hash, model_id=model_id, sampling=wire_sampling,
+                                                max_tokens=_check_max_tokens(max_tokens), resume_session=resume_session))
+        metadata = [("authorization", f"Bearer {_check_token(token)}")] if token else None
+        self.address = getattr(channel, "address", None) or "the server"
+        self.link = link or getattr(channel, "link", None) or LinkConfig()
         self.position = 0
+        self.bytes_up = 0
         self.bytes_down = 0
         """Protobuf bytes received (messages, without gRPC framing)."""
-        s = pb.Sampling(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                        seed=sampling.seed or 0, has_seed=sampling.seed is not None)
-        self._requests.put(pb.DeviceMessage(open=pb.Open(plan_hash=plan_hash, model_id=model_id, sampling=s,
-                                                         max_tokens=max_tokens, resume_session=resume_session)))
-        metadata = [("authorization", f"Bearer {token}")] if token else None
-        stub = pb_grpc.SplitInferenceStub(channel)
-        self._responses = stub.Generate(self._request_iter(), metadata=metadata)
-        opened = self._next()
-        if opened.WhichOneof("kind") != "opened":
-            raise RemoteError(f"expected Opened, got {opened.WhichOneof('kind')}")
-        self.info = opened.opened
-        self.bytes_up = 0
         self.last_compute_us = 0
         """Server time reported for the last step."""
+        self.last_token: pb.Token | None = None
+        """The last Token message: its id, and its logprob and top alternatives when asked for."""
+        self.info: pb.Opened | None = None
+        """The server's `Opened` (session id, limits)."""
+        self._pending_rows = 0  # rows sent since the last token
+        self._lock = threading.Lock()
+        self._ended = False
+        self._error: Exception | None = None
+        self._cancel_reason: str | None = None
+        self._requests: queue.Queue = queue.Queue()
+        self._requests.put(opening)
+        self._responses = pb_grpc.SplitInferenceStub(channel).Generate(self._request_iter(), metadata=metadata)
+        # when the call ends for any reason, release grpc's thread that reads our requests
+        self._responses.add_done_callback(lambda _: self._requests.put(_CLOSE))
+        self._deadline = _Deadline(self._responses.cancel)
+        opened = self._receive("answer to Open", self.link.open_timeout_s, "the open deadline")
+        if opened.WhichOneof("kind") != "opened":
+            self._fail(RemoteError(f"{self.address} answered Open with {opened.WhichOneof('kind')}, not Opened"))
+        self.info = opened.opened
+
+    @property
+    def ended(self) -> bool:
+        """True once the stream is over: closed, cancelled, failed, or its link lost (keepalive)."""
+        return self._ended or self._responses.done()
 
     def _request_iter(self) -> Iterator[pb.DeviceMessage]:
         while True:
@@ -47,54 +240,231 @@ class RemoteSession:
                 return
             yield item
 
-    def _next(self) -> pb.CloudMessage:
+    def _receive(self, what: str, timeout: float, deadline_name: str) -> pb.CloudMessage:
+        """The next message from the cloud, within `timeout` seconds."""
+        if self._error is not None:
+            raise self._error
+        self._deadline.arm(timeout)
         try:
             msg = next(self._responses)
-            self.bytes_down += msg.ByteSize()
         except grpc.RpcError as exc:
-            raise RemoteError(f"{exc.code().name}: {exc.details()}", exc.code().name) from None
+            fired = self._deadline.disarm()
+            self._fail(self._deadline_error(what, timeout, deadline_name) if fired else self._error_for(exc, what))
         except StopIteration:
-            raise TransportError("the cloud closed the stream") from None
+            self._deadline.disarm()
+            self._fail(TransportError(f"{self.address} ended the stream while the device waited for the {what}"))
+        except BaseException:  # e.g. KeyboardInterrupt: the caller decides; the deadline must not fire later
+            self._deadline.disarm()
+            raise
+        if self._deadline.disarm():  # fired as the message arrived: the call is cancelled all the same
+            self._fail(self._deadline_error(what, timeout, deadline_name))
+        self.bytes_down += msg.ByteSize()
         if msg.WhichOneof("kind") == "error":
-            raise RemoteError(f"error {msg.error.code}: {msg.error.message}")
+            code = _STATUS_NAMES.get(msg.error.code, str(msg.error.code))
+            self._fail(RemoteError(f"{code}: {msg.error.message}", code))
         return msg
+
+    def _deadline_error(self, what: str, timeout: float, deadline_name: str) -> LinkError:
+        return LinkError(f"no {what} from {self.address} within {timeout:.1f} s ({deadline_name}); the server is "
+                         "frozen or overloaded, or the link is down", "DEADLINE_EXCEEDED")
+
+    def _error_for(self, exc: grpc.RpcError, what: str) -> Exception:
+        code, details = exc.code(), exc.details() or ""
+        if self._cancel_reason is not None:
+            return LinkError(f"session cancelled on the device: {self._cancel_reason}", "CANCELLED")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            k, lower = self.link, details.lower()
+            if "too many pings" in lower or "too_many_pings" in lower:
+                hint = (f" (the server refuses keepalive pings every {k.keepalive_s:g} s; it must allow them with "
+                        "grpc.http2.min_ping_interval_without_data_ms)")
+            elif "keepalive" in lower or "ping timeout" in lower:
+                hint = f" (a keepalive ping was not answered within {k.keepalive_timeout_s:g} s)"
+            else:
+                hint = ""
+            lost = f"lost the link to {self.address}" if self.info is not None else f"cannot reach {self.address}"
+            return LinkError(f"{lost} while waiting for the {what}: {details}{hint}", "UNAVAILABLE")
+        return RemoteError(f"{code.name}: {details}", code.name)
+
+    def _fail(self, error: Exception) -> NoReturn:
+        self._error = error
+        self._end()
+        raise error from None
+
+    def _end(self) -> None:
+        """Free everything the session holds: the call, the deadline thread, grpc's request thread."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        self._deadline.stop()
+        self._requests.put(_CLOSE)
+        self._responses.cancel()  # a no-op when the call has already finished
 
     def send(self, frame: bytes, want_token: bool = True, rows: int | None = None) -> int | None:
         """Send a frame of the next positions; with want_token, wait for the cloud's next token.
         `rows` (positions in the frame) is read from the frame unless given."""
+        if self._error is not None:
+            raise self._error
+        if self._ended:
+            if self._cancel_reason is not None:
+                raise LinkError(f"session cancelled on the device: {self._cancel_reason}", "CANCELLED")
+            raise TransportError(f"the session with {self.address} is closed")
         rows = parse_frame(frame).rows if rows is None else rows
         msg = pb.DeviceMessage(activations=pb.Activations(start_position=self.position, frame=frame, want_token=want_token))
         self._requests.put(msg)
         self.position += rows
+        self._pending_rows += rows
         self.bytes_up += msg.ByteSize()
         if not want_token:
             return None
-        token = self._next().token
+        n, link = self._pending_rows, self.link
+        deadline = f"the step deadline for {n} row{'' if n == 1 else 's'}: {link.step_timeout_s:g} s + {link.per_row_timeout_s:g} s per row"
+        token = self._receive("token", link.step_deadline_s(n), deadline).token
+        self._pending_rows = 0
+        self.last_token = token
         self.last_compute_us = token.compute_us
         return token.id
 
     def next_token(self, frame: bytes) -> int:
         return self.send(frame, True)
 
+    def cancel(self, reason: str = "cancelled") -> None:
+        """End the session now, from any thread: a step waiting on the cloud raises LinkError (CANCELLED)."""
+        with self._lock:
+            if self._ended:
+                return
+            self._cancel_reason = reason
+        self._requests.put(pb.DeviceMessage(cancel=pb.Cancel(reason=reason)))
+        self._end()
+
     def close(self, reason: str = "done") -> None:
+        """Tell the cloud the session is over and wait (at most `open_timeout_s`) for it to end the stream."""
+        if self._ended:
+            return
         self._requests.put(pb.DeviceMessage(cancel=pb.Cancel(reason=reason)))
         self._requests.put(_CLOSE)
+        self._deadline.arm(self.link.open_timeout_s)
         try:
             for _ in self._responses:
                 pass
         except grpc.RpcError:
             pass
+        finally:
+            if self._deadline.disarm():
+                log.info("event=close_timeout address=%s timeout_s=%.1f", self.address, self.link.open_timeout_s)
+            self._end()
 
     def __enter__(self) -> "RemoteSession":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the device failed or was interrupted: do not wait on the cloud
+            self.cancel(f"device side ended the session: {exc_type.__name__}")
 
 
-def connect(address: str, root_certificates: bytes | None = None) -> grpc.Channel:
-    """A channel to `address` (TLS when root certificates are given)."""
+def _check_max_tokens(max_tokens) -> int:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or not 1 <= max_tokens <= _UINT32_MAX:
+        raise ConfigError(f"max_tokens must be an integer in [1, {_UINT32_MAX}], got {max_tokens!r}")
+    return int(max_tokens)
+
+
+def _check_token(token) -> str:
+    if not isinstance(token, str) or not all("!" <= ch <= "~" for ch in token):
+        raise ConfigError("the bearer token must be printable ASCII without spaces or control characters")
+    return token
+
+
+def _sampling_message(s: SamplingParams) -> pb.Sampling:
+    """The wire form of `s`, refusing what the proto cannot carry as given (float32, uint32, uint64)."""
+    t, p, k, seed = s.temperature, s.top_p, s.top_k, s.seed
+    if not (isinstance(t, (int, float, np.floating)) and not isinstance(t, bool) and math.isfinite(t)
+            and (t == 0 or _F32_TINY <= t <= _F32_MAX)):
+        raise ConfigError(f"temperature must be 0 (greedy) or in [{_F32_TINY:.3g}, {_F32_MAX:.3g}] "
+                          f"(it travels as float32), got {t!r}")
+    if not (isinstance(p, (int, float, np.floating)) and not isinstance(p, bool) and _F32_TINY <= p <= 1):
+        raise ConfigError(f"top_p must be in [{_F32_TINY:.3g}, 1] (it travels as float32; 0 would read as 1), got {p!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= _UINT32_MAX:
+        raise ConfigError(f"top_k must be an integer in [0, {_UINT32_MAX}], got {k!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _UINT64_MAX):
+        raise ConfigError(f"seed must be None or an integer in [0, 2**64 - 1], got {seed!r}")
+    return pb.Sampling(temperature=float(t), top_k=int(k), top_p=float(p), seed=int(seed or 0), has_seed=seed is not None)
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_ADDRESS_HELP = "HOST:PORT, e.g. 127.0.0.1:50051, cloud.example.com:443 or [::1]:50051"
+
+
+def check_address(address: str) -> str:
+    """`address` if it is HOST:PORT (a host name, an IPv4 address or a bracketed IPv6 one; port 1-65535)."""
+    if not isinstance(address, str):
+        raise ConfigError(f"server address must be {_ADDRESS_HELP}, got {address!r}")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"server address {address!r} is not {_ADDRESS_HELP}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ConfigError(f"server address {address!r}: {host} is not an IPv6 address ({_ADDRESS_HELP})") from None
+    elif not _HOST_NAME.fullmatch(host):
+        raise ConfigError(f"server address {address!r}: {host!r} is not a host name or IP address "
+                          f"(IPv6 goes in brackets; {_ADDRESS_HELP})")
+    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"server address {address!r}: port {port!r} is not a number in 1..65535")
+    return address
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
+
+
+def read_root_certificates(source: bytes | str | os.PathLike) -> bytes:
+    """PEM root certificates: `source` is their bytes, or the path of a file holding them.
+    Refuses (ConfigError) anything that is not one or more PEM certificates."""
+    if isinstance(source, (bytes, bytearray)):
+        data, name = bytes(source), "the given TLS root certificate data"
+    else:
+        name = f"TLS root certificate file {str(source)!r}"
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {name}: {exc.strerror or exc}") from None
+    blocks = _PEM_BLOCK.findall(data)
+    certificates = [body for label, body in blocks if label == b"CERTIFICATE"]
+    if not certificates:
+        others = sorted({label.decode() for label, _ in blocks})
+        held = f"it holds {', '.join(others)}" if others else "no '-----BEGIN CERTIFICATE-----' block found"
+        raise ConfigError(f"{name} is not a PEM certificate ({held})")
+    for i, body in enumerate(certificates):
+        try:
+            der = base64.b64decode(b"".join(body.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{name} is not a PEM certificate (certificate {i + 1} is not valid base64)") from None
+        if not _is_der_sequence(der):
+            raise ConfigError(f"{name} is not a PEM certificate (certificate {i + 1} does not hold a DER certificate)")
+    return data
+
+
+def _is_der_sequence(der: bytes) -> bool:
+    """True when `der` is exactly one DER SEQUENCE (the outer shape of an X.509 certificate)."""
+    if len(der) < 2 or der[0] != 0x30:
+        return False
+    if der[1] < 0x80:
+        return 2 + der[1] == len(der)
+    n = der[1] & 0x7F
+    return 0 < n <= 4 and len(der) > 2 + n and 2 + n + int.from_bytes(der[2:2 + n], "big") == len(der)
+
+
+def connect(address: str, root_certificates: bytes | str | os.PathLike | None = None,
+            link: LinkConfig = LinkConfig()) -> CloudChannel:
+    """A channel to `address` (HOST:PORT) with keepalive; TLS when root certificates (PEM bytes, or
+    the path of a PEM file) are given. RemoteSessions on it use `link`'s deadlines."""
+    check_address(address)
+    options = link.channel_options()
     if root_certificates is not None:
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates))
-    return grpc.insecure_channel(address)
-
+        credentials = grpc.ssl_channel_credentials(read_root_certificates(root_certificates))
+        channel = grpc.secure_channel(address, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    return CloudChannel(channel, address, link)
