@@ -46,7 +46,7 @@ def test_seeded_sampling_is_reproducible(capsys):
     (("generate", "--model", "tiny-random", "--split", "9", "--prompt", "x"), r"split layer 9 is outside \[0, 4\]"),
     (("generate", "--model", "no-such-model", "--prompt", "x"), "unknown model 'no-such-model'"),
     (("generate", "--model", "tiny-random", "--prompt", "x", "--top-p", "2"), "top_p"),
-    (("generate", "--model", "tiny-random", "--prompt", "x", "--max-tokens", "0"), "max tokens"),
+    (("generate", "--model", "tiny-random", "--prompt", "x", "--max-tokens", "0"), "--max-tokens must be >= 1, got 0"),
     (("generate", "--model", "tiny-random", "--prompt", "", "--max-tokens", "3"), "prompt is empty"),
     (("generate", "--model", "tiny-random", "--plan", "/nonexistent/plan.json", "--prompt", "x"), "cannot read plan"),
     (("eval", "--model", "tiny-random", "--text", "/nonexistent.txt"), "cannot read"),
@@ -58,6 +58,144 @@ def test_errors_are_one_line_not_tracebacks(capsys, argv, message):
     assert code == 2
     assert re.search(message, err), err
     assert "Traceback" not in err
+
+
+def assert_one_line_error(capsys, argv, message, code=2):
+    """`splitlm argv` fails with `code` and one line on stderr that matches `message`, no traceback."""
+    import re
+
+    got, _, err = run(capsys, *argv)
+    assert got == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    # defect 5: values that wrapped around or reached a traceback
+    (("serve", "--artifacts", "art", "--port", "99999"), r"--port 99999 is not a TCP port: give 0\.\.65535"),
+    (("serve", "--artifacts", "art", "--port", "-1"), r"--port -1 is not a TCP port"),
+    (("generate", "--artifacts", "art", "--server", "127.0.0.1:1", "--prompt", "x", "--max-tokens", "-3"),
+     "--max-tokens must be >= 1, got -3"),
+    (("demo", "--model", "tiny-random", "--max-tokens", "-3"), "--max-tokens must be >= 1, got -3"),
+    (("demo", "--model", "tiny-random", "--max-tokens", "0"), "--max-tokens must be >= 1, got 0"),
+    # defect 6: flags that a path ignores
+    (("generate", "--model", "tiny-random", "--server", "127.0.0.1:1", "--prompt", "x"), "--server needs --artifacts"),
+    (("generate", "--model", "tiny-random", "--threads", "2", "--prompt", "x"), "--threads needs --artifacts"),
+    (("generate", "--model", "tiny-random", "--verify", "--prompt", "x"), "--verify needs --artifacts"),
+    (("generate", "--artifacts", "art", "--token", "t", "--prompt", "x"), "--token needs --server"),
+    (("generate", "--artifacts", "art", "--tls-ca", "ca.pem", "--prompt", "x"), "--tls-ca needs --server"),
+    (("generate", "--model", "tiny-random", "--prompt", "x", "--top-k", "5", "--seed", "1"),
+     r"--top-k, --seed would be ignored: --temperature 0 .* is greedy"),
+    (("eval", "--model", "tiny-random", "--split", "2", "--device-group", "32"),
+     "--device-group would be ignored: --device-bits 16 is unquantized"),
+    (("eval", "--model", "tiny-random", "--split", "2", "--codec-eps", "0.01"),
+     "--codec-eps would be ignored: they tune the tabq codec, not --codec fp32"),
+    (("eval", "--model", "tiny-random", "--split", "4", "--cloud-bits", "8"),
+     "--cloud-bits would be ignored: split 4 leaves no layers on the cloud"),
+    (("eval", "--model", "tiny-random", "--split", "0", "--kv-bits", "8"), "--kv-bits would be ignored: split 0"),
+    (("eval", "--model", "tiny-random", "--split", "2", "--device-bits", "8", "--calib-windows", "4"),
+     "--calib-windows would be ignored: it feeds calibrated quantization methods"),
+    (("export", "--model", "tiny-random", "--split", "2", "--accuracy-level", "0", "--out", "unused"),
+     "--accuracy-level 0 would be ignored"),
+    (("export", "--model", "tiny-random", "--split", "2", "--out", "plan.json"), r"--out plan.json is a file; give a directory"),
+    (("profile", "--server", "127.0.0.1:1", "--rtt", "5ms", "--out", "unused"), "--rtt would be ignored: --server probes the RTT"),
+    (("profile", "--link-only", "plan.json", "--model", "tiny-random", "--rtt", "5ms", "--out", "unused"),
+     "--model would be ignored: --link-only measures nothing but the link"),
+])
+def test_bad_values_and_ignored_flags_are_one_line_errors(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # nothing is written, but relative paths stay in the test's folder
+    (tmp_path / "plan.json").write_text("{}")
+    assert_one_line_error(capsys, argv, message)
+    assert not (tmp_path / "unused").exists()
+
+
+def test_split_and_plan_flags_with_a_plan_file_are_refused(capsys, tmp_path, tiny_ckpt):
+    from splitlm.partition.plan import Plan
+
+    plan = tmp_path / "plan.json"
+    Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 1, max_seq_len=64).save(plan)
+    assert_one_line_error(capsys, ("generate", "--model", "tiny-random", "--plan", str(plan), "--split", "3", "--prompt", "x"),
+                          r"--split 3 differs from the split 1 of --plan .*plan.json")
+    assert_one_line_error(capsys, ("eval", "--model", "tiny-random", "--plan", str(plan), "--codec", "tabq"),
+                          r"--codec would be ignored: --plan .*plan.json fixes the plan")
+    code, _, err = run(capsys, "generate", "--model", "tiny-random", "--plan", str(plan), "--split", "1", "--prompt", "x",
+                       "--max-tokens", "2")
+    assert code == 0 and "[split 1/4]" in err
+
+
+def test_chat_needs_a_chatml_tokenizer():
+    from splitlm.cli import _chat_prompt
+    from splitlm.errors import ConfigError
+    from splitlm.model.tokenizer import build_bpe_tokenizer, byte_tokenizer
+
+    assert _chat_prompt("hi", byte_tokenizer()).startswith("<|im_start|>user\nhi")
+    plain = build_bpe_tokenizer(["a", "b", "<s>"], [], ["<s>"], "default")
+    with pytest.raises(ConfigError, match=r"--chat: this model's tokenizer has no <\|im_start\|> / <\|im_end\|> tokens"):
+        _chat_prompt("hi", plain)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("missing/p.json", r"--out .*missing/p.json: directory .*missing does not exist"),
+    (".", r"--out \. is a directory; give a file name"),
+])
+def test_outputs_are_checked_before_any_work(capsys, tmp_path, monkeypatch, out, message):
+    """profile --out into a missing directory used to measure for 20 minutes, then throw."""
+    import splitlm.partition.profiler as profiler
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured before checking --out")
+
+    monkeypatch.setattr(profiler, "measure_profile", never)
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(capsys, ("profile", "--model", "tiny-random", "--out", out), message)
+    assert_one_line_error(capsys, ("generate", "--model", "tiny-random", "--prompt", "x", "--json", out), message.replace("--out", "--json"))
+    assert_one_line_error(capsys, ("partition", "--profile", "p.json", "--device-memory", "1GB", "--token-latency", "1s",
+                                   "--out", out), message)
+
+
+def test_profile_checks_its_server_before_measuring(capsys, tmp_path, monkeypatch):
+    import splitlm.partition.profiler as profiler
+
+    monkeypatch.chdir(tmp_path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured before probing --server")
+
+    monkeypatch.setattr(profiler, "measure_profile", never)
+    assert_one_line_error(capsys, ("profile", "--model", "tiny-random", "--server", "127.0.0.1:1", "--out", "p.json"),
+                          "cannot probe the link to 127.0.0.1:1")
+
+
+def test_a_plan_passed_as_a_profile_is_named(capsys, tmp_path, tiny_ckpt):
+    from splitlm.partition.plan import Plan
+
+    Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 1).save(tmp_path / "plan.json")
+    assert_one_line_error(capsys, ("partition", "--profile", str(tmp_path / "plan.json"), "--device-memory", "1GB",
+                                   "--token-latency", "1s", "--out", str(tmp_path / "x.json")),
+                          r"plan.json is a plan, not a profile")
+    assert_one_line_error(capsys, ("profile", "--link-only", str(tmp_path / "plan.json"), "--rtt", "5ms",
+                                   "--out", str(tmp_path / "x.json")), r"plan.json is a plan, not a profile")
+
+
+def test_a_failed_save_keeps_the_result(tmp_path):
+    from splitlm.cli import _save_or_keep
+    from splitlm.errors import ConfigError
+
+    saved = []
+
+    def save(path):
+        if str(path).startswith(str(tmp_path)):
+            raise FileNotFoundError(2, "No such file or directory")
+        saved.append(path)
+        with open(path, "w") as f:
+            f.write("{}")
+
+    with pytest.raises(ConfigError, match=r"cannot write .*gone.json \(No such file or directory\); the plan is saved in "):
+        _save_or_keep(save, str(tmp_path / "gone.json"), "plan")
+    assert len(saved) == 1 and open(saved[0]).read() == "{}"
+    import os
+    os.unlink(saved[0])
 
 
 def test_plan_for_other_weights_is_refused(capsys, tmp_path):

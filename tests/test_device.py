@@ -139,6 +139,118 @@ def test_missing_artifacts_are_clear_errors(capsys, tmp_path):
     assert "has no head.onnx" in capsys.readouterr().err
 
 
+def _one_line_error(capsys, argv, message):
+    import re
+
+    from splitlm.cli import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+@pytest.fixture
+def damaged(exports, tmp_path):
+    """A copy of the split-2 int8 export, to damage."""
+    import shutil
+
+    shutil.copytree(exports[2, "int8"][1].device_dir.parent, tmp_path / "art")
+    return tmp_path / "art"
+
+
+def test_missing_or_truncated_files_are_named_not_onnxruntime_tracebacks(capsys, damaged):
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.runtime import HeadSession
+
+    data = damaged / "device" / "head.onnx.data"
+    size = data.stat().st_size
+    data.write_bytes(data.read_bytes()[: size // 2])
+    with pytest.raises(ModelLoadError, match=rf"head.onnx.data has {size // 2} bytes, the manifest says {size}: truncated"):
+        HeadSession(damaged / "device")
+    _one_line_error(capsys, ["generate", "--artifacts", str(damaged), "--prompt", "x"],
+                    rf"art/device/head.onnx.data has {size // 2} bytes, the manifest says {size}")
+    data.unlink()
+    _one_line_error(capsys, ["generate", "--artifacts", str(damaged), "--prompt", "x"],
+                    r"art/device/head.onnx.data is missing \(the manifest lists it\)")
+    tail = damaged / "cloud" / "tail.safetensors"
+    tail.write_bytes(tail.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=r"tail.safetensors has 100 bytes"):
+        TailRunner(damaged / "cloud")
+    _one_line_error(capsys, ["serve", "--artifacts", str(damaged), "--port", "0"], r"art/cloud/tail.safetensors has 100 bytes")
+
+
+def test_sha256_is_checked_on_request(capsys, damaged):
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.runtime import HeadSession
+
+    for name in ("device/head.onnx.data", "cloud/tail.safetensors"):
+        path = damaged / name
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF  # same size, other content: only the hash can tell
+        path.write_bytes(bytes(raw))
+    HeadSession(damaged / "device")  # sizes match: loads
+    with pytest.raises(ModelLoadError, match=r"head.onnx.data does not match the sha256 in its manifest"):
+        HeadSession(damaged / "device", verify=True)
+    with pytest.raises(ModelLoadError, match=r"tail.safetensors does not match the sha256"):
+        TailRunner(damaged / "cloud", verify=True, warm_up=False)
+    _one_line_error(capsys, ["generate", "--artifacts", str(damaged), "--prompt", "x", "--verify"],
+                    r"art/device/head.onnx.data does not match the sha256")
+    _one_line_error(capsys, ["serve", "--artifacts", str(damaged), "--port", "0", "--verify"],
+                    r"art/cloud/tail.safetensors does not match the sha256")
+
+
+def test_missing_tokenizer_is_named(capsys, damaged, tmp_path):
+    from splitlm.device.runtime import load_tokenizer
+
+    (damaged / "device" / "tokenizer.json").unlink()
+    _one_line_error(capsys, ["generate", "--artifacts", str(damaged), "--prompt", "x"],
+                    r"art/device/tokenizer.json is missing")
+    with pytest.raises(ModelLoadError, match=r"tokenizer file .*art/device/tokenizer.json is missing"):
+        load_tokenizer(damaged / "device")
+    (damaged / "device" / "tokenizer.json").write_text("{not a tokenizer")
+    with pytest.raises(ModelLoadError, match=r"tokenizer file .*art/device/tokenizer.json is unreadable"):
+        load_tokenizer(damaged / "device")
+
+
+def test_a_side_folder_given_as_the_export_is_named(capsys, exports):
+    root = exports[2, "int8"][1].device_dir.parent
+    _one_line_error(capsys, ["generate", "--artifacts", str(root / "device"), "--prompt", "x"],
+                    rf"{root}/device looks like the device folder of an export; pass its parent {root}$")
+    _one_line_error(capsys, ["serve", "--artifacts", str(root / "cloud"), "--port", "0"],
+                    rf"{root}/cloud looks like the cloud folder of an export; pass its parent {root}$")
+    device_only = exports[4, "int8"][1].device_dir.parent
+    _one_line_error(capsys, ["serve", "--artifacts", str(device_only), "--port", "0"],
+                    rf"{device_only} has no cloud/ folder: it is a device-only export")
+
+
+def test_generate_refuses_flags_that_the_export_fixes(capsys, exports, tmp_path):
+    from splitlm.cli import main
+
+    plan, result = exports[2, "int8"]
+    root = str(result.device_dir.parent)
+    _one_line_error(capsys, ["generate", "--artifacts", root, "--split", "3", "--prompt", "x"],
+                    r"--split 3: the export in .* splits at layer 2, which fixes the split")
+    _one_line_error(capsys, ["generate", "--artifacts", root, "--model", "smollm2-135m", "--prompt", "x"],
+                    r"--model smollm2-135m: the export in .* is of tiny-random")
+    plan.replace(split_layer=1).save(tmp_path / "other.json")
+    _one_line_error(capsys, ["generate", "--artifacts", root, "--plan", str(tmp_path / "other.json"), "--prompt", "x"],
+                    r"--plan .*other.json \(plan \w+\) is not the plan of the export")
+    device_only = str(exports[4, "int8"][1].device_dir.parent)
+    _one_line_error(capsys, ["generate", "--artifacts", device_only, "--server", "127.0.0.1:1", "--prompt", "x"],
+                    r"--server: the export in .* is device-only \(split 4/4\)")
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    _one_line_error(capsys, ["generate", "--artifacts", root, "--server", "127.0.0.1:1", "--tls-ca", str(tmp_path / "ca.pem"),
+                             "--prompt", "x"], r"TLS root certificate file .*ca.pem' is not a PEM certificate")
+    _one_line_error(capsys, ["generate", "--artifacts", root, "--server", "localhost", "--prompt", "x"],
+                    r"server address 'localhost' is not HOST:PORT")
+    plan.save(tmp_path / "same.json")
+    assert main(["generate", "--artifacts", root, "--split", "2", "--model", "tiny-random", "--plan", str(tmp_path / "same.json"),
+                 "--prompt", "x", "--max-tokens", "2"]) == 0  # the same values are not ignored: accepted
+    assert "[split 2/4]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_device_kv_quantization_matches_torch_bit_for_bit(bits):
     import torch

@@ -38,6 +38,59 @@ def test_profile_json_round_trip(tmp_path):
     assert Profile.load(tmp_path / "p.json") == p
 
 
+def test_profile_load_names_the_file_and_the_missing_field(tmp_path):
+    import json
+
+    synthetic().save(tmp_path / "p.json")
+    good = json.loads((tmp_path / "p.json").read_text())
+    bad = tmp_path / "bad.json"
+    for change, message in [
+        (lambda d: d.pop("memory"), r"bad.json: profile has no field 'memory'"),
+        (lambda d: d["memory"].pop("embed_bytes"), r"bad.json: profile field 'memory' has no 'embed_bytes'"),
+        (lambda d: d["device"].update(decode_ms=5), r"bad.json: profile field 'device' is malformed"),
+        (lambda d: d["codecs"].append({"name": "x"}), r"bad.json: profile field 'codecs' is malformed"),
+    ]:
+        data = json.loads(json.dumps(good))
+        change(data)
+        bad.write_text(json.dumps(data))
+        with pytest.raises(ConfigError, match=message):
+            Profile.load(bad)
+    bad.write_text("{")
+    with pytest.raises(ConfigError, match=r"bad.json is not a profile: not valid JSON"):
+        Profile.load(bad)
+    bad.write_text("[]")
+    with pytest.raises(ConfigError, match=r"bad.json: a profile is a JSON object, got list"):
+        Profile.load(bad)
+
+
+def test_profile_saves_what_it_measured_when_a_later_phase_stops_it(tmp_path, capsys, monkeypatch, tiny_ckpt):
+    """Interrupted after its first phase, `splitlm profile` keeps that phase's measurements in OUT.partial."""
+    import json
+
+    import splitlm.device.export as export
+    from splitlm.cli import main
+
+    real, calls = export.export_artifacts, []
+
+    def export_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "export_artifacts", export_then_stop)
+    out = tmp_path / "p.json"
+    assert main(["profile", "--model", "tiny-random", "--reps", "1", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"what they measured is in {out}.partial" in err and "Traceback" not in err
+    assert not out.exists()
+    partial = json.loads((tmp_path / "p.json.partial").read_text())
+    assert partial["partial"] is True and partial["model_id"] == "tiny-random"
+    assert partial["stopped_by"].startswith("KeyboardInterrupt")
+    first = partial["phases"]["embedding-only head"]
+    assert first["runtime_bytes"] > 0 and len(first["decode_ms"]) == 3 and all(t > 0 for t in first["decode_ms"])
+
+
 def test_costs_add_up():
     p, b = synthetic(), Budgets(1e12, 1e6, prompt_tokens=100)
     c = price(p, 4, 8, 16, 16, p.codecs[0], 1024, b)

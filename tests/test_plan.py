@@ -79,6 +79,47 @@ def test_unknown_field_and_version():
         Plan.from_json("{")
 
 
+def test_split_moves_are_refused_until_the_split_can_move(tmp_path):
+    with pytest.raises(PlanError, match=r"split_moves \[\[100, 4\]\]: moving the split during a session is not implemented yet"):
+        Plan("m", "0" * 16, 6, split_moves=((100, 4),))
+    data = json.loads(Plan("m", "0" * 16, 6).to_json())
+    data.pop("hash")
+    (tmp_path / "plan.json").write_text(json.dumps({**data, "split_moves": [[100, 4]]}))
+    with pytest.raises(PlanError, match=r"plan.json: split_moves \[\[100, 4\]\]: .* not implemented yet"):
+        Plan.load(tmp_path / "plan.json")
+    assert Plan.from_dict({**data, "split_moves": []}).split_moves == ()
+
+
+def test_load_names_the_file_and_what_is_wrong(tmp_path):
+    from splitlm.partition.profile import Profile
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"version": 1, "model_id": "m", "weights_hash": "h", "num_layers": 4, "hidden_size": 8,
+                                "device": {}, "cloud": {}, "memory": {}, "link": {}, "codecs": [], "quality": {}}))
+    with pytest.raises(PlanError, match=r"p.json is a profile, not a plan; make a plan from it with `splitlm partition"):
+        Plan.load(path)
+    path.write_text("{garbage")
+    with pytest.raises(PlanError, match=r"p.json is not a plan: not valid JSON"):
+        Plan.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(PlanError, match=r"p.json is not a plan: its JSON is a list"):
+        Plan.load(path)
+    data = json.loads(Plan("m", "0" * 16, 6).to_json())
+    data.pop("hash")
+    path.write_text(json.dumps({**data, "max_seq_len": "long"}))
+    with pytest.raises(PlanError, match=r"p.json: plan has a missing, unknown or malformed field"):
+        Plan.load(path)
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "model_id"}))
+    with pytest.raises(PlanError, match=r"p.json: plan has a missing.*'model_id'"):
+        Plan.load(path)
+    path.write_text(json.dumps({**data, "codec": "tabq"}))
+    with pytest.raises(PlanError, match=r"p.json: plan has a missing, unknown or malformed field"):
+        Plan.load(path)
+    Plan("m", "0" * 16, 6).save(path)
+    with pytest.raises(Exception, match=r"p.json is a plan, not a profile"):
+        Profile.load(path)
+
+
 def test_check_model():
     plan = Plan("m", "abc", 31)
     with pytest.raises(PlanError, match=r"split layer 31 is outside \[0, 30\]"):

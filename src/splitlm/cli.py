@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from splitlm.errors import ConfigError, SplitLMError
@@ -24,9 +26,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def _add_model_and_plan(p: argparse.ArgumentParser) -> None:
     from splitlm.model.registry import DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
     p.add_argument("--split", type=int, default=None, help="split layer ℓ in [0, L] (default: the plan's, else L/2)")
-    p.add_argument("--plan", default=None, help="a plan JSON file (takes precedence over the plan flags)")
+    p.add_argument("--plan", default=None, help="a plan JSON file (fixes the split and the plan flags)")
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
@@ -48,6 +50,60 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-chunk", type=int, default=128, help="positions per prefill step")
     g.add_argument("--lm-head-bits", type=int, default=16, choices=(16, 8, 4), help="LM head precision (RTN, groups of 32)")
     g.add_argument("--calib-windows", type=int, default=16, help="calibration windows for calibrated methods")
+
+
+def _given_plan_flags(args) -> set[str]:
+    """The plan flags given with a value other than their default, as "--flag" names."""
+    probe = argparse.ArgumentParser()
+    _add_plan_flags(probe)
+    return {f"--{dest.replace('_', '-')}" for dest, default in vars(probe.parse_args([])).items()
+            if getattr(args, dest) != default}
+
+
+def _plan_and_check_flags(args, ckpt):
+    """The plan of eval/export (--plan, or the plan flags) and whether it needs calibration data,
+    after refusing the flags it would ignore."""
+    from splitlm.quantize.registry import WEIGHT_METHODS
+
+    split, plan = _split_and_plan(args, ckpt)
+    given = _given_plan_flags(args)
+    L = ckpt.spec.num_layers
+    if plan is not None:
+        fixed = sorted(given - {"--calib-windows"})
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)} would be ignored: --plan {args.plan} fixes the plan; drop them "
+                              "or drop --plan")
+    else:
+        if not 0 <= split <= L:
+            raise ConfigError(f"split layer {split} is outside [0, {L}] for {ckpt.model_id}")
+        ignored = []  # (flags, why)
+        for side in ("device", "cloud"):
+            sub = {f"--{side}-group", f"--{side}-method", f"--{side}-symmetric"} & given
+            if getattr(args, f"{side}_bits") == 16:
+                ignored.append((sub, f"--{side}-bits 16 is unquantized"))
+        if args.codec != "tabq":
+            ignored.append(({"--codec-eps", "--ts-rule", "--ts-k", "--codec-group"} & given,
+                            f"they tune the tabq codec, not --codec {args.codec}"))
+        if args.ts_rule != "std":
+            ignored.append(({"--ts-k"} & given, f"it is the threshold of --ts-rule std, not {args.ts_rule}"))
+        if split == 0:
+            ignored.append(({f for f in given if f.startswith("--device-")} | ({"--kv-bits"} & given),
+                            "split 0 leaves no layers on the device"))
+        if split == L:
+            ignored.append(({f for f in given if f.startswith(("--cloud-", "--codec", "--ts-"))},
+                            f"split {L} leaves no layers on the cloud and nothing on the link"))
+        for flags, why in ignored:
+            if flags:
+                raise ConfigError(f"{', '.join(sorted(flags))} would be ignored: {why}")
+        plan = _plan_from_flags(args, ckpt, split)
+    calibrated = any(WEIGHT_METHODS[w.method].needs_calibration and w.bits != 16
+                     for w in (plan.device_weights, plan.cloud_weights))
+    if "--calib-windows" in given and not calibrated:
+        methods = sorted(m for m, v in WEIGHT_METHODS.items() if v.needs_calibration)
+        raise ConfigError(f"--calib-windows would be ignored: it feeds calibrated quantization methods "
+                          f"({', '.join(methods)}) and this plan uses none")
+    _at_least(args.calib_windows, 1, "--calib-windows")
+    return plan, calibrated
 
 
 def _plan_from_flags(args, ckpt, split: int):
@@ -76,10 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with the model split at a layer")
     _add_model_and_plan(g)
     g.add_argument("--artifacts", default=None, help="an export directory: run its ONNX head (and its tail in-process)")
-    g.add_argument("--threads", type=int, default=None, help="onnxruntime threads on the device (default: all cores)")
+    g.add_argument("--threads", type=int, default=None, help="onnxruntime threads on the device (with --artifacts; default: all cores)")
+    g.add_argument("--verify", action="store_true", help="check the sha256 of every exported file (sizes are always checked)")
     g.add_argument("--server", default=None, help="HOST:PORT of `splitlm serve` (with --artifacts; else the tail runs in-process)")
     g.add_argument("--token", default=None, help="bearer token for the server")
     g.add_argument("--tls-ca", default=None, help="PEM root certificate(s): connect to the server over TLS")
+    g.add_argument("--step-timeout", type=float, default=None,
+                   help="with --server: seconds to wait for each token (default 15; prefill frames get 0.02 s more per row)")
     g.add_argument("--json", default=None, help="also write timings and bytes as JSON here")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -109,14 +168,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-sessions", type=int, default=64)
     v.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
     v.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    v.add_argument("--verify", action="store_true", help="check the sha256 of every exported file (sizes are always checked)")
 
     pr = sub.add_parser("profile", help="measure device, cloud, codec and quality costs of a model on this machine")
-    pr.add_argument("--model", default=DEFAULT_MODEL, help="model name, .gguf file or HF directory")
+    pr.add_argument("--model", default=None, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
     pr.add_argument("--out", required=True, help="where to write the profile JSON")
     pr.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     pr.add_argument("--bandwidth", default=None, help="link bandwidth in Mbit/s (default 50)")
     pr.add_argument("--rtt", default=None, help="link round-trip time (default 20ms)")
-    pr.add_argument("--reps", type=int, default=7, help="timing repetitions (median)")
+    pr.add_argument("--reps", type=int, default=None, help="timing repetitions (median; default 7)")
     pr.add_argument("--server", default=None, help="HOST:PORT of a running `splitlm serve`: probe the link's RTT against it")
     pr.add_argument("--link-only", default=None, metavar="PROFILE",
                     help="measure nothing but the link (--server, or --bandwidth/--rtt given) and write PROFILE with it "
@@ -140,15 +200,15 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="split generation end to end: export (cached), serve on loopback, stream, report")
     d.add_argument("--model", default=DEFAULT_MODEL)
     d.add_argument("--prompt", default="The three most useful things to know about Python are")
-    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default 48)")
     return ap
 
 
-def _load(model: str):
-    from splitlm.model.registry import resolve_model
+def _load(model: str | None):
+    from splitlm.model.registry import DEFAULT_MODEL, resolve_model
 
     t0 = time.perf_counter()
-    ckpt = resolve_model(model)
+    ckpt = resolve_model(model or DEFAULT_MODEL)
     log.info("loaded %s in %.2fs", ckpt.model_id, time.perf_counter() - t0)
     return ckpt
 
@@ -159,12 +219,83 @@ def _split_and_plan(args, ckpt):
     plan = Plan.load(args.plan) if args.plan else None
     if plan is not None:
         plan.check_model(ckpt.spec.num_layers, ckpt.weights_hash)
+        if args.split is not None and args.split != plan.split_layer:
+            raise ConfigError(f"--split {args.split} differs from the split {plan.split_layer} of --plan {args.plan}, "
+                              "which fixes it; drop --split")
     split = args.split if args.split is not None else (plan.split_layer if plan else ckpt.spec.num_layers // 2)
     return split, plan
 
 
-def _chat_prompt(prompt: str) -> str:
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+"""The ChatML markers of the one chat template splitlm applies (SmolLM2, Qwen2)."""
+
+
+def _chat_prompt(prompt: str, tok=None) -> str:
+    """`prompt` in the ChatML template; ConfigError when `tok` has no ChatML tokens (the template would be text)."""
+    if tok is not None and any(tok.token_to_id(t) is None for t in CHAT_TOKENS):
+        raise ConfigError(f"--chat: this model's tokenizer has no {' / '.join(CHAT_TOKENS)} tokens, so it does not use "
+                          "the ChatML template splitlm applies; drop --chat and write the prompt in the model's format")
     return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    """Refuse, before any work is done, an output file that could not be written."""
+    if path is None:
+        return
+    file = Path(path)
+    parent = file.parent
+    if file.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (file.exists() and not os.access(file, os.W_OK)):
+        raise ConfigError(f"{flag} {path}: no permission to write it")
+
+
+def _at_least(value: int | None, minimum: int, flag: str) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def _check_sampling_flags(args) -> None:
+    _at_least(args.max_tokens, 1, "--max-tokens")
+    if args.temperature == 0:
+        unused = [flag for flag, used in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0),
+                                          ("--seed", args.seed is not None)) if used]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} would be ignored: --temperature 0 (the default) is greedy; "
+                              "give --temperature > 0 to sample")
+
+
+def _check_generate_flags(args) -> None:
+    """Refuse generate flags that the chosen path would ignore."""
+    _check_sampling_flags(args)
+    _at_least(args.threads, 1, "--threads")
+    _check_output(args.json, "--json")
+    if not args.artifacts:
+        for flag, value in (("--server", args.server), ("--threads", args.threads), ("--verify", args.verify)):
+            if value:
+                raise ConfigError(f"{flag} needs --artifacts (an export): without it the model runs in-process in torch")
+    for flag, value in (("--token", args.token), ("--tls-ca", args.tls_ca), ("--step-timeout", args.step_timeout)):
+        if value and not args.server:
+            raise ConfigError(f"{flag} needs --server: without it there is no connection to use it on")
+
+
+def _check_against_export(args, plan) -> None:
+    """Refuse generate flags that an export fixes (model, plan, split) when they differ from it."""
+    if args.model is not None and args.model != plan.model_id:
+        raise ConfigError(f"--model {args.model}: the export in {args.artifacts} is of {plan.model_id}, which fixes the "
+                          "model; drop --model")
+    if args.split is not None and args.split != plan.split_layer:
+        raise ConfigError(f"--split {args.split}: the export in {args.artifacts} splits at layer {plan.split_layer}, "
+                          "which fixes the split; drop --split or export again")
+    if args.plan is not None:
+        from splitlm.partition.plan import Plan
+
+        given = Plan.load(args.plan)
+        if given.hash != plan.hash:
+            raise ConfigError(f"--plan {args.plan} (plan {given.hash}) is not the plan of the export in {args.artifacts} "
+                              f"({plan.hash}), which fixes it; drop --plan or export that plan")
 
 
 def cmd_models(args) -> int:
@@ -182,6 +313,7 @@ def cmd_generate(args) -> int:
     from splitlm.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    _check_generate_flags(args)
     if args.artifacts:
         result, tok, split, L, plan = _generate_from_artifacts(args, sampling)
     else:
@@ -191,7 +323,7 @@ def cmd_generate(args) -> int:
         split, plan = _split_and_plan(args, ckpt)
         runner = LocalSplit(ckpt, split, plan=plan)
         tok, L = ckpt.tokenizer(), ckpt.spec.num_layers
-    prompt = _chat_prompt(args.prompt) if args.chat else args.prompt
+    prompt = _chat_prompt(args.prompt, tok) if args.chat else args.prompt
     ids = tok.encode(prompt).ids
     stream = StreamingDecoder(tok)
     print(args.prompt if not args.chat else "", end="", flush=True)
@@ -231,22 +363,28 @@ def _predicted_vs_measured(plan, result) -> str:
 
 def _generate_from_artifacts(args, sampling):
     """ONNX head on the device side; for split plans, the exported tail in this process."""
-    from pathlib import Path
-
+    from splitlm.artifacts import export_side
     from splitlm.device.runtime import HeadSession, generate_device_only, generate_split, load_tokenizer
 
-    root = Path(args.artifacts)
-    session = HeadSession(root / "device", threads=args.threads)
-    tok = load_tokenizer(root / "device")
+    root = args.artifacts
+    session = HeadSession(export_side(root, "device"), threads=args.threads, verify=args.verify)
+    _check_against_export(args, session.plan)
+    tok = load_tokenizer(session.dir)
     L = session.spec.num_layers
+    if session.device_only and args.server:
+        raise ConfigError(f"--server: the export in {root} is device-only (split {L}/{L}), there is no cloud part to "
+                          "run on a server; drop --server")
     if session.device_only:
         run = lambda ids, show: generate_device_only(session, ids, args.max_tokens, sampling, show, tok)  # noqa: E731
     else:
         if args.server:
-            from splitlm.device.client import RemoteSession, connect
+            from splitlm.device.client import LinkConfig, RemoteSession, connect
+
+            link = LinkConfig() if args.step_timeout is None else LinkConfig(step_timeout_s=args.step_timeout)
+            channel = connect(args.server, args.tls_ca, link)  # a bad address or certificate file fails here
 
             def run(ids, show):
-                with RemoteSession(connect(args.server, _read_bytes(args.tls_ca)), session.plan.hash, session.plan.model_id,
+                with RemoteSession(channel, session.plan.hash, session.plan.model_id,
                                    sampling, args.max_tokens, args.token) as remote:
                     result = generate_split(session, remote.next_token, ids, args.max_tokens, show, tok)
                 result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down)
@@ -254,7 +392,7 @@ def _generate_from_artifacts(args, sampling):
         else:
             from splitlm.cloud.tail import TailRunner
 
-            tail = TailRunner(root / "cloud")
+            tail = TailRunner(export_side(root, "cloud"), verify=args.verify)
             if tail.plan.hash != session.plan.hash:
                 raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
             tail_session = tail.new_session(sampling)
@@ -266,17 +404,17 @@ def cmd_eval(args) -> int:
     import json
 
     from splitlm import evaluate
-    from splitlm.quantize.registry import WEIGHT_METHODS
 
+    _check_output(args.json, "--json")
+    _at_least(args.windows, 1, "--windows")
+    _at_least(args.window_size, 2, "--window-size")
     ckpt = _load(args.model)
-    split, plan = _split_and_plan(args, ckpt)
-    if plan is None:
-        plan = _plan_from_flags(args, ckpt, split)
+    plan, calibrated = _plan_and_check_flags(args, ckpt)
     tok = ckpt.tokenizer()
     text = evaluate.read_text(args.text) if args.text else evaluate.protocol_text()
     wins = evaluate.windows(tok, text, args.windows, args.window_size)
     calib = None
-    if any(WEIGHT_METHODS[w.method].needs_calibration and w.bits != 16 for w in (plan.device_weights, plan.cloud_weights)):
+    if calibrated:
         if not args.text and args.windows > evaluate.eval_windows_limit(tok, args.calib_windows, args.window_size):
             raise ConfigError(f"{args.windows} evaluation windows would overlap the last {args.calib_windows} calibration windows")
         calib = evaluate.calibration_windows(tok, args.calib_windows, args.window_size)
@@ -299,14 +437,22 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from splitlm import evaluate
     from splitlm.device.export import check_parity, export_artifacts
-    from splitlm.quantize.registry import WEIGHT_METHODS
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory (it gets device/ and cloud/)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {args.out}: no permission to write in {existing}")
     ckpt = _load(args.model)
-    split, plan = _split_and_plan(args, ckpt)
-    if plan is None:
-        plan = _plan_from_flags(args, ckpt, split)
+    plan, calibrated = _plan_and_check_flags(args, ckpt)
+    L = ckpt.spec.num_layers
+    if args.accuracy_level != 4 and not ((0 < plan.split_layer and plan.device_weights.bits != 16)
+                                         or (plan.split_layer == L and plan.lm_head_bits != 16)):
+        raise ConfigError(f"--accuracy-level {args.accuracy_level} would be ignored: it sets the quantized matmuls of "
+                          "the device head, and this plan's device head has none")
     calib = None
-    if any(WEIGHT_METHODS[w.method].needs_calibration and w.bits != 16 for w in (plan.device_weights, plan.cloud_weights)):
+    if calibrated:
         calib = evaluate.calibration_windows(ckpt.tokenizer(), args.calib_windows)
     result = export_artifacts(ckpt, plan, args.out, calib, accuracy_level=args.accuracy_level)
     print(f"exported plan {plan.hash} (split {plan.split_layer}/{ckpt.spec.num_layers}) in {result.seconds:.1f}s")
@@ -330,15 +476,17 @@ def _read_bytes(path: str | None) -> bytes | None:
 
 
 def cmd_serve(args) -> int:
-    from pathlib import Path
-
+    from splitlm.artifacts import export_side
     from splitlm.cloud.service import ServerConfig, start_server, tls_credentials
     from splitlm.cloud.tail import TailRunner
 
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a TCP port: give 0..65535 (0 picks a free one)")
+    _at_least(args.max_sessions, 1, "--max-sessions")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     credentials = tls_credentials(_read_bytes(args.tls_cert), _read_bytes(args.tls_key)) if args.tls_cert else None
-    runner = TailRunner(Path(args.artifacts) / "cloud")
+    runner = TailRunner(export_side(args.artifacts, "cloud"), verify=args.verify)
     server, port, _ = start_server(runner, f"{args.host}:{args.port}",
                                    ServerConfig(max_sessions=args.max_sessions, auth_token=args.token), credentials)
     print(f"serving plan {runner.plan.hash} (layers [{runner.plan.split_layer}, {runner.spec.num_layers})) on {args.host}:{port}",
@@ -368,7 +516,7 @@ def cmd_profile(args) -> int:
     import dataclasses
 
     from splitlm.partition.profile import LinkProfile, Profile
-    from splitlm.partition.profiler import measure_profile, probe_rtt_ms
+    from splitlm.partition.profiler import measure_profile, probe_rtt_ms, write_partial
 
     def mbps(text: str) -> float:
         try:
@@ -379,10 +527,18 @@ def cmd_profile(args) -> int:
             raise ConfigError(f"--bandwidth is a number of Mbit/s > 0, got {text!r}")
         return value
 
+    _check_output(args.out, "--out")
+    _at_least(args.threads, 1, "--threads")
+    _at_least(args.reps, 1, "--reps")
     rtt = _quantity(args.rtt, ("ms", "s"), "--rtt") if args.rtt is not None else None
+    if args.server is not None and rtt is not None:
+        raise ConfigError("--rtt would be ignored: --server probes the RTT; give one of them")
     if args.link_only:
         if args.server is None and args.bandwidth is None and rtt is None:
             raise ConfigError("--link-only needs --server, --bandwidth or --rtt: there is nothing else to measure")
+        unused = [f for f, v in (("--model", args.model), ("--threads", args.threads), ("--reps", args.reps)) if v is not None]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} would be ignored: --link-only measures nothing but the link")
         profile = Profile.load(args.link_only)
         if args.server:
             rtt = probe_rtt_ms(args.server)
@@ -392,19 +548,54 @@ def cmd_profile(args) -> int:
         print(f"link: {link.bandwidth_mbps:g} Mbit/s, RTT {link.rtt_ms:.2f} ms"
               + (f" (probed against {args.server})" if args.server else "") + f" -> {args.out}")
         return 0
-    ckpt = _load(args.model)
     link = LinkProfile(mbps(args.bandwidth or "50"), 20.0 if rtt is None else rtt)
+    if args.server:
+        probe_rtt_ms(args.server, count=1)  # a server that is not there fails now, not after the measuring
+    ckpt = _load(args.model)
     t0 = time.perf_counter()
-    profile = measure_profile(ckpt, link, threads=args.threads, reps=args.reps, server=args.server)
-    profile.save(args.out)
+    phases: dict[str, dict] = {}
+    partial = args.out + ".partial"
+    try:
+        profile = measure_profile(ckpt, link, threads=args.threads, reps=7 if args.reps is None else args.reps,
+                                  server=args.server, on_phase=phases.__setitem__)
+    except BaseException as exc:
+        if phases:
+            try:
+                write_partial(partial, ckpt, phases, exc)
+                note = f"what they measured is in {partial}"
+            except OSError as err:
+                note = f"saving what they measured to {partial} failed too: {err}"
+            print(f"splitlm profile: stopped after {len(phases)} phases ({type(exc).__name__}); {note}", file=sys.stderr)
+        raise
+    _save_or_keep(profile.save, args.out, "profile")
+    Path(partial).unlink(missing_ok=True)
     print(f"profiled {ckpt.model_id} in {time.perf_counter() - t0:.0f} s -> {args.out}")
     return 0
+
+
+def _save_or_keep(save, path: str, what: str) -> None:
+    """save(path); when that fails, save into a temporary file instead and say where (lose nothing)."""
+    import tempfile
+
+    try:
+        save(path)
+    except OSError as exc:
+        fd, kept = tempfile.mkstemp(prefix=f"splitlm-{what}-", suffix=".json")
+        os.close(fd)
+        save(kept)
+        raise ConfigError(f"cannot write {path} ({exc.strerror or exc}); the {what} is saved in {kept}") from None
 
 
 def cmd_partition(args) -> int:
     from splitlm.partition.profile import Profile
     from splitlm.partition.search import Budgets, describe, search, to_plan
 
+    _check_output(args.out, "--out")
+    _check_output(args.plot, "--plot")
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"--plot {args.plot}: give a .png, .svg or .pdf file")
+    _at_least(args.max_seq_len, 1, "--max-seq-len")
+    _at_least(args.prompt_tokens, 1, "--prompt-tokens")
     profile = Profile.load(args.profile)
     budgets = Budgets(
         device_memory_bytes=_quantity(args.device_memory, ("mb", "b", "kb", "gb", "kib", "mib", "gib"), "--device-memory"),
@@ -428,7 +619,7 @@ def cmd_partition(args) -> int:
               f"{c.bytes_per_token:>8.0f}{c.perplexity:>9.3f}")
     print(result.message)
     print(f"searched {result.evaluated} configurations in {seconds:.2f} s")
-    to_plan(result.chosen, profile, budgets).save(args.out)
+    _save_or_keep(to_plan(result.chosen, profile, budgets).save, args.out, "plan")
     print(f"wrote {args.out}")
     if args.plot:
         from splitlm.partition.plot import pareto_plot
@@ -442,6 +633,7 @@ def cmd_partition(args) -> int:
 def cmd_demo(args) -> int:
     from splitlm.demo import run_demo
 
+    _at_least(args.max_tokens, 1, "--max-tokens")
     run_demo(args.model, args.prompt, args.max_tokens, lambda text: print(text, end="", flush=True))
     return 0
 

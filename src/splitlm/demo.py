@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from splitlm.artifacts import check_manifest
+from splitlm.errors import ModelLoadError
 from splitlm.model.checkpoint import Checkpoint, cache_root
 from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
 
@@ -23,12 +25,19 @@ def default_plan(ckpt: Checkpoint) -> Plan:
 
 
 def cached_export(ckpt: Checkpoint, plan: Plan, progress: bool = True) -> Path:
-    """Export `plan` once into $SPLITLM_CACHE/exports/<plan hash>-f<format>; later calls reuse it."""
+    """Export `plan` once into $SPLITLM_CACHE/exports/<plan hash>-f<format>; later calls reuse it
+    (an incomplete or damaged one, whose files do not match their manifest's sizes, is exported again)."""
     from splitlm.device.export import EXPORT_FORMAT, export_artifacts
 
+    def intact(folder: Path) -> bool:
+        try:
+            check_manifest(folder)
+        except ModelLoadError:
+            return False
+        return True
+
     root = cache_root() / "exports" / f"{plan.hash}-f{EXPORT_FORMAT}"
-    if not (root / "device" / "manifest.json").is_file() or (plan.split_layer < ckpt.spec.num_layers
-                                                            and not (root / "cloud" / "manifest.json").is_file()):
+    if not intact(root / "device") or (plan.split_layer < ckpt.spec.num_layers and not intact(root / "cloud")):
         export_artifacts(ckpt, plan, root, progress=progress)
     return root
 

@@ -32,12 +32,13 @@ class TailRunner:
     """The tail stage of DIR/cloud, shared by all sessions."""
 
     def __init__(self, cloud_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "auto",
-                 kernels: str = "auto", warm_up: bool = True) -> None:
+                 kernels: str = "auto", warm_up: bool = True, verify: bool = False) -> None:
         """device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'. kernels: 'auto' (Triton on
         CUDA, torch references elsewhere), 'triton' or 'reference' (kernels.dispatch). warm_up: run
         a throwaway prompt and step now, so that the first session does not pay for lazy
-        initialisation (oneDNN primitives, CUDA context, Triton compiles: ~0.5 s for SmolLM2 on CPU)."""
-        self.dir, self.plan, self.spec = read_folder(cloud_dir, TAIL_FILE)
+        initialisation (oneDNN primitives, CUDA context, Triton compiles: ~0.5 s for SmolLM2 on CPU). verify:
+        check the sha256 of the folder's files against its manifest (their sizes are always checked)."""
+        self.dir, self.plan, self.spec = read_folder(cloud_dir, TAIL_FILE, verify=verify)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:

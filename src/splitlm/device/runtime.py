@@ -46,18 +46,24 @@ class HeadSession:
     """One onnxruntime session over DIR/device/head.onnx and the plan beside it."""
 
     def __init__(self, device_dir: str | Path, threads: int | None = None, optimization: str = "all",
-                 spin: bool | None = None) -> None:
+                 spin: bool | None = None, verify: bool = False) -> None:
         """spin: let onnxruntime's threads busy-wait between calls. Default: only for device-only plans;
         a split plan waits on the network after each step, and spinning threads would burn the
-        device's cores (and a co-located cloud's) for nothing."""
+        device's cores (and a co-located cloud's) for nothing. verify: check the sha256 of every
+        file of the folder's manifest (their sizes are always checked)."""
         import onnxruntime as ort
 
-        self.dir, self.plan, self.spec = read_folder(device_dir, HEAD_FILE)
+        self.dir, self.plan, self.spec = read_folder(device_dir, HEAD_FILE, verify=verify)
         if spin is None:
             spin = self.plan.split_layer == self.spec.num_layers
         head = self.dir / HEAD_FILE
-        self.session = ort.InferenceSession(str(head), _session_options(threads or os.cpu_count(), optimization, spin),
-                                            providers=["CPUExecutionProvider"])
+        options = _session_options(threads or os.cpu_count(), optimization, spin)
+        try:
+            self.session = ort.InferenceSession(str(head), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types, all of them load failures here
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"onnxruntime cannot load {head} ({reason}); check the export with --verify "
+                                 "or export again") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.layers = range(self.plan.split_layer)
@@ -135,9 +141,10 @@ class DeviceHead:
 
 
 def load_tokenizer(device_dir: str | Path):
-    from tokenizers import Tokenizer
+    """The tokenizer of an exported folder; ModelLoadError naming the file when it is missing or unreadable."""
+    from splitlm.model.tokenizer import load_tokenizer_file
 
-    return Tokenizer.from_file(str(Path(device_dir) / "tokenizer.json"))
+    return load_tokenizer_file(Path(device_dir) / "tokenizer.json")
 
 
 def generate_device_only(session: HeadSession, prompt_ids: list[int], max_tokens: int,

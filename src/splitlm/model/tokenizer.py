@@ -7,11 +7,12 @@ tokenizer of the tiny test models.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from splitlm.errors import ConfigError
+from splitlm.errors import ConfigError, ModelLoadError
 
 # GGUF `tokenizer.ggml.pre` -> the pre-tokenizer llama.cpp uses for it.
 _LLAMA3_SPLIT = (
@@ -68,6 +69,18 @@ def tokenizer_from_gguf(fields: dict) -> Tokenizer:
     types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     special = [t for t, ty in zip(tokens, types) if ty in (3, 4)]  # control, user-defined
     return build_bpe_tokenizer(tokens, fields.get("tokenizer.ggml.merges") or [], special, fields.get("tokenizer.ggml.pre", "default"))
+
+
+def load_tokenizer_file(path: str | Path) -> Tokenizer:
+    """The tokenizer saved at `path` (a tokenizer.json); ModelLoadError naming the file when it is
+    missing or not a tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"tokenizer file {path} is missing")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
+        raise ModelLoadError(f"tokenizer file {path} is unreadable ({exc})") from None
 
 
 BYTE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -149,6 +149,9 @@ class Plan:
             if not 0 <= layer < last_layer:
                 raise PlanError(f"split move to layer {layer} must be shallower than {last_layer}")
             last_len, last_layer = at_len, layer
+        if self.split_moves:
+            raise PlanError(f"split_moves {[list(m) for m in self.split_moves]}: moving the split during a session "
+                            "is not implemented yet; remove split_moves from the plan (or set it to [])")
 
     def check_model(self, num_layers: int, weights_hash: str | None = None) -> None:
         """Raise PlanError if this plan cannot run on a model with `num_layers` layers / these weights."""
@@ -184,6 +187,8 @@ class Plan:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Plan":
         data = dict(raw)
+        if _is_profile(data):
+            raise PlanError(f"this is a profile, not a plan; {_MAKE_PLAN}")
         version = data.pop("version", None)
         if version != PLAN_VERSION:
             raise PlanError(f"plan version {version!r} is not supported (expected {PLAN_VERSION})")
@@ -197,8 +202,10 @@ class Plan:
                 split_moves=tuple(tuple(m) for m in data.get("split_moves", ())),
                 predictions=Predictions(**data.get("predictions", {})),
             )
-        except TypeError as exc:
-            raise PlanError(f"plan has a missing or unknown field: {exc}") from None
+        except PlanError:
+            raise
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"plan has a missing, unknown or malformed field: {exc}") from None
         if claimed is not None and claimed != plan.hash:
             raise PlanError(f"plan hash {claimed} does not match its contents ({plan.hash}); was it edited by hand? remove the hash field to accept the edit")
         return plan
@@ -215,10 +222,30 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        """The plan in the JSON file `path`; PlanError naming the file and what is wrong with it."""
         try:
-            return cls.from_json(Path(path).read_text())
-        except OSError as exc:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
             raise PlanError(f"cannot read plan {path}: {exc}") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{path} is not a plan: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise PlanError(f"{path} is not a plan: its JSON is a {type(raw).__name__}, not an object")
+        if _is_profile(raw):
+            raise PlanError(f"{path} is a profile, not a plan; {_MAKE_PLAN}")
+        try:
+            return cls.from_dict(raw)
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from None
+
+
+_MAKE_PLAN = "make a plan from it with `splitlm partition --profile`"
+
+
+def _is_profile(data: Mapping[str, Any]) -> bool:
+    return "split_layer" not in data and {"memory", "quality", "device", "cloud"} <= data.keys()
 
 
 def _codec_from(raw: Mapping[str, Any]) -> CodecConfig:

@@ -223,7 +223,12 @@ class Profile:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Profile":
+        """A Profile from its JSON object; ConfigError naming the missing or malformed field."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"a profile is a JSON object, got {type(raw).__name__}")
         data = dict(raw)
+        if _is_plan(data):
+            raise ConfigError(f"this is a plan, not a profile; {_MAKE_PROFILE}")
         if data.pop("version", None) != PROFILE_VERSION:
             raise ConfigError(f"profile version {raw.get('version')!r} is not supported (expected {PROFILE_VERSION})")
 
@@ -237,27 +242,50 @@ class Profile:
                                {int(k): v for k, v in d.get("kv_prefill_ms_per_token", {}).items()},
                                d.get("alone_decode_scale", 1.0))
 
-        m, q = data["memory"], data["quality"]
-        try:
-            return cls(
-                data["model_id"], data["weights_hash"], data["num_layers"], data["hidden_size"],
-                side(data["device"]), side(data["cloud"]),
-                MemoryProfile({int(k): v for k, v in m["layer_bytes"].items()}, m["embed_bytes"],
-                              {int(k): v for k, v in m["lm_head_bytes"].items()},
-                              {int(k): v for k, v in m["kv_bytes_per_token_layer"].items()},
-                              m.get("runtime_bytes", 0.0), m.get("activation_bytes_per_token", 0.0),
-                              m.get("embed_bytes_per_token", 0.0), m.get("head_bytes"),
-                              m.get("head_bytes_per_token", 0.0)),
-                LinkProfile(**data["link"]),
-                tuple(CodecPoint(**c) for c in data["codecs"]),
-                QualityTable.from_dict(q),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"profile is missing or has a malformed field: {exc}") from None
+        def memory(m):
+            return MemoryProfile({int(k): v for k, v in m["layer_bytes"].items()}, m["embed_bytes"],
+                                 {int(k): v for k, v in m["lm_head_bytes"].items()},
+                                 {int(k): v for k, v in m["kv_bytes_per_token_layer"].items()},
+                                 m.get("runtime_bytes", 0.0), m.get("activation_bytes_per_token", 0.0),
+                                 m.get("embed_bytes_per_token", 0.0), m.get("head_bytes"),
+                                 m.get("head_bytes_per_token", 0.0))
+
+        def part(name: str, build=lambda v: v):
+            if name not in data:
+                raise ConfigError(f"profile has no field {name!r}")
+            try:
+                return build(data[name])
+            except KeyError as exc:
+                raise ConfigError(f"profile field {name!r} has no {exc.args[0]!r}") from None
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise ConfigError(f"profile field {name!r} is malformed ({exc})") from None
+
+        return cls(part("model_id"), part("weights_hash"), part("num_layers"), part("hidden_size"),
+                   part("device", side), part("cloud", side), part("memory", memory),
+                   part("link", lambda d: LinkProfile(**d)), part("codecs", lambda cs: tuple(CodecPoint(**c) for c in cs)),
+                   part("quality", QualityTable.from_dict))
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
+        """The profile in the JSON file `path`; ConfigError naming the file and what is wrong with it."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read profile {path}: {exc}") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not a profile: not valid JSON ({exc})") from None
+        if isinstance(raw, Mapping) and _is_plan(raw):
+            raise ConfigError(f"{path} is a plan, not a profile; {_MAKE_PROFILE}")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+_MAKE_PROFILE = "make a profile with `splitlm profile` (or pass the plan to generate/export/eval --plan)"
+
+
+def _is_plan(data: Mapping[str, Any]) -> bool:
+    return "split_layer" in data and "memory" not in data

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -337,7 +338,11 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
                     contexts: tuple[int, ...] = (128, 512, 1024), probe_layers: int = 4, prefill: int = 128,
                     cloud_probe_layers: int | None = None,
                     memory_positions: int = 1024, quality_windows: int = 2, threads: int | None = None, reps: int = 7,
-                    server: str | None = None, lm_head_bits: tuple[int, ...] = (16, 8), progress: bool = True) -> Profile:
+                    server: str | None = None, lm_head_bits: tuple[int, ...] = (16, 8), progress: bool = True,
+                    on_phase: Callable[[str, dict], None] | None = None) -> Profile:
+    """Measure everything the partitioner prices (see the module docstring). on_phase(name, values) is
+    called as each phase ends with what it measured, so that a caller can keep those values when a
+    later phase fails or is interrupted (write_partial)."""
     from splitlm.device.export import export_artifacts
     from splitlm.local import LocalSplit
     from splitlm.model.load import build_stage
@@ -354,7 +359,12 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
     bar = tqdm(total=5 + 2 * len(bits) + len(kv_extra) + len(lm_head_bits), desc="profile",
                disable=not progress, leave=False)
 
-    def done(what: str) -> None:
+    def record(what: str, **values) -> None:
+        if on_phase is not None:
+            on_phase(what, values)
+
+    def done(what: str, **values) -> None:
+        record(what, **values)
         bar.set_postfix_str(what)
         bar.update()
 
@@ -368,7 +378,8 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
         base_hi = measure_peak_rss(base.device_dir, hi, threads, text)
         runtime_bytes = min(runtime_bytes, base_lo)  # the embedding is mapped, barely touched: keep noise out of it
         base_decode, base_pre = _time_device_head(base.device_dir, contexts, sizes, text, threads, reps)
-        done("embedding-only head")
+        done("embedding-only head", runtime_bytes=runtime_bytes, peak_rss=(base_lo, base_hi), positions=(lo, hi),
+             decode_ms=base_decode, prefill_ms=base_pre)
         # KV: heads at 8-bit weights with each KV width, peak RSS at two lengths
         # KV: heads at 8-bit weights with each KV width: peak RSS at two lengths, and the time a
         # quantized cache adds to each step over a 16-bit one
@@ -379,8 +390,9 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             kv_rss[kb] = [measure_peak_rss(res.device_dir, t, threads, text) for t in (lo, hi)]
             kv_mem[kb] = max(0.0, (kv_rss[kb][1] - kv_rss[kb][0] - (base_hi - base_lo)) / (n * (hi - lo)))
             kv_time[kb] = _time_device_head(res.device_dir, contexts, sizes, text, threads, reps)
-            if kb != 16:
-                done(f"KV {kb}-bit")
+            phase = done if kb != 16 else record  # the 16-bit cache is the reference, not a step of the bar
+            phase(f"KV {kb}-bit", peak_rss=kv_rss[kb], kv_bytes_per_token_layer=kv_mem[kb], decode_ms=kv_time[kb][0],
+                  prefill_ms=kv_time[kb][1])
         (dec16, pre16) = kv_time.pop(16)
         kv_decode = {kb: tuple(max(0.0, (d - d16) / n) for d, d16 in zip(dec, dec16)) for kb, (dec, _) in kv_time.items()}
         kv_prefill = {kb: max(0.0, (pre[prefill] - pre16[prefill]) / (n * prefill)) for kb, (_, pre) in kv_time.items()}
@@ -394,7 +406,8 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             dev_fixed[b], dev_pre[b] = _line(t1, p1, t2, p2)
             layer_rss[b] = kv_rss[16][0] if b == 8 else measure_peak_rss(res.device_dir, lo, threads, text)
             layer_bytes[b] = max(0.0, (layer_rss[b] - base_lo) / n - kv_mem[16] * lo)
-            done(f"device W{b}")
+            done(f"device W{b}", decode_ms=dev_decode[b], prefill_fixed_ms=dev_fixed[b], prefill_ms_per_token=dev_pre[b],
+                 peak_rss=layer_rss[b], layer_bytes=layer_bytes[b])
         # the device LM head (device-only plans): embedding + norm + LM head + sampling, less the embedding step
         embed_graph = tmp / "base" / "device" / "head.onnx"
         embed_ms = _time_graph(embed_graph, threads, reps, sample=False)
@@ -406,7 +419,7 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             _export_lm_head(ckpt, hb, path)
             head_ms[hb] = max(0.0, _time_graph(path, threads, reps, sample=True) - embed_ms)
             lm_head_mem[hb] = max(0.0, _peak(_RUN_GRAPH, str(path)) - embed_peak)
-            done(f"device LM head {hb}-bit")
+            done(f"device LM head {hb}-bit", head_ms=head_ms[hb], lm_head_bytes=lm_head_mem[hb], embed_ms=embed_ms)
         # cloud: tail stages of m layers per precision, and the final norm + LM head. Twice the
         # device's probe: a 4-layer stage times ~20 % faster per layer than 8 or 15 (SmolLM2, CPU)
         m = min(L, cloud_probe_layers or 2 * probe_layers)
@@ -416,7 +429,7 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             dec, pre = _time_cloud(stage, spec, contexts, sizes, reps)
             cloud_decode[b] = tuple(d / m for d in dec)
             cloud_fixed[b], cloud_pre[b] = _line(sizes[0], pre[sizes[0]] / m, sizes[1], pre[sizes[1]] / m)
-            done(f"cloud W{b}")
+            done(f"cloud W{b}", decode_ms=cloud_decode[b], prefill_fixed_ms=cloud_fixed[b], prefill_ms_per_token=cloud_pre[b])
         with torch.inference_mode():
             final = quantize_lm_head(build_stage(ckpt, L, L, embed=False, final=True), 16)
             x = torch.randn(1, 1, spec.hidden_size)
@@ -436,7 +449,7 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             dec_chunk = _median_ms(lambda: codec_mod.decode(chunk_frame, "torch"), max(1, reps // 2)) / len(chunk)
             codecs.append(CodecPoint(name, float(np.mean([len(f) for f in frames])), enc, dec, cfg.kind, cfg.error_budget,
                                      enc_chunk, dec_chunk))
-        done("codec")
+        done("codec", cloud_head_ms=cloud_head, codecs=codecs)
         device = SideProfile(contexts, dev_decode, dev_pre, embed_ms=min(base_decode), head_ms=head_ms,
                              prefill_fixed_ms=dev_fixed, kv_decode_ms=kv_decode, kv_prefill_ms_per_token=kv_prefill)
         cloud = SideProfile(contexts, cloud_decode, cloud_pre, head_ms={16: cloud_head}, prefill_fixed_ms=cloud_fixed)
@@ -499,7 +512,7 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
                  "-> fixed %.1f ms + %.2f x layers", [L - d for d in depths], cal.rtt,
                  [round(c.step_wait - c.rtt, 2) for c in cals], step_fixed, step_scale,
                  [round(c.prefill_wait - c.rtt, 1) for c in cals], pre_fixed, pre_scale)
-        done("service overhead")
+        done("service overhead", device=device, cloud=cloud, calibrations=dict(zip(depths, cals)))
         # memory from two depths: a small head's peak overlaps the process's start-up peak and
         # hides part of its layers; the deep calibration head (8-bit, 16-bit KV) gives the slope
         head_fit = None
@@ -510,17 +523,34 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             layer_bytes = {b: max(0.0, head_fit["layer"] + (r - kv_rss[16][0]) / n) for b, r in layer_rss.items()}
             kv_mem = {kb: max(0.0, head_fit["kv"] + (r[1] - r[0] - kv_rss[16][1] + kv_rss[16][0]) / (n * (hi - lo)))
                       for kb, r in kv_rss.items()}
-        done("memory")
+        done("memory", layer_bytes=layer_bytes, kv_bytes_per_token_layer=kv_mem, fit=head_fit)
     if server:
         link = LinkProfile(link.bandwidth_mbps, probe_rtt_ms(server))
+        record("link", link=link)
     quality = cached_quality(ckpt, calib[-quality_windows:], bits, kv_bits, progress)
-    done("quality")
+    done("quality", quality=quality)
     bar.close()
     memory = MemoryProfile(layer_bytes, base_lo - runtime_bytes, lm_head_mem, kv_mem, runtime_bytes,
                            embed_bytes_per_token=max(0.0, (base_hi - base_lo) / (hi - lo)),
                            head_bytes=head_fit["fixed"] if head_fit else None,
                            head_bytes_per_token=head_fit["per_token"] if head_fit else 0.0)
     return Profile(ckpt.model_id, ckpt.weights_hash, L, spec.hidden_size, device, cloud, memory, link, tuple(codecs), quality)
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return str(value)
+
+
+def write_partial(path: str | Path, ckpt: Checkpoint, phases: dict[str, dict], error: BaseException) -> None:
+    """Write the phases `measure_profile` finished before `error` stopped it, with what each measured
+    (as handed to on_phase), as JSON to `path`: not a Profile, the raw measurements."""
+    doc = {"partial": True, "model_id": ckpt.model_id, "weights_hash": ckpt.weights_hash,
+           "stopped_by": f"{type(error).__name__}: {error}".strip(), "phases": phases}
+    Path(path).write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
 
 
 QUALITY_CACHE_VERSION = 1
