@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated model cache and the tiny random model."""
+"""Shared fixtures: an isolated model cache and the tiny random model; hypothesis profiles."""
 
 from __future__ import annotations
 
@@ -7,6 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property tests. "ci" (selected by CI=true) is deterministic: derandomized, a fixed number of
+# examples, no example database, no deadline. "dev" explores new random examples each run and
+# replays saved failures from the database; "fresh" is "dev" without the database (the one for
+# "N runs in a row"). HYPOTHESIS_PROFILE, or --hypothesis-profile, picks one by name.
+# A test's own @settings (e.g. max_examples) still win over its profile. All three derive from
+# hypothesis' "default" profile, not from whatever it loaded on its own (its built-in "ci"
+# whenever a CI variable is merely present).
+_base = settings.get_profile("default")
+settings.register_profile("ci", _base, derandomize=True, max_examples=100, database=None, deadline=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", _base, max_examples=100, deadline=None, print_blob=True)
+settings.register_profile("fresh", settings.get_profile("dev"), database=None)
+_in_ci = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _in_ci else "dev"))
 
 # Triton kernels run under the interpreter on machines without CUDA; the switch is read when
 # a kernel is decorated, so it must be set before any splitlm.kernels import.

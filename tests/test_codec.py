@@ -1,10 +1,13 @@
 """The activation codec: round trips within budget, numpy == torch bit for bit, malformed frames rejected."""
 
+import importlib.util
 import struct
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from splitlm.errors import CodecError
@@ -18,7 +21,7 @@ def rows_strategy(outliers: bool):
         T = draw(st.integers(1, 9))
         d = draw(st.integers(1, 300))
         seed = draw(st.integers(0, 2**31))
-        scale = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+        scale = draw(st.sampled_from([1e-6, 1e-3, 1.0, 30.0]))  # 1e-6: fp16's subnormal range
         rng = np.random.default_rng(seed)
         x = (rng.standard_normal((T, d)) * scale).astype(np.float32)
         if outliers and d > 4:
@@ -43,8 +46,27 @@ def rel_err(x, y):
     return ((x.astype(np.float64) - y) ** 2).sum(1) / np.where(den > 0, den, 1)
 
 
+SUBNORMAL_ROW = np.array([[2e-6, -7.4e-7]], np.float32)
+"""Issue 13's flake: in fp16 (subnormal there) this row's relative error is 2.9e-4, above ε = 1e-4."""
+
+# Every input a property test ever failed on (flakes included), replayed first on every run.
+FLAKE_EXAMPLES = [
+    dict(x=SUBNORMAL_ROW, cfg=CodecConfig("tabq", error_budget=1e-4)),
+    dict(x=SUBNORMAL_ROW, cfg=CodecConfig("tabq", ts_rule="none", error_budget=1e-4, bit_widths=(2,), rotate_block=0,
+                                          clip_ratios=(1.0,))),
+]
+
+
+def flake_examples(test):
+    """`test` with an @example for each of FLAKE_EXAMPLES."""
+    for kwargs in FLAKE_EXAMPLES:
+        test = example(**kwargs)(test)
+    return test
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(x=st.one_of(rows_strategy(False), rows_strategy(True)), cfg=configs)
+@flake_examples
 def test_round_trip_error_within_budget(x, cfg):
     frame = codec.encode(x, cfg)
     y = codec.decode(frame)
@@ -54,6 +76,7 @@ def test_round_trip_error_within_budget(x, cfg):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(x=st.one_of(rows_strategy(False), rows_strategy(True)), cfg=configs)
+@flake_examples
 def test_numpy_and_torch_are_bit_identical(x, cfg):
     frame_np = codec.encode(x, cfg, "numpy")
     frame_t = codec.encode(x, cfg, "torch")
@@ -89,6 +112,75 @@ def test_channels_rule():
     assert codec.frame_stats(frame).outliers_per_token == 2
     with pytest.raises(CodecError, match="outlier channel 70 is outside"):
         codec.encode(x, CodecConfig("tabq", ts_rule="channels", ts_channels=(70,)))
+
+
+def test_subnormal_row_meets_the_budget():
+    """Issue 13: the raw fp16 fallback missed ε on this row (2.9e-4 > 1e-4); it goes as raw fp32 now."""
+    cfg = CodecConfig("tabq", error_budget=1e-4)
+    assert rel_err(SUBNORMAL_ROW, SUBNORMAL_ROW.astype(np.float16).astype(np.float32))[0] > 2.8e-4
+    frame = codec.encode(SUBNORMAL_ROW, cfg)
+    assert rel_err(SUBNORMAL_ROW, codec.decode(frame))[0] <= 1e-4
+    assert codec.parse_frame(frame).bits.tolist() == [codec.RAW32_ROW]
+    assert np.array_equal(codec.decode(frame), SUBNORMAL_ROW)
+    assert np.array_equal(codec.decode(frame, "torch").numpy(), SUBNORMAL_ROW)
+    assert codec.encode(SUBNORMAL_ROW, cfg, "torch") == frame
+
+
+@pytest.mark.parametrize("budget, width", [(1e-6, codec.RAW_ROW), (1e-12, codec.RAW32_ROW)])
+def test_raw_rows_meet_the_budget_and_carry_no_outliers(budget, width):
+    """fp16 rows where fp16 meets ε, fp32 rows where it does not; neither lists its outliers apart."""
+    x = np.random.default_rng(8).standard_normal((3, 100)).astype(np.float32)
+    x[:, [4, 50]] *= 200.0  # outliers by the std rule
+    frame = codec.encode(x, CodecConfig("tabq", ts_rule="std", bit_widths=(2,), error_budget=budget))
+    lay = codec.parse_frame(frame)
+    assert (lay.bits == width).all() and not lay.n_out.any() and len(frame) == lay.payload_offset + 3 * 100 * width // 8
+    expected = x.astype(np.float16).astype(np.float32) if width == codec.RAW_ROW else x
+    assert np.array_equal(codec.decode(frame), expected)
+    assert (rel_err(x, codec.decode(frame)) <= budget).all()
+
+
+def test_rows_fall_back_to_raw_one_by_one():
+    """A row whose scale overflows fp16 goes raw alone; before, every row of its frame did."""
+    x = np.stack([np.full(64, 60000.0), np.random.default_rng(9).standard_normal(64)]).astype(np.float32)
+    cfg = CodecConfig("tabq", ts_rule="none", bit_widths=(2,), error_budget=1.0, rotate_block=64, clip_ratios=(1.0,))
+    frame = codec.encode(x, cfg)  # row 0 rotates to (480000, 0, ...): its 2-bit scale is 160000, inf in fp16
+    assert codec.parse_frame(frame).bits.tolist() == [codec.RAW_ROW, 2]
+    assert frame == codec.encode(x, cfg, "torch")
+    assert (rel_err(x, codec.decode(frame)) <= 1.0).all()
+
+
+def with_outlier(frame: bytes, channel: int, value: float) -> bytes:
+    """A one-row tabq frame with one outlier (channel, fp16 value) listed on its row."""
+    lay = codec.parse_frame(frame)
+    assert lay.rows == 1 and not lay.n_out.any()
+    head = bytearray(frame[:lay.payload_offset])
+    struct.pack_into("<H", head, codec.HEADER.size + 1, 1)
+    return bytes(head) + struct.pack("<He", channel, value) + frame[lay.payload_offset:]
+
+
+def test_outliers_on_raw_rows():
+    """Rejected on a raw fp32 row; applied on a raw fp16 row (encoders before raw fp32 rows listed them)."""
+    with pytest.raises(CodecError, match="raw fp32 row 0 lists 1 outliers, must list 0"):
+        codec.parse_frame(with_outlier(codec.encode(SUBNORMAL_ROW, CodecConfig("tabq", error_budget=1e-4)), 0, 0.0))
+    x = np.array([[1.0, 2.5, -3.0]], np.float32)
+    raw16 = codec.encode(x, CodecConfig("tabq", bit_widths=(2,), error_budget=1e-9, ts_rule="none"))
+    assert codec.parse_frame(raw16).bits.tolist() == [codec.RAW_ROW]
+    legacy = with_outlier(raw16, 1, 2.5)
+    assert np.array_equal(codec.decode(legacy), x)
+    assert np.array_equal(codec.decode(legacy, "torch").numpy(), x)
+
+
+@pytest.mark.parametrize("width", [codec.RAW_ROW, codec.RAW32_ROW])
+def test_raw_row_with_nan_rejected_by_the_parser(width):
+    x = np.array([[1.0, 2.5], [3.0, -4.0]], np.float32)
+    x[1] *= 1e-6 if width == codec.RAW32_ROW else 1.0
+    budget = 1e-12 if width == codec.RAW32_ROW else 1e-9
+    frame = bytearray(codec.encode(x, CodecConfig("tabq", bit_widths=(2,), error_budget=budget)))
+    lay = codec.parse_frame(bytes(frame))
+    assert lay.bits[1] == width
+    struct.pack_into("<e" if width == codec.RAW_ROW else "<f", frame, int(lay.row_offsets[1]) + width // 8, float("nan"))
+    with pytest.raises(CodecError, match="non-finite .* in raw row 1"):
+        codec.parse_frame(bytes(frame))
 
 
 def test_budget_beyond_reach_falls_back_to_raw_rows():
@@ -139,15 +231,16 @@ def test_malformed_frames_rejected(good_frame):
         "must be ": good_frame + b"\0",
         "bit width 7": good_frame[:H] + bytes([7]) + good_frame[H + 1:],
         "truncated": good_frame[:20],
-        "invalid": codec.HEADER.pack(codec.MAGIC, 1, 2, 0, 0, 0, 0, d),
+        "invalid": codec.HEADER.pack(codec.MAGIC, codec.FRAME_VERSION, 2, 0, 0, 0, 0, d),
         "rotation block": good_frame[:6] + bytes([7]) + good_frame[7:],
+        "reserved header byte is 3, must be 0": good_frame[:7] + bytes([3]) + good_frame[8:],
     }
     nan = bytearray(good_frame)
     struct.pack_into("<e", nan, H + 3 * T, float("nan"))  # first scale
     cases["non-finite"] = bytes(nan)
     n_out = bytearray(good_frame)
-    struct.pack_into("<H", n_out, H + T, d + 1)
-    cases["claims"] = bytes(n_out)
+    struct.pack_into("<H", n_out, H + T + 2, d + 1)  # row 1
+    cases[f"row 1 claims {d + 1} outliers in {d} channels"] = bytes(n_out)
     for message, frame in cases.items():
         with pytest.raises(CodecError, match=message.strip()):
             codec.decode(frame)
@@ -192,3 +285,53 @@ def test_clip_search_never_worse_than_minmax():
     e1 = rel_err(x, codec.decode(codec.encode(x, CodecConfig(**base, clip_ratios=(1.0,)))))
     e2 = rel_err(x, codec.decode(codec.encode(x, CodecConfig(**base, clip_ratios=(1.0, 0.8, 0.6)))))
     assert (e2 <= e1 + 1e-7).all() and e2.mean() < e1.mean()
+
+
+def load_fuzz_harness():
+    """bench/fuzz_frames.py as a module (it imports atheris only when run as the fuzzer)."""
+    spec = importlib.util.spec_from_file_location("fuzz_frames", Path(__file__).parents[1] / "bench" / "fuzz_frames.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+INTERESTING = (0, 1, 2, 7, 8, 15, 16, 31, 32, 33, 64, 127, 128, 255, 0x7C, 0xFC, 0x7E)  # incl. fp16 Inf/NaN high bytes
+
+
+def mutate(frame: bytes, rng: np.random.Generator) -> bytes:
+    """1 to 3 random edits of `frame`, most of them in its header and side information."""
+    buf = bytearray(frame)
+    for _ in range(int(rng.integers(1, 4))):
+        where = int(rng.integers(0, min(len(buf), 64) if rng.random() < 0.7 else len(buf))) if buf else 0
+        op = int(rng.integers(0, 6))
+        if op == 0 and buf:
+            buf[where] ^= 1 << int(rng.integers(0, 8))
+        elif op == 1 and buf:
+            buf[where] = INTERESTING[int(rng.integers(0, len(INTERESTING)))]
+        elif op == 2 and where + 2 <= len(buf):
+            struct.pack_into("<H", buf, where, int(rng.choice([0, 1, 16, 32, 255, 256, 0x7BFF, 0xFFFF])))
+        elif op == 3:
+            del buf[where:where + int(rng.integers(1, 9))]
+        elif op == 4:
+            buf[where:where] = rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8).tobytes()
+        elif buf:
+            start = int(rng.integers(0, len(buf)))
+            buf[where:where + 4] = buf[start:start + 4]
+    return bytes(buf)
+
+
+def test_mutated_frames_decode_or_raise_codec_error():
+    """Seeded, bounded fuzzing in the suite: 2,000 mutated frames; bench/fuzz_frames.py is the unbounded,
+    coverage-guided version. Each decodes (finite, the header's shape, equal in every decoder) or every
+    decoder raises CodecError."""
+    harness = load_fuzz_harness()
+    check = harness.FrameChecker()
+    seeds = harness.seed_frames()
+    for frame in seeds:
+        assert check(frame)
+    rng = np.random.default_rng(13)
+    start = time.perf_counter()
+    for i in range(2000):
+        check(mutate(seeds[i % len(seeds)], rng))
+    assert check.decoded > 100 and sum(check.rejected.values()) > 1000, check.summary(time.perf_counter() - start)
+    assert len(check.rejected) >= 10  # many different checks fired, not one early one

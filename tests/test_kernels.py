@@ -4,6 +4,7 @@ on irregular sizes; the cloud tail on the kernels gives the reference's greedy t
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from splitlm.kernels.wq_matmul import (
 from splitlm.partition.plan import CodecConfig
 from splitlm.quantize import codec
 from splitlm.quantize.weights import rtn_quantize
+from tests.test_codec import with_outlier
 from tests.tolerances import TOL
 
 pytest.importorskip("triton")
@@ -74,6 +76,52 @@ def test_frame_decode_mixes_widths_and_raw_rows():
     assert len(set(bits.tolist())) >= 2
     got = decode_frames([frame], DEVICE, "triton")[0]
     assert rel_err(got, codec.decode(frame, "torch").to(DEVICE)) <= TOL["kernel_frame_decode"]
+
+
+@pytest.mark.parametrize("rotate", [0, 32])
+def test_frame_decode_raw_fp16_and_fp32_rows(rotate):
+    """Rows in fp16's subnormal range go as raw fp32 (exact), rows fp16 suits as raw fp16, the rest coded;
+    the kernel and the reference decode all three like the codec."""
+    x = activations(6, 96, 11)
+    x[1] *= 1e-6
+    x[4] *= 1e-7
+    frames = [codec.encode(x, CodecConfig("tabq", error_budget=budget, bit_widths=(2, 8), rotate_block=rotate))
+              for budget in (1e-4, 1e-6)]
+    bits = np.concatenate([codec.parse_frame(f).bits for f in frames])
+    assert {codec.RAW_ROW, codec.RAW32_ROW} <= set(bits.tolist()) and (bits <= 8).any()
+    batch = batch_frames(frames, DEVICE)
+    want = torch.cat([codec.decode(f, "torch") for f in frames]).to(DEVICE)
+    assert torch.equal(decode_rows_reference(batch), want)
+    got = decode_rows_triton(batch)
+    assert rel_err(got, want) <= TOL["kernel_frame_decode"]
+    raw = torch.from_numpy(bits >= codec.RAW_ROW).to(DEVICE)
+    assert torch.equal(got[raw], want[raw])  # raw rows are copied, bit for bit
+    raw32 = torch.from_numpy(bits == codec.RAW32_ROW)
+    assert torch.equal(want.cpu()[raw32], torch.from_numpy(np.concatenate([x, x]))[raw32])  # and raw fp32 rows are exact
+
+
+def test_frame_decode_outliers_on_raw_fp16_rows_and_nan_raw_rows():
+    """Outliers that older encoders listed on raw fp16 rows are applied; a NaN in a raw row is refused."""
+    x = np.array([[1.0, 2.5, -3.0]], np.float32)
+    raw16 = codec.encode(x, CodecConfig("tabq", bit_widths=(2,), error_budget=1e-9, ts_rule="none"))
+    legacy = with_outlier(raw16, 1, 2.5)
+    for impl in ("reference", "triton"):
+        assert torch.equal(decode_frames([legacy], DEVICE, impl)[0].cpu(), torch.from_numpy(x))
+    raw32 = bytearray(codec.encode(x * 1e-6, CodecConfig("tabq", bit_widths=(2,), error_budget=1e-12)))
+    assert codec.parse_frame(bytes(raw32)).bits.tolist() == [codec.RAW32_ROW]
+    struct.pack_into("<f", raw32, len(raw32) - 4, float("inf"))
+    with pytest.raises(CodecError, match="non-finite .* in raw row 0"):
+        decode_frames([bytes(raw32)], DEVICE, "reference")
+
+
+def test_frame_decode_large_rotation_blocks_use_the_reference():
+    """A frame may name a rotation block up to 2^15; the kernel's block x block tile would not fit."""
+    frame = codec.encode(activations(2, 512, 3), CodecConfig("tabq", error_budget=0.01, rotate_block=512))
+    batch = batch_frames([frame], DEVICE)
+    assert batch.rotate == 512
+    with pytest.raises(CodecError, match="rotation block 512 exceeds the frame kernel's 256"):
+        decode_rows_triton(batch)
+    assert torch.equal(decode_frames([frame], DEVICE, "triton")[0].cpu(), codec.decode(frame, "torch"))
 
 
 def test_frame_decode_batch_errors():

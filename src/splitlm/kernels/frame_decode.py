@@ -3,8 +3,9 @@
 Frames are parsed and validated on the host (`codec.parse_frame`); their rows are then
 concatenated and one kernel launch per batch unpacks each row's variable-width codes,
 dequantizes them with the row's per-group fp16 scale/min, applies the inverse blockwise
-Walsh-Hadamard rotation and scatters the threshold-split outliers. Raw rows (16 bits) are
-read as fp16. `decode_rows_reference` is the torch reference with the same signature.
+Walsh-Hadamard rotation and scatters the threshold-split outliers. Raw rows are read as
+fp16 (width 16) or fp32 (width 32). `decode_rows_reference` is the torch reference with the
+same signature.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ try:  # the kernel needs triton; the reference does not
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
+KERNEL_MAX_ROTATE = 256
+"""Largest rotation block the kernel takes (it holds a block x block sign tile); larger ones,
+which frames may name (up to 2^15), are decoded by the reference."""
+
 
 @dataclass
 class FrameBatch:
@@ -35,7 +40,7 @@ class FrameBatch:
     row_offsets: torch.Tensor
     """int64 (R,): where each row's codes start in payload."""
     bits: torch.Tensor
-    """int32 (R,): each row's code width (2..8), or 16 for a raw fp16 row."""
+    """int32 (R,): each row's code width (2..8), or 16 / 32 for a raw fp16 / fp32 row."""
     scales: torch.Tensor
     """float16 (R, G)."""
     mins: torch.Tensor
@@ -97,17 +102,21 @@ def decode_rows_reference(b: FrameBatch) -> torch.Tensor:
     """torch reference: (R, d) float32, exactly `codec.decode` of each frame, rows concatenated."""
     R, d = b.bits.shape[0], b.dim
     c = torch.arange(d, device=b.payload.device)
-    bits = b.bits.to(torch.int64)[:, None]
-    raw = bits == codec.RAW_ROW
-    bitpos = c[None, :] * torch.where(raw, 16, bits)
+    bits = b.bits.to(torch.int64)[:, None]  # (R, 1): a row's width is its bits per value, raw rows too
+    raw16, raw32 = bits == codec.RAW_ROW, bits == codec.RAW32_ROW
+    bitpos = c[None, :] * bits  # (R, d)
     byte = b.row_offsets[:, None] + bitpos // 8
     word = b.payload[byte].to(torch.int64) | (b.payload[byte + 1].to(torch.int64) << 8)
-    q = (word >> (bitpos % 8)) & ((1 << torch.where(raw, 8, bits)) - 1)
+    q = (word >> (bitpos % 8)) & ((1 << torch.where(raw16 | raw32, 8, bits)) - 1)
     g = c // b.group
     y = q.to(torch.float32) * b.scales.to(torch.float32)[:, g] + b.mins.to(torch.float32)[:, g]
     if b.rotate:
         y = codec._hadamard(y, b.rotate, TorchOps())
-    out = torch.where(raw, word.to(torch.int16).view(torch.float16).to(torch.float32), y)
+    high = torch.where(raw32, byte + 2, 0)  # only raw fp32 rows have a high half-word
+    word32 = word | (b.payload[high].to(torch.int64) << 16) | (b.payload[high + 1].to(torch.int64) << 24)
+    fp32 = torch.where(word32 >= 1 << 31, word32 - (1 << 32), word32).to(torch.int32).view(torch.float32)
+    fp16 = word.to(torch.int16).view(torch.float16).to(torch.float32)
+    out = torch.where(raw16, fp16, torch.where(raw32, fp32, y))
     rows = torch.repeat_interleave(torch.arange(R, device=out.device), b.n_out.to(torch.int64))
     out[rows, b.out_idx.to(torch.int64)] = b.out_val.to(torch.float32)
     return out
@@ -119,7 +128,7 @@ if triton is not None:
     def _decode_rows_kernel(
         payload_ptr,  # uint8: code bytes of all rows (+1 pad byte)
         row_off_ptr,  # int64 (R,): byte offset of each row's codes
-        bits_ptr,  # int32 (R,): code width of each row, 16 = raw fp16 row
+        bits_ptr,  # int32 (R,): code width of each row, 16 / 32 = raw fp16 / fp32 row
         scales_ptr,  # float16 (R, G): per-group scale
         mins_ptr,  # float16 (R, G): per-group minimum
         out_start_ptr,  # int64 (R,): first outlier of each row
@@ -140,16 +149,18 @@ if triton is not None:
         blk = tl.program_id(1)
         c = blk * BLOCK + tl.arange(0, BLOCK)
         live = c < D
-        b = tl.load(bits_ptr + row)
+        b = tl.load(bits_ptr + row)  # bits per value, raw rows too
         off = tl.load(row_off_ptr + row)
-        is_raw = b == 16
-        width = tl.where(is_raw, 16, b)
-        bitpos = c.to(tl.int64) * width
+        bitpos = c.to(tl.int64) * b
         byte = off + bitpos // 8
         lo = tl.load(payload_ptr + byte, mask=live, other=0).to(tl.int32)
         hi = tl.load(payload_ptr + byte + 1, mask=live, other=0).to(tl.int32)
         word = lo | (hi << 8)
-        if is_raw:
+        if b == 32:
+            b2 = tl.load(payload_ptr + byte + 2, mask=live, other=0).to(tl.int32)
+            b3 = tl.load(payload_ptr + byte + 3, mask=live, other=0).to(tl.int32)
+            val = (word | (b2 << 16) | (b3 << 24)).to(tl.float32, bitcast=True)
+        elif b == 16:
             val = word.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         else:
             q = (word >> (bitpos % 8).to(tl.int32)) & ((1 << b) - 1)
@@ -190,6 +201,9 @@ def decode_rows_triton(b: FrameBatch) -> torch.Tensor:
     if not all(t.is_contiguous() for t in tensors):
         raise CodecError("frame batch tensors must be contiguous")
     check_triton_device(b.payload.device)
+    if b.rotate > KERNEL_MAX_ROTATE:
+        raise CodecError(f"rotation block {b.rotate} exceeds the frame kernel's {KERNEL_MAX_ROTATE}: "
+                         "decode it with decode_rows_reference")
     y = torch.empty((R, d), dtype=torch.float32, device=b.payload.device)
     if R == 0:
         return y
@@ -203,7 +217,8 @@ def decode_rows_triton(b: FrameBatch) -> torch.Tensor:
 def decode_frames(frames: list[bytes], device: torch.device | str = "cpu", impl: str = "reference",
                   max_rows: int | None = None) -> list[torch.Tensor]:
     """Decode frames to (T_i, d) float32 tensors on `device`: tabq frames in one batched launch,
-    fp16/fp32 frames by reinterpreting their bytes. impl: 'triton' or 'reference'."""
+    fp16/fp32 frames by reinterpreting their bytes. impl: 'triton' or 'reference' (which 'triton'
+    falls back to for rotation blocks above KERNEL_MAX_ROTATE)."""
     if impl not in ("triton", "reference"):
         raise CodecError(f"frame decode impl {impl!r} is not one of ('triton', 'reference')")
     out: list[torch.Tensor | None] = [None] * len(frames)
@@ -215,7 +230,8 @@ def decode_frames(frames: list[bytes], device: torch.device | str = "cpu", impl:
             coded.append(i)
     if coded:
         batch = batch_frames([frames[i] for i in coded], device, max_rows)
-        y = (decode_rows_triton if impl == "triton" else decode_rows_reference)(batch)
+        kernel = impl == "triton" and batch.rotate <= KERNEL_MAX_ROTATE
+        y = (decode_rows_triton if kernel else decode_rows_reference)(batch)
         for i, part in zip(coded, torch.split(y, batch.rows)):
             out[i] = part
     return out

@@ -6,16 +6,21 @@ frames and reconstructions are bit-identical between them.
 Frame layout (little endian), version 1:
 
     header (14 bytes)  magic "SL" | version u8 | kind u8 (0 fp32, 1 fp16, 2 tabq) | group u16 |
-                       log2 rotation block u8 (0 = none) | reserved u8 | rows T u32 | dim d u16
+                       log2 rotation block u8 (0 = none) | reserved u8 (must be 0) | rows T u32 | dim d u16
     fp32/fp16: T·d raw values.
     tabq:
-      bits     u8[T]      bit width of each row (2..8; 16 = the row is sent as raw fp16)
-      n_out    u16[T]     outliers taken out of each row
-      scales   f16[T·G]   per row and channel group (G = ceil(d / group), group 0 = whole row)
+      bits     u8[T]      width of each row: 2..6 or 8 = coded; 16 = raw fp16 row; 32 = raw fp32 row
+      n_out    u16[T]     outliers taken out of each row (0 on raw rows)
+      scales   f16[T·G]   per row and channel group (G = ceil(d / group), group 0 = whole row; 0 on raw rows)
       mins     f16[T·G]   ŷ = code · scale + min, then x̂ = H ŷ (blockwise Walsh-Hadamard, if rotated)
       out_idx  u16[N]     outlier channels, ascending within a row, rows in order (N = Σ n_out)
       out_val  f16[N]     outlier values
-      codes    per row, d codes of `bits` bits packed LSB first, padded to a byte; raw rows: d fp16
+      codes    per row, d codes of `bits` bits packed LSB first, padded to a byte; raw rows: d fp16 or d fp32
+
+Each row meets the error budget ε: the encoder picks the smallest coded width that does, else
+raw fp16 when fp16 itself does (not so for rows in fp16's subnormal range), else raw fp32 (exact).
+Raw rows carry no outliers: the decoder rejects outliers on a raw fp32 row, and applies those that
+encoders before raw fp32 rows listed on raw fp16 rows (they equal the row's own fp16 values).
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ FRAME_VERSION = 1
 KINDS = {"fp32": 0, "fp16": 1, "tabq": 2}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 RAW_ROW = 16
-ROW_BITS = (2, 3, 4, 5, 6, 8, RAW_ROW)
+"""Row width of a raw fp16 row."""
+RAW32_ROW = 32
+"""Row width of a raw fp32 row: exact, for rows whose fp16 form misses the budget."""
+ROW_BITS = (2, 3, 4, 5, 6, 8, RAW_ROW, RAW32_ROW)
 MAX_DIM = 65535
 
 _ops_cache: dict[str, Any] = {"numpy": NumpyOps()}
@@ -54,8 +62,8 @@ def get_ops(backend: str):
 
 
 def _row_bytes(bits: np.ndarray, d: int) -> np.ndarray:
-    bits = bits.astype(np.int64)
-    return np.where(bits == RAW_ROW, 2 * d, (d * bits + 7) // 8)
+    """Payload bytes of rows of these widths: d codes packed to a byte (raw rows: 2·d or 4·d)."""
+    return (d * bits.astype(np.int64) + 7) // 8
 
 
 @dataclass(frozen=True)
@@ -84,11 +92,13 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
     """Check a frame's structure and read its side information; CodecError naming what is wrong."""
     if len(buf) < HEADER.size:
         raise CodecError(f"frame of {len(buf)} bytes is shorter than its {HEADER.size}-byte header")
-    magic, version, kind_code, group, rot_log2, _, T, d = HEADER.unpack_from(buf, 0)
+    magic, version, kind_code, group, rot_log2, reserved, T, d = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise CodecError(f"frame magic {magic!r} is not {MAGIC!r}: not an activation frame")
     if version != FRAME_VERSION:
         raise CodecError(f"frame version {version} is not supported (expected {FRAME_VERSION})")
+    if reserved:
+        raise CodecError(f"frame reserved header byte is {reserved}, must be 0")
     if kind_code not in KIND_NAMES:
         raise CodecError(f"frame kind {kind_code} is not one of {KINDS}")
     rotate = 1 << rot_log2 if rot_log2 else 0
@@ -118,7 +128,12 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
     if bad.any():
         raise CodecError(f"row {int(np.argmax(bad))} has bit width {int(bits[bad][0])}, allowed {ROW_BITS}")
     if (n_out > d).any():
-        raise CodecError(f"row {int(np.argmax(n_out > d))} claims {int(n_out.max())} outliers in {d} channels")
+        row = int(np.argmax(n_out > d))
+        raise CodecError(f"row {row} claims {int(n_out[row])} outliers in {d} channels")
+    raw32_out = (bits == RAW32_ROW) & (n_out > 0)
+    if raw32_out.any():
+        row = int(np.argmax(raw32_out))
+        raise CodecError(f"raw fp32 row {row} lists {int(n_out[row])} outliers, must list 0")
     scales = np.frombuffer(buf, "<f2", T * G, off + 3 * T).reshape(T, G)
     mins = np.frombuffer(buf, "<f2", T * G, off + 3 * T + 2 * T * G).reshape(T, G)
     N = int(n_out.astype(np.int64).sum())
@@ -140,7 +155,20 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
     if not finite:
         raise CodecError("frame carries non-finite (NaN/Inf) scales, mins or outlier values")
     offsets = off + 4 * N + np.concatenate(([0], np.cumsum(row_sizes)))
+    _check_raw_rows(buf, bits, offsets, d)
     return FrameLayout(kind, T, d, group, G, rotate, bits, n_out, scales, mins, out_idx, out_val, off + 4 * N, offsets)
+
+
+def _check_raw_rows(buf: bytes, bits: np.ndarray, offsets: np.ndarray, d: int) -> None:
+    """CodecError naming the first raw row of a tabq frame that carries a NaN or Inf."""
+    data = np.frombuffer(buf, np.uint8)
+    for width, dtype in ((RAW_ROW, "<f2"), (RAW32_ROW, "<f4")):
+        sel = np.nonzero(bits == width)[0]
+        if len(sel):
+            raw = data[offsets[sel][:, None] + np.arange(width // 8 * d)].view(dtype)  # (n, d)
+            bad = ~np.isfinite(raw).all(1)
+            if bad.any():
+                raise CodecError(f"frame carries non-finite (NaN/Inf) values in raw row {int(sel[np.argmax(bad)])}")
 
 
 def _pack(codes, b: int, ops):
@@ -215,7 +243,8 @@ def encode(x: Any, cfg: CodecConfig, backend: str = "numpy") -> bytes:
     x16 = ops.cast(x, ops.f16)
     if cfg.kind == "fp16":
         return _header("fp16", 0, T, d) + ops.tobytes(x16)
-    return _encode_tabq(x, x16, cfg, ops)
+    with np.errstate(over="ignore", invalid="ignore"):  # a row whose rotated range overflows fp16 goes raw
+        return _encode_tabq(x, x16, cfg, ops)
 
 
 def _outlier_mask(x, x64, cfg: CodecConfig, ops):
@@ -234,6 +263,7 @@ def _outlier_mask(x, x64, cfg: CodecConfig, ops):
 
 
 def _encode_tabq(x, x16, cfg: CodecConfig, ops) -> bytes:
+    """Per row, the smallest coded width that meets ε, else raw fp16 if it meets ε, else raw fp32."""
     T, d = x.shape
     g = min(cfg.group_size or d, d)
     G = -(-d // g)
@@ -251,7 +281,7 @@ def _encode_tabq(x, x16, cfg: CodecConfig, ops) -> bytes:
     x_out = ops.cast(x16, ops.f32)
     out_err = ops.sum(ops.where(mask, (x64 - ops.cast(x_out, ops.f64)) ** 2, 0.0), 1)
     den = ops.sum(ops.where(mask, 0.0, x64 * x64), 1)  # the budget is relative to the inlier energy
-    chosen = ops.full((T,), RAW_ROW, ops.i64)
+    chosen = ops.full((T,), RAW32_ROW, ops.i64)
     candidates = {}
     for b in cfg.bit_widths:
         trials = [_quantize_groups(yg, lo * c, hi * c, b, ops) for c in cfg.clip_ratios]
@@ -262,10 +292,14 @@ def _encode_tabq(x, x16, cfg: CodecConfig, ops) -> bytes:
         s16 = ops.take(ops.stack([t[1] for t in trials], 0), best[None], 0)[0]
         m16 = ops.take(ops.stack([t[2] for t in trials], 0), best[None], 0)[0]
         err = ops.sum(ops.take(errs, best[None], 0)[0], 1) + out_err
-        ok = (err <= cfg.error_budget * den) & ops.isfinite_all(s16) & ops.isfinite_all(m16)
+        ok = (err <= cfg.error_budget * den) & ops.isfinite_rows(s16) & ops.isfinite_rows(m16)
         candidates[b] = (ops.cast(q.reshape(T, G * g)[:, :d], ops.i64), s16, m16)
-        chosen = ops.where(ok & (chosen == RAW_ROW), b, chosen)
-    return _assemble(x16, mask, chosen, candidates, g, G, rotate, ops)
+        chosen = ops.where(ok & (chosen == RAW32_ROW), b, chosen)
+    # a raw row carries no outliers, so its budget is relative to the whole row
+    raw16_err = ops.sum((x64 - ops.cast(x_out, ops.f64)) ** 2, 1)
+    raw16_ok = raw16_err <= cfg.error_budget * ops.sum(x64 * x64, 1)
+    chosen = ops.where(raw16_ok & (chosen == RAW32_ROW), RAW_ROW, chosen)
+    return _assemble(x, x16, mask, chosen, candidates, g, G, rotate, ops)
 
 
 def _quantize_groups(yg, lo, hi, b: int, ops):
@@ -288,10 +322,12 @@ def _dequant_groups(q, s16, m16, ops):
     return q * ops.cast(s16, ops.f32)[:, :, None] + ops.cast(m16, ops.f32)[:, :, None]
 
 
-def _assemble(x16, mask, chosen, candidates, g: int, G: int, rotate: int, ops) -> bytes:
+def _assemble(x, x16, mask, chosen, candidates, g: int, G: int, rotate: int, ops) -> bytes:
+    """The tabq frame of rows x (T, d) at widths `chosen` (T,), coded rows from `candidates[width]`."""
     T, d = x16.shape
     bits = ops.numpy(chosen).astype(np.uint8)
-    mask_np = ops.numpy(mask)
+    raw = (bits == RAW_ROW) | (bits == RAW32_ROW)
+    mask_np = ops.numpy(mask) & ~raw[:, None]  # raw rows send every value in place
     x16_np = ops.numpy(x16)
     rows, cols = np.nonzero(mask_np)
     n_out = mask_np.sum(1).astype("<u2")
@@ -304,6 +340,8 @@ def _assemble(x16, mask, chosen, candidates, g: int, G: int, rotate: int, ops) -
         sel = np.nonzero(bits == b)[0]
         if b == RAW_ROW:
             data = x16_np[sel].astype("<f2").view(np.uint8).reshape(len(sel), 2 * d)
+        elif b == RAW32_ROW:
+            data = ops.numpy(x)[sel].astype("<f4").view(np.uint8).reshape(len(sel), 4 * d)
         else:
             codes, s16, m16 = candidates[int(b)]
             data = ops.numpy(_pack(codes[ops.asarray(sel, ops.i64)], int(b), ops))
@@ -333,11 +371,9 @@ def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None
         size = int(_row_bytes(np.array([b]), d)[0])
         rows_bytes = data[lay.row_offsets[sel][:, None] + np.arange(size)]
         sel_t = ops.asarray(sel, ops.i64)
-        if b == RAW_ROW:
-            raw = rows_bytes.view("<f2").reshape(len(sel), d)
-            if not np.isfinite(raw).all():
-                raise CodecError("frame carries non-finite (NaN/Inf) values in a raw row")
-            out[sel_t] = ops.cast(ops.asarray(raw, ops.f16), ops.f32)
+        if b in (RAW_ROW, RAW32_ROW):  # parse_frame checked that they are finite
+            raw = rows_bytes.view("<f2" if b == RAW_ROW else "<f4").reshape(len(sel), d)
+            out[sel_t] = ops.cast(ops.asarray(raw, ops.f16 if b == RAW_ROW else ops.f32), ops.f32)
         else:
             codes = _unpack(ops.asarray(rows_bytes, ops.u8), d, int(b), ops)
             y = _dequant(codes, ops.asarray(lay.scales[sel], ops.f16), ops.asarray(lay.mins[sel], ops.f16), d, g, ops)
@@ -355,7 +391,7 @@ class FrameStats:
     rows: int
     bytes_per_token: float
     mean_bits: float
-    """Average code width over coded rows (raw rows count as 16)."""
+    """Average row width (raw rows count as 16 or 32)."""
     outliers_per_token: float
 
 

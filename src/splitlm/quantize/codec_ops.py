@@ -75,6 +75,11 @@ class NumpyOps:
         return bool(np.isfinite(x).all())
 
     @staticmethod
+    def isfinite_rows(x) -> np.ndarray:
+        """(T, ...) -> bool (T,): whether every entry of each row is finite."""
+        return np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+
+    @staticmethod
     def nextafter_up(x):
         return np.nextafter(x, np.array(np.inf, dtype=x.dtype))
 
@@ -153,6 +158,10 @@ class TorchOps:
 
     def isfinite_all(self, x) -> bool:
         return bool(self.t.isfinite(x).all())
+
+    def isfinite_rows(self, x):
+        """(T, ...) -> bool (T,): whether every entry of each row is finite."""
+        return self.t.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
 
     def nextafter_up(self, x):
         return self.t.nextafter(x, self.t.full_like(x, float("inf")))
