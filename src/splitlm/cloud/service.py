@@ -202,7 +202,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"sequence would reach {session.position + layout.rows} "
                                                                   f"positions, the limit is {plan.max_seq_len}")
         t0 = time.perf_counter()
-        choice = await asyncio.wrap_future(session.tail.submit(act.frame, act.want_token, layout.rows))
+        choice = await asyncio.wrap_future(session.tail.submit(act.frame, act.want_token, layout))
         session.position += layout.rows
         if choice is None:
             return None

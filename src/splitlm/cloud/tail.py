@@ -102,21 +102,22 @@ class TailSession:
         self.logprobs = logprobs
         """Top log-probabilities returned with each token (0 = none)."""
 
-    def _hidden(self, frame: bytes):
+    def _hidden(self, frame: bytes, layout: codec.FrameLayout | None = None):
         def hidden() -> torch.Tensor:
-            h = dispatch.decode_frame(frame, self.runner.kernels, self.runner.device, self.runner.plan.max_seq_len)
+            h = dispatch.decode_frame(frame, self.runner.kernels, self.runner.device, self.runner.plan.max_seq_len, layout)
             d = self.runner.spec.hidden_size
             if h.shape[1] != d:
                 raise CodecError(f"frame hidden size {h.shape[1]} does not match the model's {d}")
             return h.to(torch.float32)
         return hidden
 
-    def submit(self, frame: bytes, want_token: bool = True, rows: int | None = None) -> Future:
+    def submit(self, frame: bytes, want_token: bool = True, layout: codec.FrameLayout | None = None) -> Future:
         """Decode one frame (T positions) and run the tail on the batcher: a future of the TokenChoice
-        for the next position (None without want_token). `rows` (T, when the caller parsed the
-        frame) lets the KV budget be checked before the frame is decoded."""
+        for the next position (None without want_token). `layout` (the frame as the caller parsed
+        it) is not parsed again, and lets the KV budget be checked before the frame is decoded."""
         choose = self._choose if want_token else (lambda logits: None)
-        return self.runner.batcher.submit(self.cache, self._hidden(frame), True, choose, rows)
+        return self.runner.batcher.submit(self.cache, self._hidden(frame, layout), True, choose,
+                                          layout.rows if layout else None)
 
     def _choose(self, logits: torch.Tensor) -> TokenChoice:
         """On the batcher thread: sample the last position's logits (1, V)."""

@@ -32,7 +32,7 @@ import numpy as np
 from splitlm.errors import ConfigError, RemoteError, TransportError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
-from splitlm.quantize.codec import parse_frame
+from splitlm.quantize.codec import frame_rows
 from splitlm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ class RemoteSession:
             if self._cancel_reason is not None:
                 raise LinkError(f"session cancelled on the device: {self._cancel_reason}", "CANCELLED")
             raise TransportError(f"the session with {self.address} is closed")
-        rows = parse_frame(frame).rows if rows is None else rows
+        rows = frame_rows(frame) if rows is None else rows  # the header's count: the server checks the rest
         msg = pb.DeviceMessage(activations=pb.Activations(start_position=self.position, frame=frame, want_token=want_token))
         self._requests.put(msg)
         self.position += rows

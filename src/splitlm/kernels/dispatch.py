@@ -67,9 +67,10 @@ def apply_kernels(module: nn.Module, impl: str) -> int:
     return swapped
 
 
-def decode_frame(frame: bytes, impl: str, device: torch.device | str, max_rows: int | None = None) -> torch.Tensor:
+def decode_frame(frame: bytes, impl: str, device: torch.device | str, max_rows: int | None = None,
+                 layout: codec.FrameLayout | None = None) -> torch.Tensor:
     """One frame -> (T, d) float32 on `device`: the batched Triton decoder with one frame, or the
-    codec's own torch decoder."""
+    codec's own torch decoder. `layout`: the frame already parsed (it is not parsed again)."""
     if impl == "reference":
-        return codec.decode(frame, "torch", max_rows=max_rows).to(device)
-    return frame_decode.decode_frames([frame], device, impl, max_rows)[0]
+        return codec.decode(frame, "torch", layout, max_rows).to(device)
+    return frame_decode.decode_frames([frame], device, impl, max_rows, [layout] if layout else None)[0]

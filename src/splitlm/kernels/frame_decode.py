@@ -62,11 +62,13 @@ class FrameBatch:
     """Rows of each frame, in order."""
 
 
-def batch_frames(frames: list[bytes], device: torch.device | str = "cpu", max_rows: int | None = None) -> FrameBatch:
-    """Parse and validate tabq frames (one model: same dim, group and rotation) into one FrameBatch."""
+def batch_frames(frames: list[bytes], device: torch.device | str = "cpu", max_rows: int | None = None,
+                 layouts: list[codec.FrameLayout] | None = None) -> FrameBatch:
+    """Parse and validate tabq frames (one model: same dim, group and rotation) into one FrameBatch.
+    `layouts`: the frames already parsed (parse_frame), so that no frame is parsed twice."""
     if not frames:
         raise CodecError("no frames to decode")
-    layouts = [codec.parse_frame(f, max_rows) for f in frames]
+    layouts = layouts or [codec.parse_frame(f, max_rows) for f in frames]
     first = layouts[0]
     for i, lay in enumerate(layouts):
         if lay.kind != "tabq":
@@ -215,21 +217,21 @@ def decode_rows_triton(b: FrameBatch) -> torch.Tensor:
 
 
 def decode_frames(frames: list[bytes], device: torch.device | str = "cpu", impl: str = "reference",
-                  max_rows: int | None = None) -> list[torch.Tensor]:
+                  max_rows: int | None = None, layouts: list[codec.FrameLayout] | None = None) -> list[torch.Tensor]:
     """Decode frames to (T_i, d) float32 tensors on `device`: tabq frames in one batched launch,
     fp16/fp32 frames by reinterpreting their bytes. impl: 'triton' or 'reference' (which 'triton'
-    falls back to for rotation blocks above KERNEL_MAX_ROTATE)."""
+    falls back to for rotation blocks above KERNEL_MAX_ROTATE). `layouts`: the frames already parsed."""
     if impl not in ("triton", "reference"):
         raise CodecError(f"frame decode impl {impl!r} is not one of ('triton', 'reference')")
     out: list[torch.Tensor | None] = [None] * len(frames)
     coded = []
     for i, f in enumerate(frames):
         if len(f) >= codec.HEADER.size and f[3] != codec.KINDS["tabq"]:
-            out[i] = codec.decode(f, "torch", max_rows=max_rows).to(device)
+            out[i] = codec.decode(f, "torch", layouts[i] if layouts else None, max_rows).to(device)
         else:
             coded.append(i)
     if coded:
-        batch = batch_frames([frames[i] for i in coded], device, max_rows)
+        batch = batch_frames([frames[i] for i in coded], device, max_rows, [layouts[i] for i in coded] if layouts else None)
         kernel = impl == "triton" and batch.rotate <= KERNEL_MAX_ROTATE
         y = (decode_rows_triton if kernel else decode_rows_reference)(batch)
         for i, part in zip(coded, torch.split(y, batch.rows)):

@@ -61,6 +61,10 @@ def get_ops(backend: str):
     return _ops_cache[backend]
 
 
+_VALID_WIDTH = np.zeros(256, bool)
+_VALID_WIDTH[list(ROW_BITS)] = True
+
+
 def _row_bytes(bits: np.ndarray, d: int) -> np.ndarray:
     """Payload bytes of rows of these widths: d codes packed to a byte (raw rows: 2·d or 4·d)."""
     return (d * bits.astype(np.int64) + 7) // 8
@@ -124,7 +128,7 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
         raise CodecError(f"tabq frame of shape ({T}, {d}) is truncated inside its side information")
     bits = np.frombuffer(buf, np.uint8, T, off)
     n_out = np.frombuffer(buf, "<u2", T, off + T)
-    bad = ~np.isin(bits, ROW_BITS)
+    bad = ~_VALID_WIDTH[bits]
     if bad.any():
         raise CodecError(f"row {int(np.argmax(bad))} has bit width {int(bits[bad][0])}, allowed {ROW_BITS}")
     if (n_out > d).any():
@@ -151,7 +155,7 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
         pos = np.arange(N) - starts
         if ((np.diff(out_idx.astype(np.int64)) <= 0) & (pos[1:] > 0)).any():
             raise CodecError("outlier channels within a row must be strictly ascending")
-    finite = np.isfinite(scales).all() and np.isfinite(mins).all() and np.isfinite(out_val).all()
+    finite = np.isfinite(scales).all() and np.isfinite(mins).all() and (not N or np.isfinite(out_val).all())
     if not finite:
         raise CodecError("frame carries non-finite (NaN/Inf) scales, mins or outlier values")
     offsets = off + 4 * N + np.concatenate(([0], np.cumsum(row_sizes)))
@@ -159,8 +163,17 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
     return FrameLayout(kind, T, d, group, G, rotate, bits, n_out, scales, mins, out_idx, out_val, off + 4 * N, offsets)
 
 
+def frame_rows(buf: bytes) -> int:
+    """The rows (positions) a frame's header announces, without parsing the rest (CodecError if no header)."""
+    if len(buf) < HEADER.size or buf[:2] != MAGIC:
+        raise CodecError(f"a frame of {len(buf)} bytes without an activation-frame header")
+    return HEADER.unpack_from(buf, 0)[6]
+
+
 def _check_raw_rows(buf: bytes, bits: np.ndarray, offsets: np.ndarray, d: int) -> None:
     """CodecError naming the first raw row of a tabq frame that carries a NaN or Inf."""
+    if int(bits.max()) < RAW_ROW:
+        return
     data = np.frombuffer(buf, np.uint8)
     for width, dtype in ((RAW_ROW, "<f2"), (RAW32_ROW, "<f4")):
         sel = np.nonzero(bits == width)[0]
