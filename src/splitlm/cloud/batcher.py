@@ -190,6 +190,9 @@ class Batcher:
                     if item is None:
                         return
                     if isinstance(item, _Release):
+                        for w in (*prefills, *decodes):
+                            if w.cache is item.cache:
+                                self._unreserve(w)
                         prefills = deque(w for w in prefills if w.cache is not item.cache)
                         decodes = [w for w in decodes if w.cache is not item.cache]
                         self.kv_bytes -= item.cache.nbytes()
@@ -200,6 +203,9 @@ class Batcher:
                 pass
             if decodes:
                 batch, decodes = decodes[: self.max_batch], decodes[self.max_batch:]
+                for w in batch:
+                    if w.future.cancelled():  # its waiter went away: give its KV reservation back
+                        self._unreserve(w)
                 self._decode([w for w in batch if not w.future.cancelled()])
             while prefills and prefills[0].future.cancelled():
                 self._unreserve(prefills.popleft())

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitlm.cloud.tail import TailRunner, TailSession
 from splitlm.errors import CodecError, ConfigError, PlanError, ResourceExhausted, SplitLMError
@@ -220,6 +221,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 msg = await context.read()
         except asyncio.TimeoutError:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {waiting_for} within {timeout:.3g} s") from None
+        except DecodeError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable DeviceMessage: {_clip(str(exc))}") from None
         return None if msg is grpc.aio.EOF else msg
 
     # -- the RPC ------------------------------------------------------
