@@ -184,6 +184,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         return sid, self.sessions[sid]
 
     async def _activations(self, session: _Session, act: pb.Activations) -> pb.CloudMessage | None:
+        t0 = time.perf_counter()  # the step's server time: frame checks and parse, decode, tail, sampling
         plan, spec = self.runner.plan, self.runner.spec
         if len(act.frame) > self.config.max_frame_bytes:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -202,7 +203,6 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         if session.position + layout.rows > plan.max_seq_len:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"sequence would reach {session.position + layout.rows} "
                                                                   f"positions, the limit is {plan.max_seq_len}")
-        t0 = time.perf_counter()
         choice = await asyncio.wrap_future(session.tail.submit(act.frame, act.want_token, layout))
         session.position += layout.rows
         if choice is None:
