@@ -74,3 +74,16 @@ def smollm_ckpt():
         return resolve_model("smollm2-135m", root=shared, progress=False)
     except Exception as exc:  # noqa: BLE001
         pytest.fail(f"SmolLM2 is not available: {exc} (cache root {cache_root()})")
+
+
+@pytest.fixture(scope="session")
+def artifacts(tiny_ckpt, tmp_path_factory):
+    """(plan, ExportResult): the tiny model split at 2 (W4 head, W8 tail, tabq ε 0.01, prefill chunks of 8),
+    exported once for every service, client, fuzz and fault test. Tests must not modify it."""
+    from splitlm.device.export import export_artifacts
+    from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+
+    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, device_weights=WeightQuant(4, 32),
+                cloud_weights=WeightQuant(8, 32), codec=CodecConfig("tabq", error_budget=0.01), max_seq_len=128,
+                prefill_chunk=8)
+    return plan, export_artifacts(tiny_ckpt, plan, tmp_path_factory.mktemp("svc"), progress=False, accuracy_level=0)

@@ -23,7 +23,6 @@ import pytest
 
 from splitlm.device.client import LinkConfig, LinkError, RemoteSession, check_address, connect
 from splitlm.errors import ConfigError, RemoteError, TransportError
-from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.sampling import SamplingParams
 
@@ -34,14 +33,10 @@ posix_only = pytest.mark.skipif(not hasattr(signal, "SIGSTOP") or not Path("/pro
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_ckpt, tmp_path_factory):
-    from splitlm.device.export import export_artifacts
-
-    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, device_weights=WeightQuant(4, 32),
-                cloud_weights=WeightQuant(8, 32), codec=CodecConfig("tabq", error_budget=0.01), max_seq_len=128,
-                prefill_chunk=8)
-    root = tmp_path_factory.mktemp("client")
-    return plan, root, export_artifacts(tiny_ckpt, plan, root, progress=False, accuracy_level=0)
+def artifacts(artifacts):
+    """The shared tiny export (conftest), with its root folder for `splitlm serve --artifacts`."""
+    plan, result = artifacts
+    return plan, result.device_dir.parent, result
 
 
 # ---------------------------------------------------------------- helpers

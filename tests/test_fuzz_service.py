@@ -28,7 +28,7 @@ from splitlm.errors import CodecError
 from splitlm.partition.plan import CodecConfig
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.quantize import codec
-from tests.test_service import TABQ, artifacts  # noqa: F401 - artifacts is a fixture
+from tests.test_service import TABQ
 from tests.test_service_faults import open_msg, wait_for
 
 SEED = 20240613
@@ -457,7 +457,7 @@ class RawSession:
             pass
 
 
-def generate(channel, artifacts, prompt, session_ids=None) -> list[int]:  # noqa: F811
+def generate(channel, artifacts, prompt, session_ids=None) -> list[int]:
     from splitlm.device.runtime import HeadSession, generate_split
 
     plan, result = artifacts
@@ -486,7 +486,7 @@ class Arena:
 
 
 @pytest.fixture(scope="module")
-def arena(tiny_ckpt, artifacts):  # noqa: F811
+def arena(tiny_ckpt, artifacts):
     from splitlm.cloud.service import ServerConfig, start_server
     from splitlm.cloud.tail import TailRunner
 

@@ -6,19 +6,9 @@ import numpy as np
 import pytest
 
 from splitlm.errors import RemoteError
-from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+from splitlm.partition.plan import CodecConfig
 from splitlm.quantize import codec
 from splitlm.sampling import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def artifacts(tiny_ckpt, tmp_path_factory):
-    from splitlm.device.export import export_artifacts
-
-    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, device_weights=WeightQuant(4, 32),
-                cloud_weights=WeightQuant(8, 32), codec=CodecConfig("tabq", error_budget=0.01), max_seq_len=128,
-                prefill_chunk=8)
-    return plan, export_artifacts(tiny_ckpt, plan, tmp_path_factory.mktemp("svc"), progress=False, accuracy_level=0)
 
 
 @pytest.fixture()

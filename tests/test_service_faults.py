@@ -13,11 +13,11 @@ from splitlm.errors import ConfigError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
 from splitlm.quantize import codec
-from tests.test_service import TABQ, artifacts, generate_remote, open_session  # noqa: F401 - artifacts is a fixture
+from tests.test_service import TABQ, generate_remote, open_session
 
 
 @pytest.fixture()
-def serve(artifacts):  # noqa: F811
+def serve(artifacts):
     """start(**config) -> (address, service); every server started is stopped at the end."""
     from splitlm.cloud.service import ServerConfig, start_server
     from splitlm.cloud.tail import TailRunner
@@ -70,7 +70,7 @@ def hidden(tiny_ckpt, rows, seed=0):
 
 
 # -- the batcher: a failed forward leaves every cache as it was (defect 2) ----------------------------
-def test_failed_forward_takes_its_kv_back(tiny_ckpt, artifacts):  # noqa: F811
+def test_failed_forward_takes_its_kv_back(tiny_ckpt, artifacts):
     from splitlm.cloud.tail import TailRunner
     from splitlm.model.llama import KVCache
 
@@ -92,7 +92,7 @@ def test_failed_forward_takes_its_kv_back(tiny_ckpt, artifacts):  # noqa: F811
         assert torch.equal(k, before[i][0]) and torch.equal(v, before[i][1])
 
 
-def test_batched_decode_fallback_does_not_corrupt_caches(tiny_ckpt, artifacts):  # noqa: F811
+def test_batched_decode_fallback_does_not_corrupt_caches(tiny_ckpt, artifacts):
     from splitlm.cloud.batcher import Batcher, _Work
     from splitlm.cloud.tail import TailRunner
     from splitlm.model.llama import KVCache
@@ -133,7 +133,7 @@ def test_batched_decode_fallback_does_not_corrupt_caches(tiny_ckpt, artifacts): 
 
 
 # -- the KV count (defect 3) -----------------------------------------------------------------------
-def test_kv_bytes_are_counted_on_the_batcher_and_freed(tiny_ckpt, artifacts, serve):  # noqa: F811
+def test_kv_bytes_are_counted_on_the_batcher_and_freed(tiny_ckpt, artifacts, serve):
     address, service = serve()
     plan, _ = artifacts
     a, b = open_session(address, plan, token=None), open_session(address, plan, token=None)
@@ -148,7 +148,7 @@ def test_kv_bytes_are_counted_on_the_batcher_and_freed(tiny_ckpt, artifacts, ser
 
 
 # -- a port in use (defect 4) -----------------------------------------------------------------------
-def test_second_server_on_a_port_in_use_fails(artifacts, serve):  # noqa: F811
+def test_second_server_on_a_port_in_use_fails(artifacts, serve):
     from splitlm.cloud.service import start_server
     from splitlm.cloud.tail import TailRunner
 
@@ -158,7 +158,7 @@ def test_second_server_on_a_port_in_use_fails(artifacts, serve):  # noqa: F811
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:99999", "localhost", "127.0.0.1:-1"])
-def test_bad_address_is_refused(artifacts, address):  # noqa: F811
+def test_bad_address_is_refused(artifacts, address):
     from splitlm.cloud.service import start_server
     from splitlm.cloud.tail import TailRunner
 
@@ -167,7 +167,7 @@ def test_bad_address_is_refused(artifacts, address):  # noqa: F811
 
 
 # -- long frames are cut into prefill chunks (defect 7) ----------------------------------------------
-def test_a_long_frame_runs_in_chunks_and_decodes_interleave(tiny_ckpt, artifacts):  # noqa: F811
+def test_a_long_frame_runs_in_chunks_and_decodes_interleave(tiny_ckpt, artifacts):
     from splitlm.cloud.batcher import Batcher
     from splitlm.cloud.tail import TailRunner
     from splitlm.model.llama import KVCache
@@ -200,7 +200,7 @@ def test_a_long_frame_runs_in_chunks_and_decodes_interleave(tiny_ckpt, artifacts
 
 
 # -- idle means waiting on the client (defect 8) -----------------------------------------------------
-def test_server_compute_does_not_count_as_idle(tiny_ckpt, artifacts, serve):  # noqa: F811
+def test_server_compute_does_not_count_as_idle(tiny_ckpt, artifacts, serve):
     address, service = serve(idle_timeout_s=0.5)
     stage = service.runner.stage
     original = stage.forward
@@ -214,7 +214,7 @@ def test_server_compute_does_not_count_as_idle(tiny_ckpt, artifacts, serve):  # 
     session.close()
 
 
-def test_idle_session_is_ended_with_deadline_exceeded(artifacts, serve):  # noqa: F811
+def test_idle_session_is_ended_with_deadline_exceeded(artifacts, serve):
     address, service = serve(idle_timeout_s=0.5)
     plan, _ = artifacts
     stub = pb_grpc.SplitInferenceStub(grpc.insecure_channel(address))
@@ -232,7 +232,7 @@ def test_idle_session_is_ended_with_deadline_exceeded(artifacts, serve):  # noqa
 
 
 # -- thread exhaustion (defect 9) --------------------------------------------------------------------
-def test_silent_streams_starve_neither_sessions_nor_health(tiny_ckpt, artifacts, serve):  # noqa: F811
+def test_silent_streams_starve_neither_sessions_nor_health(tiny_ckpt, artifacts, serve):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     address, service = serve(max_sessions=4, max_pending_streams=41, open_timeout_s=60)
@@ -269,7 +269,7 @@ def test_silent_streams_starve_neither_sessions_nor_health(tiny_ckpt, artifacts,
     assert wait_for(lambda: service.pending_streams == 0 and not service.sessions)
 
 
-def test_a_stream_that_never_opens_is_ended(artifacts, serve):  # noqa: F811
+def test_a_stream_that_never_opens_is_ended(artifacts, serve):
     address, service = serve(open_timeout_s=0.3)
     stub = pb_grpc.SplitInferenceStub(grpc.insecure_channel(address))
     hold = threading.Event()
@@ -287,7 +287,7 @@ def test_a_stream_that_never_opens_is_ended(artifacts, serve):  # noqa: F811
 
 
 # -- the header is checked before anything is decoded (defect 10) ------------------------------------
-def test_a_frame_of_the_wrong_width_is_never_decoded(artifacts, serve, monkeypatch):  # noqa: F811
+def test_a_frame_of_the_wrong_width_is_never_decoded(artifacts, serve, monkeypatch):
     from splitlm.kernels import dispatch
 
     address, _ = serve()
@@ -302,7 +302,7 @@ def test_a_frame_of_the_wrong_width_is_never_decoded(artifacts, serve, monkeypat
 
 
 # -- endings are not errors; echoes are bounded (defect 11) -------------------------------------------
-def test_normal_endings_are_not_logged_as_errors(tiny_ckpt, artifacts, serve, caplog):  # noqa: F811
+def test_normal_endings_are_not_logged_as_errors(tiny_ckpt, artifacts, serve, caplog):
     address, _ = serve(idle_timeout_s=0.3)
     plan, _ = artifacts
     caplog.set_level(logging.INFO, logger="splitlm")
@@ -327,7 +327,7 @@ def test_normal_endings_are_not_logged_as_errors(tiny_ckpt, artifacts, serve, ca
     assert not any(r.exc_info for r in caplog.records if r.name.startswith("splitlm"))
 
 
-def test_a_huge_client_string_is_echoed_bounded(artifacts, serve, caplog):  # noqa: F811
+def test_a_huge_client_string_is_echoed_bounded(artifacts, serve, caplog):
     address, _ = serve()
     plan, _ = artifacts
     caplog.set_level(logging.INFO, logger="splitlm")
@@ -346,7 +346,7 @@ def test_a_huge_client_string_is_echoed_bounded(artifacts, serve, caplog):  # no
     (dict(sampling=pb.Sampling(logprobs=1000)), "logprobs"),
     (dict(max_tokens=0), "max_tokens"),
 ])
-def test_bad_sampling_is_invalid_argument(artifacts, serve, open_kw, message):  # noqa: F811
+def test_bad_sampling_is_invalid_argument(artifacts, serve, open_kw, message):
     address, service = serve()
     plan, _ = artifacts
     _, code, details = raw_call(address, [open_msg(plan, **open_kw)])
@@ -354,7 +354,7 @@ def test_bad_sampling_is_invalid_argument(artifacts, serve, open_kw, message):  
     assert wait_for(lambda: not service.sessions)
 
 
-def test_logprobs_come_with_each_token(tiny_ckpt, artifacts, serve):  # noqa: F811
+def test_logprobs_come_with_each_token(tiny_ckpt, artifacts, serve):
     from splitlm.cloud.tail import TailRunner
 
     address, _ = serve()
@@ -374,7 +374,7 @@ def test_logprobs_come_with_each_token(tiny_ckpt, artifacts, serve):  # noqa: F8
     assert not got[1].token.top and got[1].token.logprob == 0  # none unless asked for
 
 
-def test_the_client_asks_for_logprobs(tiny_ckpt, artifacts, serve):  # noqa: F811
+def test_the_client_asks_for_logprobs(tiny_ckpt, artifacts, serve):
     address, _ = serve()
     plan, _ = artifacts
     session = open_session(address, plan, token=None)

@@ -23,7 +23,7 @@ import pytest
 
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.quantize import codec
-from tests.test_service import TABQ, artifacts  # noqa: F401 - artifacts is a fixture
+from tests.test_service import TABQ
 from tests.test_service_faults import open_msg, serve, wait_for  # noqa: F401 - serve is a fixture
 
 GENERATE = "/splitlm.v1.SplitInference/Generate"
@@ -191,7 +191,7 @@ def one_token(address: str, plan, frame_bytes: bytes) -> int:
 
 
 # -- disconnects ------------------------------------------------------------------------------------------
-def test_200_abrupt_disconnects_free_every_session_and_rss_stays_bounded(tiny_ckpt, artifacts, serve, caplog):  # noqa: F811
+def test_200_abrupt_disconnects_free_every_session_and_rss_stays_bounded(tiny_ckpt, artifacts, serve, caplog):
     caplog.set_level(logging.INFO, logger="splitlm")
     address, service = serve()
     plan, _ = artifacts
@@ -251,7 +251,7 @@ def _prefill_status(address: str, plan, frame_bytes: bytes) -> str:
 
 
 @pytest.mark.parametrize("how", ["cancel", "close"])
-def test_a_disconnect_mid_prefill_gives_back_its_kv_reservation(tiny_ckpt, artifacts, serve, how):  # noqa: F811
+def test_a_disconnect_mid_prefill_gives_back_its_kv_reservation(tiny_ckpt, artifacts, serve, how):
     """A prefill reserves KV for all its rows before it runs. A session that goes away mid-prefill
     must give back the reservation of the rows that never ran, or the budget shrinks for good."""
     from splitlm.cloud.tail import TailRunner
@@ -294,7 +294,7 @@ def _tokens(responses) -> int:
     return sum(r.HasField("token") for r in responses)
 
 
-def test_idle_deadline_ends_a_session_that_stops_sending(tiny_ckpt, artifacts, serve):  # noqa: F811
+def test_idle_deadline_ends_a_session_that_stops_sending(tiny_ckpt, artifacts, serve):
     address, service = serve(idle_timeout_s=0.5)
     plan, _ = artifacts
     hold = threading.Event()
@@ -311,7 +311,7 @@ def test_idle_deadline_ends_a_session_that_stops_sending(tiny_ckpt, artifacts, s
     assert wait_for(lambda: not service.sessions and service.kv_bytes() == 0)
 
 
-def test_total_deadline_ends_an_idle_session_before_its_idle_deadline(tiny_ckpt, artifacts, serve):  # noqa: F811
+def test_total_deadline_ends_an_idle_session_before_its_idle_deadline(tiny_ckpt, artifacts, serve):
     address, service = serve(idle_timeout_s=60, total_timeout_s=1.0)
     plan, _ = artifacts
     hold = threading.Event()
@@ -329,7 +329,7 @@ def test_total_deadline_ends_an_idle_session_before_its_idle_deadline(tiny_ckpt,
     assert wait_for(lambda: not service.sessions and service.kv_bytes() == 0)
 
 
-def test_total_deadline_ends_a_busy_session_at_its_next_step(tiny_ckpt, artifacts, serve):  # noqa: F811
+def test_total_deadline_ends_a_busy_session_at_its_next_step(tiny_ckpt, artifacts, serve):
     """Steps sent back to back, each taking 0.3 s of server compute: never idle, ended at 1 s."""
     address, service = serve(idle_timeout_s=60, total_timeout_s=1.0)
     plan, _ = artifacts
@@ -347,7 +347,7 @@ def test_total_deadline_ends_a_busy_session_at_its_next_step(tiny_ckpt, artifact
     assert wait_for(lambda: not service.sessions and service.kv_bytes() == 0)
 
 
-def test_total_deadline_ends_a_paced_session(tiny_ckpt, artifacts, serve):  # noqa: F811
+def test_total_deadline_ends_a_paced_session(tiny_ckpt, artifacts, serve):
     """A client that steps every 0.2 s (never idle for its 5 s) is still ended at its 1 s total."""
     address, service = serve(idle_timeout_s=5, total_timeout_s=1.0)
     plan, _ = artifacts
