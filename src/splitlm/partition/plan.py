@@ -223,22 +223,28 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         """The plan in the JSON file `path`; PlanError naming the file and what is wrong with it."""
-        try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PlanError(f"cannot read plan {path}: {exc}") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path} is not a plan: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise PlanError(f"{path} is not a plan: its JSON is a {type(raw).__name__}, not an object")
+        raw = read_json_object(path, "plan", PlanError)
         if _is_profile(raw):
             raise PlanError(f"{path} is a profile, not a plan; {_MAKE_PLAN}")
         try:
             return cls.from_dict(raw)
         except PlanError as exc:
             raise PlanError(f"{path}: {exc}") from None
+
+
+def read_json_object(path: str | Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object in file `path`; `error` naming the file when it cannot be read or is not one."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what} {path}: {exc}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is not a {what}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path} is not a {what}: its JSON is a {type(raw).__name__}, not an object")
+    return raw
 
 
 _MAKE_PLAN = "make a plan from it with `splitlm partition --profile`"

@@ -268,15 +268,10 @@ class Profile:
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
         """The profile in the JSON file `path`; ConfigError naming the file and what is wrong with it."""
-        try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read profile {path}: {exc}") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not a profile: not valid JSON ({exc})") from None
-        if isinstance(raw, Mapping) and _is_plan(raw):
+        from splitlm.partition.plan import read_json_object
+
+        raw = read_json_object(path, "profile", ConfigError)
+        if _is_plan(raw):
             raise ConfigError(f"{path} is a plan, not a profile; {_MAKE_PROFILE}")
         try:
             return cls.from_dict(raw)
