@@ -59,7 +59,7 @@ def test_profile_load_names_the_file_and_the_missing_field(tmp_path):
     with pytest.raises(ConfigError, match=r"bad.json is not a profile: not valid JSON"):
         Profile.load(bad)
     bad.write_text("[]")
-    with pytest.raises(ConfigError, match=r"bad.json: a profile is a JSON object, got list"):
+    with pytest.raises(ConfigError, match=r"bad.json is not a profile: its JSON is a list, not an object"):
         Profile.load(bad)
 
 
