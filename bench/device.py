@@ -23,14 +23,15 @@ import numpy as np
 from splitlm import evaluate
 from splitlm.model.checkpoint import cache_root
 from splitlm.model.registry import KNOWN_MODELS, resolve_model
-from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+from splitlm.partition.plan import Plan
+from splitlm.quantize.config import CodecConfig, WeightQuant
 
 PRECISIONS = {"fp32": WeightQuant(16), "int8": WeightQuant(8, 32), "int4": WeightQuant(4, 32)}
 """Device weights; the int4 groups of 32 match the GGUF's Q4_1 blocks."""
 
 
 def export_cached(ckpt, plan: Plan) -> Path:
-    from splitlm.device.export import EXPORT_FORMAT, export_artifacts
+    from splitlm.export import EXPORT_FORMAT, export_artifacts
 
     root = cache_root() / "bench-exports" / f"{plan.hash}-f{EXPORT_FORMAT}"
     if not (root / "device" / "manifest.json").is_file():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from splitlm.demo import cached_export, default_plan
 from splitlm.model.registry import resolve_model
-from splitlm.partition.plan import CodecConfig, WeightQuant
+from splitlm.quantize.config import CodecConfig, WeightQuant
 
 DEV_NS, CLOUD_NS = "slm-bench-dev", "slm-bench-cloud"
 DEV_IP, CLOUD_IP = "10.213.7.1", "10.213.7.2"

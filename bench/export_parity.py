@@ -11,9 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from splitlm.device.export import check_parity, export_artifacts
+from splitlm.export import check_parity, export_artifacts
 from splitlm.model.registry import resolve_model
-from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+from splitlm.partition.plan import Plan
+from splitlm.quantize.config import CodecConfig, WeightQuant
 
 PRECISIONS = {"fp32": WeightQuant(16), "int8": WeightQuant(8, 32), "int4": WeightQuant(4, 32)}
 

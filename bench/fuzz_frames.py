@@ -88,8 +88,8 @@ class FrameChecker:
 def seed_frames() -> list[bytes]:
     """Small valid frames of every kind and row form: fp32, fp16; tabq with coded rows of several
     widths, groups, rotation and outliers, raw fp16 rows and raw fp32 rows."""
-    from splitlm.partition.plan import CodecConfig
     from splitlm.quantize import codec
+    from splitlm.quantize.config import CodecConfig
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 48)).astype(np.float32)

@@ -24,8 +24,8 @@ from splitlm.kernels.frame_decode import (
     decode_rows_triton,
 )
 from splitlm.kernels.wq_matmul import pack_weight, wq_matmul_triton
-from splitlm.partition.plan import CodecConfig
 from splitlm.quantize import codec
+from splitlm.quantize.config import CodecConfig
 from splitlm.quantize.weights import rtn_quantize
 
 # (name, M, N, K): LLM-sized matrices (7B-class attention/MLP projections) and SmolLM2's

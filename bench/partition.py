@@ -31,8 +31,8 @@ import e2e  # noqa: E402  (the namespace/link harness)
 from splitlm import evaluate  # noqa: E402
 from splitlm.model.registry import resolve_model  # noqa: E402
 from splitlm.partition.profile import LinkProfile, Profile  # noqa: E402
-from splitlm.partition.profiler import measure_peak_rss  # noqa: E402
 from splitlm.partition.search import Budgets, describe, price, search, to_plan  # noqa: E402
+from splitlm.profiler import measure_peak_rss  # noqa: E402
 
 MiB = 2**20
 # (device memory, token latency, max_seq_len): four devices whose memory puts the split at

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from splitlm import evaluate
 from splitlm.model.registry import resolve_model
-from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+from splitlm.partition.plan import Plan
+from splitlm.quantize.config import CodecConfig, WeightQuant
 
 EXACT = CodecConfig("fp32")
 PLAIN = dict(rotate_block=0, clip_ratios=(1.0,))
@@ -32,7 +33,8 @@ def rows(L: int, quick: bool) -> list[tuple[str, str, dict]]:
     for bits in (8, 4, 3):
         out.append(("weights", f"RTN W{bits} g128 (whole model)", dict(split=half, device_weights=w(bits, 128), cloud_weights=w(bits, 128), codec=EXACT)))
     for bits in (4, 3):
-        out.append(("weights", f"GPTQ W{bits} g128 (whole model)", dict(split=half, device_weights=w(bits, 128, "gptq"), cloud_weights=w(bits, 128, "gptq"), codec=EXACT)))
+        gptq = w(bits, 128, "gptq")
+        out.append(("weights", f"GPTQ W{bits} g128 (whole model)", dict(split=half, device_weights=gptq, cloud_weights=gptq, codec=EXACT)))
     for split in (L // 3, 2 * L // 3):
         for dev in (4, 3):
             out.append(("one-point split", f"split {split}: device GPTQ W{dev} / cloud RTN W8",

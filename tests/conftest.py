@@ -80,10 +80,29 @@ def smollm_ckpt():
 def artifacts(tiny_ckpt, tmp_path_factory):
     """(plan, ExportResult): the tiny model split at 2 (W4 head, W8 tail, tabq ε 0.01, prefill chunks of 8),
     exported once for every service, client, fuzz and fault test. Tests must not modify it."""
-    from splitlm.device.export import export_artifacts
-    from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+    from splitlm.export import export_artifacts
+    from splitlm.partition.plan import Plan
+    from splitlm.quantize.config import CodecConfig, WeightQuant
 
     plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, device_weights=WeightQuant(4, 32),
                 cloud_weights=WeightQuant(8, 32), codec=CodecConfig("tabq", error_budget=0.01), max_seq_len=128,
                 prefill_chunk=8)
     return plan, export_artifacts(tiny_ckpt, plan, tmp_path_factory.mktemp("svc"), progress=False, accuracy_level=0)
+
+
+@pytest.fixture()
+def serve(artifacts):
+    """start(**config) -> (address, service); every server started is stopped at the end."""
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+
+    servers = []
+
+    def start(**config):
+        srv, port, service = start_server(TailRunner(artifacts[1].cloud_dir), "127.0.0.1:0", ServerConfig(**config))
+        servers.append(srv)
+        return f"127.0.0.1:{port}", service
+
+    yield start
+    for srv in servers:
+        srv.stop(grace=None)

@@ -141,7 +141,7 @@ def test_chat_needs_a_chatml_tokenizer():
 ])
 def test_outputs_are_checked_before_any_work(capsys, tmp_path, monkeypatch, out, message):
     """profile --out into a missing directory used to measure for 20 minutes, then throw."""
-    import splitlm.partition.profiler as profiler
+    import splitlm.profiler as profiler
 
     def never(*args, **kwargs):
         raise AssertionError("measured before checking --out")
@@ -155,7 +155,7 @@ def test_outputs_are_checked_before_any_work(capsys, tmp_path, monkeypatch, out,
 
 
 def test_profile_checks_its_server_before_measuring(capsys, tmp_path, monkeypatch):
-    import splitlm.partition.profiler as profiler
+    import splitlm.profiler as profiler
 
     monkeypatch.chdir(tmp_path)
 

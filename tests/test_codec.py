@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from splitlm.errors import CodecError
-from splitlm.partition.plan import CODEC_BITS, CodecConfig
 from splitlm.quantize import codec
+from splitlm.quantize.config import CODEC_BITS, CodecConfig
 
 
 def rows_strategy(outliers: bool):

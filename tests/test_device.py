@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from splitlm.errors import ModelLoadError, ParityError
-from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+from splitlm.partition.plan import Plan
+from splitlm.quantize.config import CodecConfig, WeightQuant
 
 PRECISIONS = {"fp32": WeightQuant(16), "int8": WeightQuant(8, 32), "int4": WeightQuant(4, 32)}
 
@@ -16,7 +17,7 @@ PRECISIONS = {"fp32": WeightQuant(16), "int8": WeightQuant(8, 32), "int4": Weigh
 @pytest.fixture(scope="module")
 def exports(tiny_ckpt, tmp_path_factory):
     """Exports of the tiny model at ℓ ∈ {1, L/2, L} × {fp32, int8, int4}."""
-    from splitlm.device.export import export_artifacts
+    from splitlm.export import export_artifacts
 
     L = tiny_ckpt.spec.num_layers
     out = {}
@@ -33,7 +34,7 @@ def exports(tiny_ckpt, tmp_path_factory):
 @pytest.mark.parametrize("split", [1, 2, 4])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_onnx_head_matches_torch_head(tiny_ckpt, exports, split, precision):
-    from splitlm.device.export import check_parity
+    from splitlm.export import check_parity
 
     plan, result = exports[split, precision]
     worst = check_parity(tiny_ckpt, plan, result.device_dir, prompts=2)
@@ -71,7 +72,7 @@ def test_graph_names_are_the_model_descriptions(tiny_ckpt, exports, split):
 
 
 def test_parity_failure_names_the_tensor(tiny_ckpt, exports):
-    from splitlm.device.export import check_parity
+    from splitlm.export import check_parity
 
     plan, result = exports[2, "int4"]
     other = plan.replace(device_weights=WeightQuant(8, 32))
@@ -271,8 +272,8 @@ def test_device_kv_quantization_matches_torch_bit_for_bit(bits):
 
 def test_kv_quantized_plan_device_matches_in_process(tiny_ckpt, tmp_path):
     from splitlm.cloud.tail import TailRunner
-    from splitlm.device.export import export_artifacts
     from splitlm.device.runtime import HeadSession, generate_split
+    from splitlm.export import export_artifacts
     from splitlm.local import LocalSplit
 
     plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, kv_bits=4, codec=CodecConfig("fp32"), prefill_chunk=8)
@@ -284,8 +285,8 @@ def test_kv_quantized_plan_device_matches_in_process(tiny_ckpt, tmp_path):
 
 
 def test_quantized_lm_head_and_int8_compute_export(tiny_ckpt, tmp_path):
-    from splitlm.device.export import check_parity, export_artifacts
     from splitlm.device.runtime import HeadSession, generate_device_only
+    from splitlm.export import check_parity, export_artifacts
     from splitlm.local import LocalSplit
 
     plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 4, device_weights=WeightQuant(4, 32), lm_head_bits=8,

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from splitlm.errors import CodecError
-from splitlm.partition.plan import CodecConfig
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.quantize import codec
+from splitlm.quantize.config import CodecConfig
 from tests.test_service import TABQ
 from tests.test_service_faults import open_msg, wait_for
 

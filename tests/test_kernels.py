@@ -25,8 +25,8 @@ from splitlm.kernels.wq_matmul import (
     wq_matmul_reference,
     wq_matmul_triton,
 )
-from splitlm.partition.plan import CodecConfig
 from splitlm.quantize import codec
+from splitlm.quantize.config import CodecConfig
 from splitlm.quantize.weights import rtn_quantize
 from tests.test_codec import with_outlier
 from tests.tolerances import TOL
@@ -206,9 +206,10 @@ def test_dispatch_choice():
 def test_tail_on_kernels_gives_the_reference_tokens(tiny_ckpt, tmp_path):
     """The cloud tail built on the Triton path (interpreter here) samples the reference's greedy tokens."""
     from splitlm.cloud.tail import TailRunner
-    from splitlm.device.export import export_artifacts
     from splitlm.device.runtime import HeadSession, generate_split
-    from splitlm.partition.plan import Plan, WeightQuant
+    from splitlm.export import export_artifacts
+    from splitlm.partition.plan import Plan
+    from splitlm.quantize.config import WeightQuant
 
     L = tiny_ckpt.spec.num_layers
     plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 1, device_weights=WeightQuant(8, 32),

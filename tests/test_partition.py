@@ -67,7 +67,7 @@ def test_profile_saves_what_it_measured_when_a_later_phase_stops_it(tmp_path, ca
     """Interrupted after its first phase, `splitlm profile` keeps that phase's measurements in OUT.partial."""
     import json
 
-    import splitlm.device.export as export
+    import splitlm.export as export
     from splitlm.cli import main
 
     real, calls = export.export_artifacts, []
@@ -189,7 +189,7 @@ def test_cli_partition_writes_a_plan_with_predictions(tmp_path, capsys):
 def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
     from splitlm.cli import main
     from splitlm.partition.plan import Plan
-    from splitlm.partition.profiler import measure_profile
+    from splitlm.profiler import measure_profile
 
     # probe_layers=1: heads of 1 and 2 layers, so memory is fitted from two depths
     profile = measure_profile(tiny_ckpt, LinkProfile(100.0, 10.0), bits=(16, 4), kv_bits=(16, 8), contexts=(32, 128),
@@ -226,7 +226,7 @@ def test_profile_cli_probes_the_link_rtt_of_a_server(tmp_path):
     import grpc
     from grpc_health.v1 import health, health_pb2_grpc
 
-    from splitlm.partition.profiler import probe_rtt_ms
+    from splitlm.profiler import probe_rtt_ms
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
@@ -341,7 +341,7 @@ def test_quality_ties_within_the_tolerance_go_to_the_faster_plan():
 
 
 def test_memory_fitted_from_two_depths_recovers_the_surface():
-    from splitlm.partition.profiler import _memory_fit
+    from splitlm.profiler.measure import _memory_fit
 
     runtime, fixed, per_token, layer, kv = 80 * MB, -6 * MB, 300.0, 5 * MB, 3000.0
 

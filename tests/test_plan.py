@@ -5,8 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from splitlm.errors import PlanError
-from splitlm.partition.plan import CODEC_BITS, CodecConfig, Plan, Predictions, WeightQuant
-from splitlm.quantize.registry import GROUP_SIZES, KV_BITS, WEIGHT_BITS, WEIGHT_METHODS
+from splitlm.partition.plan import Plan, Predictions
+from splitlm.quantize.config import CODEC_BITS, GROUP_SIZES, KV_BITS, WEIGHT_BITS, WEIGHT_METHODS, CodecConfig, WeightQuant
 
 weights = st.builds(WeightQuant, bits=st.sampled_from(WEIGHT_BITS), group_size=st.sampled_from(GROUP_SIZES),
                     method=st.sampled_from(sorted(WEIGHT_METHODS)), symmetric=st.booleans())

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 
 from splitlm.errors import ConfigError
 from splitlm.local import LocalSplit
-from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+from splitlm.partition.plan import Plan
 from splitlm.quantize.apply import LINEARS, quantize_stage
+from splitlm.quantize.config import CodecConfig, WeightQuant
 from splitlm.quantize.gptq import HessianAccumulator, gptq_quantize
 from splitlm.quantize.kv import quantize_kv
 from splitlm.quantize.weights import QuantLinear, rtn_quantize

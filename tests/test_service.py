@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from splitlm.errors import RemoteError
-from splitlm.partition.plan import CodecConfig
 from splitlm.quantize import codec
+from splitlm.quantize.config import CodecConfig
 from splitlm.sampling import SamplingParams
 
 

@@ -16,24 +16,6 @@ from splitlm.quantize import codec
 from tests.test_service import TABQ, generate_remote, open_session
 
 
-@pytest.fixture()
-def serve(artifacts):
-    """start(**config) -> (address, service); every server started is stopped at the end."""
-    from splitlm.cloud.service import ServerConfig, start_server
-    from splitlm.cloud.tail import TailRunner
-
-    servers = []
-
-    def start(**config):
-        srv, port, service = start_server(TailRunner(artifacts[1].cloud_dir), "127.0.0.1:0", ServerConfig(**config))
-        servers.append(srv)
-        return f"127.0.0.1:{port}", service
-
-    yield start
-    for srv in servers:
-        srv.stop(grace=None)
-
-
 def raw_call(address, messages, timeout=20.0):
     """Send `messages` on one Generate stream (then half-close); (responses, status code name, details)."""
     stub = pb_grpc.SplitInferenceStub(grpc.insecure_channel(address))

@@ -24,7 +24,7 @@ import pytest
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.quantize import codec
 from tests.test_service import TABQ
-from tests.test_service_faults import open_msg, serve, wait_for  # noqa: F401 - serve is a fixture
+from tests.test_service_faults import open_msg, wait_for
 
 GENERATE = "/splitlm.v1.SplitInference/Generate"
 PREFILL_ROWS = 100

@@ -66,7 +66,8 @@ def test_perplexity_is_sane(smollm_ckpt):
 def test_codec_is_4x_smaller_than_fp16_within_1pct(smollm_ckpt):
     """Issue acceptance: ≤ 2·d/4 bytes per token, all side information counted, perplexity within 1%."""
     from splitlm import evaluate
-    from splitlm.partition.plan import CodecConfig, Plan
+    from splitlm.partition.plan import Plan
+    from splitlm.quantize.config import CodecConfig
 
     wins = evaluate.windows(smollm_ckpt.tokenizer(), evaluate.protocol_text(), 8)
 

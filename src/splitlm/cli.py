@@ -32,8 +32,7 @@ def _add_model_and_plan(p: argparse.ArgumentParser) -> None:
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
-    from splitlm.partition.plan import CODEC_KINDS, TS_RULES
-    from splitlm.quantize.registry import GROUP_SIZES, KV_BITS, WEIGHT_BITS, WEIGHT_METHODS
+    from splitlm.quantize.config import CODEC_KINDS, GROUP_SIZES, KV_BITS, TS_RULES, WEIGHT_BITS, WEIGHT_METHODS
 
     g = p.add_argument_group("plan (when no --plan is given)")
     for side in ("device", "cloud"):
@@ -63,7 +62,7 @@ def _given_plan_flags(args) -> set[str]:
 def _plan_and_check_flags(args, ckpt):
     """The plan of eval/export (--plan, or the plan flags) and whether it needs calibration data,
     after refusing the flags it would ignore."""
-    from splitlm.quantize.registry import WEIGHT_METHODS
+    from splitlm.quantize.config import WEIGHT_METHODS
 
     split, plan = _split_and_plan(args, ckpt)
     given = _given_plan_flags(args)
@@ -107,7 +106,8 @@ def _plan_and_check_flags(args, ckpt):
 
 
 def _plan_from_flags(args, ckpt, split: int):
-    from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+    from splitlm.partition.plan import Plan
+    from splitlm.quantize.config import CodecConfig, WeightQuant
 
     wq = {side: WeightQuant(getattr(args, f"{side}_bits"), getattr(args, f"{side}_group"),
                             getattr(args, f"{side}_method"), getattr(args, f"{side}_symmetric"))
@@ -436,7 +436,7 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from splitlm import evaluate
-    from splitlm.device.export import check_parity, export_artifacts
+    from splitlm.export import check_parity, export_artifacts
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -516,7 +516,7 @@ def cmd_profile(args) -> int:
     import dataclasses
 
     from splitlm.partition.profile import LinkProfile, Profile
-    from splitlm.partition.profiler import measure_profile, probe_rtt_ms, write_partial
+    from splitlm.profiler import measure_profile, probe_rtt_ms, write_partial
 
     def mbps(text: str) -> float:
         try:

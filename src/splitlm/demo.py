@@ -14,7 +14,8 @@ from typing import Callable
 from splitlm.artifacts import check_manifest
 from splitlm.errors import ModelLoadError
 from splitlm.model.checkpoint import Checkpoint, cache_root
-from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+from splitlm.partition.plan import Plan
+from splitlm.quantize.config import CodecConfig, WeightQuant
 
 
 def default_plan(ckpt: Checkpoint) -> Plan:
@@ -27,7 +28,7 @@ def default_plan(ckpt: Checkpoint) -> Plan:
 def cached_export(ckpt: Checkpoint, plan: Plan, progress: bool = True) -> Path:
     """Export `plan` once into $SPLITLM_CACHE/exports/<plan hash>-f<format>; later calls reuse it
     (an incomplete or damaged one, whose files do not match their manifest's sizes, is exported again)."""
-    from splitlm.device.export import EXPORT_FORMAT, export_artifacts
+    from splitlm.export import EXPORT_FORMAT, export_artifacts
 
     def intact(folder: Path) -> bool:
         try:

@@ -8,7 +8,6 @@ weight precision, the device KV precision and the activation codec on the link.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,12 +15,13 @@ import torch
 from splitlm.errors import ConfigError
 from splitlm.generation import GenerationResult, generate_tokens
 from splitlm.model.checkpoint import Checkpoint
-from splitlm.model.llama import KVCache, Transformer
-from splitlm.model.load import build_stage
-from splitlm.partition.plan import CodecConfig, Plan
+from splitlm.model.llama import KVCache
+from splitlm.partition.plan import Plan
 from splitlm.quantize import codec
-from splitlm.quantize.apply import quantize_lm_head, quantize_stage
+from splitlm.quantize.config import CodecConfig
+from splitlm.quantize.kv import kv_storage
 from splitlm.sampling import Sampler, SamplingParams
+from splitlm.stages import build_stages
 
 
 @dataclass
@@ -62,20 +62,7 @@ class LocalSplit:
         self.prefill_chunk = plan.prefill_chunk
         self.max_seq_len = plan.max_seq_len
         self.meter = LinkMeter()
-        cache_dir = Path(ckpt.path) / "quant"
-        calib = [torch.tensor([w]) for w in calib_ids] if calib_ids else None
-        self.head: Transformer = quantize_lm_head(quantize_stage(
-            build_stage(ckpt, 0, self.split, embed=True, final=self.split == L, dtype=dtype),
-            plan.device_weights, calib, cache_dir, ckpt.weights_hash, progress), plan.lm_head_bits)
-        self.tail: Transformer | None = None
-        if self.split < L:
-            tail_calib = None
-            if calib is not None and plan.cloud_weights.method != "rtn" and plan.cloud_weights.bits != 16:
-                with torch.inference_mode():
-                    tail_calib = [self.head(c) for c in calib]
-            self.tail = quantize_lm_head(quantize_stage(
-                build_stage(ckpt, self.split, L, embed=False, final=True, dtype=dtype),
-                plan.cloud_weights, tail_calib, cache_dir, ckpt.weights_hash, progress), plan.lm_head_bits)
+        self.head, self.tail = build_stages(ckpt, plan, calib_ids, dtype=dtype, progress=progress)
 
     def link(self, h: torch.Tensor) -> torch.Tensor:
         """Encode h_ℓ (B, T, d) into frames and decode them, as the wire would; counts bytes."""
@@ -88,7 +75,7 @@ class LocalSplit:
         return torch.stack(out).to(h.dtype)  # (B, T, d)
 
     def new_caches(self) -> tuple[KVCache, KVCache]:
-        return KVCache(bits=self.plan.kv_bits), KVCache()
+        return KVCache(kv_storage(self.plan.kv_bits)), KVCache()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, caches: tuple[KVCache, KVCache] | None = None) -> torch.Tensor:

@@ -16,7 +16,6 @@ import torch
 from splitlm.artifacts import read_folder
 from splitlm.cloud.batcher import Batcher, TorchThread
 from splitlm.errors import CodecError, ConfigError, ModelLoadError
-from splitlm.kernels import dispatch
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
 from splitlm.quantize import codec
@@ -26,6 +25,26 @@ from splitlm.sampling import Sampler, SamplingParams, top_logprobs
 log = logging.getLogger(__name__)
 
 TAIL_FILE = names.TAIL_FILE
+
+
+def kernel_impl(impl: str, device: torch.device) -> str:
+    """'triton' or 'reference' for `impl` on `device`. The kernels (and Triton) are imported only
+    when they may run: on CUDA, or when 'triton' is asked for (the interpreter on a CPU)."""
+    if impl == "reference" or (impl == "auto" and device.type != "cuda"):
+        return "reference"
+    from splitlm.kernels import dispatch
+
+    return dispatch.choose(impl, device)  # also refuses an unknown name
+
+
+def decode_frame(frame: bytes, impl: str, device: torch.device, max_rows: int | None,
+                 layout: codec.FrameLayout | None) -> torch.Tensor:
+    """One frame -> (T, d) float32 on `device`, by the codec's torch decoder or the Triton one."""
+    if impl == "reference":
+        return codec.decode(frame, "torch", layout, max_rows).to(device)
+    from splitlm.kernels import dispatch
+
+    return dispatch.decode_frame(frame, impl, device, max_rows, layout)
 
 
 class TailRunner:
@@ -45,7 +64,7 @@ class TailRunner:
             self.device = torch.device(device)
         except RuntimeError as exc:
             raise ConfigError(f"device {device!r}: {exc}") from None
-        self.kernels = dispatch.choose(kernels, self.device)
+        self.kernels = kernel_impl(kernels, self.device)
         # every torch op of the tail runs on this one thread (the batcher's): a second thread's
         # OpenMP pool makes GNU OpenMP stop spinning when threads outnumber cores (~40 % slower)
         self._worker = TorchThread("splitlm-tail")
@@ -70,7 +89,11 @@ class TailRunner:
         stage = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
         if stage.start != self.plan.split_layer:
             raise ModelLoadError(f"{self.dir}: tail starts at layer {stage.start}, the plan splits at {self.plan.split_layer}")
-        self.kernel_linears = dispatch.apply_kernels(stage, "triton") if self.kernels == "triton" else 0
+        self.kernel_linears = 0
+        if self.kernels == "triton":
+            from splitlm.kernels import dispatch
+
+            self.kernel_linears = dispatch.apply_kernels(stage, "triton")
         return stage.to(self.device)
 
     def limit(self, max_batch: int, kv_budget: int | None) -> None:
@@ -104,7 +127,7 @@ class TailSession:
 
     def _hidden(self, frame: bytes, layout: codec.FrameLayout | None = None):
         def hidden() -> torch.Tensor:
-            h = dispatch.decode_frame(frame, self.runner.kernels, self.runner.device, self.runner.plan.max_seq_len, layout)
+            h = decode_frame(frame, self.runner.kernels, self.runner.device, self.runner.plan.max_seq_len, layout)
             d = self.runner.spec.hidden_size
             if h.shape[1] != d:
                 raise CodecError(f"frame hidden size {h.shape[1]} does not match the model's {d}")

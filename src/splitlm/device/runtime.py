@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 HEAD_FILE = names.HEAD_FILE
 
 
-def _session_options(threads: int | None, optimization: str, spin: bool = True):
+def session_options(threads: int | None, optimization: str, spin: bool = True):
     import onnxruntime as ort
 
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -57,7 +57,7 @@ class HeadSession:
         if spin is None:
             spin = self.plan.split_layer == self.spec.num_layers
         head = self.dir / HEAD_FILE
-        options = _session_options(threads or os.cpu_count(), optimization, spin)
+        options = session_options(threads or os.cpu_count(), optimization, spin)
         try:
             self.session = ort.InferenceSession(str(head), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types, all of them load failures here

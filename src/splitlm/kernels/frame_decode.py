@@ -18,7 +18,7 @@ import torch
 from splitlm.errors import CodecError
 from splitlm.kernels.wq_matmul import check_triton_device
 from splitlm.quantize import codec
-from splitlm.quantize.codec_ops import TorchOps
+from splitlm.quantize.codec_torch import TorchOps
 
 try:  # the kernel needs triton; the reference does not
     import triton

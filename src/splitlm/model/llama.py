@@ -10,6 +10,7 @@ not own are placeholders and their weights are never loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -116,51 +117,77 @@ class MissingLayer(nn.Module):
         raise RuntimeError("this layer belongs to another stage")
 
 
-def _entry_bytes(t) -> int:
-    return t.nbytes_packed() if hasattr(t, "nbytes_packed") else t.numel() * t.element_size()
+class KVStorage(Protocol):
+    """How a KVCache holds one layer's keys or values: dense tensors, or a quantized form.
+
+    An entry is whatever `store` returns; it must slice like a tensor along dim 2
+    (positions), since `KVCache.crop` cuts entries with `[:, :, :length]`.
+    """
+
+    def store(self, x: torch.Tensor) -> Any:
+        """The entry for new positions x (B, Hkv, T, D)."""
+
+    def load(self, entry: Any) -> torch.Tensor:
+        """The tensor (B, Hkv, T, D) an entry holds."""
+
+    def concat(self, old: Any, new: Any) -> Any:
+        """`old`'s positions followed by `new`'s."""
+
+    def nbytes(self, entry: Any) -> int:
+        """Bytes the entry occupies."""
+
+
+class DenseKV:
+    """Keys and values kept as they are computed."""
+
+    def store(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def load(self, entry: torch.Tensor) -> torch.Tensor:
+        return entry
+
+    def concat(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return torch.cat((old, new), 2)
+
+    def nbytes(self, entry: torch.Tensor) -> int:
+        return entry.numel() * entry.element_size()
 
 
 @dataclass
 class KVCache:
     """Keys and values of the layers one stage owns, for one batch of sequences.
 
-    With bits 8 or 4 the cache stores integer codes (per token and head, fp16
-    scale and minimum) and dequantizes on read; the positions of the current
-    step attend to their own keys at full precision.
+    `storage` decides the form they are kept in (quantize.kv.QuantizedKVStorage
+    keeps integer codes and dequantizes on read); the positions of the current
+    step always attend to their own keys at full precision.
     """
 
-    bits: int = 16
-    """Storage precision: 16 (the compute dtype), 8 or 4."""
+    storage: KVStorage = field(default_factory=DenseKV)
+    """How entries are stored and read back."""
     layers: dict = field(default_factory=dict)
-    """layer index -> (keys, values): tensors (B, Hkv, length, D), or QuantizedKV when bits < 16."""
+    """layer index -> (keys, values) entries of `storage`, each (B, Hkv, length, D)."""
     length: int = 0
     """Positions committed so far: a forward that fails leaves it, and the layers, as they were."""
     _bytes: int = field(default=0, repr=False)
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         entry = self.layers.get(layer)
-        if entry is None or self.bits == 16:
-            return entry
-        return entry[0].dequantize(), entry[1].dequantize()
+        if entry is None:
+            return None
+        return self.storage.load(entry[0]), self.storage.load(entry[1])
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add the keys/values (B, Hkv, T, D) of T new positions."""
-        if self.bits != 16:
-            from splitlm.quantize.kv import concat_kv, quantize_kv
-
-            k, v = quantize_kv(k, self.bits), quantize_kv(v, self.bits)
-            old = self.layers.get(layer)
-            self.layers[layer] = (k, v) if old is None else (concat_kv(old[0], k), concat_kv(old[1], v))
-        else:
-            old = self.layers.get(layer)
-            self.layers[layer] = (k, v) if old is None else (torch.cat((old[0], k), 2), torch.cat((old[1], v), 2))
-        self._bytes += _entry_bytes(k) + _entry_bytes(v)
+        k, v = self.storage.store(k), self.storage.store(v)
+        old = self.layers.get(layer)
+        self.layers[layer] = (k, v) if old is None else (self.storage.concat(old[0], k), self.storage.concat(old[1], v))
+        self._bytes += self.storage.nbytes(k) + self.storage.nbytes(v)
 
     def crop(self, length: int) -> None:
         """Forget every position at or after `length`."""
         self.layers = {i: (k[:, :, :length], v[:, :, :length]) for i, (k, v) in self.layers.items()}
         self.length = min(self.length, length)
-        self._bytes = sum(_entry_bytes(t) for kv in self.layers.values() for t in kv)
+        self._bytes = sum(self.storage.nbytes(t) for kv in self.layers.values() for t in kv)
 
     def nbytes(self) -> int:
         """Bytes held (kept up to date on every append: O(1))."""

@@ -127,7 +127,8 @@ def list_models(root: Path | None = None) -> list[ModelListing]:
                 continue
             try:
                 ckpt = Checkpoint.open(entry, verify=False)
-                rows.append(ModelListing(entry.name, f"{ckpt.spec.architecture}, {ckpt.spec.num_layers} layers, d={ckpt.spec.hidden_size} (from {ckpt.source.get('path') or ckpt.source.get('file', '?')})", "cached"))
+                spec, origin = ckpt.spec, ckpt.source.get("path") or ckpt.source.get("file", "?")
+                rows.append(ModelListing(entry.name, f"{spec.architecture}, {spec.num_layers} layers, d={spec.hidden_size} (from {origin})", "cached"))
             except ModelLoadError as exc:
                 rows.append(ModelListing(entry.name, str(exc), "corrupt"))
     return rows

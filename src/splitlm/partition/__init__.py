@@ -1,5 +1,6 @@
 """Profiler, cost models, search, and the Plan."""
 
-from splitlm.partition.plan import CodecConfig, Plan, Predictions, WeightQuant
+from splitlm.partition.plan import Plan, Predictions
+from splitlm.quantize.config import CodecConfig, WeightQuant
 
 __all__ = ["CodecConfig", "Plan", "Predictions", "WeightQuant"]

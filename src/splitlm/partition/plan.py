@@ -7,81 +7,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 from splitlm.errors import PlanError
-from splitlm.quantize.registry import GROUP_SIZES, KV_BITS, WEIGHT_BITS, WEIGHT_METHODS
+from splitlm.quantize.config import KV_BITS, LM_HEAD_BITS, CodecConfig, WeightQuant
 
 PLAN_VERSION = 1
-TS_RULES: tuple[str, ...] = ("none", "std", "channels")
-CODEC_KINDS: tuple[str, ...] = ("fp32", "fp16", "tabq")
-CODEC_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
-
-
-@dataclass(frozen=True)
-class WeightQuant:
-    """Weight quantization of one side of the split."""
-
-    bits: int = 16
-    """Bits per weight: one of WEIGHT_BITS (16 = unquantized)."""
-    group_size: int = 128
-    """Weights per scale along the input dimension: one of GROUP_SIZES (-1 = per channel)."""
-    method: str = "rtn"
-    """Quantization method: a key of quantize.registry.WEIGHT_METHODS."""
-    symmetric: bool = False
-    """Symmetric (scale only) instead of asymmetric (scale + zero point)."""
-
-    def __post_init__(self) -> None:
-        if self.bits not in WEIGHT_BITS:
-            raise PlanError(f"weight bits {self.bits!r} not in {WEIGHT_BITS}")
-        if self.group_size not in GROUP_SIZES:
-            raise PlanError(f"weight group size {self.group_size!r} not in {GROUP_SIZES}")
-        if self.method not in WEIGHT_METHODS:
-            raise PlanError(f"weight method {self.method!r} not in {sorted(WEIGHT_METHODS)}")
-
-
-@dataclass(frozen=True)
-class CodecConfig:
-    """Activation codec at the split (DESIGN.md §4)."""
-
-    kind: Literal["fp32", "fp16", "tabq"] = "fp16"
-    """fp32/fp16: raw rows; tabq: threshold splitting + token-wise adaptive bits."""
-    ts_rule: Literal["none", "std", "channels"] = "std"
-    """Outlier rule: none, |x| > threshold·std of the row, or a calibrated channel set."""
-    ts_threshold: float = 4.0
-    """k of the std rule."""
-    ts_channels: tuple[int, ...] = ()
-    """Channels always sent exactly under the 'channels' rule."""
-    error_budget: float = 0.03
-    """ε: per row, ‖x − x̂‖² (all channels) must stay under ε·‖x_inliers‖², which bounds ‖x − x̂‖²/‖x‖² by ε."""
-    bit_widths: tuple[int, ...] = CODEC_BITS
-    """Bit widths TAB-Q may pick from, ascending."""
-    group_size: int = 0
-    """Channels per scale/zero point; 0 = one per row."""
-    rotate_block: int = 64
-    """Walsh-Hadamard rotation of the inliers in blocks of this many channels (power of two; 0 = off)."""
-    clip_ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
-    """Range shrink factors tried per row and group; the one with the least error is kept."""
-
-    def __post_init__(self) -> None:
-        if self.rotate_block < 0 or (self.rotate_block & (self.rotate_block - 1)):
-            raise PlanError(f"codec rotate_block must be 0 or a power of two, got {self.rotate_block}")
-        if not self.clip_ratios or any(not 0 < c <= 1 for c in self.clip_ratios):
-            raise PlanError(f"codec clip ratios {self.clip_ratios!r} must be non-empty and in (0, 1]")
-        if self.kind not in CODEC_KINDS:
-            raise PlanError(f"codec kind {self.kind!r} not in {CODEC_KINDS}")
-        if self.ts_rule not in TS_RULES:
-            raise PlanError(f"threshold-splitting rule {self.ts_rule!r} not in {TS_RULES}")
-        if not self.ts_threshold > 0:
-            raise PlanError(f"ts_threshold must be > 0, got {self.ts_threshold}")
-        if not self.error_budget > 0:
-            raise PlanError(f"codec error budget must be > 0, got {self.error_budget}")
-        if not self.bit_widths or any(b not in CODEC_BITS for b in self.bit_widths):
-            raise PlanError(f"codec bit widths {self.bit_widths!r} must be a non-empty subset of {CODEC_BITS}")
-        if tuple(sorted(set(self.bit_widths))) != tuple(self.bit_widths):
-            raise PlanError(f"codec bit widths {self.bit_widths!r} must be ascending and distinct")
-        if self.group_size < 0:
-            raise PlanError(f"codec group size must be >= 0, got {self.group_size}")
 
 
 @dataclass(frozen=True)
@@ -119,7 +50,7 @@ class Plan:
     kv_bits: int = 16
     """Device KV cache precision: one of KV_BITS."""
     lm_head_bits: int = 16
-    """Precision of the LM head on whichever side holds it: 16 (as loaded), 8 or 4 (RTN, groups of 32)."""
+    """Precision of the LM head on whichever side holds it: one of LM_HEAD_BITS."""
     codec: CodecConfig = field(default_factory=CodecConfig)
     """Activation codec at the split."""
     max_seq_len: int = 2048
@@ -134,8 +65,8 @@ class Plan:
     def __post_init__(self) -> None:
         if not isinstance(self.split_layer, int) or self.split_layer < 0:
             raise PlanError(f"split_layer must be a non-negative integer, got {self.split_layer!r}")
-        if self.lm_head_bits not in (16, 8, 4):
-            raise PlanError(f"lm_head_bits {self.lm_head_bits!r} not in (16, 8, 4)")
+        if self.lm_head_bits not in LM_HEAD_BITS:
+            raise PlanError(f"lm_head_bits {self.lm_head_bits!r} not in {LM_HEAD_BITS}")
         if self.kv_bits not in KV_BITS:
             raise PlanError(f"kv_bits {self.kv_bits!r} not in {KV_BITS}")
         if self.max_seq_len < 1:

@@ -217,7 +217,8 @@ def search(p: Profile, b: Budgets) -> SearchResult:
 
 def to_plan(c: Candidate, p: Profile, b: Budgets):
     """The Plan for a candidate, with its predictions."""
-    from splitlm.partition.plan import CodecConfig, Plan, Predictions, WeightQuant
+    from splitlm.partition.plan import Plan, Predictions
+    from splitlm.quantize.config import CodecConfig, WeightQuant
 
     if c.codec.kind == "tabq":
         codec = CodecConfig("tabq", error_budget=c.codec.error_budget)

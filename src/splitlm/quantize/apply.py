@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from splitlm.errors import ConfigError
 from splitlm.model.llama import Transformer, causal_mask
-from splitlm.partition.plan import WeightQuant
+from splitlm.quantize.config import LM_HEAD_GROUP, WeightQuant
 from splitlm.quantize.gptq import HessianAccumulator, gptq_quantize
 from splitlm.quantize.weights import QuantizedTensor, QuantLinear, rtn_quantize
 
@@ -45,8 +45,6 @@ def _set(module: nn.Module, dotted: str, new: nn.Module) -> None:
     parent, _, name = dotted.rpartition(".")
     setattr(_get(module, parent) if parent else module, name, new)
 
-
-LM_HEAD_GROUP = 32
 
 
 def quantize_lm_head(stage: Transformer, bits: int) -> Transformer:

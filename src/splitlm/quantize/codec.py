@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from splitlm.errors import CodecError
-from splitlm.partition.plan import CodecConfig
 from splitlm.quantize.codec_ops import NumpyOps
+from splitlm.quantize.config import CodecConfig
 
 HEADER = struct.Struct("<2sBBHBBIH")
 MAGIC = b"SL"
@@ -55,7 +55,7 @@ def get_ops(backend: str):
     if backend not in _ops_cache:
         if backend != "torch":
             raise CodecError(f"codec backend {backend!r} is not one of ('numpy', 'torch')")
-        from splitlm.quantize.codec_ops import TorchOps
+        from splitlm.quantize.codec_torch import TorchOps  # the one way torch enters the codec
 
         _ops_cache["torch"] = TorchOps()
     return _ops_cache[backend]

@@ -1,7 +1,8 @@
-"""The array operations the activation codec needs, for numpy and for torch.
+"""The array operations the activation codec needs, for numpy (here) and for torch
+(codec_torch, imported only when the torch backend is asked for).
 
-The codec is written once against `Ops`; the numpy backend runs on the device
-(no torch), the torch backend on the cloud. Every operation is elementwise IEEE
+The codec is written once against these operations; the numpy backend runs on the
+device (no torch), the torch backend on the cloud. Every operation is elementwise IEEE
 arithmetic or an exact reduction (min, max, integer sums), so the two backends
 produce bit-identical frames and reconstructions. Only the float64 sums of
 squares used for decisions may differ in their last bits.
@@ -102,81 +103,3 @@ class NumpyOps:
     @staticmethod
     def take(x, idx, axis: int):
         return np.take_along_axis(x, idx, axis=axis)
-
-
-class TorchOps:
-    name = "torch"
-
-    def __init__(self) -> None:
-        import torch
-
-        self.t = torch
-        self.f16, self.f32, self.f64, self.u8, self.i64 = torch.float16, torch.float32, torch.float64, torch.uint8, torch.int64
-        self.bool = torch.bool
-
-    def asarray(self, x, dtype):
-        if isinstance(x, np.ndarray):
-            x = np.ascontiguousarray(x)
-            x = self.t.from_numpy(x if x.flags.writeable else x.copy())
-        return self.t.as_tensor(x).to(dtype).contiguous()
-
-    def cast(self, x, dtype):
-        return x.to(dtype)
-
-    def tobytes(self, x) -> bytes:
-        return x.contiguous().cpu().numpy().tobytes()
-
-    def numpy(self, x) -> np.ndarray:
-        return x.cpu().numpy()
-
-    def zeros(self, shape, dtype):
-        return self.t.zeros(shape, dtype=dtype)
-
-    def full(self, shape, value, dtype):
-        return self.t.full(shape, value, dtype=dtype)
-
-    def arange(self, n: int, dtype):
-        return self.t.arange(n, dtype=dtype)
-
-    def where(self, c, a, b):
-        return self.t.where(c, a, b)
-
-    def amin(self, x, axis: int):
-        return x.amin(dim=axis)
-
-    def amax(self, x, axis: int):
-        return x.amax(dim=axis)
-
-    def sum(self, x, axis: int):
-        return x.sum(dim=axis)
-
-    def rint(self, x):
-        return self.t.round(x)
-
-    def clip(self, x, lo, hi):
-        return self.t.clamp(x, lo, hi)
-
-    def isfinite_all(self, x) -> bool:
-        return bool(self.t.isfinite(x).all())
-
-    def isfinite_rows(self, x):
-        """(T, ...) -> bool (T,): whether every entry of each row is finite."""
-        return self.t.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
-
-    def nextafter_up(self, x):
-        return self.t.nextafter(x, self.t.full_like(x, float("inf")))
-
-    def concat(self, parts, axis: int = 0):
-        return self.t.cat(parts, dim=axis)
-
-    def nextafter_down(self, x):
-        return self.t.nextafter(x, self.t.full_like(x, float("-inf")))
-
-    def stack(self, parts, axis: int):
-        return self.t.stack(parts, dim=axis)
-
-    def argmin(self, x, axis: int):
-        return self.t.argmin(x, dim=axis)
-
-    def take(self, x, idx, axis: int):
-        return self.t.take_along_dim(x, idx, dim=axis)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from splitlm.errors import ConfigError
+from splitlm.model.llama import DenseKV, KVStorage
 
 
 @dataclass
@@ -50,3 +51,31 @@ def quantize_kv(x: torch.Tensor, bits: int) -> QuantizedKV:
     safe = torch.where(s16.float() > 0, s16.float(), torch.ones_like(s))
     codes = torch.clamp(torch.round((x - m16.float()) / safe), 0, maxq).to(torch.uint8)
     return QuantizedKV(codes, s16, m16, bits)
+
+
+@dataclass(frozen=True)
+class QuantizedKVStorage:
+    """A KVCache storage (model.llama.KVStorage) that keeps `bits`-bit codes."""
+
+    bits: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4):
+            raise ConfigError(f"KV bits {self.bits} cannot be quantized; use 8 or 4 (16 keeps the cache unquantized)")
+
+    def store(self, x: torch.Tensor) -> QuantizedKV:
+        return quantize_kv(x, self.bits)
+
+    def load(self, entry: QuantizedKV) -> torch.Tensor:
+        return entry.dequantize()
+
+    def concat(self, old: QuantizedKV, new: QuantizedKV) -> QuantizedKV:
+        return concat_kv(old, new)
+
+    def nbytes(self, entry: QuantizedKV) -> int:
+        return entry.nbytes_packed()
+
+
+def kv_storage(bits: int) -> KVStorage:
+    """The KVCache storage for a plan's `kv_bits`: dense at 16, quantized at 8 or 4."""
+    return DenseKV() if bits == 16 else QuantizedKVStorage(bits)

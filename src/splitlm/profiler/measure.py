@@ -46,7 +46,7 @@ from tqdm import tqdm
 from splitlm import evaluate
 from splitlm.errors import ConfigError
 from splitlm.model.checkpoint import Checkpoint, cache_root
-from splitlm.partition.plan import CodecConfig, Plan, WeightQuant
+from splitlm.partition.plan import Plan
 from splitlm.partition.profile import (
     CodecPoint,
     LinkProfile,
@@ -56,6 +56,7 @@ from splitlm.partition.profile import (
     SideProfile,
 )
 from splitlm.quantize import codec as codec_mod
+from splitlm.quantize.config import CodecConfig, WeightQuant
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ def _loopback_calibration(root: Path, prompt: list[int], tokens: int, threads: i
 
 def _export_lm_head(ckpt: Checkpoint, bits: int, path: Path) -> None:
     """An ONNX graph of embedding + final norm + LM head at `bits` (no layers)."""
-    from splitlm.device.export import export_head_onnx
+    from splitlm.export import export_head_onnx
     from splitlm.model.load import build_stage
     from splitlm.quantize.apply import quantize_lm_head
 
@@ -323,10 +324,10 @@ def _export_lm_head(ckpt: Checkpoint, bits: int, path: Path) -> None:
 def _time_graph(path: Path, threads: int | None, reps: int, sample: bool) -> float:
     import onnxruntime as ort
 
-    from splitlm.device.runtime import _session_options
+    from splitlm.device.runtime import session_options
     from splitlm.sampling import Sampler, SamplingParams
 
-    s = ort.InferenceSession(str(path), _session_options(threads or os.cpu_count(), "all"), providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(str(path), session_options(threads or os.cpu_count(), "all"), providers=["CPUExecutionProvider"])
     feed = {"input_ids": np.array([[5]], np.int64), "position_ids": np.array([[7]], np.int64)}
     sampler = Sampler(SamplingParams())
     if sample:
@@ -343,10 +344,10 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
     """Measure everything the partitioner prices (see the module docstring). on_phase(name, values) is
     called as each phase ends with what it measured, so that a caller can keep those values when a
     later phase fails or is interrupted (write_partial)."""
-    from splitlm.device.export import export_artifacts
-    from splitlm.local import LocalSplit
+    from splitlm.export import export_artifacts
     from splitlm.model.load import build_stage
     from splitlm.quantize.apply import quantize_lm_head, quantize_stage
+    from splitlm.stages import build_stages
 
     spec, L = ckpt.spec, ckpt.spec.num_layers
     n = min(probe_layers, L)
@@ -435,9 +436,9 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, *, bits: tuple[int, ...
             x = torch.randn(1, 1, spec.hidden_size)
             cloud_head = _median_ms(lambda: final(x), reps)
         # codec points on real activations at the middle layer
-        mid = LocalSplit(ckpt, L // 2)
+        mid, _ = build_stages(ckpt, Plan(ckpt.model_id, ckpt.weights_hash, L // 2), tail=False)
         with torch.inference_mode():
-            h = mid.head(torch.tensor([text[:256]]))[0].numpy()
+            h = mid(torch.tensor([text[:256]]))[0].numpy()
         codecs = []
         for name, cfg in CODEC_POINTS.items():
             frames = [codec_mod.encode(h[i:i + 1], cfg) for i in range(64)]

@@ -31,6 +31,7 @@ from splitlm.model.llama import Transformer
 from splitlm.partition.plan import Plan
 from splitlm.quantize.apply import LINEARS, save_stage
 from splitlm.quantize.weights import QuantLinear
+from splitlm.stages import build_stages
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class OrtLinear(nn.Module):
 
     def __init__(self, q: QuantLinear, accuracy_level: int = ACCURACY_LEVEL) -> None:
         super().__init__()
-        from splitlm.device.nbits import to_nbits
+        from splitlm.export.nbits import to_nbits
 
         w = to_nbits(q.codes.numpy(), q.scales.numpy(), q.zeros.numpy(), q.bits, q.group_size)
         self.register_buffer("b", torch.from_numpy(w.B))
@@ -133,7 +134,7 @@ def export_head_onnx(stage: Transformer, path: Path, accuracy_level: int = ACCUR
     """Trace the head stage (already quantized) into an ONNX file with dynamic batch, length and past."""
     from torch.export import Dim
 
-    from splitlm.device.onnx_ops import translation_table
+    from splitlm.export.onnx_ops import translation_table
 
     spec = stage.spec
     graph = HeadGraph(_ort_form(stage, accuracy_level)).eval()
@@ -183,33 +184,31 @@ class ExportResult:
 def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[list[int]] | None = None,
                      progress: bool = True, accuracy_level: int = ACCURACY_LEVEL) -> ExportResult:
     """Write DIR/device (and DIR/cloud unless device-only) for `plan`."""
-    from splitlm.local import LocalSplit
-
     t0 = time.perf_counter()
     plan.check_model(ckpt.spec.num_layers, ckpt.weights_hash)
-    runner = LocalSplit(ckpt, plan=plan, calib_ids=calib_ids, progress=progress)
+    head, tail = build_stages(ckpt, plan, calib_ids, progress=progress)
     out = Path(out)
     device, cloud = out / "device", out / "cloud"
     shutil.rmtree(device, ignore_errors=True)
     device.mkdir(parents=True)
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ExportError(f"MatMulNBits accuracy_level {accuracy_level} not in 0..4")
-    export_head_onnx(runner.head, device / HEAD_FILE, accuracy_level)
-    for folder in [device] + ([cloud] if runner.tail is not None else []):
+    export_head_onnx(head, device / HEAD_FILE, accuracy_level)
+    for folder in [device] + ([cloud] if tail is not None else []):
         folder.mkdir(parents=True, exist_ok=True)
         plan.save(folder / "plan.json")
         (folder / "spec.json").write_text(ckpt.spec.to_json())
         shutil.copyfile(ckpt.path / "tokenizer.json", folder / "tokenizer.json")
     tail_bytes = 0
-    if runner.tail is not None:
-        save_stage(runner.tail, cloud / TAIL_FILE)
+    if tail is not None:
+        save_stage(tail, cloud / TAIL_FILE)
         tail_bytes = (cloud / TAIL_FILE).stat().st_size
         _write_manifest(cloud)
     else:
         shutil.rmtree(cloud, ignore_errors=True)
     _write_manifest(device)
     head_bytes = sum(f.stat().st_size for f in device.glob(HEAD_FILE + "*"))
-    return ExportResult(device, cloud if runner.tail is not None else None, head_bytes,
+    return ExportResult(device, cloud if tail is not None else None, head_bytes,
                         tail_bytes, time.perf_counter() - t0)
 
 
@@ -218,12 +217,11 @@ def check_parity(ckpt: Checkpoint, plan: Plan, device_dir: Path, calib_ids: list
     """Run the ONNX head and the torch head (same quantization) on random prompts: prefill,
     then two single-token steps with the KV cache. Raises ParityError naming the first tensor
     beyond tolerance; returns the worst relative error per output name."""
-    from splitlm.device.runtime import HeadSession
-    from splitlm.local import LocalSplit
-
     import onnx
 
-    torch_head = HeadGraph(LocalSplit(ckpt, plan=plan, calib_ids=calib_ids).head).eval()
+    from splitlm.device.runtime import HeadSession
+
+    torch_head = HeadGraph(build_stages(ckpt, plan, calib_ids, tail=False)[0]).eval()
     session = HeadSession(device_dir)
     levels = {a.i for n in onnx.load(str(Path(device_dir) / HEAD_FILE), load_external_data=False).graph.node
               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}

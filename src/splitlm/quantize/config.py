@@ -1,0 +1,121 @@
+"""What quantization can be asked for, torch-free: the weight methods, the allowed
+values, and the configs a Plan composes (`WeightQuant`, `CodecConfig`).
+
+Every list of allowed values is derived from one `Literal`, so a help text, a
+plan check and a test read the same source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from splitlm.errors import PlanError
+
+WeightBits = Literal[16, 8, 4, 3, 2]
+WEIGHT_BITS: tuple[int, ...] = get_args(WeightBits)
+"""Weight precisions a segment may use; 16 means unquantized."""
+GroupSize = Literal[32, 64, 128, -1]
+GROUP_SIZES: tuple[int, ...] = get_args(GroupSize)
+"""Quantization group sizes along the input dimension; -1 means one group per output channel."""
+DEFAULT_GROUP = 32
+"""The group size the partitioner and the demo quantize with: the smallest, the most accurate."""
+KvBits = Literal[16, 8, 4]
+KV_BITS: tuple[int, ...] = get_args(KvBits)
+"""Device KV cache precisions."""
+LmHeadBits = Literal[16, 8, 4]
+LM_HEAD_BITS: tuple[int, ...] = get_args(LmHeadBits)
+"""LM head precisions (16 = as loaded; 8 and 4 are RTN in groups of LM_HEAD_GROUP)."""
+LM_HEAD_GROUP = 32
+"""Group size of a quantized LM head."""
+CodecKind = Literal["fp32", "fp16", "tabq"]
+CODEC_KINDS: tuple[str, ...] = get_args(CodecKind)
+TsRule = Literal["none", "std", "channels"]
+TS_RULES: tuple[str, ...] = get_args(TsRule)
+CodecBits = Literal[2, 3, 4, 5, 6, 8]
+CODEC_BITS: tuple[int, ...] = get_args(CodecBits)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    """What a Plan's `method` field holds."""
+    description: str
+    """One line for help texts."""
+    needs_calibration: bool
+    """Whether the method reads calibration text."""
+
+
+WEIGHT_METHODS: dict[str, MethodInfo] = {
+    m.name: m for m in (
+        MethodInfo("rtn", "group-wise round-to-nearest", needs_calibration=False),
+        MethodInfo("gptq", "GPTQ: Hessian-aware error feedback from calibration text", needs_calibration=True),
+    )
+}
+"""The weight quantization methods; `quantize.apply.QUANTIZERS` holds one function per key."""
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Weight quantization of one side of the split."""
+
+    bits: int = 16
+    """Bits per weight: one of WEIGHT_BITS (16 = unquantized)."""
+    group_size: int = 128
+    """Weights per scale along the input dimension: one of GROUP_SIZES (-1 = per channel)."""
+    method: str = "rtn"
+    """Quantization method: a key of WEIGHT_METHODS."""
+    symmetric: bool = False
+    """Symmetric (scale only) instead of asymmetric (scale + zero point)."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in WEIGHT_BITS:
+            raise PlanError(f"weight bits {self.bits!r} not in {WEIGHT_BITS}")
+        if self.group_size not in GROUP_SIZES:
+            raise PlanError(f"weight group size {self.group_size!r} not in {GROUP_SIZES}")
+        if self.method not in WEIGHT_METHODS:
+            raise PlanError(f"weight method {self.method!r} not in {sorted(WEIGHT_METHODS)}")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Activation codec at the split (DESIGN.md §4)."""
+
+    kind: CodecKind = "fp16"
+    """fp32/fp16: raw rows; tabq: threshold splitting + token-wise adaptive bits."""
+    ts_rule: TsRule = "std"
+    """Outlier rule: none, |x| > threshold·std of the row, or a calibrated channel set."""
+    ts_threshold: float = 4.0
+    """k of the std rule."""
+    ts_channels: tuple[int, ...] = ()
+    """Channels always sent exactly under the 'channels' rule."""
+    error_budget: float = 0.03
+    """ε: per row, ‖x − x̂‖² (all channels) must stay under ε·‖x_inliers‖², which bounds ‖x − x̂‖²/‖x‖² by ε."""
+    bit_widths: tuple[int, ...] = CODEC_BITS
+    """Bit widths TAB-Q may pick from, ascending."""
+    group_size: int = 0
+    """Channels per scale/zero point; 0 = one per row."""
+    rotate_block: int = 64
+    """Walsh-Hadamard rotation of the inliers in blocks of this many channels (power of two; 0 = off)."""
+    clip_ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
+    """Range shrink factors tried per row and group; the one with the least error is kept."""
+
+    def __post_init__(self) -> None:
+        if self.rotate_block < 0 or (self.rotate_block & (self.rotate_block - 1)):
+            raise PlanError(f"codec rotate_block must be 0 or a power of two, got {self.rotate_block}")
+        if not self.clip_ratios or any(not 0 < c <= 1 for c in self.clip_ratios):
+            raise PlanError(f"codec clip ratios {self.clip_ratios!r} must be non-empty and in (0, 1]")
+        if self.kind not in CODEC_KINDS:
+            raise PlanError(f"codec kind {self.kind!r} not in {CODEC_KINDS}")
+        if self.ts_rule not in TS_RULES:
+            raise PlanError(f"threshold-splitting rule {self.ts_rule!r} not in {TS_RULES}")
+        if not self.ts_threshold > 0:
+            raise PlanError(f"ts_threshold must be > 0, got {self.ts_threshold}")
+        if not self.error_budget > 0:
+            raise PlanError(f"codec error budget must be > 0, got {self.error_budget}")
+        if not self.bit_widths or any(b not in CODEC_BITS for b in self.bit_widths):
+            raise PlanError(f"codec bit widths {self.bit_widths!r} must be a non-empty subset of {CODEC_BITS}")
+        if tuple(sorted(set(self.bit_widths))) != tuple(self.bit_widths):
+            raise PlanError(f"codec bit widths {self.bit_widths!r} must be ascending and distinct")
+        if self.group_size < 0:
+            raise PlanError(f"codec group size must be >= 0, got {self.group_size}")

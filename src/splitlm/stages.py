@@ -1,0 +1,43 @@
+"""A plan made into torch stages: the device head and the cloud tail, quantized as the plan says.
+
+Export, the in-process split, evaluation and the profiler all build their stages here,
+so that each runs exactly the weights the others run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from splitlm.model.checkpoint import Checkpoint
+from splitlm.model.llama import Transformer
+from splitlm.model.load import build_stage
+from splitlm.partition.plan import Plan
+from splitlm.quantize.apply import quantize_lm_head, quantize_stage
+
+
+def build_stages(ckpt: Checkpoint, plan: Plan, calib_ids: list[list[int]] | None = None, *, tail: bool = True,
+                 dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Transformer | None]:
+    """(head, tail) of `plan` on `ckpt`: embed + layers [0, ℓ) (+ norm and LM head when ℓ = L) with the
+    device weights, and layers [ℓ, L) + norm + LM head with the cloud weights (None when ℓ = L, or
+    when `tail` is False). `calib_ids`: calibration windows for methods that read them (GPTQ);
+    the tail calibrates on the head's outputs for those windows. Quantized weights are cached
+    under the checkpoint's folder."""
+    L = ckpt.spec.num_layers
+    plan.check_model(L)
+    split = plan.split_layer
+    cache_dir = Path(ckpt.path) / "quant"
+    calib = [torch.tensor([w]) for w in calib_ids] if calib_ids else None
+    head = quantize_lm_head(quantize_stage(
+        build_stage(ckpt, 0, split, embed=True, final=split == L, dtype=dtype),
+        plan.device_weights, calib, cache_dir, ckpt.weights_hash, progress), plan.lm_head_bits)
+    if split == L or not tail:
+        return head, None
+    tail_calib = None
+    if calib is not None and plan.cloud_weights.method != "rtn" and plan.cloud_weights.bits != 16:
+        with torch.inference_mode():
+            tail_calib = [head(c) for c in calib]
+    return head, quantize_lm_head(quantize_stage(
+        build_stage(ckpt, split, L, embed=False, final=True, dtype=dtype),
+        plan.cloud_weights, tail_calib, cache_dir, ckpt.weights_hash, progress), plan.lm_head_bits)
