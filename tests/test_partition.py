@@ -370,7 +370,7 @@ def test_device_only_steps_use_the_spinning_threads_scale():
 
 
 def test_quality_table_is_cached_across_profiles(tiny_ckpt, monkeypatch, caplog):
-    from splitlm.partition import profiler
+    from splitlm.profiler import measure as profiler
 
     wins = [list(range(3, 40)), list(range(50, 90))]
     first = profiler.cached_quality(tiny_ckpt, wins, (16, 4), (16, 8), progress=False)

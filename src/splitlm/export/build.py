@@ -84,21 +84,12 @@ class HeadGraph(nn.Module):
         self.stage = stage
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
-        st = self.stage
-        x = st.model.embed_tokens(input_ids)
-        t = input_ids.shape[1]
-        presents = []
-        if st.owned_layers:
-            cos, sin = st.rotary(position_ids)
-            p = past[0].shape[2]
+        mask = None
+        if past:  # built from shapes, never None: the graph serves every length, one position included
+            p, t = past[0].shape[2], input_ids.shape[1]
             mask = torch.arange(p + t)[None, :] <= torch.arange(t)[:, None] + p  # (T, P+T)
-            for j, i in enumerate(st.owned_layers):
-                pk, pv = past[2 * j], past[2 * j + 1]
-                x, (k, v) = st.model.layers[i](x, cos, sin, (pk, pv), mask)
-                presents += [torch.cat((pk, k), 2), torch.cat((pv, v), 2)]  # (B, Hkv, P+T, D)
-        if st.finalizes:
-            x = st.lm_head(st.model.norm(x))
-        return (x, *presents)
+        out, presents = self.stage.forward_explicit(input_ids, position_ids, list(past), mask)
+        return (out, *presents)
 
 
 def io_names(stage: Transformer) -> tuple[list[str], list[str]]:

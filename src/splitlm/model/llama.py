@@ -10,7 +10,7 @@ not own are placeholders and their weights are never loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +217,14 @@ class _Inner(nn.Module):
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
+def _no_past(layer: int) -> None:
+    return None
+
+
+RotaryTables = tuple[torch.Tensor, torch.Tensor]
+"""(cos, sin) of the positions of a step."""
+
+
 class Transformer(nn.Module):
     """Layers [start, stop) of a Llama-family model, plus embedding and/or final norm + LM head."""
 
@@ -239,40 +247,72 @@ class Transformer(nn.Module):
     def owned_layers(self) -> range:
         return range(self.start, self.stop)
 
+    def prepare(self, inputs: torch.Tensor, positions: torch.Tensor | None = None, past: int = 0,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RotaryTables | None, torch.Tensor | None]:
+        """What every layer of a step needs: x (B, T, d), the rotary tables of `positions`
+        (default: T positions after `past`; None when the stage owns no layer) and the mask
+        (default: causal after `past`, None for one position)."""
+        x = self.model.embed_tokens(inputs) if self.embeds else inputs
+        if not self.owned_layers:
+            return x, None, mask
+        b, t = x.shape[:2]
+        if positions is None:
+            positions = torch.arange(past, past + t, device=x.device).expand(b, t)
+        if mask is None:
+            mask = causal_mask(past, t, x.device)
+        return x, self.rotary(positions), mask
+
+    def run_layers(self, x: torch.Tensor, rotary: RotaryTables | None, mask: torch.Tensor | None,
+                   past: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The owned blocks over x; `past(i)`: layer i's earlier keys/values or None. Returns the
+        output and each owned layer's keys/values of the new positions (B, Hkv, T, D)."""
+        new = []
+        for i in self.owned_layers:
+            x, kv = self.model.layers[i](x, *rotary, past(i), mask)
+            new.append(kv)
+        return x, new
+
+    def finish(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Final norm + LM head on a finalizing stage (logits), the hidden states otherwise."""
+        if not self.finalizes:
+            return x
+        return self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
+
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Run the owned part on T new positions.
 
         inputs: token ids (B, T) when this stage embeds, else hidden states (B, T, d).
         positions: (B, T) absolute positions; default continues after the cache.
-        cache: updated in place with the new keys/values; None runs without one.
+        cache: gets the new keys/values, only once every layer has run; None runs without one.
         mask: optional (B, 1, T, P+T) boolean mask; default is causal.
         last_only: a finalizing stage computes logits for the last position only (B, 1, V).
         Returns logits (B, T, V) if this stage finalizes, else hidden states (B, T, d).
         """
         past = cache.length if cache is not None else 0
-        x = self.model.embed_tokens(inputs) if self.embeds else inputs
-        b, t = x.shape[:2]
-        if positions is None:
-            positions = torch.arange(past, past + t, device=x.device).expand(b, t)
-        if mask is None:
-            mask = causal_mask(past, t, x.device)
-        cos, sin = self.rotary(positions)
-        try:
-            for i in self.owned_layers:
-                layer_past = cache.read(i) if cache is not None else None
-                x, (k_new, v_new) = self.model.layers[i](x, cos, sin, layer_past, mask)
-                if cache is not None:
-                    cache.append(i, k_new, v_new)
-        except BaseException:
-            if cache is not None:  # layers before the failure hold the new positions: take them back
-                cache.crop(past)
-            raise
+        x, rotary, mask = self.prepare(inputs, positions, past, mask)
+        x, new = self.run_layers(x, rotary, mask, cache.read if cache is not None else _no_past)
         if cache is not None:
-            cache.length = past + t
-        if self.finalizes:
-            x = self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
-        return x
+            try:
+                for i, (k, v) in zip(self.owned_layers, new):
+                    cache.append(i, k, v)
+            except BaseException:
+                cache.crop(past)  # a partial commit is taken back
+                raise
+            cache.length = past + x.shape[1]
+        return self.finish(x, last_only)
+
+    def forward_explicit(self, inputs: torch.Tensor, positions: torch.Tensor, past: list[torch.Tensor],
+                         mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The same step in past-in/present-out form (what the exported graph computes): `past` holds
+        keys and values per owned layer, alternating, each (B, Hkv, P, D). Returns the output and
+        the presents, keys and values alternating, each (B, Hkv, P+T, D)."""
+        x, rotary, mask = self.prepare(inputs, positions, 0, mask)
+        x, new = self.run_layers(x, rotary, mask, lambda i: (past[2 * (i - self.start)], past[2 * (i - self.start) + 1]))
+        presents = []
+        for j, (k, v) in enumerate(new):
+            presents += [torch.cat((past[2 * j], k), 2), torch.cat((past[2 * j + 1], v), 2)]  # (B, Hkv, P+T, D)
+        return self.finish(x), presents
 
     def state_dict_names(self) -> list[str]:
         """Checkpoint tensor names this stage needs (tied LM head maps to the embedding)."""

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from splitlm.errors import ConfigError
-from splitlm.model.llama import Transformer, causal_mask
+from splitlm.model.llama import Transformer
 from splitlm.quantize.config import LM_HEAD_GROUP, WeightQuant
 from splitlm.quantize.gptq import HessianAccumulator, gptq_quantize
 from splitlm.quantize.weights import QuantizedTensor, QuantLinear, rtn_quantize
@@ -88,9 +88,10 @@ def quantize_stage(stage: Transformer, wq: WeightQuant, calib_inputs: list[torch
 @torch.inference_mode()
 def _calibrated(stage: Transformer, wq: WeightQuant, impl: Quantizer, calib: list[torch.Tensor], progress: bool) -> None:
     """Sequential layer-wise calibration: each block sees the outputs of the already quantized ones."""
-    xs = [stage.model.embed_tokens(c) if stage.embeds else c.float() for c in calib]
-    tables = [stage.rotary(torch.arange(x.shape[1])[None]) for x in xs]
-    masks = [causal_mask(0, x.shape[1]) for x in xs]
+    steps = [stage.prepare(c if stage.embeds else c.float()) for c in calib]
+    xs = [x for x, _, _ in steps]
+    tables = [rotary for _, rotary, _ in steps]
+    masks = [mask for _, _, mask in steps]
     for i in tqdm(list(stage.owned_layers), desc=f"{wq.method} W{wq.bits}", unit="layer", disable=not progress, leave=False):
         block = stage.model.layers[i]
         accs = {name: HessianAccumulator(_get(block, name).in_features) for name in LINEARS}
