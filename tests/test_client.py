@@ -148,13 +148,13 @@ def test_a_server_frozen_mid_generation_fails_the_step_at_its_deadline(artifacts
         remote = RemoteSession(connect(address, link=link), plan.hash, plan.model_id, SamplingParams(), 32)
         steps, waited = [], []
 
-        def next_token(frame: bytes) -> int:
+        def next_token(frame: bytes, rows: int) -> int:
             steps.append(len(steps))
             if len(steps) == 4:
                 freeze(proc)
             t0 = time.monotonic()
             try:
-                return remote.next_token(frame)
+                return remote.next_token(frame, rows)
             finally:
                 waited.append(time.monotonic() - t0)
 
