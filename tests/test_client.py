@@ -234,6 +234,10 @@ def test_the_step_deadline_grows_with_the_rows_sent_and_cancels_the_call():
     before = set(threading.enumerate())
     with silent_server() as (silent, address):
         remote = open_silent(address, step_timeout_s=1, per_row_timeout_s=0.02)
+        for bad in (0, True, 2.0):  # the rows the caller encoded: a count, never read from the frame
+            with pytest.raises(ConfigError, match=f"rows must be the positions in the frame .* got {bad!r}"):
+                remote.send(b"frame", want_token=False, rows=bad)
+        assert remote.position == 0
         remote.send(b"frame", want_token=False, rows=30)
         t0 = time.monotonic()
         with pytest.raises(LinkError, match=r"within 2\.0 s \(the step deadline for 50 rows: 1 s \+ 0\.02 s per row\)"):

@@ -315,6 +315,7 @@ class RemoteSession:
             rows = frame_rows(frame)
         elif isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise ConfigError(f"rows must be the positions in the frame (an integer >= 1), got {rows!r}")
+        rows = int(rows)
         msg = pb.DeviceMessage(activations=pb.Activations(start_position=self.position, frame=frame, want_token=want_token))
         self._requests.put(msg)
         self.position += rows
