@@ -40,8 +40,9 @@ def frames_for(ckpt, plan, prompt_len: int, steps: int, sessions: int) -> list[t
     return out
 
 
-def run_sessions(address: str, plan, frames, token=None) -> tuple[float, list[float], list[float]]:
-    """Run every session concurrently; aggregate decode tokens/s, per-step client times and server times."""
+def run_sessions(address: str, plan, frames, prompt_rows: int, token=None) -> tuple[float, list[float], list[float]]:
+    """Run every session concurrently (prefill frames of `prompt_rows` positions, then one-position
+    frames); aggregate decode tokens/s, per-step client times and server times."""
     from splitlm.device.client import RemoteSession, connect
     from splitlm.sampling import SamplingParams
 
@@ -54,13 +55,13 @@ def run_sessions(address: str, plan, frames, token=None) -> tuple[float, list[fl
 
     def one(prefill, decodes):
         with RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), len(decodes) + 1, token) as remote:
-            remote.next_token(prefill)
+            remote.next_token(prefill, prompt_rows)
             barrier.wait()
             t0 = time.perf_counter()
             mine, theirs = [], []
             for f in decodes:
                 s = time.perf_counter()
-                remote.next_token(f)
+                remote.next_token(f, 1)
                 mine.append(time.perf_counter() - s)
                 theirs.append(remote.last_compute_us / 1e6)
             t1 = time.perf_counter()
@@ -143,10 +144,10 @@ def main() -> None:
     rows = []
     try:
         address = f"127.0.0.1:{port}"
-        run_sessions(address, plan, frames[:1])  # warm up
+        run_sessions(address, plan, frames[:1], args.prompt)  # warm up
         for n in args.sessions:
             before = (service.runner.batcher.batches, service.runner.batcher.batched_steps)
-            tps, steps, server_t = run_sessions(address, plan, frames[:n])
+            tps, steps, server_t = run_sessions(address, plan, frames[:n], args.prompt)
             batches = service.runner.batcher.batches - before[0]
             batched = service.runner.batcher.batched_steps - before[1]
             overhead = [c - s for c, s in zip(steps, server_t)]
@@ -155,7 +156,7 @@ def main() -> None:
                          "median_overhead_ms": 1e3 * statistics.median(overhead),
                          "mean_batch": batched / batches if batches else 1.0})
         service.runner.batcher.stage = NoTail(ckpt.spec.vocab_size)  # the batcher is idle between runs
-        _, steps, server_t = run_sessions(address, plan, frames[:1])
+        _, steps, server_t = run_sessions(address, plan, frames[:1], args.prompt)
         no_tail = {"median_step_ms": 1e3 * statistics.median(steps), "median_server_ms": 1e3 * statistics.median(server_t),
                    "median_overhead_ms": 1e3 * statistics.median([c - s for c, s in zip(steps, server_t)])}
     finally:

@@ -148,13 +148,13 @@ def test_a_server_frozen_mid_generation_fails_the_step_at_its_deadline(artifacts
         remote = RemoteSession(connect(address, link=link), plan.hash, plan.model_id, SamplingParams(), 32)
         steps, waited = [], []
 
-        def next_token(frame: bytes) -> int:
+        def next_token(frame: bytes, rows: int) -> int:
             steps.append(len(steps))
             if len(steps) == 4:
                 freeze(proc)
             t0 = time.monotonic()
             try:
-                return remote.next_token(frame)
+                return remote.next_token(frame, rows)
             finally:
                 waited.append(time.monotonic() - t0)
 
@@ -234,6 +234,10 @@ def test_the_step_deadline_grows_with_the_rows_sent_and_cancels_the_call():
     before = set(threading.enumerate())
     with silent_server() as (silent, address):
         remote = open_silent(address, step_timeout_s=1, per_row_timeout_s=0.02)
+        for bad in (0, True, 2.0):  # the rows the caller encoded: a count, never read from the frame
+            with pytest.raises(ConfigError, match=f"rows must be the positions in the frame .* got {bad!r}"):
+                remote.send(b"frame", want_token=False, rows=bad)
+        assert remote.position == 0
         remote.send(b"frame", want_token=False, rows=30)
         t0 = time.monotonic()
         with pytest.raises(LinkError, match=r"within 2\.0 s \(the step deadline for 50 rows: 1 s \+ 0\.02 s per row\)"):

@@ -335,3 +335,64 @@ def test_mutated_frames_decode_or_raise_codec_error():
         check(mutate(seeds[i % len(seeds)], rng))
     assert check.decoded > 100 and sum(check.rejected.values()) > 1000, check.summary(time.perf_counter() - start)
     assert len(check.rejected) >= 10  # many different checks fired, not one early one
+
+
+# -- issue 14.4: frames decoded as one batch, parsed once ----------------------------------------------
+def _mixed_frames() -> list[bytes]:
+    """Frames of several shapes: tabq at one (dim, group, rotation) with outliers and raw rows,
+    another group, no rotation, another dim, and fp16 / fp32."""
+    rng = np.random.default_rng(14)
+
+    def x(rows, d=96):
+        a = rng.standard_normal((rows, d)).astype(np.float32)
+        a[:, 5] *= 80.0  # outliers by the std rule
+        return a
+
+    tabq = CodecConfig("tabq", error_budget=0.01)
+    frames = [codec.encode(x(r), tabq) for r in (1, 7, 1, 3)]
+    frames.append(codec.encode(x(2), CodecConfig("tabq", error_budget=1e-12)))  # raw fp32 rows
+    frames.append(codec.encode(x(2), CodecConfig("tabq", error_budget=1e-6, bit_widths=(2,))))  # raw fp16 rows
+    frames.append(codec.encode(x(4), CodecConfig("tabq", error_budget=0.01, group_size=32)))
+    frames.append(codec.encode(x(3), CodecConfig("tabq", error_budget=0.01, rotate_block=0)))
+    frames.append(codec.encode(x(2, 40), tabq))
+    frames += [codec.encode(x(2), CodecConfig("fp16")), codec.encode(x(1), CodecConfig("fp32"))]
+    return frames
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_decode_many_is_decode_of_each_bit_for_bit(backend, monkeypatch):
+    frames = _mixed_frames()
+    layouts = [codec.parse_frame(f) for f in frames]
+    assert len({(lay.dim, lay.group, lay.rotate) for lay in layouts if lay.kind == "tabq"}) == 4
+    alone = [codec.decode(f, backend, lay) for f, lay in zip(frames, layouts)]
+    parsed, batches = [], []
+    real, rows = codec.parse_frame, codec._decode_rows
+    monkeypatch.setattr(codec, "parse_frame", lambda *a, **kw: (parsed.append(1), real(*a, **kw))[1])
+    monkeypatch.setattr(codec, "_decode_rows", lambda *a: (batches.append(len(a[2])), rows(*a))[1])
+    together = codec.decode_many(frames, backend, layouts)
+    assert not parsed  # the layouts given are not parsed again
+    assert sorted(batches) == [2, 3, 4, 16]  # one batch of rows per tabq shape: 1+7+1+3+2+2 rows together
+    assert len(together) == len(frames)
+    for a, b in zip(alone, together):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape and np.array_equal(a, b)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(together, codec.decode_many(frames, backend)))
+    assert len(parsed) == len(frames)  # without layouts: each frame parsed once
+
+
+def test_decode_many_refuses_layouts_that_do_not_match_the_frames():
+    frames = _mixed_frames()[:3]
+    with pytest.raises(CodecError, match="3 frames come with 2 layouts"):
+        codec.decode_many(frames, "numpy", [codec.parse_frame(f) for f in frames[:2]])
+
+
+def test_parse_frame_refuses_the_wrong_hidden_size_or_kind_from_the_header():
+    frame = codec.encode(np.ones((2, 64), np.float32), CodecConfig("tabq"))
+    truncated = frame[: codec.HEADER.size + 3]
+    with pytest.raises(CodecError, match="truncated"):
+        codec.parse_frame(truncated)
+    with pytest.raises(CodecError, match="frame hidden size 64 does not match the model's 96"):
+        codec.parse_frame(truncated, dim=96)  # refused before the side information is read
+    with pytest.raises(CodecError, match="frame kind 'tabq' is not the plan's codec 'fp16'"):
+        codec.parse_frame(truncated, kind="fp16")
+    assert codec.parse_frame(frame, 2, "tabq", 64).rows == 2

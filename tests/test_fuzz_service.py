@@ -446,9 +446,9 @@ class RawSession:
         self.session_id = next(self.call).opened.session_id
         self.position = 0
 
-    def next_token(self, frame: bytes) -> int:
+    def next_token(self, frame: bytes, rows: int) -> int:
         self.requests.put(act(frame, self.position))
-        self.position += codec.parse_frame(frame).rows
+        self.position += rows
         return next(self.call).token.id
 
     def close(self) -> None:

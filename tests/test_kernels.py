@@ -141,6 +141,28 @@ def test_frame_decode_batch_errors():
             decode_frames([a], "cpu", "triton")
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_frames_of_several_shapes_decode_in_one_call_without_reparsing(impl, monkeypatch):
+    """Issue 14.4: the frames of a batcher turn may differ in group and rotation; one call decodes
+    them (a launch per shape), from the layouts given, each exactly as the codec decodes it alone."""
+    frames = [codec.encode(activations(t, 96, seed), cfg) for seed, (t, cfg) in enumerate([
+        (1, CodecConfig("tabq", error_budget=0.02)), (4, CodecConfig("tabq", error_budget=0.02)),
+        (3, CodecConfig("tabq", error_budget=0.05, group_size=32)), (1, CodecConfig("tabq", rotate_block=1)),
+        (2, CodecConfig("fp16"))])]
+    layouts = [codec.parse_frame(f) for f in frames]
+    parsed = []
+    real = codec.parse_frame
+    monkeypatch.setattr(codec, "parse_frame", lambda *a, **kw: (parsed.append(1), real(*a, **kw))[1])
+    parts = decode_frames(frames, DEVICE, impl, layouts=layouts)
+    assert not parsed
+    for f, lay, part in zip(frames, layouts, parts):
+        want = codec.decode(f, "torch", lay).to(DEVICE)
+        if impl == "reference":
+            assert torch.equal(part, want)
+        else:
+            assert part.shape == want.shape and rel_err(part, want) <= TOL["kernel_frame_decode"]
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("n,k", [(67, 157), (33, 256)])

@@ -269,18 +269,140 @@ def test_a_stream_that_never_opens_is_ended(artifacts, serve):
 
 
 # -- the header is checked before anything is decoded (defect 10) ------------------------------------
-def test_a_frame_of_the_wrong_width_is_never_decoded(artifacts, serve, monkeypatch):
-    from splitlm.kernels import dispatch
+def count_calls(monkeypatch, owner, name, calls):
+    """Replace owner.name by a wrapper that appends the calling thread's name to `calls`."""
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **kw: (calls.append(threading.current_thread().name), real(*a, **kw))[1])
+
+
+def test_a_frame_of_the_wrong_width_is_never_decoded(tiny_ckpt, artifacts, serve, monkeypatch):
+    from splitlm.cloud import tail
 
     address, _ = serve()
     decoded = []
-    real = dispatch.decode_frame
-    monkeypatch.setattr(dispatch, "decode_frame", lambda *a, **kw: (decoded.append(1), real(*a, **kw))[1])
+    count_calls(monkeypatch, tail, "decode_frames", decoded)
     plan, _ = artifacts
     wide = np.random.default_rng(0).standard_normal((16, 65535)).astype(np.float32)
     _, code, details = raw_call(address, [open_msg(plan), frame_msg(wide)])
     assert code == "INVALID_ARGUMENT" and "hidden size 65535" in details
+    # issue 14.4: the hidden size is read from the header, before the rest of the frame is
+    truncated = codec.encode(wide[:1, :96], TABQ)[: codec.HEADER.size + 5]
+    act = pb.DeviceMessage(activations=pb.Activations(start_position=0, frame=truncated, want_token=True))
+    _, code, details = raw_call(address, [open_msg(plan), act])
+    assert code == "INVALID_ARGUMENT" and f"hidden size 96 does not match the model's {tiny_ckpt.spec.hidden_size}" in details
     assert not decoded
+
+
+def test_a_local_session_refuses_the_wrong_width_before_decoding(tiny_ckpt, artifacts, monkeypatch):
+    from splitlm.cloud import tail
+    from splitlm.errors import CodecError
+
+    runner = tail.TailRunner(artifacts[1].cloud_dir, warm_up=False)
+    decoded = []
+    count_calls(monkeypatch, tail, "decode_frames", decoded)
+    session = runner.new_session()
+    d = tiny_ckpt.spec.hidden_size
+    with pytest.raises(CodecError, match=f"frame hidden size {d + 32} does not match the model's {d}"):
+        session.next_token(codec.encode(np.ones((2, d + 32), np.float32), TABQ))
+    with pytest.raises(CodecError, match="frame holds 2 rows, the caller sent it as 3"):
+        session.next_token(codec.encode(hidden(tiny_ckpt, 2), TABQ), 3)
+    assert not decoded
+    assert isinstance(session.next_token(codec.encode(hidden(tiny_ckpt, 2), TABQ), 2), int)
+    assert decoded == ["splitlm-tail"]  # decoded once, on the tail's torch thread
+    session.close()
+    runner.batcher.close()
+
+
+# -- issue 14.4: each activation frame is parsed once ---------------------------------------------
+def test_each_frame_is_parsed_once_by_the_server_and_never_by_the_device(tiny_ckpt, artifacts, serve, monkeypatch):
+    from splitlm.cloud import service as service_module
+    from splitlm.device import client
+    from splitlm.device.runtime import HeadSession, generate_split
+
+    address, _ = serve()
+    plan, result = artifacts
+    parsed, headers, sent = [], [], []
+    count_calls(monkeypatch, codec, "parse_frame", parsed)
+    count_calls(monkeypatch, codec, "frame_rows", headers)
+    for module, name in ((client, "frame_rows"), (client, "parse_frame"), (service_module, "parse_frame")):
+        if hasattr(module, name):  # a name imported from the codec is counted where it is used
+            count_calls(monkeypatch, module, name, headers if name == "frame_rows" else parsed)
+    prompt = tiny_ckpt.tokenizer().encode("parsed once, decoded once").ids
+    with open_session(address, plan, token=None) as remote:
+        def next_token(frame: bytes, rows: int) -> int:
+            sent.append(rows)
+            return remote.next_token(frame, rows)
+
+        out = generate_split(HeadSession(result.device_dir), next_token, prompt, 6)
+    assert len(out.token_ids) == 6 and sent[0] == len(prompt) and len(sent) >= 5
+    assert not headers  # the device took the rows it encoded; it read no frame
+    assert parsed == ["splitlm-grpc"] * len(sent)  # once per frame, by the service, none by the decoder
+
+
+def test_the_batcher_decodes_a_turns_frames_in_one_call(tiny_ckpt, artifacts, monkeypatch):
+    from splitlm.cloud import tail
+    from splitlm.cloud.batcher import Frame
+    from splitlm.model.llama import KVCache
+
+    runner = tail.TailRunner(artifacts[1].cloud_dir, warm_up=False)
+    sessions = [runner.new_session() for _ in range(4)]
+    for i, s in enumerate(sessions):
+        s.next_token(codec.encode(hidden(tiny_ckpt, 3 + i, seed=i), TABQ), 3 + i)
+    frames = [codec.encode(hidden(tiny_ckpt, 1, seed=10 + i), TABQ) for i in range(4)]
+    calls = []
+    real = tail.decode_frames
+    monkeypatch.setattr(tail, "decode_frames", lambda fs, *a: (calls.append((fs, real(fs, *a))), calls[-1][1])[1])
+    started, gate = threading.Event(), threading.Event()
+    blocker = runner.batcher.submit(KVCache(), lambda: (started.set(), gate.wait(10),
+                                                        torch.from_numpy(hidden(tiny_ckpt, 1)))[-1])
+    assert started.wait(10)  # the batcher thread is busy: the four frames arrive in one turn
+    futures = [s.submit(f) for s, f in zip(sessions, frames)]
+    gate.set()
+    blocker.result(10)
+    tokens = [f.result(10).id for f in futures]
+    assert len(calls) == 1 and [f.data for f in calls[0][0]] == frames
+    for frame, together in zip(frames, calls[0][1]):  # bit-identical to decoding each frame alone
+        alone = real([Frame(frame, runner.parse(frame))], runner.kernels, runner.device)[0]
+        assert together.dtype == alone.dtype == torch.float32 and torch.equal(together, alone)
+    assert all(isinstance(t, int) for t in tokens)
+    for s in sessions:
+        s.close()
+    runner.batcher.close()
+
+
+def test_a_frame_that_fails_to_decode_fails_only_its_session(tiny_ckpt, artifacts, monkeypatch):
+    from splitlm.cloud import tail
+    from splitlm.errors import CodecError
+    from splitlm.model.llama import KVCache
+
+    runner = tail.TailRunner(artifacts[1].cloud_dir, warm_up=False)
+    sessions = [runner.new_session() for _ in range(3)]
+    frames = [codec.encode(hidden(tiny_ckpt, 2, seed=i), TABQ) for i in range(3)]
+    real = tail.decode_frames
+
+    def poisoned(fs, *a):
+        if any(f.data == frames[1] for f in fs):
+            raise CodecError("injected decode failure")
+        return real(fs, *a)
+
+    monkeypatch.setattr(tail, "decode_frames", poisoned)
+    started, gate = threading.Event(), threading.Event()
+    blocker = runner.batcher.submit(KVCache(), lambda: (started.set(), gate.wait(10),
+                                                        torch.from_numpy(hidden(tiny_ckpt, 1)))[-1])
+    assert started.wait(10)
+    before = runner.batcher.frame_decodes
+    futures = [s.submit(f) for s, f in zip(sessions, frames)]
+    gate.set()
+    blocker.result(10)
+    assert isinstance(futures[0].result(10).id, int) and isinstance(futures[2].result(10).id, int)
+    with pytest.raises(CodecError, match="injected decode failure"):
+        futures[1].result(10)
+    assert runner.batcher.frame_decodes - before == 4  # the three together, then each alone
+    assert [s.cache.length for s in sessions] == [2, 0, 2]
+    assert runner.batcher._reserved == 0
+    for s in sessions:
+        s.close()
+    runner.batcher.close()
 
 
 # -- endings are not errors; echoes are bounded (defect 11) -------------------------------------------

@@ -5,6 +5,9 @@ forward — sessions of different lengths share it through right-padded K/V and 
 and one prefill chunk of at most `chunk` positions, so a long prompt, however the client
 framed it, interleaves with other sessions' decoding and its memory is bounded per chunk.
 
+The activation frames that arrive in one turn are decoded together, by one call of the
+batcher's frame decoder (`FrameDecoder`); a frame that fails to decode fails its own session only.
+
 The batcher thread also keeps the KV byte count of every cache it runs, so the budget
 is checked without walking other sessions' caches from other threads.
 """
@@ -22,13 +25,15 @@ from typing import Any, Callable, Protocol
 import torch
 
 from splitlm.errors import ResourceExhausted
-from splitlm.model.llama import KVCache, Transformer
+from splitlm.model.llama import Transformer
+from splitlm.quantize.codec import FrameLayout
 
 log = logging.getLogger(__name__)
 
 
 class Cache(Protocol):
-    """What a stage forward needs of a cache (KVCache, or several of them seen as a batch)."""
+    """What the batcher needs of a session's cache (a KVCache): what a stage forward reads and
+    writes (several caches seen as one batch are a Cache too), and the bytes it holds."""
 
     length: int
 
@@ -38,18 +43,34 @@ class Cache(Protocol):
 
     def crop(self, length: int) -> None: ...
 
+    def nbytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Frame:
+    """An activation frame as the service parsed and checked it: decoded on the batcher thread,
+    together with the other frames of its turn."""
+
+    data: bytes
+    layout: FrameLayout
+
+
+FrameDecoder = Callable[[list[Frame]], list[torch.Tensor]]
+"""Frames -> their (T_i, d) float32 hidden states, in one batched call."""
+
 
 @dataclass
 class _Work:
-    cache: KVCache
-    hidden: torch.Tensor | Callable[[], torch.Tensor]
-    """(T, d) positions to run for this session, or a function that makes them on the batcher thread."""
+    cache: Cache
+    hidden: torch.Tensor | Frame | Callable[[], torch.Tensor]
+    """(T, d) positions to run for this session: given, as a frame the batcher decodes, or made by a
+    function on the batcher thread."""
     last_only: bool = False
     """Only the last position's logits are wanted."""
     finish: Callable[[torch.Tensor], Any] | None = None
     """Runs on the batcher thread on the logits; its result is the future's (None: the logits are)."""
     rows: int | None = None
-    """T, when known before `hidden` is made: the KV budget is checked before any decoding."""
+    """T, when known before `hidden` is made (a frame's layout): the KV budget is checked before any decoding."""
     future: Future = field(default_factory=Future)
     done_rows: int = 0
     """Positions of `hidden` already run (a prefill runs in chunks)."""
@@ -60,7 +81,7 @@ class _Work:
 
 @dataclass
 class _Release:
-    cache: KVCache
+    cache: Cache
 
 
 def _resolve(future: Future, result: Any = None, exc: BaseException | None = None) -> None:
@@ -99,7 +120,7 @@ class _BatchedCaches:
     """The K/V of several sessions seen as one batch: right-padded to the longest on read,
     each session's new K/V appended back to its own cache."""
 
-    def __init__(self, caches: list[KVCache]) -> None:
+    def __init__(self, caches: list[Cache]) -> None:
         self.caches = caches
         self.length = max(c.length for c in caches)
 
@@ -123,16 +144,21 @@ class _BatchedCaches:
         for c in self.caches:
             c.crop(c.length)
 
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches)
+
 
 class Batcher:
     """Owns the tail stage; `submit(cache, hidden)` returns a future of that session's logits (T, V)."""
 
     def __init__(self, stage: Transformer, max_batch: int = 64, worker: TorchThread | None = None,
-                 chunk: int = 256, kv_budget: int | None = None) -> None:
+                 chunk: int = 256, kv_budget: int | None = None, decode: FrameDecoder | None = None) -> None:
         """worker: the torch thread the loop then occupies (the thread that built the stage, so one
         OpenMP pool serves every torch op); None starts a thread of its own. chunk: positions per
-        prefill turn. kv_budget: KV bytes all caches together may hold (None = unbounded)."""
+        prefill turn. kv_budget: KV bytes all caches together may hold (None = unbounded). decode:
+        decodes the frames submitted as `Frame`s (None: only tensors and functions are submitted)."""
         self.stage, self.max_batch, self.chunk, self.kv_budget = stage, max_batch, chunk, kv_budget
+        self.decode = decode
         dtype = next((p.dtype for p in stage.parameters() if p.is_floating_point()), torch.float32)
         self.kv_bytes_per_position = stage.spec.kv_bytes_per_token(len(stage.owned_layers), 8 * dtype.itemsize)
         """Estimate used to reserve a frame's KV before it runs (the exact bytes are counted after)."""
@@ -146,27 +172,33 @@ class Batcher:
         """Batched decode forwards run so far (for tests and metrics)."""
         self.batched_steps = 0
         """Decode steps served by those forwards."""
+        self.frame_decodes = 0
+        """Calls of `decode` so far (one per turn that brought frames, unless a frame failed)."""
         if self._thread is not None:
             self._thread.start()
         else:
             self._done = worker.submit(self._loop)
 
-    def submit(self, cache: KVCache, hidden: torch.Tensor | Callable[[], torch.Tensor], last_only: bool = False,
+    def submit(self, cache: Cache, hidden: torch.Tensor | Frame | Callable[[], torch.Tensor], last_only: bool = False,
                finish: Callable[[torch.Tensor], Any] | None = None, rows: int | None = None) -> Future:
-        """Run (T, d) hidden states through the stage for this cache. `hidden` may be a function that
-        makes them (the frame decode): it then runs on the batcher's thread, so every torch op of
-        the service runs on one thread (two threads' OpenMP pools spinning on few cores cost ~40%).
-        The future holds `finish(logits)`, or the logits. A frame that would pass the KV budget
-        fails with ResourceExhausted before anything runs."""
+        """Run (T, d) hidden states through the stage for this cache. `hidden` may be a Frame, decoded
+        with the other frames of its turn, or a function that makes them: either runs on the batcher's
+        thread, so every torch op of the service runs on one thread (two threads' OpenMP pools
+        spinning on few cores cost ~40%). The future holds `finish(logits)`, or the logits. A frame
+        that would pass the KV budget fails with ResourceExhausted before it is decoded."""
+        if isinstance(hidden, Frame):
+            if self.decode is None:
+                raise ValueError("this batcher has no frame decoder: submit tensors")
+            rows = hidden.layout.rows
         work = _Work(cache, hidden, last_only, finish, rows)
         self._inbox.put(work)
         return work.future
 
-    def run(self, cache: KVCache, hidden: torch.Tensor | Callable[[], torch.Tensor], last_only: bool = False) -> torch.Tensor:
+    def run(self, cache: Cache, hidden: torch.Tensor | Frame | Callable[[], torch.Tensor], last_only: bool = False) -> torch.Tensor:
         """`submit` and wait."""
         return self.submit(cache, hidden, last_only).result()
 
-    def release(self, cache: KVCache) -> None:
+    def release(self, cache: Cache) -> None:
         """The session of `cache` ended: drop its pending work and stop counting its bytes."""
         self._inbox.put(_Release(cache))
 
@@ -183,6 +215,7 @@ class Batcher:
         decodes: list[_Work] = []
         while True:
             block = not prefills and not decodes
+            arrived: list[_Work] = []
             try:
                 while True:
                     item = self._inbox.get(block=block)
@@ -190,17 +223,20 @@ class Batcher:
                     if item is None:
                         return
                     if isinstance(item, _Release):
-                        for w in (*prefills, *decodes):
+                        for w in (*prefills, *decodes, *arrived):
                             if w.cache is item.cache:
                                 self._unreserve(w)
                         prefills = deque(w for w in prefills if w.cache is not item.cache)
                         decodes = [w for w in decodes if w.cache is not item.cache]
+                        arrived = [w for w in arrived if w.cache is not item.cache]
                         self.kv_bytes -= item.cache.nbytes()
                         continue
                     if self._admit(item):
-                        (decodes if item.hidden.shape[0] == 1 and item.cache.length > 0 else prefills).append(item)
+                        arrived.append(item)
             except queue.Empty:
                 pass
+            for w in self._make_hidden(arrived):
+                (decodes if w.hidden.shape[0] == 1 and w.cache.length > 0 else prefills).append(w)
             if decodes:
                 batch, decodes = decodes[: self.max_batch], decodes[self.max_batch:]
                 for w in batch:
@@ -213,24 +249,75 @@ class Batcher:
                 prefills.popleft()
 
     def _admit(self, work: _Work) -> bool:
-        """Reserve the work's KV and make its hidden states; False (future failed) when it cannot run."""
+        """Reserve the work's KV when its rows are known; False (future failed) when it cannot run."""
         if work.future.cancelled():
             return False
+        if work.rows is None and isinstance(work.hidden, torch.Tensor):
+            work.rows = work.hidden.shape[0]
         try:
             if work.rows is not None:
                 self._reserve(work, work.rows)
-            if callable(work.hidden):
-                with torch.inference_mode():
-                    work.hidden = work.hidden()
-            if work.rows is None:
-                self._reserve(work, work.hidden.shape[0])
-            elif work.hidden.shape[0] != work.rows:
-                raise RuntimeError(f"work announced {work.rows} rows and made {work.hidden.shape[0]}")
             return True
         except Exception as exc:  # noqa: BLE001 - the session's stream reports it
-            self._unreserve(work)
             _resolve(work.future, exc=exc)
             return False
+
+    @torch.inference_mode()
+    def _make_hidden(self, works: list[_Work]) -> list[_Work]:
+        """Give every work of a turn its hidden states: its frames decoded together in one call, its
+        functions run. Returns the works that can run; the others' futures hold their errors."""
+        live = []
+        for w in works:
+            if w.future.cancelled():  # its waiter went away: give its KV reservation back
+                self._unreserve(w)
+            else:
+                live.append(w)
+        framed = [w for w in live if isinstance(w.hidden, Frame)]
+        failed = set()
+        for w, h in zip(framed, self._decode_frames(framed) if framed else ()):
+            if isinstance(h, Exception):
+                self._fail(w, h)
+                failed.add(id(w))
+            else:
+                w.hidden = h
+        ready = []
+        for w in live:
+            if id(w) in failed:
+                continue
+            try:
+                if callable(w.hidden):
+                    w.hidden = w.hidden()
+                if w.rows is None:
+                    self._reserve(w, w.hidden.shape[0])
+                elif w.hidden.shape[0] != w.rows:
+                    raise RuntimeError(f"work announced {w.rows} rows and made {w.hidden.shape[0]}")
+                ready.append(w)
+            except Exception as exc:  # noqa: BLE001 - the session's stream reports it
+                self._fail(w, exc)
+        return ready
+
+    def _fail(self, work: _Work, exc: BaseException) -> None:
+        self._unreserve(work)
+        _resolve(work.future, exc=exc)
+
+    def _decode_frames(self, works: list[_Work]) -> list[torch.Tensor | Exception]:
+        """The hidden states of the works' frames, by one decoder call; when that call fails, each
+        frame alone, so that a frame that does not decode is its own session's error only."""
+        self.frame_decodes += 1
+        try:
+            return list(self.decode([w.hidden for w in works]))
+        except Exception as exc:  # noqa: BLE001 - the session's stream reports it
+            if len(works) == 1:
+                return [exc]
+            log.info("decoding %d frames together failed (%s); decoding them one by one", len(works), exc)
+        out: list[torch.Tensor | Exception] = []
+        for w in works:
+            self.frame_decodes += 1
+            try:
+                out.append(self.decode([w.hidden])[0])
+            except Exception as exc:  # noqa: BLE001 - the session's stream reports it
+                out.append(exc)
+        return out
 
     def _reserve(self, work: _Work, rows: int) -> None:
         need = int(rows * self.kv_bytes_per_position)

@@ -22,7 +22,6 @@ from splitlm.cloud.tail import TailRunner, TailSession
 from splitlm.errors import CodecError, ConfigError, PlanError, ResourceExhausted, SplitLMError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
-from splitlm.quantize.codec import parse_frame
 from splitlm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -185,7 +184,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
 
     async def _activations(self, session: _Session, act: pb.Activations) -> pb.CloudMessage | None:
         t0 = time.perf_counter()  # the step's server time: frame checks and parse, decode, tail, sampling
-        plan, spec = self.runner.plan, self.runner.spec
+        plan = self.runner.plan
         if len(act.frame) > self.config.max_frame_bytes:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"frame of {len(act.frame)} bytes exceeds the limit of {self.config.max_frame_bytes}")
@@ -194,12 +193,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                                f"frame starts at position {act.start_position}, the session is at {session.position}")
         if act.want_token and session.produced >= session.max_tokens:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"session reached its {session.max_tokens} tokens")
-        # the header and side information against the plan, before anything is decoded
-        layout = parse_frame(act.frame, max_rows=plan.max_seq_len)
-        if layout.kind != plan.codec.kind:
-            raise CodecError(f"frame kind {layout.kind!r} is not the plan's codec {plan.codec.kind!r}")
-        if layout.dim != spec.hidden_size:
-            raise CodecError(f"frame hidden size {layout.dim} does not match the model's {spec.hidden_size}")
+        # parsed once, against the plan and the model, before anything is decoded; the layout goes down with it
+        layout = self.runner.parse(act.frame)
         if session.position + layout.rows > plan.max_seq_len:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"sequence would reach {session.position + layout.rows} "
                                                                   f"positions, the limit is {plan.max_seq_len}")

@@ -1,6 +1,7 @@
 """The tail of an exported plan: decode activation frames, run layers [ℓ, L), sample.
 
-Each session owns its KV cache and its random stream.
+Each session owns its KV cache and its random stream. A frame is parsed once (`TailRunner.parse`,
+by the service or by `TailSession.submit`) and its layout travels with it to the decoder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from splitlm.artifacts import read_folder
-from splitlm.cloud.batcher import Batcher, TorchThread
+from splitlm.cloud.batcher import Batcher, Frame, TorchThread
 from splitlm.errors import CodecError, ConfigError, ModelLoadError
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
@@ -37,14 +38,15 @@ def kernel_impl(impl: str, device: torch.device) -> str:
     return dispatch.choose(impl, device)  # also refuses an unknown name
 
 
-def decode_frame(frame: bytes, impl: str, device: torch.device, max_rows: int | None,
-                 layout: codec.FrameLayout | None) -> torch.Tensor:
-    """One frame -> (T, d) float32 on `device`, by the codec's torch decoder or the Triton one."""
+def decode_frames(frames: list[Frame], impl: str, device: torch.device) -> list[torch.Tensor]:
+    """Parsed frames -> their (T_i, d) float32 hidden states on `device`, decoded as one batch: by
+    the codec's torch decoder ('reference') or the Triton one ('triton'). Nothing is parsed again."""
+    data, layouts = [f.data for f in frames], [f.layout for f in frames]
     if impl == "reference":
-        return codec.decode(frame, "torch", layout, max_rows).to(device)
-    from splitlm.kernels import dispatch
+        return [x.to(device) for x in codec.decode_many(data, "torch", layouts)]
+    from splitlm.kernels import frame_decode
 
-    return dispatch.decode_frame(frame, impl, device, max_rows, layout)
+    return frame_decode.decode_frames(data, device, impl, layouts=layouts)
 
 
 class TailRunner:
@@ -71,7 +73,7 @@ class TailRunner:
         self.stage: Transformer = self._worker.submit(self._build, dtype).result()
         log.info("tail [%d, %d) on %s, kernels %s (%d quantized Linears on kernels)", self.stage.start,
                  self.spec.num_layers, self.device, self.kernels, self.kernel_linears)
-        self.batcher = Batcher(self.stage, worker=self._worker, chunk=self.plan.prefill_chunk)
+        self.batcher = Batcher(self.stage, worker=self._worker, chunk=self.plan.prefill_chunk, decode=self._decode)
         """Runs every session's steps from now on (it occupies the torch thread)."""
         if warm_up:
             self.warm_up()
@@ -82,8 +84,17 @@ class TailRunner:
         session = self.new_session()
         for rows in (max(1, min(prompt, self.plan.max_seq_len - 1)), 1):
             x = rng.standard_normal((rows, self.spec.hidden_size), dtype=np.float32)
-            session.next_token(codec.encode(x, self.plan.codec))
+            session.next_token(codec.encode(x, self.plan.codec), rows)
         session.close()
+
+    def parse(self, frame: bytes) -> codec.FrameLayout:
+        """The frame's layout, checked against this tail: the plan's codec and the model's hidden size
+        (from the header, before the rest is read), at most max_seq_len rows. CodecError otherwise."""
+        return codec.parse_frame(frame, self.plan.max_seq_len, self.plan.codec.kind, self.spec.hidden_size)
+
+    def _decode(self, frames: list[Frame]) -> list[torch.Tensor]:
+        """The batcher's frame decoder (on its thread)."""
+        return decode_frames(frames, self.kernels, self.device)
 
     def _build(self, dtype: torch.dtype) -> Transformer:
         stage = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
@@ -125,22 +136,16 @@ class TailSession:
         self.logprobs = logprobs
         """Top log-probabilities returned with each token (0 = none)."""
 
-    def _hidden(self, frame: bytes, layout: codec.FrameLayout | None = None):
-        def hidden() -> torch.Tensor:
-            h = decode_frame(frame, self.runner.kernels, self.runner.device, self.runner.plan.max_seq_len, layout)
-            d = self.runner.spec.hidden_size
-            if h.shape[1] != d:
-                raise CodecError(f"frame hidden size {h.shape[1]} does not match the model's {d}")
-            return h.to(torch.float32)
-        return hidden
+    def _frame(self, frame: bytes, layout: codec.FrameLayout | None) -> Frame:
+        return Frame(frame, layout if layout is not None else self.runner.parse(frame))
 
     def submit(self, frame: bytes, want_token: bool = True, layout: codec.FrameLayout | None = None) -> Future:
         """Decode one frame (T positions) and run the tail on the batcher: a future of the TokenChoice
-        for the next position (None without want_token). `layout` (the frame as the caller parsed
-        it) is not parsed again, and lets the KV budget be checked before the frame is decoded."""
+        for the next position (None without want_token). `layout`: the frame as `TailRunner.parse`
+        gave it (it is not parsed again); None parses it here. Either way the KV budget is checked
+        before the frame is decoded."""
         choose = self._choose if want_token else (lambda logits: None)
-        return self.runner.batcher.submit(self.cache, self._hidden(frame, layout), True, choose,
-                                          layout.rows if layout else None)
+        return self.runner.batcher.submit(self.cache, self._frame(frame, layout), True, choose)
 
     def _choose(self, logits: torch.Tensor) -> TokenChoice:
         """On the batcher thread: sample the last position's logits (1, V)."""
@@ -154,10 +159,15 @@ class TailSession:
     def logits(self, frame: bytes, last_only: bool = False) -> torch.Tensor:
         """Decode one frame (T positions) and run the tail -> logits (T, V), or (1, V) with last_only
         (the LM head then runs on the last position only: a prompt's other logits are never sampled)."""
-        return self.runner.batcher.submit(self.cache, self._hidden(frame), last_only).result()
+        return self.runner.batcher.submit(self.cache, self._frame(frame, None), last_only).result()
 
-    def next_token(self, frame: bytes) -> int:
-        return self.submit(frame).result().id
+    def next_token(self, frame: bytes, rows: int | None = None) -> int:
+        """The token for the position after `frame`'s. `rows`: the positions the caller put in the
+        frame (as `RemoteSession.next_token` takes them); a frame that holds another count is refused."""
+        layout = self.runner.parse(frame)
+        if rows is not None and rows != layout.rows:
+            raise CodecError(f"frame holds {layout.rows} rows, the caller sent it as {rows}")
+        return self.submit(frame, True, layout).result().id
 
     def close(self) -> None:
         """Free the cache (the batcher stops counting it and drops work still queued for it)."""

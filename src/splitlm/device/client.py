@@ -302,14 +302,20 @@ class RemoteSession:
 
     def send(self, frame: bytes, want_token: bool = True, rows: int | None = None) -> int | None:
         """Send a frame of the next positions; with want_token, wait for the cloud's next token.
-        `rows` (positions in the frame) is read from the frame unless given."""
+        `rows`: the positions the caller encoded into the frame (the device does not parse its own
+        frames; the server checks them). None reads the count from the frame's header, for callers
+        that do not know it."""
         if self._error is not None:
             raise self._error
         if self._ended:
             if self._cancel_reason is not None:
                 raise LinkError(f"session cancelled on the device: {self._cancel_reason}", "CANCELLED")
             raise TransportError(f"the session with {self.address} is closed")
-        rows = frame_rows(frame) if rows is None else rows  # the header's count: the server checks the rest
+        if rows is None:
+            rows = frame_rows(frame)
+        elif isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise ConfigError(f"rows must be the positions in the frame (an integer >= 1), got {rows!r}")
+        rows = int(rows)
         msg = pb.DeviceMessage(activations=pb.Activations(start_position=self.position, frame=frame, want_token=want_token))
         self._requests.put(msg)
         self.position += rows
@@ -325,8 +331,9 @@ class RemoteSession:
         self.last_compute_us = token.compute_us
         return token.id
 
-    def next_token(self, frame: bytes) -> int:
-        return self.send(frame, True)
+    def next_token(self, frame: bytes, rows: int | None = None) -> int:
+        """Send a frame of `rows` positions and wait for the cloud's token for the position after them."""
+        return self.send(frame, True, rows)
 
     def cancel(self, reason: str = "cancelled") -> None:
         """End the session now, from any thread: a step waiting on the cloud raises LinkError (CANCELLED)."""

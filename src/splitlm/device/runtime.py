@@ -160,16 +160,18 @@ def generate_device_only(session: HeadSession, prompt_ids: list[int], max_tokens
                            session.plan.max_seq_len, tok.decode, on_token)
 
 
-def generate_split(session: HeadSession, next_token: Callable[[bytes], int], prompt_ids: list[int], max_tokens: int,
-                   on_token: Callable[[int], None] | None = None, tokenizer=None) -> GenerationResult:
-    """Generation with a cloud: each step's hidden states go out as a frame; `next_token` returns the cloud's token."""
+def generate_split(session: HeadSession, next_token: Callable[[bytes, int], int], prompt_ids: list[int],
+                   max_tokens: int, on_token: Callable[[int], None] | None = None, tokenizer=None) -> GenerationResult:
+    """Generation with a cloud: each step's hidden states go out as a frame; `next_token(frame, rows)`
+    (e.g. `RemoteSession.next_token`) returns the cloud's token for the position after the frame's rows."""
     head = DeviceHead(session)
     sent = [0]
 
     def advance(ids: list[int]) -> int:
-        frame = head.encode(head.step(ids))
+        hidden = head.step(ids)
+        frame = head.encode(hidden)
         sent[0] += len(frame)
-        return next_token(frame)
+        return next_token(frame, hidden.shape[0])
 
     tok = tokenizer or load_tokenizer(session.dir)
     result = generate_tokens(advance, prompt_ids, max_tokens, session.spec.eos_token_ids, session.plan.max_seq_len,

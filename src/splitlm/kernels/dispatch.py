@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from splitlm.errors import ConfigError
-from splitlm.kernels import frame_decode, wq_matmul
-from splitlm.quantize import codec
+from splitlm.kernels import wq_matmul
 from splitlm.quantize.weights import QuantLinear
 
 IMPLS = ("auto", "triton", "reference")
@@ -66,11 +65,3 @@ def apply_kernels(module: nn.Module, impl: str) -> int:
             swapped += apply_kernels(child, impl)
     return swapped
 
-
-def decode_frame(frame: bytes, impl: str, device: torch.device | str, max_rows: int | None = None,
-                 layout: codec.FrameLayout | None = None) -> torch.Tensor:
-    """One frame -> (T, d) float32 on `device`: the batched Triton decoder with one frame, or the
-    codec's own torch decoder. `layout`: the frame already parsed (it is not parsed again)."""
-    if impl == "reference":
-        return codec.decode(frame, "torch", layout, max_rows).to(device)
-    return frame_decode.decode_frames([frame], device, impl, max_rows, [layout] if layout else None)[0]

@@ -68,7 +68,7 @@ def batch_frames(frames: list[bytes], device: torch.device | str = "cpu", max_ro
     `layouts`: the frames already parsed (parse_frame), so that no frame is parsed twice."""
     if not frames:
         raise CodecError("no frames to decode")
-    layouts = layouts or [codec.parse_frame(f, max_rows) for f in frames]
+    layouts = layouts if layouts is not None else [codec.parse_frame(f, max_rows) for f in frames]
     first = layouts[0]
     for i, lay in enumerate(layouts):
         if lay.kind != "tabq":
@@ -218,22 +218,26 @@ def decode_rows_triton(b: FrameBatch) -> torch.Tensor:
 
 def decode_frames(frames: list[bytes], device: torch.device | str = "cpu", impl: str = "reference",
                   max_rows: int | None = None, layouts: list[codec.FrameLayout] | None = None) -> list[torch.Tensor]:
-    """Decode frames to (T_i, d) float32 tensors on `device`: tabq frames in one batched launch,
-    fp16/fp32 frames by reinterpreting their bytes. impl: 'triton' or 'reference' (which 'triton'
-    falls back to for rotation blocks above KERNEL_MAX_ROTATE). `layouts`: the frames already parsed."""
+    """Decode frames to (T_i, d) float32 tensors on `device`: the tabq frames of one shape (dim,
+    group, rotation) in one batched launch, fp16/fp32 frames by reinterpreting their bytes.
+    impl: 'triton' or 'reference' (which 'triton' falls back to for rotation blocks above
+    KERNEL_MAX_ROTATE). `layouts`: the frames already parsed, so that none is parsed again."""
     if impl not in ("triton", "reference"):
         raise CodecError(f"frame decode impl {impl!r} is not one of ('triton', 'reference')")
+    lays = layouts if layouts is not None else [codec.parse_frame(f, max_rows) for f in frames]
+    if len(lays) != len(frames):
+        raise CodecError(f"{len(frames)} frames come with {len(lays)} layouts")
     out: list[torch.Tensor | None] = [None] * len(frames)
-    coded = []
-    for i, f in enumerate(frames):
-        if len(f) >= codec.HEADER.size and f[3] != codec.KINDS["tabq"]:
-            out[i] = codec.decode(f, "torch", layouts[i] if layouts else None, max_rows).to(device)
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for i, lay in enumerate(lays):
+        if lay.kind == "tabq":
+            shapes.setdefault((lay.dim, lay.group, lay.rotate), []).append(i)
         else:
-            coded.append(i)
-    if coded:
-        batch = batch_frames([frames[i] for i in coded], device, max_rows, [layouts[i] for i in coded] if layouts else None)
+            out[i] = codec.decode(frames[i], "torch", lay).to(device)
+    for idx in shapes.values():
+        batch = batch_frames([frames[i] for i in idx], device, max_rows, [lays[i] for i in idx])
         kernel = impl == "triton" and batch.rotate <= KERNEL_MAX_ROTATE
         y = (decode_rows_triton if kernel else decode_rows_reference)(batch)
-        for i, part in zip(coded, torch.split(y, batch.rows)):
+        for i, part in zip(idx, torch.split(y, batch.rows)):
             out[i] = part
     return out

@@ -92,8 +92,11 @@ class FrameLayout:
     """Start of each row's codes in the frame, plus the end: (T+1,)."""
 
 
-def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
-    """Check a frame's structure and read its side information; CodecError naming what is wrong."""
+def parse_frame(buf: bytes, max_rows: int | None = None, kind: str | None = None,
+                dim: int | None = None) -> FrameLayout:
+    """Check a frame's structure and read its side information; CodecError naming what is wrong.
+    `kind` (the plan's codec) and `dim` (the model's hidden size), when given, are what the receiver
+    expects: a frame of another kind or hidden size is refused from its header, before the rest is read."""
     if len(buf) < HEADER.size:
         raise CodecError(f"frame of {len(buf)} bytes is shorter than its {HEADER.size}-byte header")
     magic, version, kind_code, group, rot_log2, reserved, T, d = HEADER.unpack_from(buf, 0)
@@ -105,6 +108,10 @@ def parse_frame(buf: bytes, max_rows: int | None = None) -> FrameLayout:
         raise CodecError(f"frame reserved header byte is {reserved}, must be 0")
     if kind_code not in KIND_NAMES:
         raise CodecError(f"frame kind {kind_code} is not one of {KINDS}")
+    if kind is not None and KIND_NAMES[kind_code] != kind:
+        raise CodecError(f"frame kind {KIND_NAMES[kind_code]!r} is not the plan's codec {kind!r}")
+    if dim is not None and d != dim:
+        raise CodecError(f"frame hidden size {d} does not match the model's {dim}")
     rotate = 1 << rot_log2 if rot_log2 else 0
     if rot_log2 > 15 or (rotate and d % rotate):
         raise CodecError(f"frame rotation block 2^{rot_log2} does not divide dim {d}")
@@ -367,34 +374,85 @@ def _assemble(x, x16, mask, chosen, candidates, g: int, G: int, rotate: int, ops
 
 
 def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None, max_rows: int | None = None):
-    """Frame -> x̂ (T, d) float32, exactly the encoder's reconstruction."""
+    """Frame -> x̂ (T, d) float32, exactly the encoder's reconstruction. `layout`: the frame
+    already parsed (`parse_frame`), so that it is not parsed again."""
     ops = get_ops(backend)
     lay = layout or parse_frame(buf, max_rows)
+    if lay.kind != "tabq":
+        return _decode_raw(buf, lay, ops)
+    return _decode_rows(np.frombuffer(buf, np.uint8), lay.row_offsets[:-1], lay.bits, lay.scales, lay.mins,
+                        lay.n_out, lay.out_idx, lay.out_val, lay.dim, lay.group or lay.dim, lay.rotate, ops)
+
+
+def decode_many(bufs: list[bytes], backend: str = "numpy", layouts: list[FrameLayout] | None = None,
+                max_rows: int | None = None) -> list:
+    """Frames -> their x̂ (T_i, d_i) float32, each bit-identical to `decode` of that frame: the rows
+    of all tabq frames of one shape (dim, group, rotation) are decoded together, as one batch.
+    `layouts`: the frames already parsed (`parse_frame`), so that none is parsed again."""
+    ops = get_ops(backend)
+    lays = layouts if layouts is not None else [parse_frame(buf, max_rows) for buf in bufs]
+    if len(lays) != len(bufs):
+        raise CodecError(f"{len(bufs)} frames come with {len(lays)} layouts")
+    out: list = [None] * len(bufs)
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for i, lay in enumerate(lays):
+        if lay.kind == "tabq":
+            shapes.setdefault((lay.dim, lay.group, lay.rotate), []).append(i)
+        else:
+            out[i] = _decode_raw(bufs[i], lay, ops)
+    for (d, group, rotate), idx in shapes.items():
+        if len(idx) == 1:
+            out[idx[0]] = decode(bufs[idx[0]], backend, lays[idx[0]])
+            continue
+        parts, starts, base = [], [], 0
+        for i in idx:  # every frame's row payload back to back; row starts shifted to match
+            lay = lays[i]
+            size = int(lay.row_offsets[-1]) - lay.payload_offset
+            parts.append(np.frombuffer(bufs[i], np.uint8, size, lay.payload_offset))
+            starts.append(lay.row_offsets[:-1].astype(np.int64) - lay.payload_offset + base)
+            base += size
+        sel = [lays[i] for i in idx]
+        x = _decode_rows(np.concatenate(parts), np.concatenate(starts), np.concatenate([s.bits for s in sel]),
+                         np.concatenate([s.scales for s in sel]), np.concatenate([s.mins for s in sel]),
+                         np.concatenate([s.n_out for s in sel]), np.concatenate([s.out_idx for s in sel]),
+                         np.concatenate([s.out_val for s in sel]), d, group or d, rotate, ops)  # (ΣT_i, d)
+        ends = np.cumsum([s.rows for s in sel])
+        for i, stop, rows in zip(idx, ends, (s.rows for s in sel)):
+            out[i] = x[int(stop) - rows:int(stop)]
+    return out
+
+
+def _decode_raw(buf: bytes, lay: FrameLayout, ops):
+    """An fp32 or fp16 frame -> (T, d) float32."""
     T, d = lay.rows, lay.dim
-    if lay.kind in ("fp32", "fp16"):
-        raw = np.frombuffer(buf, "<f4" if lay.kind == "fp32" else "<f2", T * d, lay.payload_offset).reshape(T, d)
-        if not np.isfinite(raw).all():
-            raise CodecError("frame carries non-finite (NaN/Inf) values")
-        return ops.cast(ops.asarray(raw, ops.f16 if lay.kind == "fp16" else ops.f32), ops.f32)
-    out = ops.zeros((T, d), ops.f32)
-    g = lay.group or d
-    data = np.frombuffer(buf, np.uint8)
-    for b in np.unique(lay.bits):
-        sel = np.nonzero(lay.bits == b)[0]
+    raw = np.frombuffer(buf, "<f4" if lay.kind == "fp32" else "<f2", T * d, lay.payload_offset).reshape(T, d)
+    if not np.isfinite(raw).all():
+        raise CodecError("frame carries non-finite (NaN/Inf) values")
+    return ops.cast(ops.asarray(raw, ops.f16 if lay.kind == "fp16" else ops.f32), ops.f32)
+
+
+def _decode_rows(data: np.ndarray, starts: np.ndarray, bits: np.ndarray, scales: np.ndarray, mins: np.ndarray,
+                 n_out: np.ndarray, out_idx: np.ndarray, out_val: np.ndarray, d: int, g: int, rotate: int, ops):
+    """Rows of tabq frames -> (R, d) float32. data: uint8 bytes holding the rows' codes, each row's
+    starting at starts[r]; bits, n_out (R,), scales, mins (R, G); out_idx, out_val: outliers of the
+    rows in order. Every step is row by row, so a row decodes the same in any batch."""
+    out = ops.zeros((len(bits), d), ops.f32)
+    for b in np.unique(bits):
+        sel = np.nonzero(bits == b)[0]
         size = int(_row_bytes(np.array([b]), d)[0])
-        rows_bytes = data[lay.row_offsets[sel][:, None] + np.arange(size)]
+        rows_bytes = data[starts[sel][:, None] + np.arange(size)]
         sel_t = ops.asarray(sel, ops.i64)
         if b in (RAW_ROW, RAW32_ROW):  # parse_frame checked that they are finite
             raw = rows_bytes.view("<f2" if b == RAW_ROW else "<f4").reshape(len(sel), d)
             out[sel_t] = ops.cast(ops.asarray(raw, ops.f16 if b == RAW_ROW else ops.f32), ops.f32)
         else:
             codes = _unpack(ops.asarray(rows_bytes, ops.u8), d, int(b), ops)
-            y = _dequant(codes, ops.asarray(lay.scales[sel], ops.f16), ops.asarray(lay.mins[sel], ops.f16), d, g, ops)
-            out[sel_t] = _hadamard(y, lay.rotate, ops) if lay.rotate else y
-    if len(lay.out_idx):
-        rows = np.repeat(np.arange(T), lay.n_out.astype(np.int64))
-        out[ops.asarray(rows, ops.i64), ops.asarray(lay.out_idx.astype(np.int64), ops.i64)] = ops.cast(
-            ops.asarray(lay.out_val, ops.f16), ops.f32)
+            y = _dequant(codes, ops.asarray(scales[sel], ops.f16), ops.asarray(mins[sel], ops.f16), d, g, ops)
+            out[sel_t] = _hadamard(y, rotate, ops) if rotate else y
+    if len(out_idx):
+        rows = np.repeat(np.arange(len(bits)), n_out.astype(np.int64))
+        out[ops.asarray(rows, ops.i64), ops.asarray(out_idx.astype(np.int64), ops.i64)] = ops.cast(
+            ops.asarray(out_val, ops.f16), ops.f32)
     return out
 
 
