@@ -25,23 +25,15 @@ from typing import Any, Callable, Protocol
 import torch
 
 from splitlm.errors import ResourceExhausted
-from splitlm.model.llama import Transformer
+from splitlm.model.llama import StepCache, Transformer
 from splitlm.quantize.codec import FrameLayout
 
 log = logging.getLogger(__name__)
 
 
-class Cache(Protocol):
+class Cache(StepCache, Protocol):
     """What the batcher needs of a session's cache (a KVCache): what a stage forward reads and
     writes (several caches seen as one batch are a Cache too), and the bytes it holds."""
-
-    length: int
-
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None: ...
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
-
-    def crop(self, length: int) -> None: ...
 
     def nbytes(self) -> int: ...
 

@@ -153,6 +153,22 @@ class DenseKV:
         return entry.numel() * entry.element_size()
 
 
+class StepCache(Protocol):
+    """What a stage forward reads and writes: a KVCache, or a view of several as one batch."""
+
+    length: int
+    """Positions committed so far."""
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer `layer`'s keys and values (B, Hkv, length, D), or None before the first step."""
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add the keys/values (B, Hkv, T, D) of T new positions."""
+
+    def crop(self, length: int) -> None:
+        """Forget every position at or after `length`."""
+
+
 @dataclass
 class KVCache:
     """Keys and values of the layers one stage owns, for one batch of sequences.
@@ -278,7 +294,7 @@ class Transformer(nn.Module):
             return x
         return self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
 
-    def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None, cache: StepCache | None = None,
                 mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Run the owned part on T new positions.
 
