@@ -48,7 +48,8 @@ def test_profile_load_names_the_file_and_the_missing_field(tmp_path):
         (lambda d: d.pop("memory"), r"bad.json: profile has no field 'memory'"),
         (lambda d: d["memory"].pop("embed_bytes"), r"bad.json: profile field 'memory' has no 'embed_bytes'"),
         (lambda d: d["device"].update(decode_ms=5), r"bad.json: profile field 'device' is malformed"),
-        (lambda d: d["codecs"].append({"name": "x"}), r"bad.json: profile field 'codecs' is malformed"),
+        (lambda d: d["codecs"].append({"name": "x"}), r"bad.json: profile field 'codecs' has no 'bytes_per_token'"),
+        (lambda d: d["link"].update(mtu=1500), r"bad.json: profile field 'link' is malformed \(unknown field\(s\) \['mtu'\]"),
     ]:
         data = json.loads(json.dumps(good))
         change(data)
