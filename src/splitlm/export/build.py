@@ -28,6 +28,7 @@ from splitlm.errors import ExportError, ParityError
 from splitlm.model import names
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.llama import Transformer
+from splitlm.model.modules import swap_module
 from splitlm.partition.plan import Plan
 from splitlm.quantize.apply import LINEARS, save_stage
 from splitlm.quantize.config import ACCURACY_LEVEL, ACCURACY_LEVELS
@@ -116,8 +117,7 @@ def _ort_form(stage: Transformer, accuracy_level: int) -> Transformer:
         for name in LINEARS:
             mod = block.get_submodule(name)
             if isinstance(mod, QuantLinear):
-                parent, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent), attr, OrtLinear(mod, accuracy_level))
+                swap_module(block, name, OrtLinear(mod, accuracy_level))
         block.input_layernorm = OrtRMSNorm(block.input_layernorm)
         block.post_attention_layernorm = OrtRMSNorm(block.post_attention_layernorm)
     if stage.finalizes:
