@@ -125,17 +125,6 @@ def test_split_and_plan_flags_with_a_plan_file_are_refused(capsys, tmp_path, tin
     assert code == 0 and "[split 1/4]" in err
 
 
-def test_chat_needs_a_chatml_tokenizer():
-    from splitlm.cli import _chat_prompt
-    from splitlm.errors import ConfigError
-    from splitlm.model.tokenizer import build_bpe_tokenizer, byte_tokenizer
-
-    assert _chat_prompt("hi", byte_tokenizer()).startswith("<|im_start|>user\nhi")
-    plain = build_bpe_tokenizer(["a", "b", "<s>"], [], ["<s>"], "default")
-    with pytest.raises(ConfigError, match=r"--chat: this model's tokenizer has no <\|im_start\|> / <\|im_end\|> tokens"):
-        _chat_prompt("hi", plain)
-
-
 @pytest.mark.parametrize("out, message", [
     ("missing/p.json", r"--out .*missing/p.json: directory .*missing does not exist"),
     (".", r"--out \. is a directory; give a file name"),

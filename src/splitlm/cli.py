@@ -287,16 +287,12 @@ def _split_and_plan(args, ckpt):
     return split, plan
 
 
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
-"""The ChatML markers of the one chat template splitlm applies (SmolLM2, Qwen2)."""
+def _chat_prompt(prompt: str, tok, template: str | None, spec) -> str:
+    """`prompt` as a user turn in the model's chat template (ChatML when it carries none)."""
+    from splitlm.model.chat import chat_prompt
 
-
-def _chat_prompt(prompt: str, tok=None) -> str:
-    """`prompt` in the ChatML template; ConfigError when `tok` has no ChatML tokens (the template would be text)."""
-    if tok is not None and any(tok.token_to_id(t) is None for t in CHAT_TOKENS):
-        raise ConfigError(f"--chat: this model's tokenizer has no {' / '.join(CHAT_TOKENS)} tokens, so it does not use "
-                          "the ChatML template splitlm applies; drop --chat and write the prompt in the model's format")
-    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
+    return chat_prompt(prompt, tok, template, spec.bos_token_id, eos)
 
 
 def _check_output(path: str | None, flag: str) -> None:
@@ -376,15 +372,15 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     _check_generate_flags(args)
     if args.artifacts:
-        result, tok, split, L, plan = _generate_from_artifacts(args, sampling)
+        result, tok, split, L, plan, chat = _generate_from_artifacts(args, sampling)
     else:
         from splitlm.local import LocalSplit
 
         ckpt = _load(args.model)
         split, plan = _split_and_plan(args, ckpt)
         runner = LocalSplit(ckpt, split, plan=plan)
-        tok, L = ckpt.tokenizer(), ckpt.spec.num_layers
-    prompt = _chat_prompt(args.prompt, tok) if args.chat else args.prompt
+        tok, L, chat = ckpt.tokenizer(), ckpt.spec.num_layers, (ckpt.chat_template(), ckpt.spec)
+    prompt = _chat_prompt(args.prompt, tok, *chat) if args.chat else args.prompt
     ids = tok.encode(prompt).ids
     stream = StreamingDecoder(tok)
     print(args.prompt if not args.chat else "", end="", flush=True)
@@ -423,9 +419,11 @@ def _predicted_vs_measured(plan, result) -> str:
 
 
 def _generate_from_artifacts(args, sampling):
-    """ONNX head on the device side; for split plans, the exported tail in this process."""
+    """ONNX head on the device side; for split plans, the tail on --server or else the exported tail in this
+    process. Returns (run, tokenizer, split, L, plan, (chat template, spec))."""
     from splitlm.artifacts import export_side
     from splitlm.device.runtime import HeadSession, generate_device_only, generate_split, load_tokenizer
+    from splitlm.model.chat import load_template
 
     root = args.artifacts
     session = HeadSession(export_side(root, "device"), threads=args.threads, verify=args.verify)
@@ -458,7 +456,7 @@ def _generate_from_artifacts(args, sampling):
                 raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
             tail_session = tail.new_session(sampling)
             run = lambda ids, show: generate_split(session, tail_session.next_token, ids, args.max_tokens, show, tok)  # noqa: E731
-    return run, tok, session.plan.split_layer, L, session.plan
+    return run, tok, session.plan.split_layer, L, session.plan, (load_template(session.dir), session.spec)
 
 
 def cmd_eval(args) -> int:

@@ -1,6 +1,6 @@
 """`splitlm export`: the device head as ONNX and the cloud tail as safetensors (needs torch).
 
-DIR/device/  head.onnx, tokenizer.json, plan.json, spec.json, manifest.json
+DIR/device/  head.onnx, tokenizer.json, chat_template.jinja (when the model has one), plan.json, spec.json, manifest.json
 DIR/cloud/   tail.safetensors, plan.json, spec.json, tokenizer.json, manifest.json
 
 The head graph is the reference module's head stage traced by torch.onnx (dynamo),
@@ -26,6 +26,7 @@ from torch import nn
 from splitlm.device.runtime import HEAD_FILE
 from splitlm.errors import ExportError, ParityError
 from splitlm.model import names
+from splitlm.model.chat import save_template
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.llama import Transformer
 from splitlm.model.modules import swap_module
@@ -196,6 +197,7 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
         plan.save(folder / "plan.json")
         (folder / "spec.json").write_text(ckpt.spec.to_json())
         shutil.copyfile(ckpt.path / "tokenizer.json", folder / "tokenizer.json")
+    save_template(ckpt.chat_template(), device)
     tail_bytes = 0
     if tail is not None:
         save_stage(tail, cloud / TAIL_FILE)
