@@ -171,7 +171,7 @@ def _add_generate(sub) -> None:
 
 def _add_eval(sub) -> None:
     """The eval command's flags."""
-    e = sub.add_parser("eval", help="perplexity (and bytes per token) of a plan on the DESIGN.md protocol or a text file")
+    e = sub.add_parser("eval", help="perplexity (and bytes per token) of a plan on pydoc_data.topics in 512-token windows, or on a text file")
     _add_model_and_plan(e)
     _add_plan_flags(e)
     e.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")

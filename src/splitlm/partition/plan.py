@@ -31,7 +31,7 @@ class Predictions:
     bytes_per_token: float | None = None
     """Bytes on the wire per decoded token, upstream."""
     quality: float | None = None
-    """Predicted perplexity on the DESIGN.md protocol."""
+    """Predicted perplexity on the evaluation protocol (splitlm.evaluate: pydoc_data.topics, 512-token windows)."""
 
 
 @dataclass(frozen=True)

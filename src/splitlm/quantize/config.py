@@ -59,7 +59,7 @@ WEIGHT_METHODS: dict[str, MethodInfo] = {
         MethodInfo("gptq", "GPTQ: Hessian-aware error feedback from calibration text", needs_calibration=True),
     )
 }
-"""The weight quantization methods; `quantize.apply.QUANTIZERS` holds one function per key."""
+"""The weight quantization methods; `quantize.apply.IMPLEMENTATIONS` holds one function per key."""
 
 
 @dataclass(frozen=True)
