@@ -1,8 +1,9 @@
 """Quantize the weights of a stage in place: each block Linear becomes a QuantLinear.
 
 Precision is per stage, so the device head and the cloud tail of one model can
-differ (one-point split compression). Embedding, final norm and LM head stay in
-the compute dtype.
+differ (one-point split compression). Embedding and final norm stay in the compute
+dtype; the LM head stays there too unless the plan's lm_head_bits quantizes it
+(`quantize_lm_head`, RTN in groups of LM_HEAD_GROUP).
 """
 
 from __future__ import annotations
