@@ -35,11 +35,13 @@ def exports(tiny_ckpt, tmp_path_factory):
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_onnx_head_matches_torch_head(tiny_ckpt, exports, split, precision):
     from splitlm.export import check_parity
+    from splitlm.export.build import PARITY_TOL
 
     plan, result = exports[split, precision]
     worst = check_parity(tiny_ckpt, plan, result.device_dir, prompts=2)
     assert set(worst) >= {"hidden_states" if split < 4 else "logits"}
-    assert max(worst.values()) < 1e-4
+    # accuracy_level 0 computes in fp32: even a quantized head meets the fp32 contract
+    assert max(worst.values()) <= PARITY_TOL["fp32"]
 
 
 @pytest.mark.parametrize("split", [1, 4])
@@ -287,6 +289,7 @@ def test_kv_quantized_plan_device_matches_in_process(tiny_ckpt, tmp_path):
 def test_quantized_lm_head_and_int8_compute_export(tiny_ckpt, tmp_path):
     from splitlm.device.runtime import HeadSession, generate_device_only
     from splitlm.export import check_parity, export_artifacts
+    from splitlm.export.build import PARITY_TOL
     from splitlm.local import LocalSplit
 
     plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 4, device_weights=WeightQuant(4, 32), lm_head_bits=8,
@@ -298,7 +301,7 @@ def test_quantized_lm_head_and_int8_compute_export(tiny_ckpt, tmp_path):
         LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 8).token_ids
     fast = export_artifacts(tiny_ckpt, plan, tmp_path / "b", progress=False, accuracy_level=4)
     worst = check_parity(tiny_ckpt, plan, fast.device_dir, prompts=1)
-    assert max(worst.values()) < 5e-2
+    assert max(worst.values()) <= PARITY_TOL["int8-compute"]
 
 
 def test_exported_tail_with_quantized_lm_head_round_trips(tiny_ckpt, tmp_path):

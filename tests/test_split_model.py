@@ -11,10 +11,6 @@ from tests.tolerances import TOL
 torch.manual_seed(0)
 
 
-def split_points(L):
-    return sorted({0, 1, L // 2, L - 1, L})
-
-
 @pytest.fixture(scope="module")
 def full(tiny_ckpt):
     return build_stage(tiny_ckpt)
@@ -23,10 +19,6 @@ def full(tiny_ckpt):
 @pytest.fixture(scope="module")
 def ids(tiny_ckpt):
     return torch.randint(0, tiny_ckpt.spec.vocab_size, (2, 37))
-
-
-def test_split_points_cover_ends(tiny_ckpt):
-    assert split_points(tiny_ckpt.spec.num_layers) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("split", [0, 1, 2, 3, 4])

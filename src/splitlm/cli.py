@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -15,12 +16,27 @@ from splitlm.errors import ConfigError, SplitLMError
 log = logging.getLogger("splitlm")
 
 
+def _default(cls, name: str):
+    """The default of field `name` of dataclass `cls`: the one source of a flag's default."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+CLI_CODEC = "fp32"
+"""The CLI's --codec default. Deliberately not CodecConfig's (fp16): a plan made from flags is exact on
+the link unless a lossy codec is asked for; the partitioner and hand-written plans keep CodecConfig's."""
+MAX_TOKENS = 64
+"""Tokens generate makes unless --max-tokens says otherwise."""
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    from splitlm.sampling import SamplingParams
+
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help=f"tokens to generate (default {MAX_TOKENS})")
+    p.add_argument("--temperature", type=float, default=_default(SamplingParams, "temperature"), help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=_default(SamplingParams, "top_k"), help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=_default(SamplingParams, "top_p"), help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=_default(SamplingParams, "seed"), help="random seed for sampling")
 
 
 def _add_model_and_plan(p: argparse.ArgumentParser) -> None:
@@ -32,22 +48,38 @@ def _add_model_and_plan(p: argparse.ArgumentParser) -> None:
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
-    from splitlm.quantize.config import CODEC_KINDS, GROUP_SIZES, KV_BITS, TS_RULES, WEIGHT_BITS, WEIGHT_METHODS
+    from splitlm.partition.plan import Plan
+    from splitlm.quantize.config import (
+        CODEC_KINDS,
+        GROUP_SIZES,
+        KV_BITS,
+        LM_HEAD_BITS,
+        LM_HEAD_GROUP,
+        TS_RULES,
+        WEIGHT_BITS,
+        WEIGHT_METHODS,
+        CodecConfig,
+        WeightQuant,
+    )
 
     g = p.add_argument_group("plan (when no --plan is given)")
     for side in ("device", "cloud"):
-        g.add_argument(f"--{side}-bits", type=int, default=16, choices=WEIGHT_BITS, help=f"{side} weight bits (16 = none)")
-        g.add_argument(f"--{side}-group", type=int, default=128, choices=GROUP_SIZES, help=f"{side} group size (-1 = per channel)")
-        g.add_argument(f"--{side}-method", default="rtn", choices=sorted(WEIGHT_METHODS), help=f"{side} quantization method")
+        g.add_argument(f"--{side}-bits", type=int, default=_default(WeightQuant, "bits"), choices=WEIGHT_BITS,
+                       help=f"{side} weight bits (16 = none)")
+        g.add_argument(f"--{side}-group", type=int, default=_default(WeightQuant, "group_size"), choices=GROUP_SIZES,
+                       help=f"{side} group size (-1 = per channel)")
+        g.add_argument(f"--{side}-method", default=_default(WeightQuant, "method"), choices=sorted(WEIGHT_METHODS),
+                       help=f"{side} quantization method")
         g.add_argument(f"--{side}-symmetric", action="store_true", help=f"symmetric {side} quantization")
-    g.add_argument("--kv-bits", type=int, default=16, choices=KV_BITS, help="device KV cache bits")
-    g.add_argument("--codec", default="fp32", choices=CODEC_KINDS, help="activation codec on the link (default fp32: exact)")
-    g.add_argument("--codec-eps", type=float, default=0.03, help="TAB-Q error budget ε")
-    g.add_argument("--ts-rule", default="std", choices=TS_RULES, help="threshold-splitting rule")
-    g.add_argument("--ts-k", type=float, default=4.0, help="outlier threshold in row standard deviations")
-    g.add_argument("--codec-group", type=int, default=0, help="channels per codec scale (0 = per row)")
-    g.add_argument("--prefill-chunk", type=int, default=128, help="positions per prefill step")
-    g.add_argument("--lm-head-bits", type=int, default=16, choices=(16, 8, 4), help="LM head precision (RTN, groups of 32)")
+    g.add_argument("--kv-bits", type=int, default=_default(Plan, "kv_bits"), choices=KV_BITS, help="device KV cache bits")
+    g.add_argument("--codec", default=CLI_CODEC, choices=CODEC_KINDS, help=f"activation codec on the link (default {CLI_CODEC}: exact)")
+    g.add_argument("--codec-eps", type=float, default=_default(CodecConfig, "error_budget"), help="TAB-Q error budget ε")
+    g.add_argument("--ts-rule", default=_default(CodecConfig, "ts_rule"), choices=TS_RULES, help="threshold-splitting rule")
+    g.add_argument("--ts-k", type=float, default=_default(CodecConfig, "ts_threshold"), help="outlier threshold in row standard deviations")
+    g.add_argument("--codec-group", type=int, default=_default(CodecConfig, "group_size"), help="channels per codec scale (0 = per row)")
+    g.add_argument("--prefill-chunk", type=int, default=_default(Plan, "prefill_chunk"), help="positions per prefill step")
+    g.add_argument("--lm-head-bits", type=int, default=_default(Plan, "lm_head_bits"), choices=LM_HEAD_BITS,
+                   help=f"LM head precision (RTN, groups of {LM_HEAD_GROUP})")
     g.add_argument("--calib-windows", type=int, default=16, help="calibration windows for calibrated methods")
 
 
@@ -119,16 +151,8 @@ def _plan_from_flags(args, ckpt, split: int):
                 max_seq_len=ckpt.spec.max_position)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from splitlm.model.registry import DEFAULT_MODEL
-
-    ap = argparse.ArgumentParser(prog="splitlm", description="Run an LLM split between an edge device and a cloud server.")
-    ap.add_argument("-v", "--verbose", action="count", default=0,
-                    help="splitlm's own debug logging; -vv also the libraries' (onnx exporter, grpc, ...)")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("models", help="list the models splitlm can load")
-
+def _add_generate(sub) -> None:
+    """The generate command's flags."""
     g = sub.add_parser("generate", help="generate text with the model split at a layer")
     _add_model_and_plan(g)
     g.add_argument("--artifacts", default=None, help="an export directory: run its ONNX head (and its tail in-process)")
@@ -144,7 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_sampling(g)
 
-    e = sub.add_parser("eval", help="perplexity (and bytes per token) of a plan on the DESIGN.md protocol or a text file")
+
+def _add_eval(sub) -> None:
+    """The eval command's flags."""
+    e = sub.add_parser("eval", help="perplexity (and bytes per token) of a plan on pydoc_data.topics in 512-token windows, or on a text file")
     _add_model_and_plan(e)
     _add_plan_flags(e)
     e.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")
@@ -152,14 +179,65 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--text", default=None, help="a UTF-8 text file instead of pydoc_data.topics")
     e.add_argument("--json", default=None, help="also write the result as JSON here")
 
+
+def _add_export(sub) -> None:
+    """The export command's flags."""
+    from splitlm.quantize.config import ACCURACY_LEVEL, ACCURACY_LEVELS
+
     x = sub.add_parser("export", help="export the device head (ONNX) and the cloud tail for a plan")
     _add_model_and_plan(x)
     x.add_argument("--out", required=True, help="output directory (gets device/ and cloud/)")
     x.add_argument("--check", action="store_true", help="compare the ONNX head with the torch head; fail beyond tolerance")
-    x.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
-                   help="MatMulNBits accuracy_level: 4 = int8 compute, fast on CPU (default); 0 = fp32 compute, exact")
+    x.add_argument("--accuracy-level", type=int, default=ACCURACY_LEVEL, choices=ACCURACY_LEVELS,
+                   help=f"MatMulNBits accuracy_level (default {ACCURACY_LEVEL}): 4 = int8 compute, fast on CPU; 0 = fp32 compute, exact")
     _add_plan_flags(x)
 
+
+def _add_partition(sub) -> None:
+    """The partition command's flags."""
+    from splitlm.partition.search import OBJECTIVES, Budgets
+
+    pt = sub.add_parser("partition", help="choose a plan from a profile under memory and latency budgets")
+    pt.add_argument("--profile", required=True, help="a profile JSON (from `splitlm profile`, or written by hand)")
+    pt.add_argument("--device-memory", required=True, help="device memory budget, e.g. 64MB or 1.5GiB")
+    pt.add_argument("--token-latency", required=True, help="per-token latency budget, e.g. 40ms")
+    pt.add_argument("--ttft", default=None, help="time-to-first-token budget, e.g. 500ms")
+    pt.add_argument("--max-seq-len", type=int, default=_default(Budgets, "max_seq_len"), help="sequence length to plan for (default: longest that fits)")
+    pt.add_argument("--prompt-tokens", type=int, default=_default(Budgets, "prompt_tokens"),
+                    help="prompt length the TTFT is predicted for")
+    pt.add_argument("--objective", choices=OBJECTIVES, default=_default(Budgets, "objective"))
+    tolerance = _default(Budgets, "quality_tolerance")
+    pt.add_argument("--quality-tolerance", type=float, default=tolerance,
+                    help="quality objective: perplexities within this fraction of the best count as equal and the "
+                         f"fastest of them wins (default {tolerance})")
+    pt.add_argument("--out", required=True, help="where to write the chosen plan")
+    pt.add_argument("--top", type=int, default=10, help="Pareto candidates to print")
+    pt.add_argument("--plot", default=None, help="write a Pareto plot (PNG/SVG/PDF) of the feasible plans here")
+
+
+def _add_demo(sub) -> None:
+    """The demo command's flags."""
+    from splitlm.model.registry import DEFAULT_MODEL
+
+    d = sub.add_parser("demo", help="split generation end to end: export (cached), serve on loopback, stream, report")
+    d.add_argument("--model", default=DEFAULT_MODEL)
+    d.add_argument("--prompt", default="The three most useful things to know about Python are")
+    d.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default 48)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from splitlm.model.registry import DEFAULT_MODEL
+
+    ap = argparse.ArgumentParser(prog="splitlm", description="Run an LLM split between an edge device and a cloud server.")
+    ap.add_argument("-v", "--verbose", action="count", default=0,
+                    help="splitlm's own debug logging; -vv also the libraries' (onnx exporter, grpc, ...)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the models splitlm can load")
+
+    _add_generate(sub)
+    _add_eval(sub)
+    _add_export(sub)
     v = sub.add_parser("serve", help="serve the cloud tail of an export over gRPC")
     v.add_argument("--artifacts", required=True, help="an export directory (its cloud/ folder is served)")
     v.add_argument("--host", default="127.0.0.1")
@@ -182,25 +260,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="measure nothing but the link (--server, or --bandwidth/--rtt given) and write PROFILE with it "
                          "to --out: re-profile a new network without re-measuring the model")
 
-    pt = sub.add_parser("partition", help="choose a plan from a profile under memory and latency budgets")
-    pt.add_argument("--profile", required=True, help="a profile JSON (from `splitlm profile`, or written by hand)")
-    pt.add_argument("--device-memory", required=True, help="device memory budget, e.g. 64MB or 1.5GiB")
-    pt.add_argument("--token-latency", required=True, help="per-token latency budget, e.g. 40ms")
-    pt.add_argument("--ttft", default=None, help="time-to-first-token budget, e.g. 500ms")
-    pt.add_argument("--max-seq-len", type=int, default=None, help="sequence length to plan for (default: longest that fits)")
-    pt.add_argument("--prompt-tokens", type=int, default=128, help="prompt length the TTFT is predicted for")
-    pt.add_argument("--objective", choices=("quality", "latency"), default="quality")
-    pt.add_argument("--quality-tolerance", type=float, default=0.005,
-                    help="quality objective: perplexities within this fraction of the best count as equal and the "
-                         "fastest of them wins (default 0.005)")
-    pt.add_argument("--out", required=True, help="where to write the chosen plan")
-    pt.add_argument("--top", type=int, default=10, help="Pareto candidates to print")
-    pt.add_argument("--plot", default=None, help="write a Pareto plot (PNG/SVG/PDF) of the feasible plans here")
-
-    d = sub.add_parser("demo", help="split generation end to end: export (cached), serve on loopback, stream, report")
-    d.add_argument("--model", default=DEFAULT_MODEL)
-    d.add_argument("--prompt", default="The three most useful things to know about Python are")
-    d.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    _add_partition(sub)
+    _add_demo(sub)
     return ap
 
 
@@ -226,16 +287,12 @@ def _split_and_plan(args, ckpt):
     return split, plan
 
 
-CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
-"""The ChatML markers of the one chat template splitlm applies (SmolLM2, Qwen2)."""
+def _chat_prompt(prompt: str, tok, template: str | None, spec) -> str:
+    """`prompt` as a user turn in the model's chat template (ChatML when it carries none)."""
+    from splitlm.model.chat import chat_prompt
 
-
-def _chat_prompt(prompt: str, tok=None) -> str:
-    """`prompt` in the ChatML template; ConfigError when `tok` has no ChatML tokens (the template would be text)."""
-    if tok is not None and any(tok.token_to_id(t) is None for t in CHAT_TOKENS):
-        raise ConfigError(f"--chat: this model's tokenizer has no {' / '.join(CHAT_TOKENS)} tokens, so it does not use "
-                          "the ChatML template splitlm applies; drop --chat and write the prompt in the model's format")
-    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    eos = spec.eos_token_ids[0] if spec.eos_token_ids else None
+    return chat_prompt(prompt, tok, template, spec.bos_token_id, eos)
 
 
 def _check_output(path: str | None, flag: str) -> None:
@@ -315,15 +372,15 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     _check_generate_flags(args)
     if args.artifacts:
-        result, tok, split, L, plan = _generate_from_artifacts(args, sampling)
+        result, tok, split, L, plan, chat = _generate_from_artifacts(args, sampling)
     else:
         from splitlm.local import LocalSplit
 
         ckpt = _load(args.model)
         split, plan = _split_and_plan(args, ckpt)
         runner = LocalSplit(ckpt, split, plan=plan)
-        tok, L = ckpt.tokenizer(), ckpt.spec.num_layers
-    prompt = _chat_prompt(args.prompt, tok) if args.chat else args.prompt
+        tok, L, chat = ckpt.tokenizer(), ckpt.spec.num_layers, (ckpt.chat_template(), ckpt.spec)
+    prompt = _chat_prompt(args.prompt, tok, *chat) if args.chat else args.prompt
     ids = tok.encode(prompt).ids
     stream = StreamingDecoder(tok)
     print(args.prompt if not args.chat else "", end="", flush=True)
@@ -362,9 +419,11 @@ def _predicted_vs_measured(plan, result) -> str:
 
 
 def _generate_from_artifacts(args, sampling):
-    """ONNX head on the device side; for split plans, the exported tail in this process."""
+    """ONNX head on the device side; for split plans, the tail on --server or else the exported tail in this
+    process. Returns (run, tokenizer, split, L, plan, (chat template, spec))."""
     from splitlm.artifacts import export_side
     from splitlm.device.runtime import HeadSession, generate_device_only, generate_split, load_tokenizer
+    from splitlm.model.chat import load_template
 
     root = args.artifacts
     session = HeadSession(export_side(root, "device"), threads=args.threads, verify=args.verify)
@@ -397,7 +456,7 @@ def _generate_from_artifacts(args, sampling):
                 raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
             tail_session = tail.new_session(sampling)
             run = lambda ids, show: generate_split(session, tail_session.next_token, ids, args.max_tokens, show, tok)  # noqa: E731
-    return run, tok, session.plan.split_layer, L, session.plan
+    return run, tok, session.plan.split_layer, L, session.plan, (load_template(session.dir), session.spec)
 
 
 def cmd_eval(args) -> int:
@@ -437,6 +496,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from splitlm import evaluate
     from splitlm.export import check_parity, export_artifacts
+    from splitlm.quantize.config import ACCURACY_LEVEL
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -447,7 +507,7 @@ def cmd_export(args) -> int:
     ckpt = _load(args.model)
     plan, calibrated = _plan_and_check_flags(args, ckpt)
     L = ckpt.spec.num_layers
-    if args.accuracy_level != 4 and not ((0 < plan.split_layer and plan.device_weights.bits != 16)
+    if args.accuracy_level != ACCURACY_LEVEL and not ((0 < plan.split_layer and plan.device_weights.bits != 16)
                                          or (plan.split_layer == L and plan.lm_head_bits != 16)):
         raise ConfigError(f"--accuracy-level {args.accuracy_level} would be ignored: it sets the quantized matmuls of "
                           "the device head, and this plan's device head has none")

@@ -1,4 +1,4 @@
-"""Perplexity on the DESIGN.md §10 protocol.
+"""Perplexity on a fixed protocol (the one README.md describes).
 
 Corpus: the topic texts of Python's own `pydoc_data.topics`, in sorted key order,
 joined by blank lines. Tokenized with the model's tokenizer (no BOS added), cut

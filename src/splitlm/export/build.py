@@ -1,6 +1,6 @@
 """`splitlm export`: the device head as ONNX and the cloud tail as safetensors (needs torch).
 
-DIR/device/  head.onnx, tokenizer.json, plan.json, spec.json, manifest.json
+DIR/device/  head.onnx, tokenizer.json, chat_template.jinja (when the model has one), plan.json, spec.json, manifest.json
 DIR/cloud/   tail.safetensors, plan.json, spec.json, tokenizer.json, manifest.json
 
 The head graph is the reference module's head stage traced by torch.onnx (dynamo),
@@ -26,20 +26,19 @@ from torch import nn
 from splitlm.device.runtime import HEAD_FILE
 from splitlm.errors import ExportError, ParityError
 from splitlm.model import names
+from splitlm.model.chat import save_template
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.llama import Transformer
+from splitlm.model.modules import swap_module
 from splitlm.partition.plan import Plan
 from splitlm.quantize.apply import LINEARS, save_stage
+from splitlm.quantize.config import ACCURACY_LEVEL, ACCURACY_LEVELS
 from splitlm.quantize.weights import QuantLinear
 from splitlm.stages import build_stages
 
 log = logging.getLogger(__name__)
 
 TAIL_FILE = names.TAIL_FILE
-ACCURACY_LEVEL = 4
-"""MatMulNBits accuracy_level. 4 quantizes activations to int8 inside the matmul: onnxruntime's
-fast CPU path (8x faster int4 decode than level 0 on SmolLM2, bench/device.py). 0 computes in fp32
-and matches the torch head to 1e-6."""
 EXPORT_FORMAT = 4
 """Bumped whenever the exported graph changes shape (ops, names): caches of exports key on it."""
 PARITY_TOL = {"fp32": 1e-4, "quantized": 1e-3, "int8-compute": 5e-2}
@@ -110,8 +109,7 @@ def _ort_form(stage: Transformer, accuracy_level: int) -> Transformer:
         for name in LINEARS:
             mod = block.get_submodule(name)
             if isinstance(mod, QuantLinear):
-                parent, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent), attr, OrtLinear(mod, accuracy_level))
+                swap_module(block, name, OrtLinear(mod, accuracy_level))
         block.input_layernorm = OrtRMSNorm(block.input_layernorm)
         block.post_attention_layernorm = OrtRMSNorm(block.post_attention_layernorm)
     if stage.finalizes:
@@ -176,20 +174,21 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
                      progress: bool = True, accuracy_level: int = ACCURACY_LEVEL) -> ExportResult:
     """Write DIR/device (and DIR/cloud unless device-only) for `plan`."""
     t0 = time.perf_counter()
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ExportError(f"MatMulNBits accuracy_level {accuracy_level!r} not in {ACCURACY_LEVELS}")
     plan.check_model(ckpt.spec.num_layers, ckpt.weights_hash)
     head, tail = build_stages(ckpt, plan, calib_ids, progress=progress)
     out = Path(out)
     device, cloud = out / "device", out / "cloud"
     shutil.rmtree(device, ignore_errors=True)
     device.mkdir(parents=True)
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ExportError(f"MatMulNBits accuracy_level {accuracy_level} not in 0..4")
     export_head_onnx(head, device / HEAD_FILE, accuracy_level)
     for folder in [device] + ([cloud] if tail is not None else []):
         folder.mkdir(parents=True, exist_ok=True)
         plan.save(folder / "plan.json")
         (folder / "spec.json").write_text(ckpt.spec.to_json())
         shutil.copyfile(ckpt.path / "tokenizer.json", folder / "tokenizer.json")
+    save_template(ckpt.chat_template(), device)
     tail_bytes = 0
     if tail is not None:
         save_stage(tail, cloud / TAIL_FILE)

@@ -4,6 +4,7 @@ A cached model directory contains:
   spec.json          the ModelSpec
   model.safetensors  the weights under Hugging Face names
   tokenizer.json     a `tokenizers` tokenizer
+  chat_template.jinja  the model's chat template, when its source carries one
   manifest.json      format version, source fingerprint, per-file size and sha256
 
 `Checkpoint.open` validates the manifest; `ensure_cached` rebuilds a missing,
@@ -24,11 +25,13 @@ from typing import Callable
 from tokenizers import Tokenizer
 
 from splitlm.errors import ModelLoadError
+from splitlm.model.chat import CHAT_TEMPLATE_FILE
 from splitlm.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Bumped when a conversion writes different files (2: the chat template): older caches are rebuilt."""
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -68,6 +71,12 @@ class Checkpoint:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_file(str(self.path / TOKENIZER_FILE))
 
+    def chat_template(self) -> str | None:
+        """The model's Jinja chat template, or None when its source carried none."""
+        from splitlm.model.chat import load_template
+
+        return load_template(self.path)
+
     @classmethod
     def open(cls, path: Path, verify: bool = True) -> "Checkpoint":
         """Read and check a cache directory; raise ModelLoadError naming what is wrong."""
@@ -96,7 +105,8 @@ class Checkpoint:
 def write_manifest(path: Path, model_id: str, source: dict) -> None:
     """Fingerprint the files of a freshly converted directory."""
     files = {}
-    for name in (WEIGHTS_FILE, SPEC_FILE, TOKENIZER_FILE):
+    optional = [CHAT_TEMPLATE_FILE] if (path / CHAT_TEMPLATE_FILE).is_file() else []
+    for name in (WEIGHTS_FILE, SPEC_FILE, TOKENIZER_FILE, *optional):
         file = path / name
         if not file.is_file():
             raise ModelLoadError(f"conversion into {path} did not write {name}")

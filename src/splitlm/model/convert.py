@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from splitlm.errors import ConfigError, ModelLoadError
+from splitlm.model.chat import save_template, template_from_gguf, template_from_hf_dir
 from splitlm.model.checkpoint import SPEC_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from splitlm.model.spec import ARCHITECTURES, ModelSpec, RopeScaling
 from splitlm.model.tokenizer import byte_tokenizer, tokenizer_from_gguf
@@ -138,6 +139,7 @@ def convert_gguf(gguf_path: Path, out: Path, progress: bool = True) -> None:
         tensors[name] = w
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"source": gguf_path.name})
     tokenizer_from_gguf(fields).save(str(out / TOKENIZER_FILE))
+    save_template(template_from_gguf(fields), out)
     (out / SPEC_FILE).write_text(spec.to_json())
 
 
@@ -165,6 +167,7 @@ def convert_hf_dir(src: Path, out: Path) -> None:
                     merged[key] = f.get_tensor(key)
         save_file(merged, str(out / WEIGHTS_FILE))
     shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    save_template(template_from_hf_dir(src), out)
     (out / SPEC_FILE).write_text(spec.to_json())
 
 

@@ -1,4 +1,4 @@
-"""Profiler, cost models, search, and the Plan."""
+"""The Plan, the profile, cost models and search (torch-free); the measuring is in splitlm.profiler."""
 
 from splitlm.partition.plan import Plan, Predictions
 from splitlm.quantize.config import CodecConfig, WeightQuant

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from splitlm.errors import PlanError
+from splitlm.partition.fields import MissingField, from_fields
 from splitlm.quantize.config import KV_BITS, LM_HEAD_BITS, CodecConfig, WeightQuant
 
 PLAN_VERSION = 1
@@ -30,7 +31,7 @@ class Predictions:
     bytes_per_token: float | None = None
     """Bytes on the wire per decoded token, upstream."""
     quality: float | None = None
-    """Predicted perplexity on the DESIGN.md protocol."""
+    """Predicted perplexity on the evaluation protocol (splitlm.evaluate: pydoc_data.topics, 512-token windows)."""
 
 
 @dataclass(frozen=True)
@@ -125,16 +126,11 @@ class Plan:
             raise PlanError(f"plan version {version!r} is not supported (expected {PLAN_VERSION})")
         claimed = data.pop("hash", None)
         try:
-            plan = cls(
-                **{k: v for k, v in data.items() if k not in ("device_weights", "cloud_weights", "codec", "predictions", "split_moves")},
-                device_weights=WeightQuant(**data.get("device_weights", {})),
-                cloud_weights=WeightQuant(**data.get("cloud_weights", {})),
-                codec=_codec_from(data.get("codec", {})),
-                split_moves=tuple(tuple(m) for m in data.get("split_moves", ())),
-                predictions=Predictions(**data.get("predictions", {})),
-            )
+            plan = from_fields(cls, data)
         except PlanError:
             raise
+        except MissingField as exc:
+            raise PlanError(f"plan has a missing, unknown or malformed field: no {exc.args[0]!r}") from None
         except (TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"plan has a missing, unknown or malformed field: {exc}") from None
         if claimed is not None and claimed != plan.hash:
@@ -184,10 +180,3 @@ _MAKE_PLAN = "make a plan from it with `splitlm partition --profile`"
 def _is_profile(data: Mapping[str, Any]) -> bool:
     return "split_layer" not in data and {"memory", "quality", "device", "cloud"} <= data.keys()
 
-
-def _codec_from(raw: Mapping[str, Any]) -> CodecConfig:
-    raw = dict(raw)
-    for key in ("ts_channels", "bit_widths", "clip_ratios"):
-        if key in raw:
-            raw[key] = tuple(raw[key])
-    return CodecConfig(**raw)

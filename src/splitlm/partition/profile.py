@@ -11,11 +11,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, get_type_hints
 
 import numpy as np
 
 from splitlm.errors import ConfigError
+from splitlm.partition.fields import MissingField, convert, from_fields
 
 PROFILE_VERSION = 1
 
@@ -120,9 +121,8 @@ class QualityTable:
 
     @classmethod
     def from_dict(cls, q: Mapping[str, Any]) -> "QualityTable":
-        return cls(q["base_ppl"], {int(b): {int(s): v for s, v in t.items()} for b, t in q["device_delta"].items()},
-                   {int(b): {int(s): v for s, v in t.items()} for b, t in q["cloud_delta"].items()},
-                   {int(k): v for k, v in q["kv_delta"].items()}, dict(q["codec_delta"]))
+        """The table from its JSON object (integer keys from their strings)."""
+        return from_fields(cls, q)
 
     @staticmethod
     def _over_split(table: Mapping[int, float], split: int) -> float:
@@ -231,39 +231,22 @@ class Profile:
             raise ConfigError(f"this is a plan, not a profile; {_MAKE_PROFILE}")
         if data.pop("version", None) != PROFILE_VERSION:
             raise ConfigError(f"profile version {raw.get('version')!r} is not supported (expected {PROFILE_VERSION})")
-
-        def side(d):
-            return SideProfile(tuple(d["contexts"]), {int(k): tuple(v) for k, v in d["decode_ms"].items()},
-                               {int(k): v for k, v in d["prefill_ms_per_token"].items()}, d.get("embed_ms", 0.0),
-                               {int(k): v for k, v in d.get("head_ms", {}).items()}, d.get("step_overhead_ms", 0.0),
-                               {int(k): v for k, v in d.get("prefill_fixed_ms", {}).items()},
-                               d.get("prefill_overhead_ms", 0.0),
-                               {int(k): tuple(v) for k, v in d.get("kv_decode_ms", {}).items()},
-                               {int(k): v for k, v in d.get("kv_prefill_ms_per_token", {}).items()},
-                               d.get("alone_decode_scale", 1.0))
-
-        def memory(m):
-            return MemoryProfile({int(k): v for k, v in m["layer_bytes"].items()}, m["embed_bytes"],
-                                 {int(k): v for k, v in m["lm_head_bytes"].items()},
-                                 {int(k): v for k, v in m["kv_bytes_per_token_layer"].items()},
-                                 m.get("runtime_bytes", 0.0), m.get("activation_bytes_per_token", 0.0),
-                                 m.get("embed_bytes_per_token", 0.0), m.get("head_bytes"),
-                                 m.get("head_bytes_per_token", 0.0))
-
-        def part(name: str, build=lambda v: v):
-            if name not in data:
-                raise ConfigError(f"profile has no field {name!r}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        if missing:
+            raise ConfigError(f"profile has no field {missing[0]!r}")
+        hints = get_type_hints(cls)
+        values = {}
+        for name, value in data.items():
             try:
-                return build(data[name])
-            except KeyError as exc:
+                values[name] = convert(hints[name], value) if name in hints else value
+            except MissingField as exc:
                 raise ConfigError(f"profile field {name!r} has no {exc.args[0]!r}") from None
             except (TypeError, ValueError, AttributeError) as exc:
                 raise ConfigError(f"profile field {name!r} is malformed ({exc})") from None
-
-        return cls(part("model_id"), part("weights_hash"), part("num_layers"), part("hidden_size"),
-                   part("device", side), part("cloud", side), part("memory", memory),
-                   part("link", lambda d: LinkProfile(**d)), part("codecs", lambda cs: tuple(CodecPoint(**c) for c in cs)),
-                   part("quality", QualityTable.from_dict))
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"profile has an unknown field ({exc})") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":

@@ -7,11 +7,14 @@ nothing fits or when device-only / cloud-only beats every split. torch-free.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from splitlm.errors import ConfigError
 from splitlm.partition.profile import CodecPoint, Profile
 
+Objective = Literal["quality", "latency"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+"""What the chosen plan may optimize: the best perplexity or the fastest token."""
 SEQ_LADDER = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -33,7 +36,7 @@ class Budgets:
     """Prompt length TTFT is predicted for."""
     prefill_chunk: int = 128
     """Positions per prefill step (transient activation memory)."""
-    objective: Literal["quality", "latency"] = "quality"
+    objective: Objective = "quality"
     """What the chosen plan optimizes among the feasible ones."""
     quality_tolerance: float = 0.005
     """With the quality objective: perplexities within this fraction of the best feasible one count
@@ -43,8 +46,8 @@ class Budgets:
     """LM-head precision of device-only plans."""
 
     def __post_init__(self) -> None:
-        if self.objective not in ("quality", "latency"):
-            raise ConfigError(f"objective {self.objective!r} not in ('quality', 'latency')")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective {self.objective!r} not in {OBJECTIVES}")
         if not self.device_memory_bytes > 0 or not self.token_latency_ms > 0:
             raise ConfigError("device memory and token latency budgets must be > 0")
         if not 0 <= self.quality_tolerance < 1:

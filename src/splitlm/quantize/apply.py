@@ -1,8 +1,9 @@
 """Quantize the weights of a stage in place: each block Linear becomes a QuantLinear.
 
 Precision is per stage, so the device head and the cloud tail of one model can
-differ (one-point split compression). Embedding, final norm and LM head stay in
-the compute dtype.
+differ (one-point split compression). Embedding and final norm stay in the compute
+dtype; the LM head stays there too unless the plan's lm_head_bits quantizes it
+(`quantize_lm_head`, RTN in groups of LM_HEAD_GROUP).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from splitlm.errors import ConfigError
 from splitlm.model.llama import Transformer
+from splitlm.model.modules import swap_module
 from splitlm.quantize.config import LM_HEAD_GROUP, WeightQuant
 from splitlm.quantize.gptq import HessianAccumulator, gptq_quantize
 from splitlm.quantize.weights import QuantizedTensor, QuantLinear, rtn_quantize
@@ -33,18 +35,6 @@ IMPLEMENTATIONS: dict[str, Quantizer] = {
     "rtn": lambda w, wq, H: rtn_quantize(w, wq.bits, wq.group_size, wq.symmetric),
     "gptq": lambda w, wq, H: gptq_quantize(w, H, wq.bits, wq.group_size, wq.symmetric),
 }
-
-
-def _get(module: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _set(module: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent, _, name = dotted.rpartition(".")
-    setattr(_get(module, parent) if parent else module, name, new)
-
 
 
 def quantize_lm_head(stage: Transformer, bits: int) -> Transformer:
@@ -72,8 +62,8 @@ def quantize_stage(stage: Transformer, wq: WeightQuant, calib_inputs: list[torch
         for i in stage.owned_layers:
             block = stage.model.layers[i]
             for name in LINEARS:
-                lin = _get(block, name)
-                _set(block, name, QuantLinear(impl(lin.weight.data, wq, None), lin.bias))
+                lin = block.get_submodule(name)
+                swap_module(block, name, QuantLinear(impl(lin.weight.data, wq, None), lin.bias))
         return stage
     if not calib_inputs:
         raise ConfigError(f"weight method {wq.method!r} needs calibration text")
@@ -94,8 +84,8 @@ def _calibrated(stage: Transformer, wq: WeightQuant, impl: Quantizer, calib: lis
     masks = [mask for _, _, mask in steps]
     for i in tqdm(list(stage.owned_layers), desc=f"{wq.method} W{wq.bits}", unit="layer", disable=not progress, leave=False):
         block = stage.model.layers[i]
-        accs = {name: HessianAccumulator(_get(block, name).in_features) for name in LINEARS}
-        hooks = [_get(block, name).register_forward_hook(lambda m, inp, out, a=accs[name]: a.add(inp[0]))
+        accs = {name: HessianAccumulator(block.get_submodule(name).in_features) for name in LINEARS}
+        hooks = [block.get_submodule(name).register_forward_hook(lambda m, inp, out, a=accs[name]: a.add(inp[0]))
                  for name in LINEARS]
         try:
             for x, (cos, sin), mask in zip(xs, tables, masks):
@@ -104,8 +94,8 @@ def _calibrated(stage: Transformer, wq: WeightQuant, impl: Quantizer, calib: lis
             for h in hooks:
                 h.remove()
         for name in LINEARS:
-            lin = _get(block, name)
-            _set(block, name, QuantLinear(impl(lin.weight.data, wq, accs[name].H), lin.bias))
+            lin = block.get_submodule(name)
+            swap_module(block, name, QuantLinear(impl(lin.weight.data, wq, accs[name].H), lin.bias))
         xs = [block(x, cos, sin, None, mask)[0] for x, (cos, sin), mask in zip(xs, tables, masks)]
 
 
@@ -133,7 +123,7 @@ def _load_cached(stage, wq, calib, cache_dir, tag) -> Transformer | None:
                 p = f"{i}.{name}."
                 q = QuantizedTensor(tensors[p + "codes"], tensors[p + "scales"], tensors[p + "zeros"], wq.bits,
                                     int(tensors[p + "group"].item()))
-                _set(block, name, QuantLinear(q, _get(block, name).bias))
+                swap_module(block, name, QuantLinear(q, block.get_submodule(name).bias))
     except Exception as exc:  # noqa: BLE001 - any damage means recompute
         log.warning("ignoring unreadable quantization cache %s (%s)", path, exc)
         return None
@@ -149,7 +139,7 @@ def _save_cached(stage, wq, calib, cache_dir, tag) -> None:
     tensors = {}
     for i in stage.owned_layers:
         for name in LINEARS:
-            q = _get(stage.model.layers[i], name).quantized
+            q = stage.model.layers[i].get_submodule(name).quantized
             p = f"{i}.{name}."
             tensors.update({p + "codes": q.codes, p + "scales": q.scales, p + "zeros": q.zeros,
                             p + "group": torch.tensor(q.group_size)})
@@ -161,7 +151,7 @@ def _save_cached(stage, wq, calib, cache_dir, tag) -> None:
 
 def _quantizable(stage: Transformer) -> list[tuple[str, nn.Module]]:
     """(dotted name, module) of every Linear a plan may quantize in this stage."""
-    mods = [(f"model.layers.{i}.{lin}", _get(stage.model.layers[i], lin)) for i in stage.owned_layers for lin in LINEARS]
+    mods = [(f"model.layers.{i}.{lin}", stage.model.layers[i].get_submodule(lin)) for i in stage.owned_layers for lin in LINEARS]
     if stage.finalizes:
         mods.append(("lm_head", stage.lm_head))
     return mods
@@ -200,7 +190,7 @@ def load_stage(spec, path: Path, dtype: torch.dtype = torch.float32) -> Transfor
             bits, group = (int(v) for v in meta[key].split(","))
             q = QuantizedTensor(tensors.pop(key + ".codes"), tensors.pop(key + ".scales"), tensors.pop(key + ".zeros"), bits, group)
             bias = tensors.pop(key + ".bias", None)
-            _set(stage, key, QuantLinear(q, bias))
+            swap_module(stage, key, QuantLinear(q, bias))
             if bias is not None:
                 tensors[key + ".bias"] = bias
     missing, unexpected = stage.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},

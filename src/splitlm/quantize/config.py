@@ -28,6 +28,13 @@ LM_HEAD_BITS: tuple[int, ...] = get_args(LmHeadBits)
 """LM head precisions (16 = as loaded; 8 and 4 are RTN in groups of LM_HEAD_GROUP)."""
 LM_HEAD_GROUP = 32
 """Group size of a quantized LM head."""
+AccuracyLevel = Literal[0, 1, 2, 3, 4]
+ACCURACY_LEVELS: tuple[int, ...] = get_args(AccuracyLevel)
+"""onnxruntime MatMulNBits accuracy_level values (the compute type of a quantized matmul: 0 = as the input, 4 = int8)."""
+ACCURACY_LEVEL = 4
+"""The MatMulNBits accuracy_level exports use. 4 quantizes activations to int8 inside the matmul: onnxruntime's
+fast CPU path (8x faster int4 decode than level 0 on SmolLM2, bench/device.py). 0 computes in fp32
+and matches the torch head to 1e-6."""
 CodecKind = Literal["fp32", "fp16", "tabq"]
 CODEC_KINDS: tuple[str, ...] = get_args(CodecKind)
 TsRule = Literal["none", "std", "channels"]
@@ -52,7 +59,7 @@ WEIGHT_METHODS: dict[str, MethodInfo] = {
         MethodInfo("gptq", "GPTQ: Hessian-aware error feedback from calibration text", needs_calibration=True),
     )
 }
-"""The weight quantization methods; `quantize.apply.QUANTIZERS` holds one function per key."""
+"""The weight quantization methods; `quantize.apply.IMPLEMENTATIONS` holds one function per key."""
 
 
 @dataclass(frozen=True)
