@@ -12,6 +12,7 @@ from torch import nn
 
 from splitlm.errors import ConfigError
 from splitlm.kernels import wq_matmul
+from splitlm.model.modules import swap_module
 from splitlm.quantize.weights import QuantLinear
 
 IMPLS = ("auto", "triton", "reference")
@@ -56,12 +57,8 @@ class KernelLinear(nn.Module):
 
 def apply_kernels(module: nn.Module, impl: str) -> int:
     """Swap every 4/8-bit QuantLinear in `module` for a KernelLinear running `impl`; returns how many."""
-    swapped = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, QuantLinear) and child.bits in wq_matmul.KERNEL_BITS:
-            setattr(module, name, KernelLinear(child, impl))
-            swapped += 1
-        else:
-            swapped += apply_kernels(child, impl)
-    return swapped
+    targets = [(name, m) for name, m in module.named_modules() if name and isinstance(m, QuantLinear) and m.bits in wq_matmul.KERNEL_BITS]
+    for name, child in targets:
+        swap_module(module, name, KernelLinear(child, impl))
+    return len(targets)
 

@@ -5,8 +5,8 @@ The quantizer's layout (`quantize.weights`): a (N, K) weight cut along K into gr
 read the codes packed: 8-bit codes as they are (N, K) uint8; 4-bit codes two per byte along K,
 even column in the low nibble (N, ceil(K/2)) — `pack_weight` does this once when the tail is
 built. Two kernels: a decode-shaped one for a few rows (memory-bound: each program streams a
-BLOCK_N × K strip of codes, split along K across programs when N alone gives too few of
-them) and a prefill-shaped GEMM on tensor cores (tl.dot). `wq_matmul_reference` is the torch
+BLOCK_N × K strip of codes over all of K; there is no split-K) and a prefill-shaped GEMM on
+tensor cores (tl.dot). `wq_matmul_reference` is the torch
 reference (dequantize, then matmul in fp32) with the same signature.
 """
 
