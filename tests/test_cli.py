@@ -276,3 +276,50 @@ def test_verbose_turns_on_splitlm_logging_not_the_libraries(capsys):
         assert logging.getLogger("onnxscript").getEffectiveLevel() > logging.DEBUG  # -v alone: not the exporter's chatter
     finally:
         ours.setLevel(logging.NOTSET)
+
+
+def test_serve_writes_the_port_it_listens_on_to_port_file(artifacts, tmp_path):
+    """serve --port 0 --port-file F, a real server process: F holds the bound port once it listens, and a client connects to it."""
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from splitlm.profiler.probes import child_env
+
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "splitlm.cli", "serve", "--artifacts", str(artifacts[1].cloud_dir.parent),
+                             "--port", "0", "--port-file", str(port_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert proc.poll() is None, f"serve exited: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no --port-file after 120 s"
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        assert 0 < port < 65536 and list(tmp_path.iterdir()) == [port_file]  # the temporary file was renamed onto it
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_serve_refuses_a_port_file_it_cannot_write_before_starting(capsys, tmp_path, monkeypatch, artifacts):
+    import splitlm.cloud.service as service
+    import splitlm.cloud.tail as tail
+
+    def never(*args, **kwargs):
+        raise AssertionError("started before checking --port-file")
+
+    monkeypatch.setattr(service, "start_server", never)
+    monkeypatch.setattr(tail, "TailRunner", never)
+    root = str(artifacts[1].cloud_dir.parent)
+    assert_one_line_error(capsys, ("serve", "--artifacts", root, "--port", "0", "--port-file", str(tmp_path / "missing" / "port")),
+                          r"splitlm serve: error: --port-file .*missing/port: directory .*missing does not exist")
+    assert_one_line_error(capsys, ("serve", "--artifacts", root, "--port", "0", "--port-file", str(tmp_path)),
+                          r"--port-file .* is a directory; give a file name")

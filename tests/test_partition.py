@@ -192,11 +192,12 @@ def test_cli_partition_writes_a_plan_with_predictions(tmp_path, capsys):
 def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
     from splitlm.cli import main
     from splitlm.partition.plan import Plan
-    from splitlm.profiler import measure_profile
+    from splitlm.profiler import ProfileConfig, measure_profile
 
     # probe_layers=1: heads of 1 and 2 layers, so memory is fitted from two depths
-    profile = measure_profile(tiny_ckpt, LinkProfile(100.0, 10.0), bits=(16, 4), kv_bits=(16, 8), contexts=(32, 128),
-                              prefill=32, memory_positions=256, lm_head_bits=(8,), reps=2, probe_layers=1, progress=False)
+    config = ProfileConfig(bits=(16, 4), kv_bits=(16, 8), contexts=(32, 128), prefill=32, memory_positions=256,
+                           lm_head_bits=(8,), reps=2, probe_layers=1)
+    profile = measure_profile(tiny_ckpt, LinkProfile(100.0, 10.0), config, progress=False)
     profile.save(tmp_path / "p.json")
     profile = Profile.load(tmp_path / "p.json")
     assert profile.num_layers == tiny_ckpt.spec.num_layers and set(profile.device.decode_ms) == {16, 4}
@@ -344,14 +345,14 @@ def test_quality_ties_within_the_tolerance_go_to_the_faster_plan():
 
 
 def test_memory_fitted_from_two_depths_recovers_the_surface():
-    from splitlm.profiler.measure import _memory_fit
+    from splitlm.profiler import fit_memory
 
     runtime, fixed, per_token, layer, kv = 80 * MB, -6 * MB, 300.0, 5 * MB, 3000.0
 
     def peak(depth, seq):
         return runtime + fixed + per_token * seq + depth * (layer + kv * seq)
 
-    fit = _memory_fit(4, 28, 129, 1025, [peak(4, 129), peak(4, 1025)], [peak(28, 129), peak(28, 1025)], runtime)
+    fit = fit_memory(4, 28, 129, 1025, [peak(4, 129), peak(4, 1025)], [peak(28, 129), peak(28, 1025)], runtime)
     assert fit == pytest.approx({"fixed": fixed, "per_token": per_token, "layer": layer, "kv": kv})
     p = synthetic(layer_bytes={8: layer}, kv_bytes_per_token_layer={16: kv}, runtime_bytes=runtime, embed_bytes=9 * MB,
                   head_bytes=fixed, head_bytes_per_token=per_token)
@@ -373,21 +374,21 @@ def test_device_only_steps_use_the_spinning_threads_scale():
 
 
 def test_quality_table_is_cached_across_profiles(tiny_ckpt, monkeypatch, caplog):
-    from splitlm.profiler import measure as profiler
+    from splitlm.profiler import quality
 
     wins = [list(range(3, 40)), list(range(50, 90))]
-    first = profiler.cached_quality(tiny_ckpt, wins, (16, 4), (16, 8), progress=False)
-    path = profiler.quality_cache_path(tiny_ckpt, wins, (16, 4), (16, 8))
+    first = quality.cached_quality(tiny_ckpt, wins, (16, 4), (16, 8), progress=False)
+    path = quality.quality_cache_path(tiny_ckpt, wins, (16, 4), (16, 8))
     assert path.exists() and first.base_ppl > 1
 
     def no_measuring(*args):
         raise AssertionError("measured again although cached")
 
     with monkeypatch.context() as m:
-        m.setattr(profiler, "measure_quality", no_measuring)
-        assert profiler.cached_quality(tiny_ckpt, wins, (4, 16), (8, 16), progress=False) == first
+        m.setattr(quality, "measure_quality", no_measuring)
+        assert quality.cached_quality(tiny_ckpt, wins, (4, 16), (8, 16), progress=False) == first
     # other windows or precisions are another entry; a corrupt entry is measured again, with a warning
-    assert profiler.quality_cache_path(tiny_ckpt, wins[:1], (16, 4), (16, 8)) != path
+    assert quality.quality_cache_path(tiny_ckpt, wins[:1], (16, 4), (16, 8)) != path
     path.write_text('{"base_ppl": ')
-    assert profiler.cached_quality(tiny_ckpt, wins, (16, 4), (16, 8), progress=False) == first
+    assert quality.cached_quality(tiny_ckpt, wins, (16, 4), (16, 8), progress=False) == first
     assert "unreadable" in caplog.text

@@ -151,6 +151,36 @@ def _plan_from_flags(args, ckpt, split: int):
                 max_seq_len=ckpt.spec.max_position)
 
 
+def _add_serve_parser(sub) -> None:
+    v = sub.add_parser("serve", help="serve the cloud tail of an export over gRPC")
+    v.add_argument("--artifacts", required=True, help="an export directory (its cloud/ folder is served)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    v.add_argument("--token", default=None, help="require this bearer token")
+    v.add_argument("--max-sessions", type=int, default=64)
+    v.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
+    v.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    v.add_argument("--verify", action="store_true", help="check the sha256 of every exported file (sizes are always checked)")
+    v.add_argument("--port-file", default=None, metavar="PATH",
+                   help="once listening, write the bound port to PATH (atomically): how a script learns the port of --port 0")
+
+
+def _add_profile_parser(sub) -> None:
+    from splitlm.model.registry import DEFAULT_MODEL
+
+    pr = sub.add_parser("profile", help="measure device, cloud, codec and quality costs of a model on this machine")
+    pr.add_argument("--model", default=None, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    pr.add_argument("--out", required=True, help="where to write the profile JSON")
+    pr.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    pr.add_argument("--bandwidth", default=None, help="link bandwidth in Mbit/s (default 50)")
+    pr.add_argument("--rtt", default=None, help="link round-trip time (default 20ms)")
+    pr.add_argument("--reps", type=int, default=None, help="timing repetitions (median; default 7)")
+    pr.add_argument("--server", default=None, help="HOST:PORT of a running `splitlm serve`: probe the link's RTT against it")
+    pr.add_argument("--link-only", default=None, metavar="PROFILE",
+                    help="measure nothing but the link (--server, or --bandwidth/--rtt given) and write PROFILE with it "
+                         "to --out: re-profile a new network without re-measuring the model")
+
+
 def _add_generate(sub) -> None:
     """The generate command's flags."""
     g = sub.add_parser("generate", help="generate text with the model split at a layer")
@@ -226,7 +256,6 @@ def _add_demo(sub) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from splitlm.model.registry import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser(prog="splitlm", description="Run an LLM split between an edge device and a cloud server.")
     ap.add_argument("-v", "--verbose", action="count", default=0,
@@ -238,28 +267,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_export(sub)
-    v = sub.add_parser("serve", help="serve the cloud tail of an export over gRPC")
-    v.add_argument("--artifacts", required=True, help="an export directory (its cloud/ folder is served)")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    v.add_argument("--token", default=None, help="require this bearer token")
-    v.add_argument("--max-sessions", type=int, default=64)
-    v.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
-    v.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    v.add_argument("--verify", action="store_true", help="check the sha256 of every exported file (sizes are always checked)")
-
-    pr = sub.add_parser("profile", help="measure device, cloud, codec and quality costs of a model on this machine")
-    pr.add_argument("--model", default=None, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    pr.add_argument("--out", required=True, help="where to write the profile JSON")
-    pr.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
-    pr.add_argument("--bandwidth", default=None, help="link bandwidth in Mbit/s (default 50)")
-    pr.add_argument("--rtt", default=None, help="link round-trip time (default 20ms)")
-    pr.add_argument("--reps", type=int, default=None, help="timing repetitions (median; default 7)")
-    pr.add_argument("--server", default=None, help="HOST:PORT of a running `splitlm serve`: probe the link's RTT against it")
-    pr.add_argument("--link-only", default=None, metavar="PROFILE",
-                    help="measure nothing but the link (--server, or --bandwidth/--rtt given) and write PROFILE with it "
-                         "to --out: re-profile a new network without re-measuring the model")
-
+    _add_serve_parser(sub)
+    _add_profile_parser(sub)
     _add_partition(sub)
     _add_demo(sub)
     return ap
@@ -535,6 +544,18 @@ def _read_bytes(path: str | None) -> bytes | None:
         raise ConfigError(f"cannot read {path}: {exc}") from None
 
 
+def _write_port_file(path: str, port: int) -> None:
+    """`port` into `path`, atomically (a temporary file beside it, then a rename): a reader that sees
+    the file sees the whole port."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"--port-file {path}: cannot write it ({exc.strerror or exc})") from None
+
+
 def cmd_serve(args) -> int:
     from splitlm.artifacts import export_side
     from splitlm.cloud.service import ServerConfig, start_server, tls_credentials
@@ -545,13 +566,16 @@ def cmd_serve(args) -> int:
     _at_least(args.max_sessions, 1, "--max-sessions")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    _check_output(args.port_file, "--port-file")
     credentials = tls_credentials(_read_bytes(args.tls_cert), _read_bytes(args.tls_key)) if args.tls_cert else None
     runner = TailRunner(export_side(args.artifacts, "cloud"), verify=args.verify)
     server, port, _ = start_server(runner, f"{args.host}:{args.port}",
                                    ServerConfig(max_sessions=args.max_sessions, auth_token=args.token), credentials)
-    print(f"serving plan {runner.plan.hash} (layers [{runner.plan.split_layer}, {runner.spec.num_layers})) on {args.host}:{port}",
-          flush=True)
     try:
+        if args.port_file:
+            _write_port_file(args.port_file, port)
+        print(f"serving plan {runner.plan.hash} (layers [{runner.plan.split_layer}, {runner.spec.num_layers})) on {args.host}:{port}",
+              flush=True)
         server.wait_for_termination()
     finally:
         server.stop(grace=2)
@@ -576,7 +600,7 @@ def cmd_profile(args) -> int:
     import dataclasses
 
     from splitlm.partition.profile import LinkProfile, Profile
-    from splitlm.profiler import measure_profile, probe_rtt_ms, write_partial
+    from splitlm.profiler import ProfileConfig, measure_profile, probe_rtt_ms, write_partial
 
     def mbps(text: str) -> float:
         try:
@@ -615,9 +639,9 @@ def cmd_profile(args) -> int:
     t0 = time.perf_counter()
     phases: dict[str, dict] = {}
     partial = args.out + ".partial"
+    config = ProfileConfig(threads=args.threads, reps=7 if args.reps is None else args.reps, server=args.server)
     try:
-        profile = measure_profile(ckpt, link, threads=args.threads, reps=7 if args.reps is None else args.reps,
-                                  server=args.server, on_phase=phases.__setitem__)
+        profile = measure_profile(ckpt, link, config, on_phase=phases.__setitem__)
     except BaseException as exc:
         if phases:
             try:
