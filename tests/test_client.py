@@ -166,7 +166,7 @@ def test_a_server_frozen_mid_generation_fails_the_step_at_its_deadline(artifacts
         assert 3.0 <= waited[-1] < 15
         assert remote.ended
         with pytest.raises(LinkError, match="step deadline"):  # the session stays failed, at once
-            remote.next_token(b"")
+            remote.next_token(b"", 1)
         remote.close()
 
         # a new session on the frozen server: the wait for Opened has its deadline too
@@ -188,7 +188,8 @@ def test_keepalive_notices_a_frozen_server_while_the_device_is_between_steps(art
     head = DeviceHead(HeadSession(result.device_dir))
     with serve_process(root, tmp_path / "serve.log") as (proc, address):
         remote = RemoteSession(connect(address, link=link), plan.hash, plan.model_id, SamplingParams(), 32)
-        token = remote.next_token(head.encode(head.step(tiny_ckpt.tokenizer().encode("idle").ids)))
+        ids = tiny_ckpt.tokenizer().encode("idle").ids
+        token = remote.next_token(head.encode(head.step(ids)), len(ids))
         frame = head.encode(head.step([token]))
         freeze(proc)
         t0 = time.monotonic()
@@ -198,7 +199,7 @@ def test_keepalive_notices_a_frozen_server_while_the_device_is_between_steps(art
         assert remote.ended and noticed < 15, f"keepalive did not notice the frozen server in {noticed:.1f} s"
         t1 = time.monotonic()
         with pytest.raises(LinkError, match=r"lost the link to .*keepalive ping was not answered within 2 s") as info:
-            remote.next_token(frame)
+            remote.next_token(frame, 1)
         assert info.value.code == "UNAVAILABLE" and address in str(info.value)
         assert time.monotonic() - t1 < 5  # known already: no wait for the step deadline
         remote.close()
@@ -219,10 +220,11 @@ def test_an_idle_session_outlives_its_keepalive_pings(artifacts, tiny_ckpt):
     try:
         link = LinkConfig(keepalive_s=1.5, keepalive_timeout_s=10)
         with RemoteSession(connect(f"127.0.0.1:{port}", link=link), plan.hash, plan.model_id, SamplingParams(), 8) as remote:
-            token = remote.next_token(head.encode(head.step(tiny_ckpt.tokenizer().encode("quiet").ids)))
+            ids = tiny_ckpt.tokenizer().encode("quiet").ids
+            token = remote.next_token(head.encode(head.step(ids)), len(ids))
             time.sleep(8)  # five pings with nothing else on the stream
             assert not remote.ended
-            remote.next_token(head.encode(head.step([token])))
+            remote.next_token(head.encode(head.step([token])), 1)
         assert not new_threads(before)
     finally:
         srv.stop(None)

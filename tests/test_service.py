@@ -181,7 +181,7 @@ def test_out_of_order_position_is_invalid_argument(tiny_ckpt, artifacts, server)
     session.position = 5
     frame = codec.encode(np.ones((1, tiny_ckpt.spec.hidden_size), np.float32), TABQ)
     with pytest.raises(RemoteError, match="starts at position 5") as info:
-        session.next_token(frame)
+        session.next_token(frame, 1)
     assert info.value.code == "INVALID_ARGUMENT"
 
 
@@ -210,7 +210,7 @@ def test_idle_session_is_freed(artifacts):
             time.sleep(0.1)
         assert not service.sessions
         with pytest.raises(RemoteError):
-            session.next_token(codec.encode(np.ones((1, 64), np.float32), TABQ))
+            session.next_token(codec.encode(np.ones((1, 64), np.float32), TABQ), 1)
     finally:
         srv.stop(grace=None)
 
@@ -280,9 +280,9 @@ def test_kv_memory_budget_is_resource_exhausted(tiny_ckpt, artifacts):
     try:
         session = open_session(f"127.0.0.1:{port}", plan, token=None)
         frame = codec.encode(np.ones((8, tiny_ckpt.spec.hidden_size), np.float32), TABQ)
-        session.next_token(frame)
+        session.next_token(frame, 8)
         with pytest.raises(RemoteError, match="budget") as info:
-            session.next_token(frame)
+            session.next_token(frame, 8)
         assert info.value.code == "RESOURCE_EXHAUSTED"
     finally:
         srv.stop(grace=None)

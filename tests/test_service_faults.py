@@ -120,8 +120,8 @@ def test_kv_bytes_are_counted_on_the_batcher_and_freed(tiny_ckpt, artifacts, ser
     address, service = serve()
     plan, _ = artifacts
     a, b = open_session(address, plan, token=None), open_session(address, plan, token=None)
-    a.next_token(codec.encode(hidden(tiny_ckpt, 7), TABQ))
-    b.next_token(codec.encode(hidden(tiny_ckpt, 3), TABQ))
+    a.next_token(codec.encode(hidden(tiny_ckpt, 7), TABQ), 7)
+    b.next_token(codec.encode(hidden(tiny_ckpt, 3), TABQ), 3)
     per_position = tiny_ckpt.spec.kv_bytes_per_token(tiny_ckpt.spec.num_layers - plan.split_layer, 32)
     assert service.kv_bytes() == 10 * per_position
     assert service.kv_bytes() == sum(s.tail.cache.nbytes() for s in service.sessions.values())
@@ -191,7 +191,7 @@ def test_server_compute_does_not_count_as_idle(tiny_ckpt, artifacts, serve):
     try:
         plan, _ = artifacts
         session = open_session(address, plan, token=None)
-        assert isinstance(session.next_token(codec.encode(hidden(tiny_ckpt, 3), TABQ)), int)
+        assert isinstance(session.next_token(codec.encode(hidden(tiny_ckpt, 3), TABQ), 3), int)
     finally:
         stage.forward = original
     session.close()
@@ -322,12 +322,11 @@ def test_each_frame_is_parsed_once_by_the_server_and_never_by_the_device(tiny_ck
 
     address, _ = serve()
     plan, result = artifacts
-    parsed, headers, sent = [], [], []
+    parsed, sent = [], []
     count_calls(monkeypatch, codec, "parse_frame", parsed)
-    count_calls(monkeypatch, codec, "frame_rows", headers)
-    for module, name in ((client, "frame_rows"), (client, "parse_frame"), (service_module, "parse_frame")):
-        if hasattr(module, name):  # a name imported from the codec is counted where it is used
-            count_calls(monkeypatch, module, name, headers if name == "frame_rows" else parsed)
+    for module in (client, service_module):
+        if hasattr(module, "parse_frame"):  # a name imported from the codec is counted where it is used
+            count_calls(monkeypatch, module, "parse_frame", parsed)
     prompt = tiny_ckpt.tokenizer().encode("parsed once, decoded once").ids
     with open_session(address, plan, token=None) as remote:
         def next_token(frame: bytes, rows: int) -> int:
@@ -336,8 +335,7 @@ def test_each_frame_is_parsed_once_by_the_server_and_never_by_the_device(tiny_ck
 
         out = generate_split(HeadSession(result.device_dir), next_token, prompt, 6)
     assert len(out.token_ids) == 6 and sent[0] == len(prompt) and len(sent) >= 5
-    assert not headers  # the device took the rows it encoded; it read no frame
-    assert parsed == ["splitlm-grpc"] * len(sent)  # once per frame, by the service, none by the decoder
+    assert parsed == ["splitlm-grpc"] * len(sent)  # once per frame, by the service: none by the device or the decoder
 
 
 def test_the_batcher_decodes_a_turns_frames_in_one_call(tiny_ckpt, artifacts, monkeypatch):
@@ -487,9 +485,9 @@ def test_the_client_asks_for_logprobs(tiny_ckpt, artifacts, serve):
     from splitlm.sampling import SamplingParams
 
     frame = codec.encode(hidden(tiny_ckpt, 3), TABQ)
-    plain = session.next_token(frame)
+    plain = session.next_token(frame, 3)
     session.close()
     with RemoteSession(connect(address), plan.hash, plan.model_id, SamplingParams(), 4, logprobs=2) as remote:
-        assert remote.next_token(frame) == plain
+        assert remote.next_token(frame, 3) == plain
         assert [t.id for t in remote.last_token.top][0] == plain and len(remote.last_token.top) == 2
         assert remote.last_token.logprob <= 0

@@ -32,7 +32,6 @@ import numpy as np
 from splitlm.errors import ConfigError, RemoteError, TransportError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
-from splitlm.quantize.codec import frame_rows
 from splitlm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -300,20 +299,17 @@ class RemoteSession:
         self._requests.put(_CLOSE)
         self._responses.cancel()  # a no-op when the call has already finished
 
-    def send(self, frame: bytes, want_token: bool = True, rows: int | None = None) -> int | None:
+    def send(self, frame: bytes, rows: int, want_token: bool = True) -> int | None:
         """Send a frame of the next positions; with want_token, wait for the cloud's next token.
         `rows`: the positions the caller encoded into the frame (the device does not parse its own
-        frames; the server checks them). None reads the count from the frame's header, for callers
-        that do not know it."""
+        frames; the server checks the count)."""
         if self._error is not None:
             raise self._error
         if self._ended:
             if self._cancel_reason is not None:
                 raise LinkError(f"session cancelled on the device: {self._cancel_reason}", "CANCELLED")
             raise TransportError(f"the session with {self.address} is closed")
-        if rows is None:
-            rows = frame_rows(frame)
-        elif isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise ConfigError(f"rows must be the positions in the frame (an integer >= 1), got {rows!r}")
         rows = int(rows)
         msg = pb.DeviceMessage(activations=pb.Activations(start_position=self.position, frame=frame, want_token=want_token))
@@ -331,9 +327,9 @@ class RemoteSession:
         self.last_compute_us = token.compute_us
         return token.id
 
-    def next_token(self, frame: bytes, rows: int | None = None) -> int:
+    def next_token(self, frame: bytes, rows: int) -> int:
         """Send a frame of `rows` positions and wait for the cloud's token for the position after them."""
-        return self.send(frame, True, rows)
+        return self.send(frame, rows)
 
     def cancel(self, reason: str = "cancelled") -> None:
         """End the session now, from any thread: a step waiting on the cloud raises LinkError (CANCELLED)."""

@@ -109,7 +109,7 @@ def loopback_calibration(root: Path, prompt: list[int], tokens: int, threads: in
                 t0 = time.perf_counter()
                 frame = head.encode(head.step(prompt))
                 t1 = time.perf_counter()
-                tok = rs.next_token(frame)
+                tok = rs.next_token(frame, len(prompt))
                 t2 = time.perf_counter()
                 if run:
                     pre.append((t1 - t0) * 1e3)
@@ -118,7 +118,7 @@ def loopback_calibration(root: Path, prompt: list[int], tokens: int, threads: in
                     t0 = time.perf_counter()
                     frame = head.encode(head.step([tok]))
                     t1 = time.perf_counter()
-                    tok = rs.next_token(frame)
+                    tok = rs.next_token(frame, 1)
                     if run:
                         dev.append((t1 - t0) * 1e3)
                         wait.append((time.perf_counter() - t1) * 1e3)

@@ -170,13 +170,6 @@ def parse_frame(buf: bytes, max_rows: int | None = None, kind: str | None = None
     return FrameLayout(kind, T, d, group, G, rotate, bits, n_out, scales, mins, out_idx, out_val, off + 4 * N, offsets)
 
 
-def frame_rows(buf: bytes) -> int:
-    """The rows (positions) a frame's header announces, without parsing the rest (CodecError if no header)."""
-    if len(buf) < HEADER.size or buf[:2] != MAGIC:
-        raise CodecError(f"a frame of {len(buf)} bytes without an activation-frame header")
-    return HEADER.unpack_from(buf, 0)[6]
-
-
 def _check_raw_rows(buf: bytes, bits: np.ndarray, offsets: np.ndarray, d: int) -> None:
     """CodecError naming the first raw row of a tabq frame that carries a NaN or Inf."""
     if int(bits.max()) < RAW_ROW:
