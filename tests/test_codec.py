@@ -397,3 +397,23 @@ def test_parse_frame_refuses_the_wrong_hidden_size_or_kind_from_the_header():
     with pytest.raises(CodecError, match="frame kind 'tabq' is not the plan's codec 'fp16'"):
         codec.parse_frame(truncated, kind="fp16")
     assert codec.parse_frame(frame, 2, "tabq", 64).rows == 2
+
+
+@settings(deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 5, 6, 8]), lead=st.integers(1, 3), n=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_bitpack_round_trips_identically_on_numpy_and_torch(bits, lead, n, seed):
+    """One layout for every packer: LSB-first bits along the last axis, the same bytes from both backends."""
+    import torch
+
+    from splitlm.quantize import bitpack
+    from splitlm.quantize.codec_torch import TorchOps
+
+    codes = np.random.default_rng(seed).integers(0, 2**bits, (lead, n)).astype(np.uint8)
+    packed = bitpack.pack(codes, bits)
+    assert packed.shape == (lead, bitpack.packed_width(n, bits)) and packed.dtype == np.uint8
+    stream = np.unpackbits(packed, axis=-1, bitorder="little")[:, : n * bits].reshape(lead, n, bits)
+    assert (stream @ (1 << np.arange(bits)) == codes).all()  # code j is stream bits [j·b, (j+1)·b), LSB first
+    assert (bitpack.unpack(packed, n, bits) == codes).all()
+    on_torch = bitpack.pack(torch.from_numpy(codes), bits, TorchOps())
+    assert (on_torch.numpy() == packed).all()
+    assert (bitpack.unpack(on_torch, n, bits, TorchOps()).numpy() == codes).all()

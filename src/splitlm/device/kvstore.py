@@ -1,5 +1,5 @@
 """Quantized KV storage for the device runtime (numpy): the same per-token, per-head
-asymmetric scheme as `splitlm.quantize.kv`, bit for bit, with 4-bit codes packed two per byte.
+asymmetric scheme as `splitlm.quantize.kv`, bit for bit, with 4-bit codes packed two per byte (quantize.bitpack).
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from splitlm.errors import ConfigError
+from splitlm.quantize import bitpack
 
 
 def quantize_rows(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,7 +47,7 @@ class QuantizedKVStore:
         """Add positions x (B, H, T, D) float32."""
         codes, s, m = quantize_rows(x, self.bits)
         if self.bits == 4:
-            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+            codes = bitpack.pack(codes, 4)
         self.codes = np.concatenate((self.codes, codes), 2)
         self.scale = np.concatenate((self.scale, s), 2)
         self.minimum = np.concatenate((self.minimum, m), 2)
@@ -54,7 +55,7 @@ class QuantizedKVStore:
     def dequantize(self) -> np.ndarray:
         codes = self.codes
         if self.bits == 4:
-            codes = np.stack((codes & 0xF, codes >> 4), -1).reshape(*codes.shape[:-1], self.head_dim)
+            codes = bitpack.unpack(codes, self.head_dim, 4)
         return codes.astype(np.float32) * self.scale.astype(np.float32) + self.minimum.astype(np.float32)
 
     def nbytes(self) -> int:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from splitlm.quantize import bitpack
+
 CONTAINER_BITS = {8: 8, 4: 4, 3: 4, 2: 2}
 """Our bit width -> MatMulNBits `bits`."""
 
@@ -29,14 +31,6 @@ class NBitsWeight:
     N: int
     bits: int
     block_size: int
-
-
-def _pack_low_first(values: np.ndarray, bits: int) -> np.ndarray:
-    """(..., n) small ints -> (..., n·bits/8) bytes, low bits first; n·bits must be a multiple of 8."""
-    per = 8 // bits
-    v = values.astype(np.uint8).reshape(*values.shape[:-1], -1, per)
-    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(v << shifts, axis=-1).astype(np.uint8)
 
 
 def to_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, group_size: int) -> NBitsWeight:
@@ -60,21 +54,18 @@ def to_nbits(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int
     full = np.empty((N, k_blocks * block), np.uint8)
     full[:, :K] = codes
     full[:, K:] = zeros[:, -1:]
-    B = _pack_low_first(full.reshape(N, k_blocks, block), container)
+    B = bitpack.pack(full.reshape(N, k_blocks, block), container)
     per = 8 // container
     zp = np.zeros((N, -(-k_blocks // per) * per), np.uint8)
     zp[:, :k_blocks] = zeros
-    return NBitsWeight(B, scales.astype(np.float32).reshape(-1), _pack_low_first(zp, container).reshape(-1),
+    return NBitsWeight(B, scales.astype(np.float32).reshape(-1), bitpack.pack(zp, container).reshape(-1),
                        K, N, container, block)
 
 
 def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
     """W (N, K) float32 exactly as MatMulNBits reconstructs it."""
-    per = 8 // w.bits
-    mask = (1 << w.bits) - 1
-    shifts = (np.arange(per, dtype=np.uint8) * w.bits).astype(np.uint8)
     k_blocks = w.B.shape[1]
-    q = ((w.B[..., None] >> shifts) & mask).reshape(w.N, k_blocks * w.block_size)[:, : w.K].astype(np.float32)
-    z = ((w.zero_points.reshape(w.N, -1)[..., None] >> shifts) & mask).reshape(w.N, -1)[:, :k_blocks].astype(np.float32)
+    q = bitpack.unpack(w.B, w.block_size, w.bits).reshape(w.N, k_blocks * w.block_size)[:, : w.K].astype(np.float32)
+    z = bitpack.unpack(w.zero_points.reshape(w.N, -1), k_blocks, w.bits).astype(np.float32)
     cols = np.arange(w.K) // w.block_size
     return (q - z[:, cols]) * w.scales.reshape(w.N, k_blocks)[:, cols]

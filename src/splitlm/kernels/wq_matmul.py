@@ -16,10 +16,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from splitlm.errors import ConfigError
+from splitlm.quantize import bitpack
+from splitlm.quantize.codec_torch import TorchOps
 from splitlm.quantize.weights import QuantizedTensor
+
+TORCH = TorchOps()
 
 try:
     import triton
@@ -59,11 +62,7 @@ def pack_weight(q: QuantizedTensor) -> PackedWeight:
     """The quantizer's codes (one per byte) -> the kernels' layout."""
     if q.bits not in KERNEL_BITS:
         raise ConfigError(f"the matmul kernels take {KERNEL_BITS}-bit weights, not {q.bits}")
-    codes = q.codes.contiguous()
-    if q.bits == 4:
-        if codes.shape[1] % 2:
-            codes = F.pad(codes, (0, 1))
-        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    codes = bitpack.pack(q.codes, 4, TORCH) if q.bits == 4 else q.codes
     return PackedWeight(codes.contiguous(), q.scales.contiguous(), q.zeros.contiguous(), q.bits, q.group_size,
                         q.codes.shape[1])
 
@@ -72,8 +71,7 @@ def unpack_codes(w: PackedWeight) -> torch.Tensor:
     """(N, K) uint8 codes back from the packed layout."""
     if w.bits == 8:
         return w.qweight
-    lo, hi = w.qweight & 0xF, w.qweight >> 4
-    return torch.stack((lo, hi), 2).reshape(w.qweight.shape[0], -1)[:, : w.in_features]
+    return bitpack.unpack(w.qweight, w.in_features, 4, TORCH)
 
 
 def check_triton_device(device: torch.device | str) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from splitlm.errors import CodecError
+from splitlm.quantize import bitpack
 from splitlm.quantize.codec_ops import NumpyOps
 from splitlm.quantize.config import CodecConfig
 
@@ -182,25 +183,6 @@ def _check_raw_rows(buf: bytes, bits: np.ndarray, offsets: np.ndarray, d: int) -
             bad = ~np.isfinite(raw).all(1)
             if bad.any():
                 raise CodecError(f"frame carries non-finite (NaN/Inf) values in raw row {int(sel[np.argmax(bad)])}")
-
-
-def _pack(codes, b: int, ops):
-    """codes (n, d) int64 < 2^b -> (n, ceil(d·b/8)) uint8, LSB first."""
-    n, d = codes.shape
-    nbytes = (d * b + 7) // 8
-    bits = ((codes[:, :, None] >> ops.arange(b, ops.i64)) & 1).reshape(n, d * b)
-    if nbytes * 8 > d * b:
-        bits = ops.concat([bits, ops.zeros((n, nbytes * 8 - d * b), ops.i64)], 1)
-    packed = ops.sum(bits.reshape(n, nbytes, 8) << ops.arange(8, ops.i64), 2)
-    return ops.cast(packed, ops.u8)
-
-
-def _unpack(packed, d: int, b: int, ops):
-    """(n, nbytes) uint8 -> codes (n, d) int64."""
-    n = packed.shape[0]
-    bits = (ops.cast(packed, ops.i64)[:, :, None] >> ops.arange(8, ops.i64)) & 1  # (n, nbytes, 8)
-    bits = bits.reshape(n, -1)[:, : d * b].reshape(n, d, b)
-    return ops.sum(bits << ops.arange(b, ops.i64), 2)
 
 
 def _dequant(codes, scale16, min16, d: int, g: int, ops):
@@ -357,7 +339,7 @@ def _assemble(x, x16, mask, chosen, candidates, g: int, G: int, rotate: int, ops
             data = ops.numpy(x)[sel].astype("<f4").view(np.uint8).reshape(len(sel), 4 * d)
         else:
             codes, s16, m16 = candidates[int(b)]
-            data = ops.numpy(_pack(codes[ops.asarray(sel, ops.i64)], int(b), ops))
+            data = ops.numpy(bitpack.pack(codes[ops.asarray(sel, ops.i64)], int(b), ops))
             scales[sel] = ops.numpy(s16)[sel]
             mins[sel] = ops.numpy(m16)[sel]
         payload[offsets[sel][:, None] + np.arange(data.shape[1])] = data
@@ -439,7 +421,7 @@ def _decode_rows(data: np.ndarray, starts: np.ndarray, bits: np.ndarray, scales:
             raw = rows_bytes.view("<f2" if b == RAW_ROW else "<f4").reshape(len(sel), d)
             out[sel_t] = ops.cast(ops.asarray(raw, ops.f16 if b == RAW_ROW else ops.f32), ops.f32)
         else:
-            codes = _unpack(ops.asarray(rows_bytes, ops.u8), d, int(b), ops)
+            codes = bitpack.unpack(ops.asarray(rows_bytes, ops.u8), d, int(b), ops)
             y = _dequant(codes, ops.asarray(scales[sel], ops.f16), ops.asarray(mins[sel], ops.f16), d, g, ops)
             out[sel_t] = _hadamard(y, rotate, ops) if rotate else y
     if len(out_idx):
