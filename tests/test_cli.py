@@ -169,7 +169,7 @@ def test_a_plan_passed_as_a_profile_is_named(capsys, tmp_path, tiny_ckpt):
 
 
 def test_a_failed_save_keeps_the_result(tmp_path):
-    from splitlm.cli import _save_or_keep
+    from splitlm.cli.flags import save_or_keep
     from splitlm.errors import ConfigError
 
     saved = []
@@ -182,7 +182,7 @@ def test_a_failed_save_keeps_the_result(tmp_path):
             f.write("{}")
 
     with pytest.raises(ConfigError, match=r"cannot write .*gone.json \(No such file or directory\); the plan is saved in "):
-        _save_or_keep(save, str(tmp_path / "gone.json"), "plan")
+        save_or_keep(save, str(tmp_path / "gone.json"), "plan")
     assert len(saved) == 1 and open(saved[0]).read() == "{}"
     import os
     os.unlink(saved[0])

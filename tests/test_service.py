@@ -95,18 +95,15 @@ def test_batched_decode_equals_one_by_one(tiny_ckpt, artifacts):
             cache = KVCache()
             runner.stage(p[None], cache=cache)
             alone.append(runner.stage(x[None], cache=cache)[0, -1])
-    from splitlm.cloud.batcher import _Work
-
     batcher = Batcher(runner.stage)
     caches = [KVCache() for _ in prompts]
     for c, p in zip(caches, prompts):
         batcher.run(c, p)
-    work = [_Work(c, x) for c, x in zip(caches, steps)]
-    batcher._decode(work)  # one batched forward (the batcher thread is idle)
+    futures = in_one_turn(batcher, list(zip(caches, steps)))
     batcher.close()
     assert batcher.batches == 1 and batcher.batched_steps == len(prompts)
-    for a, w in zip(alone, work):
-        assert torch.allclose(a, w.future.result()[-1], atol=TOL["fp32_batched"], rtol=TOL["fp32_batched"])
+    for a, f in zip(alone, futures):
+        assert torch.allclose(a, f.result()[-1], atol=TOL["fp32_batched"], rtol=TOL["fp32_batched"])
     assert [c.length for c in caches] == [p.shape[0] + 1 for p in prompts]
 
 
@@ -286,3 +283,19 @@ def test_kv_memory_budget_is_resource_exhausted(tiny_ckpt, artifacts):
         assert info.value.code == "RESOURCE_EXHAUSTED"
     finally:
         srv.stop(grace=None)
+
+
+def in_one_turn(batcher, steps):
+    """Submit (cache, hidden) steps so that the batcher's loop takes them all in one turn: its thread
+    is held by a gate (a throwaway step whose hidden states wait for it) until all are queued."""
+    import torch
+
+    from splitlm.model.llama import KVCache
+
+    gate = threading.Event()
+    d = batcher.stage.spec.hidden_size
+    blocker = batcher.submit(KVCache(), lambda: (gate.wait(10), torch.zeros(1, d))[1])
+    futures = [batcher.submit(cache, hidden) for cache, hidden in steps]
+    gate.set()
+    blocker.result(timeout=30)
+    return futures

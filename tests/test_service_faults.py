@@ -13,7 +13,7 @@ from splitlm.errors import ConfigError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
 from splitlm.quantize import codec
-from tests.test_service import TABQ, generate_remote, open_session
+from tests.test_service import TABQ, generate_remote, in_one_turn, open_session
 from tests.tolerances import TOL
 
 
@@ -76,7 +76,7 @@ def test_failed_forward_takes_its_kv_back(tiny_ckpt, artifacts):
 
 
 def test_batched_decode_fallback_does_not_corrupt_caches(tiny_ckpt, artifacts):
-    from splitlm.cloud.batcher import Batcher, _Work
+    from splitlm.cloud.batcher import Batcher
     from splitlm.cloud.tail import TailRunner
     from splitlm.model.llama import KVCache
 
@@ -103,14 +103,14 @@ def test_batched_decode_fallback_does_not_corrupt_caches(tiny_ckpt, artifacts):
         batcher.run(c, p)
     last.forward = fails_in_a_batch
     try:
-        work = [_Work(c, x) for c, x in zip(caches, steps)]
-        batcher._decode(work)  # batched forward fails, then one by one
+        futures = in_one_turn(batcher, list(zip(caches, steps)))  # batched forward fails, then one by one
+        results = [f.result(timeout=30) for f in futures]
     finally:
         last.forward = original
         batcher.close()
     assert batcher.batches == 0
-    for a, w, c, p in zip(alone, work, caches, prompts):
-        assert torch.allclose(a, w.future.result()[-1], atol=TOL["fp32_batched"], rtol=TOL["fp32_batched"])
+    for a, r, c, p in zip(alone, results, caches, prompts):
+        assert torch.allclose(a, r[-1], atol=TOL["fp32_batched"], rtol=TOL["fp32_batched"])
         assert c.length == p.shape[0] + 1
         assert all(k.shape[2] == c.length for k, _ in c.layers.values())
 
@@ -398,7 +398,7 @@ def test_a_frame_that_fails_to_decode_fails_only_its_session(tiny_ckpt, artifact
         futures[1].result(10)
     assert runner.batcher.frame_decodes - before == 4  # the three together, then each alone
     assert [s.cache.length for s in sessions] == [2, 0, 2]
-    assert runner.batcher._reserved == 0
+    assert runner.batcher.reserved == 0
     for s in sessions:
         s.close()
     runner.batcher.close()

@@ -156,7 +156,8 @@ class Batcher:
         """Estimate used to reserve a frame's KV before it runs (the exact bytes are counted after)."""
         self.kv_bytes = 0
         """KV bytes held by the caches this batcher ran and has not released (updated on its thread)."""
-        self._reserved = 0
+        self.reserved = 0
+        """KV bytes set aside for work admitted but not yet run (updated on its thread)."""
         self._inbox: queue.Queue[_Work | _Release | None] = queue.Queue()
         self._done: Future | None = None
         self._thread = None if worker else threading.Thread(target=self._loop, name="splitlm-batcher", daemon=True)
@@ -313,20 +314,20 @@ class Batcher:
 
     def _reserve(self, work: _Work, rows: int) -> None:
         need = int(rows * self.kv_bytes_per_position)
-        if self.kv_budget is not None and self.kv_bytes + self._reserved + need > self.kv_budget:
-            raise ResourceExhausted(f"KV cache would grow to {self.kv_bytes + self._reserved + need} bytes, the server's "
+        if self.kv_budget is not None and self.kv_bytes + self.reserved + need > self.kv_budget:
+            raise ResourceExhausted(f"KV cache would grow to {self.kv_bytes + self.reserved + need} bytes, the server's "
                                     f"budget is {self.kv_budget}")
         work.reserved = need
-        self._reserved += need
+        self.reserved += need
 
     def _unreserve(self, work: _Work) -> None:
-        self._reserved -= work.reserved
+        self.reserved -= work.reserved
         work.reserved = 0
 
     def _ran(self, work: _Work, rows: int, bytes_before: int) -> None:
         """Account for `rows` positions of `work` that ran."""
         share = work.reserved if work.done_rows + rows >= work.hidden.shape[0] else int(rows * self.kv_bytes_per_position)
-        self._reserved -= share
+        self.reserved -= share
         work.reserved -= share
         work.done_rows += rows
         self.kv_bytes += work.cache.nbytes() - bytes_before

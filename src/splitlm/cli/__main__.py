@@ -1,0 +1,7 @@
+"""`python -m splitlm.cli`."""
+
+import sys
+
+from splitlm.cli import main
+
+sys.exit(main())

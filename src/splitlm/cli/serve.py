@@ -1,0 +1,209 @@
+"""The commands around the server and the plan search: serve, profile, partition."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from splitlm.cli.flags import at_least, check_output, dataclass_default, load_model, quantity, read_bytes, save_or_keep
+from splitlm.errors import ConfigError
+
+
+def add_serve(sub) -> None:
+    v = sub.add_parser("serve", help="serve the cloud tail of an export over gRPC")
+    v.add_argument("--artifacts", required=True, help="an export directory (its cloud/ folder is served)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    v.add_argument("--token", default=None, help="require this bearer token")
+    v.add_argument("--max-sessions", type=int, default=64)
+    v.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
+    v.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    v.add_argument("--verify", action="store_true", help="check the sha256 of every exported file (sizes are always checked)")
+    v.add_argument("--port-file", default=None, metavar="PATH",
+                   help="once listening, write the bound port to PATH (atomically): how a script learns the port of --port 0")
+
+
+def add_profile(sub) -> None:
+    from splitlm.model.registry import DEFAULT_MODEL
+
+    pr = sub.add_parser("profile", help="measure device, cloud, codec and quality costs of a model on this machine")
+    pr.add_argument("--model", default=None, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    pr.add_argument("--out", required=True, help="where to write the profile JSON")
+    pr.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    pr.add_argument("--bandwidth", default=None, help="link bandwidth in Mbit/s (default 50)")
+    pr.add_argument("--rtt", default=None, help="link round-trip time (default 20ms)")
+    pr.add_argument("--reps", type=int, default=None, help="timing repetitions (median; default 7)")
+    pr.add_argument("--server", default=None, help="HOST:PORT of a running `splitlm serve`: probe the link's RTT against it")
+    pr.add_argument("--link-only", default=None, metavar="PROFILE",
+                    help="measure nothing but the link (--server, or --bandwidth/--rtt given) and write PROFILE with it "
+                         "to --out: re-profile a new network without re-measuring the model")
+
+
+def add_partition(sub) -> None:
+    """The partition command's flags."""
+    from splitlm.partition.search import OBJECTIVES, Budgets
+
+    pt = sub.add_parser("partition", help="choose a plan from a profile under memory and latency budgets")
+    pt.add_argument("--profile", required=True, help="a profile JSON (from `splitlm profile`, or written by hand)")
+    pt.add_argument("--device-memory", required=True, help="device memory budget, e.g. 64MB or 1.5GiB")
+    pt.add_argument("--token-latency", required=True, help="per-token latency budget, e.g. 40ms")
+    pt.add_argument("--ttft", default=None, help="time-to-first-token budget, e.g. 500ms")
+    pt.add_argument("--max-seq-len", type=int, default=dataclass_default(Budgets, "max_seq_len"),
+                    help="sequence length to plan for (default: longest that fits)")
+    pt.add_argument("--prompt-tokens", type=int, default=dataclass_default(Budgets, "prompt_tokens"),
+                    help="prompt length the TTFT is predicted for")
+    pt.add_argument("--objective", choices=OBJECTIVES, default=dataclass_default(Budgets, "objective"))
+    tolerance = dataclass_default(Budgets, "quality_tolerance")
+    pt.add_argument("--quality-tolerance", type=float, default=tolerance,
+                    help="quality objective: perplexities within this fraction of the best count as equal and the "
+                         f"fastest of them wins (default {tolerance})")
+    pt.add_argument("--out", required=True, help="where to write the chosen plan")
+    pt.add_argument("--top", type=int, default=10, help="Pareto candidates to print")
+    pt.add_argument("--plot", default=None, help="write a Pareto plot (PNG/SVG/PDF) of the feasible plans here")
+
+
+def _write_port_file(path: str, port: int) -> None:
+    """`port` into `path`, atomically (a temporary file beside it, then a rename): a reader that sees
+    the file sees the whole port."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"--port-file {path}: cannot write it ({exc.strerror or exc})") from None
+
+
+def cmd_serve(args) -> int:
+    from splitlm.artifacts import export_side
+    from splitlm.cloud.service import ServerConfig, start_server, tls_credentials
+    from splitlm.cloud.tail import TailRunner
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a TCP port: give 0..65535 (0 picks a free one)")
+    at_least(args.max_sessions, 1, "--max-sessions")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    check_output(args.port_file, "--port-file")
+    credentials = tls_credentials(read_bytes(args.tls_cert), read_bytes(args.tls_key)) if args.tls_cert else None
+    runner = TailRunner(export_side(args.artifacts, "cloud"), verify=args.verify)
+    server, port, _ = start_server(runner, f"{args.host}:{args.port}",
+                                   ServerConfig(max_sessions=args.max_sessions, auth_token=args.token), credentials)
+    try:
+        if args.port_file:
+            _write_port_file(args.port_file, port)
+        print(f"serving plan {runner.plan.hash} (layers [{runner.plan.split_layer}, {runner.spec.num_layers})) on {args.host}:{port}",
+              flush=True)
+        server.wait_for_termination()
+    finally:
+        server.stop(grace=2)
+    return 0
+
+
+def cmd_profile(args) -> int:
+
+    from splitlm.partition.profile import LinkProfile, Profile
+    from splitlm.profiler import ProfileConfig, measure_profile, probe_rtt_ms, write_partial
+
+    def mbps(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            raise ConfigError(f"--bandwidth is a number of Mbit/s > 0, got {text!r}")
+        return value
+
+    check_output(args.out, "--out")
+    at_least(args.threads, 1, "--threads")
+    at_least(args.reps, 1, "--reps")
+    rtt = quantity(args.rtt, ("ms", "s"), "--rtt") if args.rtt is not None else None
+    if args.server is not None and rtt is not None:
+        raise ConfigError("--rtt would be ignored: --server probes the RTT; give one of them")
+    if args.link_only:
+        if args.server is None and args.bandwidth is None and rtt is None:
+            raise ConfigError("--link-only needs --server, --bandwidth or --rtt: there is nothing else to measure")
+        unused = [f for f, v in (("--model", args.model), ("--threads", args.threads), ("--reps", args.reps)) if v is not None]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} would be ignored: --link-only measures nothing but the link")
+        profile = Profile.load(args.link_only)
+        if args.server:
+            rtt = probe_rtt_ms(args.server)
+        old = profile.link
+        link = LinkProfile(mbps(args.bandwidth) if args.bandwidth else old.bandwidth_mbps, old.rtt_ms if rtt is None else rtt)
+        dataclasses.replace(profile, link=link).save(args.out)
+        print(f"link: {link.bandwidth_mbps:g} Mbit/s, RTT {link.rtt_ms:.2f} ms"
+              + (f" (probed against {args.server})" if args.server else "") + f" -> {args.out}")
+        return 0
+    link = LinkProfile(mbps(args.bandwidth or "50"), 20.0 if rtt is None else rtt)
+    if args.server:
+        probe_rtt_ms(args.server, count=1)  # a server that is not there fails now, not after the measuring
+    ckpt = load_model(args.model)
+    t0 = time.perf_counter()
+    phases: dict[str, dict] = {}
+    partial = args.out + ".partial"
+    config = ProfileConfig(threads=args.threads, reps=7 if args.reps is None else args.reps, server=args.server)
+    try:
+        profile = measure_profile(ckpt, link, config, on_phase=phases.__setitem__)
+    except BaseException as exc:
+        if phases:
+            try:
+                write_partial(partial, ckpt, phases, exc)
+                note = f"what they measured is in {partial}"
+            except OSError as err:
+                note = f"saving what they measured to {partial} failed too: {err}"
+            print(f"splitlm profile: stopped after {len(phases)} phases ({type(exc).__name__}); {note}", file=sys.stderr)
+        raise
+    save_or_keep(profile.save, args.out, "profile")
+    Path(partial).unlink(missing_ok=True)
+    print(f"profiled {ckpt.model_id} in {time.perf_counter() - t0:.0f} s -> {args.out}")
+    return 0
+
+
+def cmd_partition(args) -> int:
+    from splitlm.partition.profile import Profile
+    from splitlm.partition.search import Budgets, describe, search, to_plan
+
+    check_output(args.out, "--out")
+    check_output(args.plot, "--plot")
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError(f"--plot {args.plot}: give a .png, .svg or .pdf file")
+    at_least(args.max_seq_len, 1, "--max-seq-len")
+    at_least(args.prompt_tokens, 1, "--prompt-tokens")
+    profile = Profile.load(args.profile)
+    budgets = Budgets(
+        device_memory_bytes=quantity(args.device_memory, ("mb", "b", "kb", "gb", "kib", "mib", "gib"), "--device-memory"),
+        token_latency_ms=quantity(args.token_latency, ("ms", "s"), "--token-latency"),
+        ttft_ms=quantity(args.ttft, ("ms", "s"), "--ttft") if args.ttft else None,
+        max_seq_len=args.max_seq_len, prompt_tokens=args.prompt_tokens, objective=args.objective,
+        quality_tolerance=args.quality_tolerance)
+    t0 = time.perf_counter()
+    result = search(profile, budgets)
+    seconds = time.perf_counter() - t0
+    if result.chosen is None:
+        print(result.message, file=sys.stderr)
+        return 3
+    L = profile.num_layers
+    print(f"{'plan':<62}{'MiB':>8}{'ms/tok':>9}{'TTFT ms':>9}{'B/tok':>8}{'ppl':>9}")
+    front = sorted(result.pareto, key=lambda c: (c.perplexity, c.token_latency_ms) if args.objective == "quality"
+                   else (c.token_latency_ms, c.perplexity))
+    for c in front[: args.top]:
+        mark = "*" if c == result.chosen else " "
+        print(f"{mark}{describe(c, L):<61}{c.memory_bytes / 2**20:>8.1f}{c.token_latency_ms:>9.1f}{c.ttft_ms:>9.0f}"
+              f"{c.bytes_per_token:>8.0f}{c.perplexity:>9.3f}")
+    print(result.message)
+    print(f"searched {result.evaluated} configurations in {seconds:.2f} s")
+    save_or_keep(to_plan(result.chosen, profile, budgets).save, args.out, "plan")
+    print(f"wrote {args.out}")
+    if args.plot:
+        from splitlm.partition.plot import pareto_plot
+
+        pareto_plot(result, L, args.plot, f"{profile.model_id}: {budgets.device_memory_bytes / 2**20:.0f} MiB, "
+                    f"{budgets.token_latency_ms:.0f} ms/token")
+        print(f"wrote {args.plot}")
+    return 0
+
+
