@@ -299,3 +299,48 @@ def in_one_turn(batcher, steps):
     gate.set()
     blocker.result(timeout=30)
     return futures
+
+
+def test_a_turn_waits_briefly_for_the_other_sessions_steps(tiny_ckpt, artifacts):
+    """Clients answer their tokens a little apart: a turn holding one session's step waits (up to
+    gather_s) for the steps of the other sessions that have run, so they batch instead of
+    alternating between batches of 1 and of the rest."""
+    import time
+
+    import torch
+
+    from splitlm.cloud.batcher import Batcher
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.model.llama import KVCache
+
+    stage = TailRunner(artifacts[1].cloud_dir, warm_up=False).stage
+    d = tiny_ckpt.spec.hidden_size
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 1, d), dtype=np.float32))
+    batcher = Batcher(stage, gather_s=2.0)
+    caches = [KVCache() for _ in range(3)]
+    for c in caches:
+        batcher.run(c, torch.ones(2, d))
+    t0 = time.monotonic()
+    futures = [batcher.submit(caches[0], x[0])]
+    for c, xi in zip(caches[1:], x[1:]):
+        time.sleep(0.05)  # the others arrive 50 and 100 ms later
+        futures.append(batcher.submit(c, xi))
+    for f in futures:
+        f.result(timeout=30)
+    assert batcher.batches == 1 and batcher.batched_steps == 3  # one batch of three
+    assert time.monotonic() - t0 < 1.5  # it stopped waiting once every session had sent
+    # a session alone does not wait: nobody else has run
+    lone = Batcher(stage, gather_s=2.0)
+    c = KVCache()
+    lone.run(c, torch.ones(2, d))
+    t1 = time.monotonic()
+    lone.run(c, x[3])
+    assert time.monotonic() - t1 < 1.5
+    # a session that sent nothing costs the others gather_s at most, and a released one nothing
+    batcher.release(caches[2])
+    t2 = time.monotonic()
+    batcher.run(caches[0], x[3])  # caches[1] is active but silent
+    waited = time.monotonic() - t2
+    batcher.close()
+    lone.close()
+    assert 2.0 <= waited < 4.0

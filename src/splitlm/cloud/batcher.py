@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -144,12 +145,19 @@ class Batcher:
     """Owns the tail stage; `submit(cache, hidden)` returns a future of that session's logits (T, V)."""
 
     def __init__(self, stage: Transformer, max_batch: int = 64, worker: TorchThread | None = None,
-                 chunk: int = 256, kv_budget: int | None = None, decode: FrameDecoder | None = None) -> None:
+                 chunk: int = 256, kv_budget: int | None = None, decode: FrameDecoder | None = None,
+                 gather_s: float = 0.002) -> None:
         """worker: the torch thread the loop then occupies (the thread that built the stage, so one
         OpenMP pool serves every torch op); None starts a thread of its own. chunk: positions per
         prefill turn. kv_budget: KV bytes all caches together may hold (None = unbounded). decode:
-        decodes the frames submitted as `Frame`s (None: only tensors and functions are submitted)."""
+        decodes the frames submitted as `Frame`s (None: only tensors and functions are submitted).
+        gather_s: how long a turn with a decode step ready waits for the next step of the other
+        sessions that have run before (their clients answer a token within about a millisecond of
+        each other); each arrival waits again, up to 10 gather_s in all. 0 runs whatever has arrived."""
         self.stage, self.max_batch, self.chunk, self.kv_budget = stage, max_batch, chunk, kv_budget
+        self.gather_s = gather_s
+        self._active: dict[int, Cache] = {}
+        """The caches that have run and not been released: the sessions a turn may wait for."""
         self.decode = decode
         dtype = next((p.dtype for p in stage.parameters() if p.is_floating_point()), torch.float32)
         self.kv_bytes_per_position = stage.spec.kv_bytes_per_token(len(stage.owned_layers), 8 * dtype.itemsize)
@@ -209,9 +217,14 @@ class Batcher:
         while True:
             block = not prefills and not decodes
             arrived: list[_Work] = []
+            deadline = first = None
             try:
                 while True:
-                    item = self._inbox.get(block=block)
+                    if block:
+                        item = self._inbox.get()
+                    else:
+                        wait = 0.0 if deadline is None else deadline - time.monotonic()
+                        item = self._inbox.get(timeout=wait) if wait > 0 else self._inbox.get_nowait()
                     block = False
                     if item is None:
                         return
@@ -223,9 +236,15 @@ class Batcher:
                         decodes = [w for w in decodes if w.cache is not item.cache]
                         arrived = [w for w in arrived if w.cache is not item.cache]
                         self.kv_bytes -= item.cache.nbytes()
-                        continue
-                    if self._admit(item):
+                        self._active.pop(id(item.cache), None)
+                    elif self._admit(item):
                         arrived.append(item)
+                    if not self._awaited(prefills, decodes, arrived):
+                        deadline = None
+                    else:  # each arrival extends the wait by gather_s, up to 10 gather_s in all
+                        now = time.monotonic()
+                        first = now if deadline is None else first
+                        deadline = min(first + 10 * self.gather_s, now + self.gather_s)
             except queue.Empty:
                 pass
             for w in self._make_hidden(arrived):
@@ -240,6 +259,16 @@ class Batcher:
                 self._unreserve(prefills.popleft())
             if prefills and self._chunk(prefills[0]):
                 prefills.popleft()
+
+    def _awaited(self, prefills: deque[_Work], decodes: list[_Work], arrived: list[_Work]) -> bool:
+        """Whether this turn should wait (up to gather_s) for more steps: a decode step is ready
+        to batch and a session that has run before has sent nothing yet."""
+        if self.gather_s <= 0 or not any(
+                w.cache.length > 0 and (w.rows == 1 if w.rows is not None else w.hidden.shape[0] == 1)
+                for w in (*decodes, *arrived)):
+            return False
+        pending = {id(w.cache) for w in (*prefills, *decodes, *arrived)}
+        return any(key not in pending for key in self._active)
 
     def _admit(self, work: _Work) -> bool:
         """Reserve the work's KV when its rows are known; False (future failed) when it cannot run."""
@@ -331,6 +360,7 @@ class Batcher:
         work.reserved -= share
         work.done_rows += rows
         self.kv_bytes += work.cache.nbytes() - bytes_before
+        self._active[id(work.cache)] = work.cache
 
     def _complete(self, work: _Work, logits: torch.Tensor) -> None:
         try:
