@@ -148,18 +148,20 @@ def test_a_server_frozen_mid_generation_fails_the_step_at_its_deadline(artifacts
         remote = RemoteSession(connect(address, link=link), plan.hash, plan.model_id, SamplingParams(), 32)
         steps, waited = [], []
 
-        def next_token(frame: bytes, rows: int) -> int:
+        def send(frame: bytes, rows: int, want_token: bool) -> int | None:
+            if not want_token:  # a prompt chunk streamed ahead of the last
+                return remote.send(frame, rows, want_token)
             steps.append(len(steps))
             if len(steps) == 4:
                 freeze(proc)
             t0 = time.monotonic()
             try:
-                return remote.next_token(frame, rows)
+                return remote.send(frame, rows, want_token)
             finally:
                 waited.append(time.monotonic() - t0)
 
         with pytest.raises(LinkError, match=r"no token from .* within 3\.0 s \(the step deadline") as info:
-            generate_split(HeadSession(result.device_dir), next_token, prompt, 20)
+            generate_split(HeadSession(result.device_dir), send, prompt, 20)
         assert len(steps) == 4  # three tokens came before the freeze
         assert info.value.code == "DEADLINE_EXCEEDED" and address in str(info.value)
         assert isinstance(info.value, TransportError) and isinstance(info.value, RemoteError)

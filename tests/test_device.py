@@ -90,7 +90,7 @@ def test_device_head_plus_exported_tail_equals_in_process_split(tiny_ckpt, expor
     plan, result = exports[2, "int4"]
     prompt = tiny_ckpt.tokenizer().encode("the device talks to the cloud " * 2).ids
     tail = TailRunner(result.cloud_dir).new_session()
-    got = generate_split(HeadSession(result.device_dir), tail.next_token, prompt, 16)
+    got = generate_split(HeadSession(result.device_dir), tail.send, prompt, 16)
     ref = LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 16)
     assert got.token_ids == ref.token_ids
     assert 0 < got.link_bytes < (len(prompt) + 15) * 2 * tiny_ckpt.spec.hidden_size
@@ -281,7 +281,7 @@ def test_kv_quantized_plan_device_matches_in_process(tiny_ckpt, tmp_path):
     plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, kv_bits=4, codec=CodecConfig("fp32"), prefill_chunk=8)
     result = export_artifacts(tiny_ckpt, plan, tmp_path, progress=False)
     prompt = tiny_ckpt.tokenizer().encode("a quantized cache on the device").ids
-    got = generate_split(HeadSession(result.device_dir), TailRunner(result.cloud_dir).new_session().next_token, prompt, 12)
+    got = generate_split(HeadSession(result.device_dir), TailRunner(result.cloud_dir).new_session().send, prompt, 12)
     ref = LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 12)
     assert got.token_ids == ref.token_ids
 

@@ -435,7 +435,7 @@ def garbage_cases(rng: np.random.Generator, plan) -> list[Case]:
 
 # -- the healthy session -----------------------------------------------------------------------------
 class RawSession:
-    """A generation session on raw stubs: one frame per step, one token per frame."""
+    """A generation session on raw stubs: a token for each frame that asks for one."""
 
     def __init__(self, channel: grpc.Channel, plan, max_tokens: int) -> None:
         rpc = channel.stream_stream(GENERATE, request_serializer=pb.DeviceMessage.SerializeToString,
@@ -446,10 +446,10 @@ class RawSession:
         self.session_id = next(self.call).opened.session_id
         self.position = 0
 
-    def next_token(self, frame: bytes, rows: int) -> int:
-        self.requests.put(act(frame, self.position))
+    def send(self, frame: bytes, rows: int, want_token: bool = True) -> int | None:
+        self.requests.put(act(frame, self.position, want_token))
         self.position += rows
-        return next(self.call).token.id
+        return next(self.call).token.id if want_token else None
 
     def close(self) -> None:
         self.requests.put(None)
@@ -465,7 +465,7 @@ def generate(channel, artifacts, prompt, session_ids=None) -> list[int]:
     if session_ids is not None:
         session_ids.append(session.session_id)
     try:
-        return generate_split(HeadSession(result.device_dir, threads=1), session.next_token, prompt,
+        return generate_split(HeadSession(result.device_dir, threads=1), session.send, prompt,
                               HEALTHY_TOKENS).token_ids
     finally:
         session.close()

@@ -245,5 +245,5 @@ def test_tail_on_kernels_gives_the_reference_tokens(tiny_ckpt, tmp_path):
         runner = TailRunner(result.cloud_dir, kernels=impl)
         assert runner.kernels == impl
         assert runner.kernel_linears == (7 * (L - 1) + 1 if impl == "triton" else 0)
-        tokens[impl] = generate_split(session, runner.new_session().next_token, prompt, 12).token_ids
+        tokens[impl] = generate_split(session, runner.new_session().send, prompt, 12).token_ids
     assert tokens["triton"] == tokens["reference"]

@@ -35,7 +35,7 @@ def generate_remote(address, artifacts, prompt, n, **kw):
 
     plan, result = artifacts
     with open_session(address, plan, **kw) as remote:
-        return generate_split(HeadSession(result.device_dir), remote.next_token, prompt, n)
+        return generate_split(HeadSession(result.device_dir), remote.send, prompt, n)
 
 
 def test_grpc_generation_equals_in_process_split(tiny_ckpt, artifacts, server):
@@ -138,7 +138,7 @@ def test_bad_frames_fail_only_their_session(tiny_ckpt, artifacts, server, case):
     with pytest.raises(RemoteError, match=message) as info:
         bad.send(frame, rows=1)
     assert info.value.code == code
-    out = generate_split(HeadSession(artifacts[1].device_dir), healthy.next_token, prompt, 8)
+    out = generate_split(HeadSession(artifacts[1].device_dir), healthy.send, prompt, 8)
     assert len(out.token_ids) == 8
     healthy.close()
 
@@ -259,7 +259,7 @@ def test_tls_with_token(tiny_ckpt, artifacts, tmp_path):
         channel = connect(f"localhost:{port}", cert.read_bytes())
         with RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), 8, "t") as remote:
             prompt = tiny_ckpt.tokenizer().encode("secure").ids
-            out = generate_split(HeadSession(result.device_dir), remote.next_token, prompt, 5)
+            out = generate_split(HeadSession(result.device_dir), remote.send, prompt, 5)
         assert len(out.token_ids) == 5
         with pytest.raises(RemoteError):  # a plaintext client cannot talk to the TLS port
             RemoteSession(connect(f"localhost:{port}"), plan.hash, plan.model_id, SamplingParams(), 8, "t")
@@ -344,3 +344,25 @@ def test_a_turn_waits_briefly_for_the_other_sessions_steps(tiny_ckpt, artifacts)
     batcher.close()
     lone.close()
     assert 2.0 <= waited < 4.0
+
+
+def test_a_long_prompt_streams_chunk_by_chunk_and_gets_what_one_frame_gets(tiny_ckpt, artifacts, server):
+    """Each prefill chunk's frame goes out as the head computes it (want_token false until the
+    last), so the cloud prefills one chunk while the device computes the next."""
+    from splitlm.device.runtime import HeadSession, generate_split
+
+    plan, result = artifacts
+    prompt = tiny_ckpt.tokenizer().encode("a prompt of several prefill chunks, " * 2).ids[:2 * plan.prefill_chunk + 5]
+    assert len(prompt) == 2 * plan.prefill_chunk + 5
+    sends = []
+    with open_session(server[0], plan) as remote:
+        def send(frame, rows, want_token):
+            sends.append((rows, want_token))
+            return remote.send(frame, rows, want_token)
+
+        streamed = generate_split(HeadSession(result.device_dir), send, prompt, 6)
+    with open_session(server[0], plan) as remote:
+        whole = generate_split(HeadSession(result.device_dir), remote.send, prompt, 6, stream_prefill=False)
+    c = plan.prefill_chunk
+    assert sends[:4] == [(c, False), (c, False), (5, True), (1, True)]
+    assert streamed.token_ids == whole.token_ids and len(streamed.token_ids) == 6

@@ -329,12 +329,12 @@ def test_each_frame_is_parsed_once_by_the_server_and_never_by_the_device(tiny_ck
             count_calls(monkeypatch, module, "parse_frame", parsed)
     prompt = tiny_ckpt.tokenizer().encode("parsed once, decoded once").ids
     with open_session(address, plan, token=None) as remote:
-        def next_token(frame: bytes, rows: int) -> int:
+        def send(frame: bytes, rows: int, want_token: bool) -> int | None:
             sent.append(rows)
-            return remote.next_token(frame, rows)
+            return remote.send(frame, rows, want_token)
 
-        out = generate_split(HeadSession(result.device_dir), next_token, prompt, 6)
-    assert len(out.token_ids) == 6 and sent[0] == len(prompt) and len(sent) >= 5
+        out = generate_split(HeadSession(result.device_dir), send, prompt, 6)
+    assert len(out.token_ids) == 6 and sum(sent) == len(prompt) + 5  # the prompt (in chunks), then 5 steps
     assert parsed == ["splitlm-grpc"] * len(sent)  # once per frame, by the service: none by the device or the decoder
 
 

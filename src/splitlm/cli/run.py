@@ -172,7 +172,7 @@ def _generate_from_artifacts(args, sampling):
             def run(ids, show):
                 with RemoteSession(channel, session.plan.hash, session.plan.model_id,
                                    sampling, args.max_tokens, args.token) as remote:
-                    result = generate_split(session, remote.next_token, ids, args.max_tokens, show, tok)
+                    result = generate_split(session, remote.send, ids, args.max_tokens, show, tok)
                 result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down)
                 return result
         else:
@@ -182,7 +182,7 @@ def _generate_from_artifacts(args, sampling):
             if tail.plan.hash != session.plan.hash:
                 raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
             tail_session = tail.new_session(sampling)
-            run = lambda ids, show: generate_split(session, tail_session.next_token, ids, args.max_tokens, show, tok)  # noqa: E731
+            run = lambda ids, show: generate_split(session, tail_session.send, ids, args.max_tokens, show, tok)  # noqa: E731
     return run, tok, session.plan.split_layer, L, session.plan, (load_template(session.dir), session.spec)
 
 

@@ -164,10 +164,17 @@ class TailSession:
     def next_token(self, frame: bytes, rows: int | None = None) -> int:
         """The token for the position after `frame`'s. `rows`: the positions the caller put in the
         frame (as `RemoteSession.next_token` takes them); a frame that holds another count is refused."""
+        return self.send(frame, rows, True)
+
+    def send(self, frame: bytes, rows: int | None, want_token: bool = True) -> int | None:
+        """`RemoteSession.send` in process: run the frame of `rows` positions (None: as many as it
+        holds); with want_token, the token for the position after them. Each frame runs before
+        the next is taken."""
         layout = self.runner.parse(frame)
         if rows is not None and rows != layout.rows:
             raise CodecError(f"frame holds {layout.rows} rows, the caller sent it as {rows}")
-        return self.submit(frame, True, layout).result().id
+        choice = self.submit(frame, want_token, layout).result()
+        return choice.id if want_token else None
 
     def close(self) -> None:
         """Free the cache (the batcher stops counting it and drops work still queued for it)."""

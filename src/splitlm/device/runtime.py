@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -111,23 +111,26 @@ class DeviceHead:
 
     def step(self, ids: list[int]) -> np.ndarray:
         """Run new token ids through the head in prefill chunks -> outputs (T, d or V)."""
+        return np.concatenate([out for out, _ in self.chunks(ids)], axis=0)
+
+    def chunks(self, ids: list[int]) -> Iterator[tuple[np.ndarray, bool]]:
+        """Run new token ids through the head one prefill chunk at a time: yields each chunk's
+        outputs (T_i, d or V) as soon as they are computed, and whether it is the last."""
         if self.length + len(ids) > self.plan.max_seq_len:
             raise ConfigError(f"sequence would reach {self.length + len(ids)} tokens, the plan allows {self.plan.max_seq_len}")
-        outs = []
         chunk = self.plan.prefill_chunk
         for start in range(0, len(ids), chunk):
             part = np.asarray([ids[start:start + chunk]], dtype=np.int64)
             positions = np.arange(self.length, self.length + part.shape[1], dtype=np.int64)[None]
             past = self.past if self.stores is None else [s.dequantize() for s in self.stores]
             result = self.session.run_raw(part, positions, past)
-            outs.append(result[0][0])
             if self.stores is None:
                 self.past = result[1:]
             else:
                 for store, present in zip(self.stores, result[1:]):
                     store.append(present[:, :, self.length:])
             self.length += part.shape[1]
-        return np.concatenate(outs, axis=0)
+            yield result[0][0], start + chunk >= len(ids)
 
     def encode(self, hidden: np.ndarray) -> bytes:
         """The activation frame for hidden states (T, d), by the plan's codec (numpy)."""
@@ -160,18 +163,30 @@ def generate_device_only(session: HeadSession, prompt_ids: list[int], max_tokens
                            session.plan.max_seq_len, tok.decode, on_token)
 
 
-def generate_split(session: HeadSession, next_token: Callable[[bytes, int], int], prompt_ids: list[int],
-                   max_tokens: int, on_token: Callable[[int], None] | None = None, tokenizer=None) -> GenerationResult:
-    """Generation with a cloud: each step's hidden states go out as a frame; `next_token(frame, rows)`
-    (e.g. `RemoteSession.next_token`) returns the cloud's token for the position after the frame's rows."""
+Send = Callable[[bytes, int, bool], "int | None"]
+"""send(frame, rows, want_token): `RemoteSession.send` or `TailSession.send`; with want_token, the
+cloud's token for the position after the frame's rows."""
+
+
+def generate_split(session: HeadSession, send: Send, prompt_ids: list[int], max_tokens: int,
+                   on_token: Callable[[int], None] | None = None, tokenizer=None, stream_prefill: bool = True) -> GenerationResult:
+    """Generation with a cloud: each step's hidden states go out as frames through `send`. With
+    stream_prefill, a prompt's frames go out chunk by chunk as the head computes them (the cloud's
+    prefill of one chunk overlaps the head's next); without, the whole prompt goes as one frame."""
     head = DeviceHead(session)
     sent = [0]
 
     def advance(ids: list[int]) -> int:
-        hidden = head.step(ids)
-        frame = head.encode(hidden)
-        sent[0] += len(frame)
-        return next_token(frame, hidden.shape[0])
+        if not stream_prefill:
+            hidden = head.step(ids)
+            frame = head.encode(hidden)
+            sent[0] += len(frame)
+            return send(frame, hidden.shape[0], True)
+        for hidden, last in head.chunks(ids):
+            frame = head.encode(hidden)
+            sent[0] += len(frame)
+            token = send(frame, hidden.shape[0], last)
+        return token
 
     tok = tokenizer or load_tokenizer(session.dir)
     result = generate_tokens(advance, prompt_ids, max_tokens, session.spec.eos_token_ids, session.plan.max_seq_len,
