@@ -1,24 +1,32 @@
 """Device speed: decode and 512-token prefill tokens/s of SmolLM2 through our onnxruntime head
-(device-only plans: fp32, int8, int4), next to llama.cpp on the same GGUF with the same threads.
+(device-only plans: fp32, int8, int4), next to llama.cpp on the same GGUF and onnxruntime-genai's
+builds of the same weights, all with the same threads; and each engine's peak RSS holding a
+2,048-position context (a fresh subprocess per engine).
 
     .venv/bin/python bench/device.py [--threads N] [--reps 3] [--json bench/results/device.json]
 
-llama.cpp runs through llama-cpp-python, a bench-only optional dependency; without it the
-column is skipped. Exports are cached under $SPLITLM_CACHE/bench-exports.
+Peers are bench-only optional dependencies; without them their rows are skipped with a message:
+    .venv/bin/pip install llama-cpp-python                              # llama.cpp row
+    .venv/bin/pip install onnxruntime-genai onnx_ir onnxscript          # onnxruntime-genai rows
+Exports are cached under $SPLITLM_CACHE/bench-exports, genai builds under $SPLITLM_CACHE/bench-peers
+(see bench/genai_peer.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from device_engines import RSS_CONTEXT, open_engine, peak_rss_mib
 
 from splitlm import evaluate
 from splitlm.model.checkpoint import cache_root
@@ -42,19 +50,33 @@ def export_cached(ckpt, plan: Plan) -> Path:
 
 
 def with_accuracy_level(device_dir: Path, level: int) -> Path:
-    """A copy of the head whose MatMulNBits nodes use another accuracy_level (4 = int8 compute)."""
+    """A copy of the head whose MatMulNBits nodes use another accuracy_level (4 = int8 compute),
+    with its manifest updated to the rewritten files."""
     import onnx
 
+    from splitlm.artifacts import MANIFEST_FILE, check_manifest
+    from splitlm.errors import ModelLoadError
+    from splitlm.model.checkpoint import sha256_file
+
     out = device_dir.parent / f"device-acc{level}"
-    if not (out / "head.onnx").is_file():
-        shutil.copytree(device_dir, out, dirs_exist_ok=True)
-        model = onnx.load(str(device_dir / "head.onnx"))
-        for node in model.graph.node:
-            if node.op_type == "MatMulNBits":
-                for attr in node.attribute:
-                    if attr.name == "accuracy_level":
-                        attr.i = level
-        onnx.save(model, str(out / "head.onnx"), save_as_external_data=True, location="head.onnx.data")
+    try:
+        check_manifest(out)
+        return out
+    except ModelLoadError:
+        shutil.rmtree(out, ignore_errors=True)
+    # onnx.save appends to an existing external-data file: leave the head's files out of the copy
+    shutil.copytree(device_dir, out, ignore=shutil.ignore_patterns("head.onnx*", MANIFEST_FILE))
+    model = onnx.load(str(device_dir / "head.onnx"))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = level
+    onnx.save(model, str(out / "head.onnx"), save_as_external_data=True, location="head.onnx.data")
+    manifest = json.loads((device_dir / MANIFEST_FILE).read_text())
+    for name in ("head.onnx", "head.onnx.data"):
+        manifest["files"][name] = {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return out
 
 
@@ -79,27 +101,15 @@ def measure(reset, feed, greedy_next, prompt: list[int], decode_prompt: list[int
     return statistics.median(prefill), statistics.median(decode)
 
 
-def time_ours(device_dir: Path, threads: int, optimization: str, *args) -> tuple[float, float]:
-    from splitlm.device.runtime import DeviceHead, HeadSession
-
-    head = DeviceHead(HeadSession(device_dir, threads=threads, optimization=optimization))
-    last = {}
-
-    def feed(ids):
-        last["logits"] = head.step(ids)[-1]
-
-    return measure(head.reset, feed, lambda: int(np.argmax(last["logits"])), *args)
+def time_engine(engine, *args) -> tuple[float, float]:
+    return measure(engine.reset, engine.feed, engine.greedy_next, *args)
 
 
-def perplexity_ours(device_dir: Path, threads: int, wins: list[list[int]]) -> float:
-    """Perplexity of the device-only ONNX head itself on `wins` (one 512-token prefill each)."""
-    from splitlm.device.runtime import DeviceHead, HeadSession
-
-    head = DeviceHead(HeadSession(device_dir, threads=threads))
+def perplexity(engine, wins: list[list[int]]) -> float:
+    """Perplexity of an engine with all_logits(ids) -> (T, V) on `wins` (one 512-token prefill each)."""
     nll, count = 0.0, 0
     for win in wins:
-        head.reset()
-        logits = head.step(win)[:-1].astype(np.float64)
+        logits = engine.all_logits(win)[:-1].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(win) - 1), win[1:]].sum())
@@ -107,13 +117,53 @@ def perplexity_ours(device_dir: Path, threads: int, wins: list[list[int]]) -> fl
     return float(np.exp(nll / count))
 
 
-def time_llama_cpp(gguf: Path, threads: int, *args) -> tuple[float, float] | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512, verbose=False)
-    return measure(llm.reset, llm.eval, lambda: int(np.argmax(llm.scores[llm.n_tokens - 1])), *args)
+@dataclass(frozen=True)
+class Row:
+    """One engine to time."""
+
+    label: str
+    kind: str
+    """An engine kind of device_engines.KINDS."""
+    path: Path
+    """What the engine opens: a device head folder, a GGUF or a genai build."""
+    optimization: str = "all"
+    """onnxruntime graph optimization (ours only)."""
+    headline: bool = True
+    """Whether it gets the perplexity and peak-RSS columns; variants of the same weights do not."""
+
+
+def engines(ckpt) -> tuple[list[Row], list[str]]:
+    """The rows to time, and why any peer is missing."""
+    rows = []
+    for name, wq in PRECISIONS.items():
+        # quantized plans hold the LM head at 8 bits, as llama.cpp's file holds its tied output at Q8_0
+        plan = Plan(ckpt.model_id, ckpt.weights_hash, ckpt.spec.num_layers, device_weights=wq,
+                    lm_head_bits=16 if wq.bits == 16 else 8, codec=CodecConfig("fp16"), prefill_chunk=512,
+                    max_seq_len=RSS_CONTEXT)
+        device_dir = export_cached(ckpt, plan)
+        rows.append(Row(f"ours {name}", "ours", device_dir))
+        if wq.bits != 16:
+            rows.append(Row(f"ours {name}, MatMulNBits fp32 compute", "ours", with_accuracy_level(device_dir, 0),
+                            headline=False))
+        if name == "int4":
+            rows.append(Row(f"ours {name}, basic graph optimization", "ours", device_dir, "basic", headline=False))
+    notes = []
+    gguf = KNOWN_MODELS["smollm2-135m"].locate()
+    if importlib.util.find_spec("llama_cpp") is None:
+        notes.append("llama.cpp: llama-cpp-python is not installed (`pip install llama-cpp-python` adds the row)")
+    else:
+        rows.append(Row("llama.cpp Q4_1 (same GGUF)", "llama.cpp", gguf))
+    import genai_peer
+
+    why = genai_peer.missing()
+    if why:
+        notes.append(f"onnxruntime-genai: {why}")
+    for label in genai_peer.BUILDS if not why else ():
+        try:
+            rows.append(Row(f"onnxruntime-genai {label}", "genai", genai_peer.build(gguf, label)))
+        except RuntimeError as e:
+            notes.append(f"onnxruntime-genai {label}: {e}")
+    return rows, notes
 
 
 def main() -> None:
@@ -123,44 +173,41 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--json", default="bench/results/device.json")
     ap.add_argument("--ppl-windows", type=int, default=4, help="windows for the perplexity column (0 = skip)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS column")
     args = ap.parse_args()
     ckpt = resolve_model("smollm2-135m")
     tok = ckpt.tokenizer()
     prompt = evaluate.windows(tok, evaluate.protocol_text(), 1)[0]  # 512 tokens
     decode_prompt = prompt[:64]
     ppl_wins = evaluate.windows(tok, evaluate.protocol_text(), args.ppl_windows) if args.ppl_windows else []
-    L = ckpt.spec.num_layers
+    rss_ids = sum(evaluate.windows(tok, evaluate.protocol_text(), RSS_CONTEXT // 512), [])
+    specs, notes = engines(ckpt)
     rows = []
-    for name, wq in PRECISIONS.items():
-        # quantized plans hold the LM head at 8 bits, as llama.cpp's file holds its tied output at Q8_0
-        plan = Plan(ckpt.model_id, ckpt.weights_hash, L, device_weights=wq, lm_head_bits=16 if wq.bits == 16 else 8,
-                    codec=CodecConfig("fp16"), prefill_chunk=512, max_seq_len=2048)
-        device_dir = export_cached(ckpt, plan)
-        variants = [(f"ours {name}", device_dir, "all")]
-        if wq.bits != 16:
-            variants.append((f"ours {name}, MatMulNBits fp32 compute", with_accuracy_level(device_dir, 0), "all"))
-        if name == "int4":
-            variants.append((f"ours {name}, basic graph optimization", device_dir, "basic"))
-        for label, folder, opt in variants:
-            p, d = time_ours(folder, args.threads, opt, prompt, decode_prompt, args.decode_tokens, args.reps)
-            ppl = perplexity_ours(folder, args.threads, ppl_wins) if ppl_wins and opt == "all" else None
-            rows.append({"engine": label, "prefill_tok_s": p, "decode_tok_s": d, "perplexity": ppl})
-            print(f"{label:<48}{p:>12.1f}{d:>12.1f}  ppl {ppl}", file=sys.stderr, flush=True)
-    ref = time_llama_cpp(KNOWN_MODELS["smollm2-135m"].locate(), args.threads, prompt, decode_prompt, args.decode_tokens, args.reps)
-    if ref is not None:
-        rows.append({"engine": "llama.cpp Q4_1 (same GGUF)", "prefill_tok_s": ref[0], "decode_tok_s": ref[1], "perplexity": None})
-    base = rows[-1] if ref is not None else None
+    for row in specs:
+        engine = open_engine(row.kind, row.path, args.threads, row.optimization)
+        p, d = time_engine(engine, prompt, decode_prompt, args.decode_tokens, args.reps)
+        ppl = perplexity(engine, ppl_wins) if ppl_wins and row.headline and hasattr(engine, "all_logits") else None
+        del engine
+        rss = peak_rss_mib(row.kind, row.path, args.threads, rss_ids) if row.headline and not args.no_rss else None
+        rows.append({"engine": row.label, "prefill_tok_s": p, "decode_tok_s": d, "perplexity": ppl, "peak_rss_mib": rss})
+        print(f"{row.label:<48}{p:>12.1f}{d:>12.1f}  ppl {ppl}  rss {rss}", file=sys.stderr, flush=True)
+    # decode ratios against llama.cpp when it ran, else against our int4 head
+    base = next((r for r in rows if r["engine"].startswith("llama.cpp")), None) or \
+        next(r for r in rows if r["engine"] == "ours int4")
+    versus = "decode vs " + ("llama.cpp" if base["engine"].startswith("llama.cpp") else base["engine"])
     print(f"\nSmolLM2-135M device-only, {args.threads} threads, prefill 512 tokens, decode {args.decode_tokens} tokens "
-          f"after a 64-token prompt, median of {args.reps}")
-    print(f"{'engine':<48}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode vs llama.cpp':>21}{'ppl':>9}")
+          f"after a 64-token prompt, median of {args.reps}; peak RSS of a fresh process holding {RSS_CONTEXT} positions")
+    print(f"{'engine':<48}{'prefill tok/s':>14}{'decode tok/s':>14}{versus:>21}{'ppl':>9}{'RSS MiB':>9}")
     for r in rows:
-        ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
-        ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") else "-"
-        print(f"{r['engine']:<48}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{ratio:>21}{ppl:>9}")
-    if ref is None:
-        print("(llama-cpp-python is not installed: `pip install llama-cpp-python` adds the llama.cpp row)")
+        ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x"
+        ppl = f"{r['perplexity']:.3f}" if r["perplexity"] else "-"
+        rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "-"
+        print(f"{r['engine']:<48}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{ratio:>21}{ppl:>9}{rss:>9}")
+    for note in notes:
+        print(f"({note})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
+    Path(args.json).write_text(json.dumps({"threads": args.threads, "rss_context": RSS_CONTEXT, "rows": rows,
+                                           "skipped": notes}, indent=2))
 
 
 if __name__ == "__main__":
