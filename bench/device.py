@@ -7,6 +7,9 @@ builds of the same weights, all with the same threads; and each engine's peak RS
 
 Peers are bench-only optional dependencies; without them their rows are skipped with a message:
     .venv/bin/pip install llama-cpp-python                              # llama.cpp row
+      (where a native build crashes, as on our CI machines, build it portable first:
+       CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF
+       -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" .venv/bin/pip install llama-cpp-python)
     .venv/bin/pip install onnxruntime-genai onnx_ir onnxscript          # onnxruntime-genai rows
 Exports are cached under $SPLITLM_CACHE/bench-exports, genai builds under $SPLITLM_CACHE/bench-peers
 (see bench/genai_peer.py).
