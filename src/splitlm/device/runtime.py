@@ -177,12 +177,7 @@ def generate_split(session: HeadSession, send: Send, prompt_ids: list[int], max_
     sent = [0]
 
     def advance(ids: list[int]) -> int:
-        if not stream_prefill:
-            hidden = head.step(ids)
-            frame = head.encode(hidden)
-            sent[0] += len(frame)
-            return send(frame, hidden.shape[0], True)
-        for hidden, last in head.chunks(ids):
+        for hidden, last in head.chunks(ids) if stream_prefill else [(head.step(ids), True)]:
             frame = head.encode(hidden)
             sent[0] += len(frame)
             token = send(frame, hidden.shape[0], last)

@@ -18,7 +18,6 @@ import torch
 from splitlm.errors import CodecError
 from splitlm.kernels.wq_matmul import check_triton_device
 from splitlm.quantize import codec
-from splitlm.quantize.codec_torch import TorchOps
 
 try:  # the kernel needs triton; the reference does not
     import triton
@@ -113,7 +112,7 @@ def decode_rows_reference(b: FrameBatch) -> torch.Tensor:
     g = c // b.group
     y = q.to(torch.float32) * b.scales.to(torch.float32)[:, g] + b.mins.to(torch.float32)[:, g]
     if b.rotate:
-        y = codec._hadamard(y, b.rotate, TorchOps())
+        y = codec._hadamard(y, b.rotate, codec.get_ops("torch"))
     high = torch.where(raw32, byte + 2, 0)  # only raw fp32 rows have a high half-word
     word32 = word | (b.payload[high].to(torch.int64) << 16) | (b.payload[high + 1].to(torch.int64) << 24)
     fp32 = torch.where(word32 >= 1 << 31, word32 - (1 << 32), word32).to(torch.int32).view(torch.float32)

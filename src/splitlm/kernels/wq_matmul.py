@@ -18,11 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from splitlm.errors import ConfigError
-from splitlm.quantize import bitpack
-from splitlm.quantize.codec_torch import TorchOps
+from splitlm.quantize import bitpack, codec
 from splitlm.quantize.weights import QuantizedTensor
-
-TORCH = TorchOps()
 
 try:
     import triton
@@ -62,7 +59,7 @@ def pack_weight(q: QuantizedTensor) -> PackedWeight:
     """The quantizer's codes (one per byte) -> the kernels' layout."""
     if q.bits not in KERNEL_BITS:
         raise ConfigError(f"the matmul kernels take {KERNEL_BITS}-bit weights, not {q.bits}")
-    codes = bitpack.pack(q.codes, 4, TORCH) if q.bits == 4 else q.codes
+    codes = bitpack.pack(q.codes, 4, codec.get_ops("torch")) if q.bits == 4 else q.codes
     return PackedWeight(codes.contiguous(), q.scales.contiguous(), q.zeros.contiguous(), q.bits, q.group_size,
                         q.codes.shape[1])
 
@@ -71,7 +68,7 @@ def unpack_codes(w: PackedWeight) -> torch.Tensor:
     """(N, K) uint8 codes back from the packed layout."""
     if w.bits == 8:
         return w.qweight
-    return bitpack.unpack(w.qweight, w.in_features, 4, TORCH)
+    return bitpack.unpack(w.qweight, w.in_features, 4, codec.get_ops("torch"))
 
 
 def check_triton_device(device: torch.device | str) -> None:
