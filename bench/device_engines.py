@@ -47,7 +47,7 @@ class OursEngine:
         self.reset = head.reset
 
     def feed(self, ids: list[int]) -> None:
-        self.last = self.head.step(ids)[-1]
+        self.last = self.head.step(ids, last_only=True)[-1]
 
     def greedy_next(self) -> int:
         return int(np.argmax(self.last))

@@ -46,31 +46,61 @@ def test_onnx_head_matches_torch_head(tiny_ckpt, exports, split, precision):
 
 @pytest.mark.parametrize("split", [1, 4])
 def test_graph_names_are_the_model_descriptions(tiny_ckpt, exports, split):
+    import json
+
     import onnx
     import onnxruntime as ort
 
     from splitlm.model import names
 
     plan, result = exports[split, "int4"]
+    assert json.loads((result.device_dir / "manifest.json").read_text())["graph"] == "gqa"
     model = onnx.load(str(result.device_dir / names.HEAD_FILE))
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    expected_in = [names.INPUT_IDS, names.POSITION_IDS]
+    expected_in = [names.INPUT_IDS, names.SEQLENS_K, names.TOTAL_SEQUENCE_LENGTH]
     expected_out = [names.LOGITS if split == 4 else names.HIDDEN_STATES]
     for i in range(split):
         expected_in += [names.past_key(i), names.past_value(i)]
         expected_out += [names.present_key(i), names.present_value(i)]
+    expected_in += [names.LOGIT_ROWS] if split == 4 else []
     assert inputs == expected_in and outputs == expected_out
-    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 7 * split
-    # plain onnxruntime, only the documented inputs
+    ops = [n.op_type for n in model.graph.node]
+    # one packed q/k/v, o, gate, up and down per layer; the embedding quantized with the blocks
+    assert ops.count("MatMulNBits") == 5 * split and ops.count("GroupQueryAttention") == split
+    assert ops.count("GatherBlockQuantized") == 1 and "Concat" not in ops
+    # plain onnxruntime, only the documented inputs: a 3-token prompt into K/V buffers of max_seq_len positions
     sess = ort.InferenceSession(str(result.device_dir / names.HEAD_FILE), providers=["CPUExecutionProvider"])
     spec = tiny_ckpt.spec
-    feed = {names.INPUT_IDS: np.array([[5, 6, 7]]), names.POSITION_IDS: np.array([[0, 1, 2]])}
+    feed = {names.INPUT_IDS: np.array([[5, 6, 7]]), names.SEQLENS_K: np.array([2], np.int32),
+            names.TOTAL_SEQUENCE_LENGTH: np.array(3, np.int32)}
+    if split == 4:
+        feed[names.LOGIT_ROWS] = np.array([2])
     for i in range(split):
-        feed[names.past_key(i)] = feed[names.past_value(i)] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+        feed[names.past_key(i)] = feed[names.past_value(i)] = np.zeros((1, spec.num_kv_heads, plan.max_seq_len, spec.head_dim), np.float32)
     out = sess.run(None, feed)
-    assert out[0].shape == (1, 3, spec.vocab_size if split == 4 else spec.hidden_size)
-    assert out[1].shape == (1, spec.num_kv_heads, 3, spec.head_dim)
+    assert out[0].shape == ((1, 1, spec.vocab_size) if split == 4 else (1, 3, spec.hidden_size))
+    assert out[1].shape == (1, spec.num_kv_heads, plan.max_seq_len, spec.head_dim)
+    assert np.abs(out[1][:, :, :3]).sum() > 0 and not out[1][:, :, 3:].any()
+
+
+def test_kv_is_written_in_place_and_rolls_back_by_length(tiny_ckpt, exports):
+    """The runtime's K/V buffers are the graph's past and present at once: a step writes its positions
+    into them (no copy, no concatenation), and a shorter length is a rollback."""
+    from splitlm.device.runtime import DeviceHead, HeadSession
+
+    plan, result = exports[2, "int4"]
+    head = DeviceHead(HeadSession(result.device_dir))
+    before = [b.ctypes.data for b in head.buffers]
+    first = head.step([3, 4, 5, 6])
+    head.step([7])
+    assert [b.ctypes.data for b in head.buffers] == before and head.length == 5
+    assert all(b[:, :, :5].any() and not b[:, :, 5:].any() for b in head.buffers)
+    assert head.kv_bytes() == 5 * tiny_ckpt.spec.kv_bytes_per_token(2, 32)
+    again = DeviceHead(HeadSession(result.device_dir))
+    again.step([3, 4, 5])
+    again.rewind(2)  # roll the last position back, then feed it again: the same outputs
+    np.testing.assert_allclose(again.step([5, 6]), first[2:], rtol=1e-5, atol=1e-6)
 
 
 def test_parity_failure_names_the_tensor(tiny_ckpt, exports):

@@ -99,7 +99,8 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, spec, weights):
+def write_gguf(path, spec, weights, quant=None):
+    """A GGUF of `weights`; quant(hf_name) -> a gguf.GGMLQuantizationType (or None) stores a 2-D tensor quantized."""
     gguf = pytest.importorskip("gguf")
     names = {
         "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -139,7 +140,11 @@ def write_gguf(path, spec, weights):
                 arr = _llama_cpp_permute(arr, spec.num_kv_heads)
         else:
             gname = names[name]
-        w.add_tensor(gname, np.ascontiguousarray(arr))
+        kind = quant(name) if quant is not None and arr.ndim == 2 else None
+        if kind is None:
+            w.add_tensor(gname, np.ascontiguousarray(arr))
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(np.ascontiguousarray(arr), kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -170,3 +175,38 @@ def test_model_listing(tmp_path, tiny_ckpt):
     rows = {r.name: r for r in list_models()}
     assert rows["tiny-random"].status == "cached"
     assert "smollm2-135m" in rows
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_are_carried_exactly(tmp_path, kind):
+    """A GGUF's Q4_0 / Q4_1 / Q8_0 blocks become the "source" method's QuantLinears: their dequantized
+    weights equal the converter's float weights bit for bit (q/k rows unpermuted with them), and the
+    exported head (MatMulNBits over the same codes, a block-sum term for Q4_1's mins) matches torch."""
+    gguf = pytest.importorskip("gguf")
+    from splitlm.export import check_parity, export_artifacts
+    from splitlm.partition.plan import Plan
+    from splitlm.quantize.apply import LINEARS, preferred_method
+    from splitlm.quantize.config import CodecConfig, WeightQuant
+    from splitlm.stages import build_stages
+
+    spec = tiny_spec(tie_word_embeddings=True, vocab_size=272)
+    qtype = gguf.GGMLQuantizationType[kind]
+    write_gguf(tmp_path / "q.gguf", spec, random_weights(spec, seed=3),
+               quant=lambda name: qtype if "layers" in name else gguf.GGMLQuantizationType.Q8_0)
+    ckpt = resolve_model(tmp_path / "q.gguf", root=tmp_path / "cache", progress=False)
+    bits = 8 if kind == "Q8_0" else 4
+    assert preferred_method(ckpt, bits) == "source" and preferred_method(ckpt, 12 - bits) == "rtn"
+    plan = Plan(ckpt.model_id, ckpt.weights_hash, 2, device_weights=WeightQuant(bits, 32, "source"),
+                codec=CodecConfig("fp32"), max_seq_len=64)
+    head, _ = build_stages(ckpt, plan, tail=False)
+    float_head = build_stage(ckpt, 0, 2)
+    for i in range(2):
+        for name in LINEARS:
+            q = head.model.layers[i].get_submodule(name)
+            assert (q.mins is not None) == (kind == "Q4_1")
+            assert torch.equal(q.quantized.dequantize(), float_head.model.layers[i].get_submodule(name).weight)
+    assert torch.equal(head.model.embed_tokens.quantized.dequantize(), float_head.model.embed_tokens.weight)
+    result = export_artifacts(ckpt, plan, tmp_path / "out", progress=False, accuracy_level=0)
+    assert max(check_parity(ckpt, plan, result.device_dir, prompts=2).values()) < 1e-4
+    with pytest.raises(ConfigError, match=f"not at {12 - bits} bits"):
+        build_stages(ckpt, plan.replace(device_weights=WeightQuant(12 - bits, 32, "source")), tail=False)

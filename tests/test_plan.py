@@ -6,10 +6,12 @@ from hypothesis import strategies as st
 
 from splitlm.errors import PlanError
 from splitlm.partition.plan import Plan, Predictions
-from splitlm.quantize.config import CODEC_BITS, GROUP_SIZES, KV_BITS, WEIGHT_BITS, WEIGHT_METHODS, CodecConfig, WeightQuant
+from splitlm.quantize.config import CODEC_BITS, GROUP_SIZES, KV_BITS, SOURCE_GROUP, WEIGHT_BITS, WEIGHT_METHODS, CodecConfig, WeightQuant
 
-weights = st.builds(WeightQuant, bits=st.sampled_from(WEIGHT_BITS), group_size=st.sampled_from(GROUP_SIZES),
-                    method=st.sampled_from(sorted(WEIGHT_METHODS)), symmetric=st.booleans())
+weights = st.one_of(
+    st.builds(WeightQuant, bits=st.sampled_from(WEIGHT_BITS), group_size=st.sampled_from(GROUP_SIZES),
+              method=st.sampled_from(sorted(set(WEIGHT_METHODS) - {"source"})), symmetric=st.booleans()),
+    st.builds(WeightQuant, bits=st.sampled_from(WEIGHT_BITS), group_size=st.just(SOURCE_GROUP), method=st.just("source")))
 codecs = st.builds(
     CodecConfig, kind=st.sampled_from(["fp32", "fp16", "tabq"]), ts_rule=st.sampled_from(["none", "std", "channels"]),
     ts_threshold=st.floats(0.5, 20), ts_channels=st.lists(st.integers(0, 4095), max_size=8).map(tuple),

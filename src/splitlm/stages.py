@@ -14,14 +14,15 @@ from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.llama import Transformer
 from splitlm.model.load import build_stage
 from splitlm.partition.plan import Plan
-from splitlm.quantize.apply import quantize_lm_head, quantize_stage
+from splitlm.quantize.apply import apply_source, quantize_embedding, quantize_lm_head, quantize_stage
+from splitlm.quantize.config import WEIGHT_METHODS
 
 
 def build_stages(ckpt: Checkpoint, plan: Plan, calib_ids: list[list[int]] | None = None, *, tail: bool = True,
                  dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Transformer | None]:
     """(head, tail) of `plan` on `ckpt`: embed + layers [0, ℓ) (+ norm and LM head when ℓ = L) with the
-    device weights, and layers [ℓ, L) + norm + LM head with the cloud weights (None when ℓ = L, or
-    when `tail` is False). `calib_ids`: calibration windows for methods that read them (GPTQ);
+    device weights (a quantized head quantizes its embedding too), and layers [ℓ, L) + norm + LM head
+    with the cloud weights (None when ℓ = L, or when `tail` is False). `calib_ids`: calibration windows for methods that read them (GPTQ);
     the tail calibrates on the head's outputs for those windows. Quantized weights are cached
     under the checkpoint's folder."""
     L = ckpt.spec.num_layers
@@ -29,15 +30,22 @@ def build_stages(ckpt: Checkpoint, plan: Plan, calib_ids: list[list[int]] | None
     split = plan.split_layer
     cache_dir = Path(ckpt.path) / "quant"
     calib = [torch.tensor([w]) for w in calib_ids] if calib_ids else None
-    head = quantize_lm_head(quantize_stage(
-        build_stage(ckpt, 0, split, embed=True, final=split == L, dtype=dtype),
-        plan.device_weights, calib, cache_dir, ckpt.weights_hash, progress), plan.lm_head_bits)
+    source = ckpt if plan.device_weights.method == "source" else None
+
+    def weights(stage, wq, data):
+        if wq.method == "source" and wq.bits != 16:
+            return apply_source(stage, ckpt, wq)
+        return quantize_stage(stage, wq, data, cache_dir, ckpt.weights_hash, progress)
+
+    head = build_stage(ckpt, 0, split, embed=True, final=split == L, dtype=dtype)
+    head = quantize_embedding(quantize_lm_head(weights(head, plan.device_weights, calib), plan.lm_head_bits, source),
+                              plan.device_weights, source)
     if split == L or not tail:
         return head, None
     tail_calib = None
-    if calib is not None and plan.cloud_weights.method != "rtn" and plan.cloud_weights.bits != 16:
+    if calib is not None and WEIGHT_METHODS[plan.cloud_weights.method].needs_calibration and plan.cloud_weights.bits != 16:
         with torch.inference_mode():
             tail_calib = [head(c) for c in calib]
-    return head, quantize_lm_head(quantize_stage(
-        build_stage(ckpt, split, L, embed=False, final=True, dtype=dtype),
-        plan.cloud_weights, tail_calib, cache_dir, ckpt.weights_hash, progress), plan.lm_head_bits)
+    tail_source = ckpt if plan.cloud_weights.method == "source" else None
+    return head, quantize_lm_head(weights(build_stage(ckpt, split, L, embed=False, final=True, dtype=dtype),
+                                          plan.cloud_weights, tail_calib), plan.lm_head_bits, tail_source)

@@ -66,8 +66,11 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
                        help=f"{side} weight bits (16 = none)")
         g.add_argument(f"--{side}-group", type=int, default=dataclass_default(WeightQuant, "group_size"), choices=GROUP_SIZES,
                        help=f"{side} group size (-1 = per channel)")
-        g.add_argument(f"--{side}-method", default=dataclass_default(WeightQuant, "method"), choices=sorted(WEIGHT_METHODS),
-                       help=f"{side} quantization method")
+        g.add_argument(f"--{side}-method", default="auto", choices=["auto", *sorted(WEIGHT_METHODS)],
+                       help=f"{side} quantization method" + (
+                           " (auto: the source file's own blocks where it holds every layer at --device-bits and no "
+                           "--device-group is given, else rtn)" if side == "device" else
+                           " (auto: rtn, whose codes the GPU kernels run)"))
         g.add_argument(f"--{side}-symmetric", action="store_true", help=f"symmetric {side} quantization")
     g.add_argument("--kv-bits", type=int, default=dataclass_default(Plan, "kv_bits"), choices=KV_BITS, help="device KV cache bits")
     g.add_argument("--codec", default=CLI_CODEC, choices=CODEC_KINDS, help=f"activation codec on the link (default {CLI_CODEC}: exact)")
@@ -137,11 +140,21 @@ def plan_and_check_flags(args, ckpt):
 
 def plan_from_flags(args, ckpt, split: int):
     from splitlm.partition.plan import Plan
-    from splitlm.quantize.config import CodecConfig, WeightQuant
+    from splitlm.quantize.apply import preferred_method
+    from splitlm.quantize.config import SOURCE_GROUP, CodecConfig, WeightQuant
 
-    wq = {side: WeightQuant(getattr(args, f"{side}_bits"), getattr(args, f"{side}_group"),
-                            getattr(args, f"{side}_method"), getattr(args, f"{side}_symmetric"))
-          for side in ("device", "cloud")}
+    given = given_plan_flags(args)
+    wq = {}
+    for side in ("device", "cloud"):
+        bits, group, method = (getattr(args, f"{side}_{k}") for k in ("bits", "group", "method"))
+        if method == "auto":
+            free = side == "device" and not ({f"--{side}-group", f"--{side}-symmetric"} & given)
+            method = preferred_method(ckpt, bits) if free else "rtn"
+        if method == "source":
+            if f"--{side}-group" in given and group != SOURCE_GROUP:
+                raise ConfigError(f"--{side}-method source carries blocks of {SOURCE_GROUP}: --{side}-group {group} cannot apply")
+            group = SOURCE_GROUP
+        wq[side] = WeightQuant(bits, group, method, getattr(args, f"{side}_symmetric"))
     codec = CodecConfig(args.codec, ts_rule=args.ts_rule, ts_threshold=args.ts_k, error_budget=args.codec_eps,
                         group_size=args.codec_group)
     return Plan(ckpt.model_id, ckpt.weights_hash, split, device_weights=wq["device"], cloud_weights=wq["cloud"],

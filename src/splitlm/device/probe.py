@@ -70,13 +70,13 @@ def first_call(device_dir: str, prompt: list[int], threads: int | None) -> dict:
 
 
 def run_graph(graph: str) -> dict:
-    """One call of a bare ONNX graph with input_ids/position_ids inputs only (the device LM-head
-    probe): {"peak_rss_bytes"}."""
-    import numpy as np
+    """One call of a bare ONNX graph without layers (the device LM-head probe): {"peak_rss_bytes"}."""
     import onnxruntime as ort
 
+    from splitlm.device.runtime import bare_feed
+
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
-    session.run(None, {"input_ids": np.array([[5]], np.int64), "position_ids": np.array([[0]], np.int64)})
+    session.run(None, bare_feed(session))
     return {"peak_rss_bytes": peak_rss_bytes()}
 
 

@@ -42,8 +42,24 @@ def session_options(threads: int | None, optimization: str, spin: bool = True):
     return so
 
 
+def bare_feed(session) -> dict[str, np.ndarray]:
+    """Inputs for one call of a head graph without layers (embedding, and norm + LM head where it has
+    them), in either graph form: one token at position 0."""
+    feed = {names.INPUT_IDS: np.array([[5]], np.int64), names.POSITION_IDS: np.array([[0]], np.int64),
+            names.LOGIT_ROWS: np.array([0], np.int64)}
+    inputs = [i.name for i in session.get_inputs()]
+    unknown = [n for n in inputs if n not in feed]
+    if unknown:
+        raise ConfigError(f"a bare graph takes no {unknown[0]!r}: it has layers")
+    return {n: feed[n] for n in inputs}
+
+
 class HeadSession:
-    """One onnxruntime session over DIR/device/head.onnx and the plan beside it."""
+    """One onnxruntime session over DIR/device/head.onnx and the plan beside it.
+
+    Two graph forms load: "gqa" (export/graph.py: GroupQueryAttention over K/V buffers of a fixed
+    length, bound as past and present at once) and "traced" (the torch-traced fallback for models
+    GroupQueryAttention cannot run: past in, past + new out, with position_ids)."""
 
     def __init__(self, device_dir: str | Path, threads: int | None = None, optimization: str = "all",
                  spin: bool | None = None, verify: bool = False) -> None:
@@ -64,7 +80,8 @@ class HeadSession:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"onnxruntime cannot load {head} ({reason}); check the export with --verify "
                                  "or export again") from None
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = list(inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.layers = range(self.plan.split_layer)
         expected = [names.past_key(i) for i in self.layers]
@@ -72,13 +89,22 @@ class HeadSession:
         if missing:
             raise ModelLoadError(f"{head} lacks inputs {missing[:3]}: it does not match plan split {self.plan.split_layer}")
         self.device_only = self.plan.split_layer == self.spec.num_layers
+        self.kind = "traced" if names.POSITION_IDS in inputs else "gqa"
+        self.capacity = self.plan.max_seq_len
+        if self.kind == "gqa" and self.layers:
+            self.capacity = int(inputs[names.past_key(0)].shape[2])
+            if self.capacity < self.plan.max_seq_len:
+                raise ModelLoadError(f"{head} holds {self.capacity} positions of K/V, the plan allows {self.plan.max_seq_len}")
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
+        """The traced graph's past before the first step."""
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
         return [np.zeros(shape, np.float32) for _ in range(2 * len(self.layers))]
 
     def run_raw(self, ids: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
-        """One graph call: (B, T) ids and positions, past K/V -> [out, present K/V ...]."""
+        """One call of the traced graph: (B, T) ids and positions, past K/V -> [out, present K/V ...]."""
+        if self.kind != "traced":
+            raise ConfigError("run_raw drives the traced graph; a GroupQueryAttention head runs through DeviceHead")
         feed = {names.INPUT_IDS: ids.astype(np.int64), names.POSITION_IDS: positions.astype(np.int64)}
         for j, i in enumerate(self.layers):
             feed[names.past_key(i)], feed[names.past_value(i)] = past[2 * j], past[2 * j + 1]
@@ -89,31 +115,56 @@ class HeadSession:
 class DeviceHead:
     """The head of one generation session: owns its KV cache between steps.
 
-    With kv_bits 16 the graph's present K/V become the next past as they are (no copies of
-    ours); with 8 or 4 the new positions are quantized into a QuantizedKVStore after each
-    step and dequantized only for the next graph call.
+    A "gqa" graph writes each step's K/V in place into buffers of `capacity` positions that
+    are bound once as both past and present: nothing is copied or concatenated per step, and
+    rolling back is a length change. A "traced" graph returns present = past + new; with kv_bits
+    8 or 4 its new positions are quantized into a QuantizedKVStore after each step.
     """
 
     def __init__(self, session: HeadSession) -> None:
         self.session = session
         self.plan = session.plan
+        self.out_name = session.output_names[0]
+        self.io = None
         self.reset()
 
     def reset(self) -> None:
         self.length = 0
-        self.past = self.session.empty_past(1)
         self.stores = None
+        if self.session.kind == "gqa":
+            self.past = []
+            if self.io is None:
+                self._bind_kv()
+            return
+        self.past = self.session.empty_past(1)
         if self.plan.kv_bits != 16:
             from splitlm.device.kvstore import QuantizedKVStore
 
             spec = self.session.spec
             self.stores = [QuantizedKVStore(self.plan.kv_bits, 1, spec.num_kv_heads, spec.head_dim) for _ in self.past]
 
-    def step(self, ids: list[int]) -> np.ndarray:
-        """Run new token ids through the head in prefill chunks -> outputs (T, d or V)."""
-        return np.concatenate([out for out, _ in self.chunks(ids)], axis=0)
+    def _bind_kv(self) -> None:
+        import onnxruntime as ort
 
-    def chunks(self, ids: list[int]) -> Iterator[tuple[np.ndarray, bool]]:
+        sess = self.session
+        self.io = sess.session.io_binding()
+        shape = (1, sess.spec.num_kv_heads, sess.capacity, sess.spec.head_dim)
+        # zeros from calloc: pages become resident only as positions are written
+        self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * len(sess.layers))]
+        for j, i in enumerate(sess.layers):
+            for buf, past, present in ((self.buffers[2 * j], names.past_key(i), names.present_key(i)),
+                                       (self.buffers[2 * j + 1], names.past_value(i), names.present_value(i))):
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                self.io.bind_ortvalue_input(past, value)
+                self.io.bind_ortvalue_output(present, value)
+
+    def step(self, ids: list[int], last_only: bool = False) -> np.ndarray:
+        """Run new token ids through the head in prefill chunks -> outputs (T, d or V); with
+        last_only, a device-only head computes the logits of the last position only (1, V)."""
+        outs = [out for out, _ in self.chunks(ids, last_only)]
+        return outs[-1] if last_only and self.session.device_only else np.concatenate(outs, axis=0)
+
+    def chunks(self, ids: list[int], last_only: bool = False) -> Iterator[tuple[np.ndarray, bool]]:
         """Run new token ids through the head one prefill chunk at a time: yields each chunk's
         outputs (T_i, d or V) as soon as they are computed, and whether it is the last."""
         if self.length + len(ids) > self.plan.max_seq_len:
@@ -121,23 +172,68 @@ class DeviceHead:
         chunk = self.plan.prefill_chunk
         for start in range(0, len(ids), chunk):
             part = np.asarray([ids[start:start + chunk]], dtype=np.int64)
-            positions = np.arange(self.length, self.length + part.shape[1], dtype=np.int64)[None]
-            past = self.past if self.stores is None else [s.dequantize() for s in self.stores]
-            result = self.session.run_raw(part, positions, past)
-            if self.stores is None:
-                self.past = result[1:]
-            else:
-                for store, present in zip(self.stores, result[1:]):
-                    store.append(present[:, :, self.length:])
+            run = self._run_bound if self.session.kind == "gqa" else self._run_traced
+            out = run(part, last_only)
             self.length += part.shape[1]
-            yield result[0][0], start + chunk >= len(ids)
+            yield out, start + chunk >= len(ids)
+
+    def _run_bound(self, part: np.ndarray, last_only: bool) -> np.ndarray:
+        t, sess = part.shape[1], self.session
+        io = self.io
+        io.bind_cpu_input(names.INPUT_IDS, part)
+        if sess.layers:
+            io.bind_cpu_input(names.SEQLENS_K, np.array([self.length + t - 1], np.int32))
+            io.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(self.length + t, np.int32))
+        width = sess.spec.hidden_size
+        if sess.device_only:
+            rows = np.arange(t - 1 if last_only else 0, t, dtype=np.int64)
+            io.bind_cpu_input(names.LOGIT_ROWS, rows)
+            t, width = len(rows), sess.spec.vocab_size
+        out = np.empty((1, t, width), np.float32)
+        import onnxruntime as ort
+
+        io.bind_ortvalue_output(self.out_name, ort.OrtValue.ortvalue_from_numpy(out))
+        sess.session.run_with_iobinding(io)
+        return out[0]
+
+    def _run_traced(self, part: np.ndarray, last_only: bool) -> np.ndarray:
+        positions = np.arange(self.length, self.length + part.shape[1], dtype=np.int64)[None]
+        past = self.past if self.stores is None else [s.dequantize() for s in self.stores]
+        result = self.session.run_raw(part, positions, past)
+        if self.stores is None:
+            self.past = result[1:]
+        else:
+            for store, present in zip(self.stores, result[1:]):
+                store.append(present[:, :, self.length:])
+        return result[0][0][-1:] if last_only and self.session.device_only else result[0][0]
+
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (a rejected draft, a replay): with preallocated
+        buffers only the length changes; the next step overwrites what lies beyond it."""
+        if not 0 <= length <= self.length:
+            raise ConfigError(f"cannot rewind to {length}: the head holds {self.length} positions")
+        if self.session.kind == "traced":
+            if self.stores is not None:
+                raise ConfigError("a traced head with a quantized KV store cannot rewind; export with GroupQueryAttention")
+            self.past = [p[:, :, :length] for p in self.past]
+        self.length = length
+
+    def presents(self) -> list[np.ndarray]:
+        """K/V of every position so far, keys and values alternating per layer, each (1, Hkv, length, D)."""
+        if self.session.kind == "gqa":
+            return [b[:, :, :self.length] for b in self.buffers]
+        if self.stores is not None:
+            return [s.dequantize() for s in self.stores]
+        return list(self.past)
 
     def encode(self, hidden: np.ndarray) -> bytes:
         """The activation frame for hidden states (T, d), by the plan's codec (numpy)."""
         return codec.encode(hidden, self.plan.codec, "numpy")
 
     def kv_bytes(self) -> int:
-        """Bytes the KV cache holds between steps."""
+        """Bytes the KV cache holds between steps (the written positions of a preallocated buffer)."""
+        if self.session.kind == "gqa":
+            return sum(b[:, :, :self.length].nbytes for b in self.buffers)
         if self.stores is not None:
             return sum(s.nbytes() for s in self.stores)
         return sum(p.nbytes for p in self.past)
@@ -159,7 +255,7 @@ def generate_device_only(session: HeadSession, prompt_ids: list[int], max_tokens
     head = DeviceHead(session)
     sampler = Sampler(sampling)
     tok = tokenizer or load_tokenizer(session.dir)
-    return generate_tokens(lambda ids: sampler(head.step(ids)[-1]), prompt_ids, max_tokens, session.spec.eos_token_ids,
+    return generate_tokens(lambda ids: sampler(head.step(ids, last_only=True)[-1]), prompt_ids, max_tokens, session.spec.eos_token_ids,
                            session.plan.max_seq_len, tok.decode, on_token)
 
 

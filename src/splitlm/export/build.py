@@ -3,9 +3,11 @@
 DIR/device/  head.onnx, tokenizer.json, chat_template.jinja (when the model has one), plan.json, spec.json, manifest.json
 DIR/cloud/   tail.safetensors, plan.json, spec.json, tokenizer.json, manifest.json
 
-The head graph is the reference module's head stage traced by torch.onnx (dynamo),
-with each quantized Linear emitted as onnxruntime's MatMulNBits over the very codes,
-scales and zero points our quantizer produced.
+The head graph is written node by node from the reference stage onto onnxruntime's LLM
+contrib ops (export/graph.py: GroupQueryAttention, MatMulNBits over the very codes, scales
+and zero points of the stage, fused norms). A model that GroupQueryAttention cannot run
+(dynamic NTK rotary, head_dim not a multiple of 16) gets the head stage traced by torch.onnx
+(dynamo) instead, with past in and present = past + new out.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from splitlm.stages import build_stages
 log = logging.getLogger(__name__)
 
 TAIL_FILE = names.TAIL_FILE
-EXPORT_FORMAT = 4
+EXPORT_FORMAT = 5
 """Bumped whenever the exported graph changes shape (ops, names): caches of exports key on it."""
 PARITY_TOL = {"fp32": 1e-4, "quantized": 1e-3, "int8-compute": 5e-2}
 """Largest max|onnx − torch| / max|torch| per output tensor."""
@@ -153,12 +155,31 @@ def export_head_onnx(stage: Transformer, path: Path, accuracy_level: int = ACCUR
     program.save(str(path), external_data=True)
 
 
-def _write_manifest(folder: Path) -> None:
+def _write_manifest(folder: Path, **extra) -> None:
     files = {}
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.name != "manifest.json":
             files[f.name] = {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-    (folder / "manifest.json").write_text(json.dumps({"format": EXPORT_FORMAT, "files": files}, indent=2))
+    (folder / "manifest.json").write_text(json.dumps({"format": EXPORT_FORMAT, **extra, "files": files}, indent=2))
+
+
+def export_head(stage: Transformer, path: Path, max_len: int, accuracy_level: int = ACCURACY_LEVEL) -> str:
+    """Write the head graph of `stage` (already quantized) to `path`; returns its kind ("gqa" or "traced")."""
+    import onnx
+
+    from splitlm.export.graph import GRAPH_KIND, build_head_graph, gqa_unsupported
+
+    why = gqa_unsupported(stage.spec)
+    if why is not None:
+        log.warning("exporting the traced head graph, slower than GroupQueryAttention's: %s", why)
+        export_head_onnx(stage, path, accuracy_level)
+        return "traced"
+    model = build_head_graph(stage, max_len, accuracy_level)
+    # weights in head.onnx.data beside the graph: onnxruntime maps them instead of holding the
+    # protobuf and a copy of every initializer at once
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    return GRAPH_KIND
 
 
 @dataclass(frozen=True)
@@ -182,7 +203,7 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
     device, cloud = out / "device", out / "cloud"
     shutil.rmtree(device, ignore_errors=True)
     device.mkdir(parents=True)
-    export_head_onnx(head, device / HEAD_FILE, accuracy_level)
+    graph_kind = export_head(head, device / HEAD_FILE, plan.max_seq_len, accuracy_level)
     for folder in [device] + ([cloud] if tail is not None else []):
         folder.mkdir(parents=True, exist_ok=True)
         plan.save(folder / "plan.json")
@@ -196,7 +217,7 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
         _write_manifest(cloud)
     else:
         shutil.rmtree(cloud, ignore_errors=True)
-    _write_manifest(device)
+    _write_manifest(device, graph=graph_kind)
     head_bytes = sum(f.stat().st_size for f in device.glob(HEAD_FILE + "*"))
     return ExportResult(device, cloud if tail is not None else None, head_bytes,
                         tail_bytes, time.perf_counter() - t0)
@@ -204,33 +225,37 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
 
 def check_parity(ckpt: Checkpoint, plan: Plan, device_dir: Path, calib_ids: list[list[int]] | None = None,
                  prompts: int = 3, seed: int = 0) -> dict[str, float]:
-    """Run the ONNX head and the torch head (same quantization) on random prompts: prefill,
-    then two single-token steps with the KV cache. Raises ParityError naming the first tensor
-    beyond tolerance; returns the worst relative error per output name."""
+    """Run the ONNX head (through the device runtime) and the torch head (same quantization) on
+    random prompts: prefill, then two single-token steps with the KV cache. Raises ParityError
+    naming the first tensor beyond tolerance; returns the worst relative error per output name."""
     import onnx
 
-    from splitlm.device.runtime import HeadSession
+    from splitlm.device.runtime import DeviceHead, HeadSession
 
     torch_head = HeadGraph(build_stages(ckpt, plan, calib_ids, tail=False)[0]).eval()
     session = HeadSession(device_dir)
+    head = DeviceHead(session)
     levels = {a.i for n in onnx.load(str(Path(device_dir) / HEAD_FILE), load_external_data=False).graph.node
               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     kind = "int8-compute" if levels - {0} else ("quantized" if levels else "fp32")
     tol = PARITY_TOL[kind]
+    kv_names = [n for i in session.layers for n in (names.present_key(i), names.present_value(i))]
     rng = np.random.default_rng(seed)
     worst: dict[str, float] = {}
     for _ in range(prompts):
         length = int(rng.integers(4, 40))
         ids = rng.integers(0, ckpt.spec.vocab_size, (1, length))
         steps = [ids, rng.integers(0, ckpt.spec.vocab_size, (1, 1)), rng.integers(0, ckpt.spec.vocab_size, (1, 1))]
-        past = session.empty_past(1)
-        pos = 0
+        head.reset()
+        past = [torch.from_numpy(p) for p in session.empty_past(1)]
         for step in steps:
-            positions = np.arange(pos, pos + step.shape[1])[None]
-            onnx_out = session.run_raw(step, positions, past)
+            positions = torch.arange(head.length, head.length + step.shape[1])[None]
+            out = head.step([int(t) for t in step[0]])[None]
             with torch.inference_mode():
-                ref = torch_head(torch.from_numpy(step), torch.from_numpy(positions), *[torch.from_numpy(p) for p in past])
-            for name, a, r in zip(session.output_names, onnx_out, ref):
+                ref = torch_head(torch.from_numpy(step), positions, *past)
+            past = list(ref[1:])
+            pairs = [(session.output_names[0], out, ref[0])] + list(zip(kv_names, head.presents(), ref[1:]))
+            for name, a, r in pairs:
                 r = r.numpy()
                 if a.shape != r.shape:
                     raise ParityError(f"{name}: ONNX shape {a.shape} != torch shape {r.shape}")
@@ -238,6 +263,4 @@ def check_parity(ckpt: Checkpoint, plan: Plan, device_dir: Path, calib_ids: list
                 worst[name] = max(worst.get(name, 0.0), err)
                 if not err <= tol:
                     raise ParityError(f"{name}: ONNX differs from torch by {err:.2e} (relative to max |torch|), tolerance {tol:.0e}")
-            past = onnx_out[1:]
-            pos += step.shape[1]
     return worst

@@ -56,8 +56,10 @@ class KernelLinear(nn.Module):
 
 
 def apply_kernels(module: nn.Module, impl: str) -> int:
-    """Swap every 4/8-bit QuantLinear in `module` for a KernelLinear running `impl`; returns how many."""
-    targets = [(name, m) for name, m in module.named_modules() if name and isinstance(m, QuantLinear) and m.bits in wq_matmul.KERNEL_BITS]
+    """Swap every 4/8-bit QuantLinear in `module` for a KernelLinear running `impl`; returns how many.
+    A QuantLinear with block mins (a source format's) keeps its reference matmul."""
+    targets = [(name, m) for name, m in module.named_modules()
+               if name and isinstance(m, QuantLinear) and m.bits in wq_matmul.KERNEL_BITS and m.mins is None]
     for name, child in targets:
         swap_module(module, name, KernelLinear(child, impl))
     return len(targets)

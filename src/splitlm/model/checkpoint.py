@@ -5,6 +5,7 @@ A cached model directory contains:
   model.safetensors  the weights under Hugging Face names
   tokenizer.json     a `tokenizers` tokenizer
   chat_template.jinja  the model's chat template, when its source carries one
+  source_blocks.safetensors  the source's quantized blocks, when it has blocks we can carry exactly
   manifest.json      format version, source fingerprint, per-file size and sha256
 
 `Checkpoint.open` validates the manifest; `ensure_cached` rebuilds a missing,
@@ -30,9 +31,12 @@ from splitlm.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
-"""Bumped when a conversion writes different files (2: the chat template): older caches are rebuilt."""
+CACHE_FORMAT = 3
+"""Bumped when a conversion writes different files (2: the chat template, 3: the source's blocks): older caches are rebuilt."""
 WEIGHTS_FILE = "model.safetensors"
+SOURCE_FILE = "source_blocks.safetensors"
+"""The source's own quantized blocks (GGUF Q4_0 / Q4_1 / Q8_0) as codes, scales, zero points and mins,
+under Hugging Face names, when the source had any: what the "source" weight method carries."""
 SPEC_FILE = "spec.json"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
@@ -77,6 +81,10 @@ class Checkpoint:
 
         return load_template(self.path)
 
+    @property
+    def has_source_blocks(self) -> bool:
+        return (self.path / SOURCE_FILE).is_file()
+
     @classmethod
     def open(cls, path: Path, verify: bool = True) -> "Checkpoint":
         """Read and check a cache directory; raise ModelLoadError naming what is wrong."""
@@ -105,7 +113,7 @@ class Checkpoint:
 def write_manifest(path: Path, model_id: str, source: dict) -> None:
     """Fingerprint the files of a freshly converted directory."""
     files = {}
-    optional = [CHAT_TEMPLATE_FILE] if (path / CHAT_TEMPLATE_FILE).is_file() else []
+    optional = [name for name in (CHAT_TEMPLATE_FILE, SOURCE_FILE) if (path / name).is_file()]
     for name in (WEIGHTS_FILE, SPEC_FILE, TOKENIZER_FILE, *optional):
         file = path / name
         if not file.is_file():

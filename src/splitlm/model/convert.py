@@ -13,7 +13,7 @@ import numpy as np
 
 from splitlm.errors import ConfigError, ModelLoadError
 from splitlm.model.chat import save_template, template_from_gguf, template_from_hf_dir
-from splitlm.model.checkpoint import SPEC_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from splitlm.model.checkpoint import SOURCE_FILE, SPEC_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from splitlm.model.spec import ARCHITECTURES, ModelSpec, RopeScaling
 from splitlm.model.tokenizer import byte_tokenizer, tokenizer_from_gguf
 
@@ -53,6 +53,39 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     head_dim = rows // n_heads
     rest = w.shape[1:]
     return w.reshape(n_heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+GGUF_BLOCK = 32
+"""Weights per block of the GGUF formats we carry."""
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def gguf_blocks(raw: np.ndarray, kind: str, shape: tuple[int, int]) -> dict[str, np.ndarray] | None:
+    """A GGUF tensor's Q4_0 / Q4_1 / Q8_0 blocks as our group quantization, exactly (None for other kinds):
+    codes uint8 (out, in), scales fp16 (out, in/32), zeros uint8 (out, in/32), and mins fp16 for Q4_1.
+        Q4_0  w = d·(q − 8)      codes q, zero 8
+        Q4_1  w = d·q + m        codes q, zero 0, mins m
+        Q8_0  w = d·q, q int8    codes q + 128, zero 128
+    A 4-bit block stores element j in the low nibble of byte j and element j + 16 in its high nibble."""
+    if kind not in _BLOCK_BYTES:
+        return None
+    rows, cols = shape
+    if cols % GGUF_BLOCK:
+        return None
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, cols // GGUF_BLOCK, _BLOCK_BYTES[kind])
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    groups = d.shape[1]
+    out = {"scales": d}
+    if kind == "Q8_0":
+        q = blocks[..., 2:].copy().view(np.int8).astype(np.int16) + 128
+        out.update(codes=q.astype(np.uint8).reshape(rows, cols), zeros=np.full((rows, groups), 128, np.uint8), bits=8)
+        return out
+    qs = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
+    codes = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(rows, cols)
+    out.update(codes=codes, zeros=np.full((rows, groups), 8 if kind == "Q4_0" else 0, np.uint8), bits=4)
+    if kind == "Q4_1":
+        out["mins"] = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    return out
 
 
 def _gguf_fields(reader) -> dict[str, Any]:
@@ -129,15 +162,26 @@ def convert_gguf(gguf_path: Path, out: Path, progress: bool = True) -> None:
     spec = spec_from_gguf(fields, names)
     permute = spec.architecture in ("llama", "mistral")
     tensors: dict[str, np.ndarray] = {}
+    blocks: dict[str, np.ndarray] = {}
+    block_meta: dict[str, str] = {}
     for t in tqdm(reader.tensors, desc=f"converting {gguf_path.name}", unit="tensor", disable=not progress, leave=False):
         w = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
         name = gguf_tensor_name(t.name)
+        heads = None
         if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = unpermute_rotary(w, spec.num_heads)
+            heads = spec.num_heads
         elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_rotary(w, spec.num_kv_heads)
-        tensors[name] = w
+            heads = spec.num_kv_heads
+        tensors[name] = w if heads is None else unpermute_rotary(w, heads)
+        carried = gguf_blocks(t.data, t.tensor_type.name, w.shape) if w.ndim == 2 else None
+        if carried is not None:
+            bits = carried.pop("bits")
+            for part, arr in carried.items():  # the rotary permutation moves whole rows: blocks stay intact
+                blocks[f"{name}.{part}"] = np.ascontiguousarray(arr if heads is None else unpermute_rotary(arr, heads))
+            block_meta[name] = f"{bits},{GGUF_BLOCK},{t.tensor_type.name}"
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"source": gguf_path.name})
+    if blocks:
+        save_file(blocks, str(out / SOURCE_FILE), metadata=block_meta)
     tokenizer_from_gguf(fields).save(str(out / TOKENIZER_FILE))
     save_template(template_from_gguf(fields), out)
     (out / SPEC_FILE).write_text(spec.to_json())

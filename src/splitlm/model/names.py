@@ -13,6 +13,12 @@ HIDDEN_STATES = "hidden_states"
 """Residual stream h_ℓ (B, T, d) at the split: what crosses the link."""
 LOGITS = "logits"
 """Next-token logits (B, T, V), produced where the final norm and LM head live."""
+SEQLENS_K = "seqlens_k"
+"""(1,) int32: the sequence length after the step, minus one (GroupQueryAttention's convention)."""
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+"""() int32: the sequence length after the step."""
+LOGIT_ROWS = "logit_rows"
+"""(R,) int64: which of a step's T positions a device-only head computes logits for."""
 
 
 def past_key(layer: int) -> str:

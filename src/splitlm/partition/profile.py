@@ -118,6 +118,9 @@ class QualityTable:
     """device KV bits -> Δ log ppl (at the profiled split)."""
     codec_delta: Mapping[str, float] = field(default_factory=dict)
     """codec point name -> Δ log ppl."""
+    device_methods: Mapping[int, str] = field(default_factory=dict)
+    """device bits -> the weight method device_delta was measured with ("source": the checkpoint's own
+    blocks); "rtn" where absent. Plans built from the table use the same method."""
 
     @classmethod
     def from_dict(cls, q: Mapping[str, Any]) -> "QualityTable":

@@ -228,7 +228,8 @@ def to_plan(c: Candidate, p: Profile, b: Budgets):
     else:
         codec = CodecConfig(c.codec.kind if c.codec.kind in ("fp16", "fp32") else "fp16")
     return Plan(p.model_id, p.weights_hash, c.split,
-                device_weights=WeightQuant(c.device_bits, DEFAULT_GROUP), cloud_weights=WeightQuant(c.cloud_bits, DEFAULT_GROUP),
+                device_weights=WeightQuant(c.device_bits, DEFAULT_GROUP, p.quality.device_methods.get(c.device_bits, "rtn")),
+                cloud_weights=WeightQuant(c.cloud_bits, DEFAULT_GROUP),
                 kv_bits=c.kv_bits, lm_head_bits=b.lm_head_bits if c.split == p.num_layers else 16, codec=codec,
                 max_seq_len=c.max_seq_len, prefill_chunk=b.prefill_chunk,
                 predictions=Predictions(c.memory_bytes, c.token_latency_ms, c.ttft_ms, b.prompt_tokens, c.bytes_per_token,

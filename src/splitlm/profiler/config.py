@@ -103,7 +103,10 @@ class Bench:
 
     def probe_plan(self, split: int, bits: int, **changes) -> Plan:
         """The base plan split at `split` with device weights at `bits` (cloud weights and the rest in `changes`)."""
-        return self.base_plan.replace(split_layer=split, device_weights=WeightQuant(bits, DEFAULT_GROUP), **changes)
+        from splitlm.quantize.apply import preferred_method
+
+        method = preferred_method(self.ckpt, bits)
+        return self.base_plan.replace(split_layer=split, device_weights=WeightQuant(bits, DEFAULT_GROUP, method), **changes)
 
 
 def prepare(ckpt: Checkpoint, config: ProfileConfig, tmp: Path) -> Bench:

@@ -142,11 +142,11 @@ def measure_embed_graph(bench: Bench) -> EmbedGraph:
 
 def _export_lm_head(ckpt: Checkpoint, bits: int, path: Path) -> None:
     """An ONNX graph of embedding + final norm + LM head at `bits` (no layers)."""
-    from splitlm.export import export_head_onnx
+    from splitlm.export import export_head
     from splitlm.model.load import build_stage
     from splitlm.quantize.apply import quantize_lm_head
 
-    export_head_onnx(quantize_lm_head(build_stage(ckpt, 0, 0, embed=True, final=True), bits), path)
+    export_head(quantize_lm_head(build_stage(ckpt, 0, 0, embed=True, final=True), bits), path, 1)
 
 
 def measure_lm_head(bench: Bench, embed: EmbedGraph, bits: int) -> LMHead:

@@ -17,11 +17,12 @@ from splitlm.model.checkpoint import Checkpoint, cache_root
 from splitlm.partition.plan import Plan
 from splitlm.partition.profile import QualityTable
 from splitlm.profiler.config import CODEC_POINTS
+from splitlm.quantize.apply import preferred_method
 from splitlm.quantize.config import DEFAULT_GROUP, CodecConfig, WeightQuant
 
 log = logging.getLogger(__name__)
 
-QUALITY_CACHE_VERSION = 1
+QUALITY_CACHE_VERSION = 2
 
 def quality_cache_path(ckpt: Checkpoint, wins: list[list[int]], bits, kv_bits) -> Path:
     """Where the quality table of these weights, windows, precisions and codec points is cached
@@ -59,12 +60,13 @@ def measure_quality(ckpt: Checkpoint, wins: list[list[int]], bits, kv_bits, prog
 
     exact = Plan(ckpt.model_id, ckpt.weights_hash, L // 2, codec=CodecConfig("fp32"), prefill_chunk=128)
     base = nll(exact)
-    device, cloud = {}, {}
+    device, cloud, methods = {}, {}, {}
     for b in tqdm([b for b in bits if b != 16], desc="quality", disable=not progress, leave=False):
-        device[b] = {s: (nll(exact.replace(split_layer=s, device_weights=WeightQuant(b, DEFAULT_GROUP))) - base) if s else 0.0
-                     for s in splits}
+        methods[b] = preferred_method(ckpt, b)
+        wq = WeightQuant(b, DEFAULT_GROUP, methods[b])
+        device[b] = {s: (nll(exact.replace(split_layer=s, device_weights=wq)) - base) if s else 0.0 for s in splits}
         cloud[b] = {s: (nll(exact.replace(split_layer=s, cloud_weights=WeightQuant(b, DEFAULT_GROUP))) - base) if s < L else 0.0
                     for s in splits}
     kv = {kb: nll(exact.replace(kv_bits=kb)) - base for kb in kv_bits if kb != 16}
     codecs = {name: nll(exact.replace(codec=cfg)) - base for name, cfg in CODEC_POINTS.items()}
-    return QualityTable(float(np.exp(base)), device, cloud, kv, codecs)
+    return QualityTable(float(np.exp(base)), device, cloud, kv, codecs, methods)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from splitlm.model.spec import ModelSpec
@@ -93,14 +92,15 @@ def time_cloud_stage(stage: torch.nn.Module, spec: ModelSpec, contexts: Sequence
 
 
 def time_graph(path: Path, threads: int | None, reps: int, sample: bool) -> float:
-    """Median ms of one call of a bare graph (input_ids, position_ids), and of sampling its logits when `sample`."""
+    """Median ms of one call of a bare graph (no layers: input_ids, and position_ids or logit_rows where it
+    has them), and of sampling its logits when `sample`."""
     import onnxruntime as ort
 
-    from splitlm.device.runtime import session_options
+    from splitlm.device.runtime import bare_feed, session_options
     from splitlm.sampling import Sampler, SamplingParams
 
     s = ort.InferenceSession(str(path), session_options(threads or os.cpu_count(), "all"), providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([[5]], np.int64), "position_ids": np.array([[7]], np.int64)}
+    feed = bare_feed(s)
     sampler = Sampler(SamplingParams())
     if sample:
         return median_ms(lambda: sampler(s.run(None, feed)[0][0, -1]), reps)

@@ -19,11 +19,12 @@ from torch import nn
 from tqdm import tqdm
 
 from splitlm.errors import ConfigError
+from splitlm.model.checkpoint import SOURCE_FILE, Checkpoint
 from splitlm.model.llama import Transformer
 from splitlm.model.modules import swap_module
-from splitlm.quantize.config import LM_HEAD_GROUP, WeightQuant
+from splitlm.quantize.config import EMBED_BITS, LM_HEAD_GROUP, SOURCE_GROUP, WeightQuant
 from splitlm.quantize.gptq import HessianAccumulator, gptq_quantize
-from splitlm.quantize.weights import QuantizedTensor, QuantLinear, rtn_quantize
+from splitlm.quantize.weights import QuantEmbedding, QuantizedTensor, QuantLinear, rtn_quantize
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,108 @@ IMPLEMENTATIONS: dict[str, Quantizer] = {
 }
 
 
-def quantize_lm_head(stage: Transformer, bits: int) -> Transformer:
-    """Replace the stage's LM head (if it has one) by an RTN QuantLinear at `bits` (16 = keep)."""
+def source_blocks(ckpt: Checkpoint, names: list[str]) -> dict[str, QuantizedTensor]:
+    """The checkpoint's source blocks of those weights (Hugging Face names) that it has."""
+    if not ckpt.has_source_blocks:
+        return {}
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(ckpt.path / SOURCE_FILE), framework="pt") as f:
+        meta, keys = f.metadata() or {}, set(f.keys())
+        for name in names:
+            if name in meta:
+                bits, group, _ = meta[name].split(",")
+                mins = f.get_tensor(name + ".mins") if name + ".mins" in keys else None
+                out[name] = QuantizedTensor(f.get_tensor(name + ".codes"), f.get_tensor(name + ".scales"),
+                                            f.get_tensor(name + ".zeros"), int(bits), int(group), mins)
+    return out
+
+
+def source_formats(ckpt: Checkpoint) -> dict[str, str]:
+    """Hugging Face weight name -> the source format of its blocks (e.g. "Q4_1"); empty without any."""
+    if not ckpt.has_source_blocks:
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt.path / SOURCE_FILE), framework="numpy") as f:
+        meta = f.metadata() or {}
+    return {k: v.split(",")[2] for k, v in meta.items()}
+
+
+def _tied_name(stage: Transformer, name: str) -> str:
+    return "model.embed_tokens.weight" if name == "lm_head.weight" and stage.spec.tie_word_embeddings else name
+
+
+def block_weight_names(ckpt: Checkpoint, start: int, stop: int) -> list[str]:
+    return [f"model.layers.{i}.{lin}.weight" for i in range(start, stop) for lin in LINEARS]
+
+
+def source_method_fits(ckpt: Checkpoint, bits: int, layers: range | None = None) -> str | None:
+    """Why the "source" method cannot give `layers`' Linears at `bits` (None when it can)."""
+    layers = range(ckpt.spec.num_layers) if layers is None else layers
+    names = block_weight_names(ckpt, layers.start, layers.stop)
+    kinds = source_formats(ckpt)
+    if not kinds:
+        return f"{ckpt.model_id} has no source blocks (only a GGUF's Q4_0 / Q4_1 / Q8_0 tensors are carried)"
+    missing = [n for n in names if n not in kinds]
+    if missing:
+        return f"the source holds {missing[0]} in a format we do not carry"
+    wrong = {kinds[n] for n in names if _SOURCE_BITS.get(kinds[n]) != bits}
+    if wrong:
+        return f"the source holds these weights as {', '.join(sorted(wrong))}, not at {bits} bits"
+    return None
+
+
+_SOURCE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+
+def preferred_method(ckpt: Checkpoint, bits: int) -> str:
+    """"source" where the checkpoint holds every block Linear at `bits` in blocks we carry (the source's
+    own quality, no re-quantization), else "rtn"."""
+    return "source" if bits != 16 and source_method_fits(ckpt, bits) is None else "rtn"
+
+
+def apply_source(stage: Transformer, ckpt: Checkpoint, wq: WeightQuant) -> Transformer:
+    """Every block Linear of `stage` becomes a QuantLinear over the checkpoint's own blocks; ConfigError
+    naming the first weight the source does not hold at wq.bits."""
+    why = source_method_fits(ckpt, wq.bits, stage.owned_layers)
+    if why:
+        raise ConfigError(f"weight method 'source' for layers [{stage.start}, {stage.stop}): {why}; use rtn or gptq")
+    blocks = source_blocks(ckpt, block_weight_names(ckpt, stage.start, stage.stop))
+    for i in stage.owned_layers:
+        block = stage.model.layers[i]
+        for name in LINEARS:
+            q = blocks[f"model.layers.{i}.{name}.weight"]
+            assert q.group_size == SOURCE_GROUP
+            swap_module(block, name, QuantLinear(q, block.get_submodule(name).bias))
+    return stage
+
+
+def quantize_lm_head(stage: Transformer, bits: int, ckpt: Checkpoint | None = None) -> Transformer:
+    """Replace the stage's LM head (if it has one) by a QuantLinear at `bits` (16 = keep): the source's
+    own blocks when `ckpt` holds them at `bits`, else RTN in groups of LM_HEAD_GROUP."""
     if bits != 16 and stage.finalizes and not isinstance(stage.lm_head, QuantLinear):
-        stage.lm_head = QuantLinear(rtn_quantize(stage.lm_head.weight.data, bits, LM_HEAD_GROUP), None)
+        name = _tied_name(stage, "lm_head.weight")
+        q = source_blocks(ckpt, [name]).get(name) if ckpt is not None else None
+        if q is None or q.bits != bits:
+            q = rtn_quantize(stage.lm_head.weight.data, bits, LM_HEAD_GROUP)
+        stage.lm_head = QuantLinear(q, None)
+    return stage
+
+
+def quantize_embedding(stage: Transformer, wq: WeightQuant, ckpt: Checkpoint | None = None) -> Transformer:
+    """A stage that embeds and whose blocks are quantized gets its embedding table quantized too: the
+    source's own blocks with the "source" method (when it holds them without block mins), else RTN at
+    EMBED_BITS in groups of LM_HEAD_GROUP. At fp32 the table outweighs every quantized block of a small
+    model. A tied LM head keeps its own weight (quantize it first)."""
+    if wq.bits == 16 or not stage.embeds or isinstance(stage.model.embed_tokens, QuantEmbedding):
+        return stage
+    name = "model.embed_tokens.weight"
+    q = source_blocks(ckpt, [name]).get(name) if ckpt is not None and wq.method == "source" else None
+    if q is None or q.mins is not None:
+        q = rtn_quantize(stage.model.embed_tokens.weight.data, EMBED_BITS, LM_HEAD_GROUP)
+    stage.model.embed_tokens = QuantEmbedding(q)
     return stage
 
 
@@ -158,7 +257,7 @@ def _quantizable(stage: Transformer) -> list[tuple[str, nn.Module]]:
 
 
 def save_stage(stage: Transformer, path: Path) -> None:
-    """Write a (possibly quantized) stage: codes/scales/zeros for QuantLinears, floats for the rest."""
+    """Write a (possibly quantized) stage: codes/scales/zeros (and mins) for QuantLinears, floats for the rest."""
     from safetensors.torch import save_file
 
     tensors, meta = {}, {}
@@ -188,7 +287,8 @@ def load_stage(spec, path: Path, dtype: torch.dtype = torch.float32) -> Transfor
     for key, _ in _quantizable(stage):
         if key in meta:
             bits, group = (int(v) for v in meta[key].split(","))
-            q = QuantizedTensor(tensors.pop(key + ".codes"), tensors.pop(key + ".scales"), tensors.pop(key + ".zeros"), bits, group)
+            q = QuantizedTensor(tensors.pop(key + ".codes"), tensors.pop(key + ".scales"), tensors.pop(key + ".zeros"), bits, group,
+                                tensors.pop(key + ".mins", None))
             bias = tensors.pop(key + ".bias", None)
             swap_module(stage, key, QuantLinear(q, bias))
             if bias is not None:

@@ -28,6 +28,8 @@ LM_HEAD_BITS: tuple[int, ...] = get_args(LmHeadBits)
 """LM head precisions (16 = as loaded; 8 and 4 are RTN in groups of LM_HEAD_GROUP)."""
 LM_HEAD_GROUP = 32
 """Group size of a quantized LM head."""
+EMBED_BITS = 8
+"""A quantized head's embedding table: RTN at this width in groups of LM_HEAD_GROUP (or the source's own blocks)."""
 AccuracyLevel = Literal[0, 1, 2, 3, 4]
 ACCURACY_LEVELS: tuple[int, ...] = get_args(AccuracyLevel)
 """onnxruntime MatMulNBits accuracy_level values (the compute type of a quantized matmul: 0 = as the input, 4 = int8)."""
@@ -57,9 +59,13 @@ WEIGHT_METHODS: dict[str, MethodInfo] = {
     m.name: m for m in (
         MethodInfo("rtn", "group-wise round-to-nearest", needs_calibration=False),
         MethodInfo("gptq", "GPTQ: Hessian-aware error feedback from calibration text", needs_calibration=True),
+        MethodInfo("source", "the source file's own blocks (GGUF Q4_0, Q4_1, Q8_0), carried exactly", needs_calibration=False),
     )
 }
-"""The weight quantization methods; `quantize.apply.IMPLEMENTATIONS` holds one function per key."""
+"""The weight quantization methods; `quantize.apply.IMPLEMENTATIONS` holds one function per key
+that quantizes a matrix, and `quantize.apply.apply_source` carries the source's blocks."""
+SOURCE_GROUP = 32
+"""The block length of the source formats we carry: a "source" WeightQuant has this group size."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,9 @@ class WeightQuant:
             raise PlanError(f"weight group size {self.group_size!r} not in {GROUP_SIZES}")
         if self.method not in WEIGHT_METHODS:
             raise PlanError(f"weight method {self.method!r} not in {sorted(WEIGHT_METHODS)}")
+        if self.method == "source" and (self.group_size != SOURCE_GROUP or self.symmetric):
+            raise PlanError(f"weight method 'source' carries the source's blocks of {SOURCE_GROUP} as they are: "
+                            f"group_size must be {SOURCE_GROUP} and symmetric false (got {self.group_size}, {self.symmetric})")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Layout (shared by export and kernels): a Linear weight W (out, in) is cut along
 `in` into groups of `group_size` columns (the last group may be shorter; -1 in a
 config means one group per row). Each group has an fp16 scale s and an integer
-zero point z in [0, 2^bits); the reconstruction is Ŵ = s · (q − z).
+zero point z in [0, 2^bits); the reconstruction is Ŵ = s · (q − z), plus a per-group
+min m where a source format stores one (GGUF Q4_1: Ŵ = d·q + m, carried with z = 0).
 Symmetric quantization fixes z = 2^(bits−1).
 """
 
@@ -31,6 +32,8 @@ class QuantizedTensor:
     bits: int
     group_size: int
     """Columns per group (the last group may be shorter)."""
+    mins: torch.Tensor | None = None
+    """float16 (out, groups) added to each group (a source format's block minimum), or None."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -41,11 +44,15 @@ class QuantizedTensor:
         cols = torch.arange(in_f) // self.group_size
         s = self.scales.to(torch.float32)[:, cols]  # (out, in)
         z = self.zeros.to(torch.float32)[:, cols]
-        return ((self.codes.to(torch.float32) - z) * s).to(dtype)
+        w = (self.codes.to(torch.float32) - z) * s
+        if self.mins is not None:
+            w = w + self.mins.to(torch.float32)[:, cols]
+        return w.to(dtype)
 
     def nbytes_packed(self) -> int:
         """Bytes when codes are bit-packed: what the weights cost on a device."""
-        return (self.codes.numel() * self.bits + 7) // 8 + self.scales.numel() * 2 + (self.zeros.numel() * self.bits + 7) // 8
+        mins = 0 if self.mins is None else self.mins.numel() * 2
+        return (self.codes.numel() * self.bits + 7) // 8 + self.scales.numel() * 2 + (self.zeros.numel() * self.bits + 7) // 8 + mins
 
 
 def effective_group(group_size: int, in_features: int) -> int:
@@ -109,12 +116,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", q.codes)
         self.register_buffer("scales", q.scales)
         self.register_buffer("zeros", q.zeros)
+        self.register_buffer("mins", q.mins)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._weight: torch.Tensor | None = None
 
     @property
     def quantized(self) -> QuantizedTensor:
-        return QuantizedTensor(self.codes, self.scales, self.zeros, self.bits, self.group_size)
+        return QuantizedTensor(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.mins)
 
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         if self._weight is None or self._weight.dtype != dtype:
@@ -126,3 +134,29 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table held as a QuantizedTensor (vocab, hidden): rows are looked up, then dequantized."""
+
+    def __init__(self, q: QuantizedTensor) -> None:
+        super().__init__()
+        self.bits, self.group_size = q.bits, q.group_size
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.register_buffer("codes", q.codes)
+        self.register_buffer("scales", q.scales)
+        self.register_buffer("zeros", q.zeros)
+        self.register_buffer("mins", q.mins)
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        return QuantizedTensor(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.mins)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = QuantizedTensor(self.codes[flat], self.scales[flat], self.zeros[flat], self.bits, self.group_size,
+                               None if self.mins is None else self.mins[flat])
+        return rows.dequantize().reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.num_embeddings}, dim={self.embedding_dim}, bits={self.bits}, group={self.group_size}"
