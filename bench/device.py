@@ -35,10 +35,12 @@ from splitlm import evaluate
 from splitlm.model.checkpoint import cache_root
 from splitlm.model.registry import KNOWN_MODELS, resolve_model
 from splitlm.partition.plan import Plan
+from splitlm.quantize.apply import preferred_method
 from splitlm.quantize.config import CodecConfig, WeightQuant
 
-PRECISIONS = {"fp32": WeightQuant(16), "int8": WeightQuant(8, 32), "int4": WeightQuant(4, 32)}
-"""Device weights; the int4 groups of 32 match the GGUF's Q4_1 blocks."""
+PRECISIONS = {"fp32": 16, "int8": 8, "int4": 4}
+"""Device weight bits: each with the method `splitlm export` picks by default (the GGUF's own Q4_1 blocks at
+4 bits, RTN in groups of 32 at 8), and the 4-bit RTN re-quantization as a variant row."""
 
 
 def export_cached(ckpt, plan: Plan) -> Path:
@@ -138,18 +140,22 @@ class Row:
 def engines(ckpt) -> tuple[list[Row], list[str]]:
     """The rows to time, and why any peer is missing."""
     rows = []
-    for name, wq in PRECISIONS.items():
+    for name, bits in PRECISIONS.items():
+        method = preferred_method(ckpt, bits)
+        wq = WeightQuant(bits, 32, method) if bits != 16 else WeightQuant(16)
         # quantized plans hold the LM head at 8 bits, as llama.cpp's file holds its tied output at Q8_0
         plan = Plan(ckpt.model_id, ckpt.weights_hash, ckpt.spec.num_layers, device_weights=wq,
-                    lm_head_bits=16 if wq.bits == 16 else 8, codec=CodecConfig("fp16"), prefill_chunk=512,
+                    lm_head_bits=16 if bits == 16 else 8, codec=CodecConfig("fp16"), prefill_chunk=512,
                     max_seq_len=RSS_CONTEXT)
         device_dir = export_cached(ckpt, plan)
-        rows.append(Row(f"ours {name}", "ours", device_dir))
-        if wq.bits != 16:
-            rows.append(Row(f"ours {name}, MatMulNBits fp32 compute", "ours", with_accuracy_level(device_dir, 0),
+        label = f"ours {name}" + (f" ({method})" if bits != 16 else "")
+        rows.append(Row(label, "ours", device_dir))
+        if bits != 16:
+            rows.append(Row(f"{label}, MatMulNBits fp32 compute", "ours", with_accuracy_level(device_dir, 0),
                             headline=False))
-        if name == "int4":
-            rows.append(Row(f"ours {name}, basic graph optimization", "ours", device_dir, "basic", headline=False))
+        if name == "int4" and method != "rtn":
+            rtn = export_cached(ckpt, plan.replace(device_weights=WeightQuant(4, 32)))
+            rows.append(Row("ours int4 (rtn, re-quantized)", "ours", rtn, headline=True))
     notes = []
     gguf = KNOWN_MODELS["smollm2-135m"].locate()
     if importlib.util.find_spec("llama_cpp") is None:
@@ -194,22 +200,26 @@ def main() -> None:
         rss = peak_rss_mib(row.kind, row.path, args.threads, rss_ids) if row.headline and not args.no_rss else None
         rows.append({"engine": row.label, "prefill_tok_s": p, "decode_tok_s": d, "perplexity": ppl, "peak_rss_mib": rss})
         print(f"{row.label:<48}{p:>12.1f}{d:>12.1f}  ppl {ppl}  rss {rss}", file=sys.stderr, flush=True)
-    # decode ratios against llama.cpp when it ran, else against our int4 head
-    base = next((r for r in rows if r["engine"].startswith("llama.cpp")), None) or \
-        next(r for r in rows if r["engine"] == "ours int4")
-    versus = "decode vs " + ("llama.cpp" if base["engine"].startswith("llama.cpp") else base["engine"])
+    # ratios against onnxruntime-genai's int4 build when it ran (the issue's acceptance peer), else llama.cpp,
+    # else our int4 head
+    base = next((r for r in rows if r["engine"] == "onnxruntime-genai int4"), None) or \
+        next((r for r in rows if r["engine"].startswith("llama.cpp")), None) or \
+        next(r for r in rows if r["engine"].startswith("ours int4"))
     print(f"\nSmolLM2-135M device-only, {args.threads} threads, prefill 512 tokens, decode {args.decode_tokens} tokens "
-          f"after a 64-token prompt, median of {args.reps}; peak RSS of a fresh process holding {RSS_CONTEXT} positions")
-    print(f"{'engine':<48}{'prefill tok/s':>14}{'decode tok/s':>14}{versus:>21}{'ppl':>9}{'RSS MiB':>9}")
+          f"after a 64-token prompt, median of {args.reps}; peak RSS of a fresh process holding {RSS_CONTEXT} positions; "
+          f"ratios against {base['engine']}")
+    print(f"{'engine':<48}{'prefill tok/s':>14}{'ratio':>7}{'decode tok/s':>14}{'ratio':>7}{'ppl':>9}{'RSS MiB':>9}")
     for r in rows:
-        ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x"
+        r["prefill_ratio"] = r["prefill_tok_s"] / base["prefill_tok_s"]
+        r["decode_ratio"] = r["decode_tok_s"] / base["decode_tok_s"]
         ppl = f"{r['perplexity']:.3f}" if r["perplexity"] else "-"
         rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "-"
-        print(f"{r['engine']:<48}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{ratio:>21}{ppl:>9}{rss:>9}")
+        print(f"{r['engine']:<48}{r['prefill_tok_s']:>14.1f}{r['prefill_ratio']:>6.2f}x{r['decode_tok_s']:>14.1f}"
+              f"{r['decode_ratio']:>6.2f}x{ppl:>9}{rss:>9}")
     for note in notes:
         print(f"({note})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"threads": args.threads, "rss_context": RSS_CONTEXT, "rows": rows,
+    Path(args.json).write_text(json.dumps({"threads": args.threads, "rss_context": RSS_CONTEXT, "ratios_against": base["engine"], "rows": rows,
                                            "skipped": notes}, indent=2))
 
 
