@@ -38,6 +38,8 @@ from splitlm.partition.plan import Plan
 from splitlm.quantize.apply import preferred_method
 from splitlm.quantize.config import CodecConfig, WeightQuant
 
+KV_SHORT = 256
+"""Positions of the short context whose peak RSS is subtracted in the KV table."""
 PRECISIONS = {"fp32": 16, "int8": 8, "int4": 4}
 """Device weight bits: each with the method `splitlm export` picks by default (the GGUF's own Q4_1 blocks at
 4 bits, RTN in groups of 32 at 8), and the 4-bit RTN re-quantization as a variant row."""
@@ -135,6 +137,8 @@ class Row:
     """onnxruntime graph optimization (ours only)."""
     headline: bool = True
     """Whether it gets the perplexity and peak-RSS columns; variants of the same weights do not."""
+    kv_bits: int | None = None
+    """Our KV cache width, for the KV-bytes table (rows of our default int4 head only)."""
 
 
 def engines(ckpt) -> tuple[list[Row], list[str]]:
@@ -149,13 +153,16 @@ def engines(ckpt) -> tuple[list[Row], list[str]]:
                     max_seq_len=RSS_CONTEXT)
         device_dir = export_cached(ckpt, plan)
         label = f"ours {name}" + (f" ({method})" if bits != 16 else "")
-        rows.append(Row(label, "ours", device_dir))
+        rows.append(Row(label, "ours", device_dir, kv_bits=16 if name == "int4" else None))
         if bits != 16:
             rows.append(Row(f"{label}, MatMulNBits fp32 compute", "ours", with_accuracy_level(device_dir, 0),
                             headline=False))
         if name == "int4" and method != "rtn":
             rtn = export_cached(ckpt, plan.replace(device_weights=WeightQuant(4, 32)))
             rows.append(Row("ours int4 (rtn, re-quantized)", "ours", rtn, headline=True))
+        if name == "int4":
+            for kv in (8, 4):
+                rows.append(Row(f"{label}, kv {kv}", "ours", export_cached(ckpt, plan.replace(kv_bits=kv)), kv_bits=kv))
     notes = []
     gguf = KNOWN_MODELS["smollm2-135m"].locate()
     if importlib.util.find_spec("llama_cpp") is None:
@@ -198,7 +205,11 @@ def main() -> None:
         ppl = perplexity(engine, ppl_wins) if ppl_wins and row.headline and hasattr(engine, "all_logits") else None
         del engine
         rss = peak_rss_mib(row.kind, row.path, args.threads, rss_ids) if row.headline and not args.no_rss else None
-        rows.append({"engine": row.label, "prefill_tok_s": p, "decode_tok_s": d, "perplexity": ppl, "peak_rss_mib": rss})
+        short = None
+        if row.kv_bits is not None and rss is not None:  # the same head holding KV_SHORT positions: the difference is KV
+            short = peak_rss_mib(row.kind, row.path, args.threads, rss_ids[:KV_SHORT])
+        rows.append({"engine": row.label, "prefill_tok_s": p, "decode_tok_s": d, "perplexity": ppl, "peak_rss_mib": rss,
+                     "kv_bits": row.kv_bits, "peak_rss_short_mib": short})
         print(f"{row.label:<48}{p:>12.1f}{d:>12.1f}  ppl {ppl}  rss {rss}", file=sys.stderr, flush=True)
     # ratios against onnxruntime-genai's int4 build when it ran (the issue's acceptance peer), else llama.cpp,
     # else our int4 head
@@ -216,6 +227,18 @@ def main() -> None:
         rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "-"
         print(f"{r['engine']:<48}{r['prefill_tok_s']:>14.1f}{r['prefill_ratio']:>6.2f}x{r['decode_tok_s']:>14.1f}"
               f"{r['decode_ratio']:>6.2f}x{ppl:>9}{rss:>9}")
+    kv_rows = [r for r in rows if r["kv_bits"] is not None and r["peak_rss_short_mib"] is not None]
+    if kv_rows:
+        layers = ckpt.spec.num_layers
+        print(f"\nKV cache by peak RSS: (RSS at {RSS_CONTEXT} positions - RSS at {KV_SHORT}) / ({RSS_CONTEXT - KV_SHORT} positions x {layers} layers)")
+        print(f"{'kv bits':>8}{'bytes/position/layer':>22}{'of kv 16':>10}{'cache alone':>13}")
+        ref = None
+        for r in sorted(kv_rows, key=lambda r: -r["kv_bits"]):
+            per = (r["peak_rss_mib"] - r["peak_rss_short_mib"]) * 2**20 / ((RSS_CONTEXT - KV_SHORT) * layers)
+            r["kv_bytes_per_position_layer"] = per
+            ref = per if r["kv_bits"] == 16 else ref
+            share = f"{per / ref:.0%}" if ref else "-"
+            print(f"{r['kv_bits']:>8}{per:>22.0f}{share:>10}{ckpt.spec.kv_bytes_per_token(1, 32 if r['kv_bits'] == 16 else r['kv_bits']):>13.0f}")
     for note in notes:
         print(f"({note})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -285,31 +285,23 @@ def test_generate_refuses_flags_that_the_export_fixes(capsys, exports, tmp_path)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_device_kv_quantization_matches_torch_bit_for_bit(bits):
-    import torch
-
-    from splitlm.device.kvstore import QuantizedKVStore, quantize_rows
-    from splitlm.quantize.kv import quantize_kv
-
-    x = np.random.default_rng(bits).standard_normal((1, 3, 9, 16)).astype(np.float32) * 3
-    codes, s, m = quantize_rows(x, bits)
-    ref = quantize_kv(torch.from_numpy(x), bits)
-    assert np.array_equal(codes, ref.codes.numpy()) and np.array_equal(s, ref.scale.numpy())
-    store = QuantizedKVStore(bits, 1, 3, 16)
-    store.append(x[:, :, :4])
-    store.append(x[:, :, 4:])
-    assert np.array_equal(store.dequantize(), ref.dequantize().numpy())
-    assert store.nbytes() < x.nbytes * (0.3 if bits == 4 else 0.55)
-
-
-def test_kv_quantized_plan_device_matches_in_process(tiny_ckpt, tmp_path):
+def test_kv_quantized_plan_device_matches_in_process(tiny_ckpt, tmp_path, bits):
+    """A quantized cache on the device holds codes only (int8, or two 4-bit codes a byte): a quarter or
+    an eighth of the float cache, with the same outputs as the torch head that models it, and the
+    same greedy tokens as the in-process split."""
     from splitlm.cloud.tail import TailRunner
-    from splitlm.device.runtime import HeadSession, generate_split
-    from splitlm.export import export_artifacts
+    from splitlm.device.runtime import DeviceHead, HeadSession, generate_split
+    from splitlm.export import check_parity, export_artifacts
     from splitlm.local import LocalSplit
 
-    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, kv_bits=4, codec=CodecConfig("fp32"), prefill_chunk=8)
+    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, kv_bits=bits, codec=CodecConfig("fp32"), prefill_chunk=8,
+                max_seq_len=128)
     result = export_artifacts(tiny_ckpt, plan, tmp_path, progress=False)
+    assert max(check_parity(tiny_ckpt, plan, result.device_dir, prompts=2).values()) < 1e-4
+    head = DeviceHead(HeadSession(result.device_dir))
+    assert {b.dtype for b in head.buffers} == {np.dtype(np.int8 if bits == 8 else np.uint8)}
+    head.step(list(range(3, 40)))
+    assert head.kv_bytes() == 37 * tiny_ckpt.spec.kv_bytes_per_token(2, bits)
     prompt = tiny_ckpt.tokenizer().encode("a quantized cache on the device").ids
     got = generate_split(HeadSession(result.device_dir), TailRunner(result.cloud_dir).new_session().send, prompt, 12)
     ref = LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 12)

@@ -14,7 +14,7 @@ def loaded_after(statement: str, watched: tuple[str, ...]) -> list[str]:
     return out.stdout.split()
 
 
-@pytest.mark.parametrize("module", ["splitlm.device.runtime", "splitlm.device.client", "splitlm.device.kvstore"])
+@pytest.mark.parametrize("module", ["splitlm.device.runtime", "splitlm.device.client"])
 def test_the_device_runs_without_torch(module):
     assert loaded_after(f"import {module}", ("torch", "triton", "splitlm.cloud", "splitlm.kernels")) == []
 

@@ -11,7 +11,6 @@ from splitlm.partition.plan import Plan
 from splitlm.quantize.apply import LINEARS, quantize_stage
 from splitlm.quantize.config import CodecConfig, WeightQuant
 from splitlm.quantize.gptq import HessianAccumulator, gptq_quantize
-from splitlm.quantize.kv import quantize_kv
 from splitlm.quantize.weights import QuantLinear, rtn_quantize
 from tests.tolerances import TOL
 
@@ -63,13 +62,19 @@ def test_quant_linear_is_the_dequantized_function():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_kv_quantization_error_within_half_step(bits):
-    x = torch.randn(2, 3, 17, 16) * 4
-    q = quantize_kv(x, bits)
-    assert q.codes.dtype == torch.uint8 and q.scale.shape == (2, 3, 17, 1)
-    assert bool(((x - q.dequantize()).abs() <= q.scale.float() / 2 * (1 + TOL["half_step_rel"]) + TOL["kv_half_step_abs"]).all())
+def test_static_kv_quantization_is_per_channel_and_within_half_step(bits):
+    from splitlm.quantize.kv import StaticKVQuant
+
+    x = torch.randn(1, 3, 17, 16) * torch.linspace(0.1, 4, 16)  # channels of very different ranges
+    scale = x.abs().amax(dim=(0, 2)).reshape(-1) / (2 ** (bits - 1) - 1)
+    k, v = StaticKVQuant(bits, scale, scale * 2)(x, x)
+    s = scale.view(1, 3, 1, 16)
+    assert bool(((x - k).abs() <= s / 2 * (1 + TOL["half_step_rel"])).all())
+    levels = {len(torch.unique(k[0, h, :, c] / s[0, h, 0, c])) for h in range(3) for c in range(16)}
+    assert max(levels) <= 2 ** bits
+    assert torch.equal(torch.round(v / (2 * s)), (v / (2 * s)).round())  # v on its own grid
     with pytest.raises(ConfigError, match="KV bits 2"):
-        quantize_kv(x, 2)
+        StaticKVQuant(2, scale, scale)
 
 
 def test_precision_changes_at_exactly_one_point(tiny_ckpt):
@@ -121,8 +126,8 @@ def test_quantized_kv_cache_decoding_stays_close(tiny_ckpt):
         parts = [runner.forward(ids[:, :8], caches)] + [runner.forward(ids[:, t:t + 1], caches) for t in range(8, 40)]
         got = torch.cat(parts, 1)
         errs[bits] = float((got - ref).norm() / ref.norm())
-        k, _ = caches[0].layers[0]
-        assert k.codes.dtype == torch.uint8 and k.bits == bits
+        kvq = runner.head.model.layers[0].self_attn.kv_quant
+        assert kvq.bits == bits and kvq.k_scale.shape == (tiny_ckpt.spec.num_kv_heads * tiny_ckpt.spec.head_dim,)
     assert 0 < errs[8] < TOL["kv_decode_rel_8"] and errs[8] < errs[4] < TOL["kv_decode_rel_4"]
 
 

@@ -24,9 +24,10 @@ TOL = {
     "half_step_rel": 1e-3,
     "weight_half_step_abs": 1e-7,
     "kv_half_step_abs": 1e-6,
-    # a quantized KV cache's decode logits vs the fp32 cache's, relative L2, by KV bits
-    "kv_decode_rel_8": 1e-2,
-    "kv_decode_rel_4": 1e-1,
+    # a quantized KV cache's decode logits vs the fp32 cache's, relative L2, by KV bits (static per-channel
+    # scales from the protocol text; the test feeds random byte ids the calibration never saw)
+    "kv_decode_rel_8": 2e-2,
+    "kv_decode_rel_4": 2e-1,
     # empirical token frequencies vs softmax probabilities (20000 draws)
     "sampling_frequency_abs": 0.015,
     # Triton kernel vs its torch reference, max |diff| / max |reference|, keyed by op and input dtype

@@ -19,7 +19,6 @@ from splitlm.model.llama import KVCache
 from splitlm.partition.plan import Plan
 from splitlm.quantize import codec
 from splitlm.quantize.config import CodecConfig
-from splitlm.quantize.kv import kv_storage
 from splitlm.sampling import Sampler, SamplingParams
 from splitlm.stages import build_stages
 
@@ -75,7 +74,7 @@ class LocalSplit:
         return torch.stack(out).to(h.dtype)  # (B, T, d)
 
     def new_caches(self) -> tuple[KVCache, KVCache]:
-        return KVCache(kv_storage(self.plan.kv_bits)), KVCache()
+        return KVCache(), KVCache()  # the head's attention models a quantized device cache (quantize.kv)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, caches: tuple[KVCache, KVCache] | None = None) -> torch.Tensor:

@@ -10,18 +10,21 @@ from pathlib import Path
 
 import torch
 
+from splitlm import corpus
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.llama import Transformer
 from splitlm.model.load import build_stage
 from splitlm.partition.plan import Plan
 from splitlm.quantize.apply import apply_source, quantize_embedding, quantize_lm_head, quantize_stage
 from splitlm.quantize.config import WEIGHT_METHODS
+from splitlm.quantize.kv import KV_CALIBRATION_WINDOWS, quantize_kv_cache
 
 
 def build_stages(ckpt: Checkpoint, plan: Plan, calib_ids: list[list[int]] | None = None, *, tail: bool = True,
                  dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Transformer | None]:
     """(head, tail) of `plan` on `ckpt`: embed + layers [0, ℓ) (+ norm and LM head when ℓ = L) with the
-    device weights (a quantized head quantizes its embedding too), and layers [ℓ, L) + norm + LM head
+    device weights (a quantized head quantizes its embedding too; with kv_bits 8 or 4 its attention
+    rounds keys and values as the device's cache holds them, scales from calibration text), and layers [ℓ, L) + norm + LM head
     with the cloud weights (None when ℓ = L, or when `tail` is False). `calib_ids`: calibration windows for methods that read them (GPTQ);
     the tail calibrates on the head's outputs for those windows. Quantized weights are cached
     under the checkpoint's folder."""
@@ -40,6 +43,9 @@ def build_stages(ckpt: Checkpoint, plan: Plan, calib_ids: list[list[int]] | None
     head = build_stage(ckpt, 0, split, embed=True, final=split == L, dtype=dtype)
     head = quantize_embedding(quantize_lm_head(weights(head, plan.device_weights, calib), plan.lm_head_bits, source),
                               plan.device_weights, source)
+    if plan.kv_bits != 16:
+        size = min(corpus.WINDOW, ckpt.spec.max_position)
+        head = quantize_kv_cache(head, plan.kv_bits, corpus.calibration_windows(ckpt.tokenizer(), KV_CALIBRATION_WINDOWS, size))
     if split == L or not tail:
         return head, None
     tail_calib = None

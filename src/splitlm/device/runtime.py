@@ -22,6 +22,7 @@ from splitlm.sampling import Sampler, SamplingParams
 log = logging.getLogger(__name__)
 
 HEAD_FILE = names.HEAD_FILE
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
 
 
 def session_options(threads: int | None, optimization: str, spin: bool = True):
@@ -90,6 +91,9 @@ class HeadSession:
             raise ModelLoadError(f"{head} lacks inputs {missing[:3]}: it does not match plan split {self.plan.split_layer}")
         self.device_only = self.plan.split_layer == self.spec.num_layers
         self.kind = "traced" if names.POSITION_IDS in inputs else "gqa"
+        self.inputs = inputs
+        if self.kind == "traced" and self.plan.kv_bits != 16:
+            raise ModelLoadError(f"{head} is a traced graph with a float KV cache, the plan asks kv_bits {self.plan.kv_bits}; export again")
         self.capacity = self.plan.max_seq_len
         if self.kind == "gqa" and self.layers:
             self.capacity = int(inputs[names.past_key(0)].shape[2])
@@ -117,8 +121,8 @@ class DeviceHead:
 
     A "gqa" graph writes each step's K/V in place into buffers of `capacity` positions that
     are bound once as both past and present: nothing is copied or concatenated per step, and
-    rolling back is a length change. A "traced" graph returns present = past + new; with kv_bits
-    8 or 4 its new positions are quantized into a QuantizedKVStore after each step.
+    rolling back is a length change. With kv_bits 8 or 4 the buffers hold the graph's int8 or
+    packed 4-bit codes. A "traced" graph (float KV only) returns present = past + new.
     """
 
     def __init__(self, session: HeadSession) -> None:
@@ -130,27 +134,24 @@ class DeviceHead:
 
     def reset(self) -> None:
         self.length = 0
-        self.stores = None
         if self.session.kind == "gqa":
             self.past = []
             if self.io is None:
                 self._bind_kv()
             return
         self.past = self.session.empty_past(1)
-        if self.plan.kv_bits != 16:
-            from splitlm.device.kvstore import QuantizedKVStore
-
-            spec = self.session.spec
-            self.stores = [QuantizedKVStore(self.plan.kv_bits, 1, spec.num_kv_heads, spec.head_dim) for _ in self.past]
 
     def _bind_kv(self) -> None:
         import onnxruntime as ort
 
         sess = self.session
         self.io = sess.session.io_binding()
-        shape = (1, sess.spec.num_kv_heads, sess.capacity, sess.spec.head_dim)
-        # zeros from calloc: pages become resident only as positions are written
-        self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * len(sess.layers))]
+        buffers = []
+        for i in sess.layers:  # zeros from calloc: pages become resident only as positions are written
+            for name in (names.past_key(i), names.past_value(i)):
+                info = sess.inputs[name]
+                buffers.append(np.zeros([int(d) for d in info.shape], _NUMPY_TYPES[info.type]))
+        self.buffers = buffers
         for j, i in enumerate(sess.layers):
             for buf, past, present in ((self.buffers[2 * j], names.past_key(i), names.present_key(i)),
                                        (self.buffers[2 * j + 1], names.past_value(i), names.present_value(i))):
@@ -198,13 +199,8 @@ class DeviceHead:
 
     def _run_traced(self, part: np.ndarray, last_only: bool) -> np.ndarray:
         positions = np.arange(self.length, self.length + part.shape[1], dtype=np.int64)[None]
-        past = self.past if self.stores is None else [s.dequantize() for s in self.stores]
-        result = self.session.run_raw(part, positions, past)
-        if self.stores is None:
-            self.past = result[1:]
-        else:
-            for store, present in zip(self.stores, result[1:]):
-                store.append(present[:, :, self.length:])
+        result = self.session.run_raw(part, positions, self.past)
+        self.past = result[1:]
         return result[0][0][-1:] if last_only and self.session.device_only else result[0][0]
 
     def rewind(self, length: int) -> None:
@@ -213,17 +209,14 @@ class DeviceHead:
         if not 0 <= length <= self.length:
             raise ConfigError(f"cannot rewind to {length}: the head holds {self.length} positions")
         if self.session.kind == "traced":
-            if self.stores is not None:
-                raise ConfigError("a traced head with a quantized KV store cannot rewind; export with GroupQueryAttention")
             self.past = [p[:, :, :length] for p in self.past]
         self.length = length
 
     def presents(self) -> list[np.ndarray]:
-        """K/V of every position so far, keys and values alternating per layer, each (1, Hkv, length, D)."""
+        """K/V of every position so far, keys and values alternating per layer, each (1, Hkv, length, D)
+        (a quantized cache's codes: (1, Hkv, length, D) int8, or D/2 bytes of packed 4-bit codes)."""
         if self.session.kind == "gqa":
             return [b[:, :, :self.length] for b in self.buffers]
-        if self.stores is not None:
-            return [s.dequantize() for s in self.stores]
         return list(self.past)
 
     def encode(self, hidden: np.ndarray) -> bytes:
@@ -234,8 +227,6 @@ class DeviceHead:
         """Bytes the KV cache holds between steps (the written positions of a preallocated buffer)."""
         if self.session.kind == "gqa":
             return sum(b[:, :, :self.length].nbytes for b in self.buffers)
-        if self.stores is not None:
-            return sum(s.nbytes() for s in self.stores)
         return sum(p.nbytes for p in self.past)
 
 

@@ -170,6 +170,9 @@ def export_head(stage: Transformer, path: Path, max_len: int, accuracy_level: in
     from splitlm.export.graph import GRAPH_KIND, build_head_graph, gqa_unsupported
 
     why = gqa_unsupported(stage.spec)
+    if why is not None and any(stage.model.layers[i].self_attn.kv_quant is not None for i in stage.owned_layers):
+        raise ExportError(f"a quantized KV cache needs the GroupQueryAttention graph, which cannot run this model ({why}); "
+                          "use kv_bits 16")
     if why is not None:
         log.warning("exporting the traced head graph, slower than GroupQueryAttention's: %s", why)
         export_head_onnx(stage, path, accuracy_level)
@@ -239,7 +242,8 @@ def check_parity(ckpt: Checkpoint, plan: Plan, device_dir: Path, calib_ids: list
               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     kind = "int8-compute" if levels - {0} else ("quantized" if levels else "fp32")
     tol = PARITY_TOL[kind]
-    kv_names = [n for i in session.layers for n in (names.present_key(i), names.present_value(i))]
+    # a quantized cache holds codes: its effect shows in the output, which is compared
+    kv_names = [] if plan.kv_bits != 16 else [n for i in session.layers for n in (names.present_key(i), names.present_value(i))]
     rng = np.random.default_rng(seed)
     worst: dict[str, float] = {}
     for _ in range(prompts):

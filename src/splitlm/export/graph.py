@@ -6,7 +6,9 @@ One node per fused kernel, as onnxruntime's own LLM runtime builds its models:
                    which also carries the residual sum
     q, k, v        one MatMulNBits over the row-concatenated weights (packed QKV)
     attention      GroupQueryAttention, rotary fused, past and present in one preallocated buffer
-                   of plan.max_seq_len positions that the runtime binds as both (written in place)
+                   of plan.max_seq_len positions that the runtime binds as both (written in place);
+                   with kv_bits 8 or 4 the buffer holds int8 / packed 4-bit codes with static
+                   per-channel scales (quantize.kv), never a float copy of the past
     o, gate, up,   MatMulNBits at accuracy level 4 (int8 compute), SiLU as Sigmoid·Mul
     down
     LM head        (a device-only head) on the rows that `logit_rows` names only
@@ -20,6 +22,7 @@ int64 on a finalizing head. The parity check against the torch stage stays in bu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +79,13 @@ def _linear(mod: nn.Module) -> _Linear:
         mins = None if q.mins is None else q.mins.float().numpy()
         if mins is not None and w.K % w.block_size:
             raise ExportError(f"block mins need K ({w.K}) to be a multiple of the block ({w.block_size})")
+        if mins is not None and not q.zeros.any():
+            # d·q + m = d·(q − mid) + (m + mid·d): centred codes under the default zero point (no zero-point
+            # input, MatMulNBits' fastest path), whose int8-compute error is that of centred weights; the
+            # midpoint moves into the block-sum term, exactly (fp16 d and m add exactly in fp32)
+            mid = 1 << (w.bits - 1)
+            mins = mins + mid * q.scales.float().numpy()
+            w = dataclasses.replace(w, zero_points=None)
         return _Linear(w, None, mins, bias)
     return _Linear(None, mod.weight.detach().float().numpy(), None, bias)
 
@@ -90,12 +100,12 @@ def _pack(parts: list[_Linear]) -> list[_Linear]:
         return [_Linear(None, np.concatenate([p.dense for p in parts]), None, bias)]
     same = all(p.nbits is not None and (p.nbits.bits, p.nbits.block_size, p.nbits.K) ==
                (first.nbits.bits, first.nbits.block_size, first.nbits.K) for p in parts)
-    if not same or len({p.mins is None for p in parts}) != 1:
+    if not same or len({p.mins is None for p in parts}) != 1 or len({p.nbits.zero_points is None for p in parts}) != 1:
         return parts
     ws = [p.nbits for p in parts]
     kb = first.nbits.B.shape[1]
-    w = NBitsWeight(np.concatenate([x.B for x in ws]), np.concatenate([x.scales.reshape(x.N, kb) for x in ws]).reshape(-1),
-                    np.concatenate([x.zero_points.reshape(x.N, -1) for x in ws]).reshape(-1),
+    zps = None if first.nbits.zero_points is None else np.concatenate([x.zero_points.reshape(x.N, -1) for x in ws]).reshape(-1)
+    w = NBitsWeight(np.concatenate([x.B for x in ws]), np.concatenate([x.scales.reshape(x.N, kb) for x in ws]).reshape(-1), zps,
                     first.nbits.K, sum(x.N for x in ws), first.nbits.bits, first.nbits.block_size)
     mins = None if first.mins is None else np.concatenate([p.mins for p in parts])
     return [_Linear(w, None, mins, _cat_bias(parts))]
@@ -144,8 +154,9 @@ class _Graph:
             y = self.op("MatMul", [x, self.const(f"{name}.weight_t", lin.dense.T)], f"{name}/MatMul")[0]
         else:
             w = lin.nbits
-            y = self.op("MatMulNBits", [x, self.const(f"{name}.B", w.B), self.const(f"{name}.scales", w.scales),
-                                        self.const(f"{name}.zero_points", w.zero_points)], f"{name}/MatMulNBits",
+            zp = [] if w.zero_points is None else [self.const(f"{name}.zero_points", w.zero_points)]
+            y = self.op("MatMulNBits", [x, self.const(f"{name}.B", w.B), self.const(f"{name}.scales", w.scales), *zp],
+                        f"{name}/MatMulNBits",
                         domain="com.microsoft", K=w.K, N=w.N, bits=w.bits, block_size=w.block_size,
                         accuracy_level=accuracy_level)[0]
             if lin.mins is not None:  # Σ over each block of x, times the block's min: exact and cheap
@@ -197,7 +208,9 @@ def build_head_graph(stage: Transformer, max_len: int, accuracy_level: int) -> o
         raise ExportError("the device head starts at the embedding")
     g = _Graph()
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-    kv_shape = [1, spec.num_kv_heads, max_len, spec.head_dim]
+    kv_bits = _kv_bits(stage)
+    cache_type = {16: f32, 8: TensorProto.INT8, 4: TensorProto.UINT8}[kv_bits]
+    kv_shape = [1, spec.num_kv_heads, max_len, spec.head_dim if kv_bits != 4 else spec.head_dim // 2]
     inputs = [helper.make_tensor_value_info(names.INPUT_IDS, i64, [1, "T"])]
     outputs = []
     x = _embedding(g, stage.model.embed_tokens)
@@ -216,12 +229,17 @@ def build_head_graph(stage: Transformer, max_len: int, accuracy_level: int) -> o
         qkv = g.linear(normed, [_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)], f"{p}.qkv_proj",
                        accuracy_level, sums, split=False)
         pk, pv, ok, ov = names.past_key(i), names.past_value(i), names.present_key(i), names.present_value(i)
-        inputs += [helper.make_tensor_value_info(pk, f32, kv_shape), helper.make_tensor_value_info(pv, f32, kv_shape)]
-        outputs += [helper.make_tensor_value_info(ok, f32, kv_shape), helper.make_tensor_value_info(ov, f32, kv_shape)]
-        out = g.op("GroupQueryAttention", [qkv[0], "", "", pk, pv, names.SEQLENS_K, names.TOTAL_SEQUENCE_LENGTH, cos, sin],
-                   f"{p}/GroupQueryAttention", outputs=[f"{p}/attn", ok, ov], domain="com.microsoft",
+        inputs += [helper.make_tensor_value_info(pk, cache_type, kv_shape), helper.make_tensor_value_info(pv, cache_type, kv_shape)]
+        outputs += [helper.make_tensor_value_info(ok, cache_type, kv_shape), helper.make_tensor_value_info(ov, cache_type, kv_shape)]
+        gqa_in = [qkv[0], "", "", pk, pv, names.SEQLENS_K, names.TOTAL_SEQUENCE_LENGTH, cos, sin]
+        quant = {}
+        if kv_bits != 16:  # the cache holds codes: one static scale per channel, K after rotary
+            kvq = attn.kv_quant
+            gqa_in += ["", "", "", g.const(f"{p}.k_scale", kvq.k_scale.numpy()), g.const(f"{p}.v_scale", kvq.v_scale.numpy())]
+            quant = dict(kv_cache_bit_width=kv_bits, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
+        out = g.op("GroupQueryAttention", gqa_in, f"{p}/GroupQueryAttention", outputs=[f"{p}/attn", ok, ov], domain="com.microsoft",
                    num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-                   scale=float(spec.head_dim ** -0.5))[0]
+                   scale=float(spec.head_dim ** -0.5), **quant)[0]
         sums = {}
         pending = g.linear(out, [_linear(attn.o_proj)], f"{p}.o_proj", accuracy_level, sums)[0]
         normed, residual = _norm(g, residual, pending, block.post_attention_layernorm, f"{p}.post_attention_layernorm")
@@ -256,6 +274,17 @@ def build_head_graph(stage: Transformer, max_len: int, accuracy_level: int) -> o
     model = helper.make_model(graph, opset_imports=OPSETS, producer_name="splitlm")
     model.ir_version = IR_VERSION
     return model
+
+
+def _kv_bits(stage: Transformer) -> int:
+    """The KV cache width the stage's attention models: 16, or the bits of its StaticKVQuant (all layers alike)."""
+    widths = {getattr(stage.model.layers[i].self_attn.kv_quant, "bits", 16) for i in stage.owned_layers}
+    if len(widths) > 1:
+        raise ExportError(f"layers of one head quantize their KV cache at different widths {sorted(widths)}")
+    bits = widths.pop() if widths else 16
+    if bits == 4 and stage.spec.head_dim % 2:
+        raise ExportError(f"a 4-bit KV cache packs two values per byte: head_dim {stage.spec.head_dim} is odd")
+    return bits
 
 
 def _w(norm: nn.Module) -> np.ndarray:

@@ -25,8 +25,8 @@ class NBitsWeight:
     """uint8 (N, k_blocks, block_size·bits/8)."""
     scales: np.ndarray
     """float32 (N·k_blocks,)."""
-    zero_points: np.ndarray
-    """uint8 (N·ceil(k_blocks·bits/8),)."""
+    zero_points: np.ndarray | None
+    """uint8 (N·ceil(k_blocks·bits/8),); None: MatMulNBits' default, 2^(bits−1)."""
     K: int
     N: int
     bits: int
@@ -66,6 +66,9 @@ def dequantize_nbits(w: NBitsWeight) -> np.ndarray:
     """W (N, K) float32 exactly as MatMulNBits reconstructs it."""
     k_blocks = w.B.shape[1]
     q = bitpack.unpack(w.B, w.block_size, w.bits).reshape(w.N, k_blocks * w.block_size)[:, : w.K].astype(np.float32)
-    z = bitpack.unpack(w.zero_points.reshape(w.N, -1), k_blocks, w.bits).astype(np.float32)
+    if w.zero_points is None:
+        z = np.full((w.N, k_blocks), 1 << (w.bits - 1), np.float32)
+    else:
+        z = bitpack.unpack(w.zero_points.reshape(w.N, -1), k_blocks, w.bits).astype(np.float32)
     cols = np.arange(w.K) // w.block_size
     return (q - z[:, cols]) * w.scales.reshape(w.N, k_blocks)[:, cols]

@@ -59,6 +59,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv * hd, bias=spec.qkv_bias)
         self.v_proj = nn.Linear(d, kv * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
+        self.kv_quant: nn.Module | None = None
+        """(k, v) -> (k̂, v̂) of the new positions, after rotary and before attention: what a quantized
+        KV cache holds (the device's), set by the quantize package; None keeps them exact."""
 
     def forward(
         self,
@@ -75,6 +78,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kv_quant is not None:
+            k, v = self.kv_quant(k, v)
         k_all, v_all = k, v
         if past is not None:
             k_all = torch.cat((past[0], k), dim=2)  # (B, Hkv, P+T, D)
@@ -173,9 +178,9 @@ class StepCache(Protocol):
 class KVCache:
     """Keys and values of the layers one stage owns, for one batch of sequences.
 
-    `storage` decides the form they are kept in (quantize.kv.QuantizedKVStorage
-    keeps integer codes and dequantizes on read); the positions of the current
-    step always attend to their own keys at full precision.
+    `storage` decides the form they are kept in. A quantized cache is modelled in the
+    attention itself (Attention.kv_quant), so that the positions of a step attend to their
+    own keys exactly as the cache will hold them, as onnxruntime's quantized cache does.
     """
 
     storage: KVStorage = field(default_factory=DenseKV)
