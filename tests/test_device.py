@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from splitlm.errors import ModelLoadError, ParityError
+from splitlm.errors import ConfigError, ModelLoadError, ParityError
 from splitlm.partition.plan import Plan
 from splitlm.quantize.config import CodecConfig, WeightQuant
 
@@ -157,9 +157,11 @@ def test_cli_export_check_and_generate(capsys, tmp_path):
 
     out = tmp_path / "art"
     assert main(["export", "--model", "tiny-random", "--split", "3", "--device-bits", "4", "--device-group", "32",
-                 "--codec", "fp16", "--out", str(out), "--check"]) == 0
+                 "--codec", "fp16", "--out", str(out), "--check", "--segment-cuts", "1,2"]) == 0
     text = capsys.readouterr().out
-    assert "parity:" in text and "ok" in text
+    assert "parity:" in text and "ok" in text and "in 3 segments" in text
+    assert main(["export", "--model", "tiny-random", "--split", "3", "--out", str(tmp_path / "bad"), "--segment-cuts", "3"]) == 2
+    assert "--segment-cuts [3] are not inside the head's layers (0, 3)" in capsys.readouterr().err
     assert main(["generate", "--artifacts", str(out), "--prompt", "abc", "--max-tokens", "6"]) == 0
     cap = capsys.readouterr()
     assert cap.out.startswith("abc") and "[split 3/4]" in cap.err and "B/token on the link" in cap.err
@@ -282,6 +284,69 @@ def test_generate_refuses_flags_that_the_export_fixes(capsys, exports, tmp_path)
     assert main(["generate", "--artifacts", root, "--split", "2", "--model", "tiny-random", "--plan", str(tmp_path / "same.json"),
                  "--prompt", "x", "--max-tokens", "2"]) == 0  # the same values are not ignored: accepted
     assert "[split 2/4]" in capsys.readouterr().err
+
+
+def test_traced_graph_is_the_fallback_and_agrees(tiny_ckpt, exports, tmp_path):
+    """Models GroupQueryAttention cannot run get the torch-traced graph (past in, past + new out): same
+    tokens as the GroupQueryAttention head; a quantized KV cache or segments need the latter."""
+    import json
+
+    from splitlm.device.runtime import HeadSession, generate_device_only
+    from splitlm.errors import ExportError
+    from splitlm.export import check_parity, export_artifacts
+    from splitlm.export.graph import gqa_unsupported
+    from splitlm.model.convert import tiny_spec
+    from splitlm.model.spec import RopeScaling
+
+    assert "dynamic NTK" in gqa_unsupported(tiny_spec(rope_scaling=RopeScaling(kind="dynamic", factor=2.0)))
+    assert "multiple of 16" in gqa_unsupported(tiny_spec(head_dim=24))
+    assert gqa_unsupported(tiny_spec()) is None
+    plan, gqa = exports[4, "fp32"]
+    traced = export_artifacts(tiny_ckpt, plan, tmp_path / "traced", progress=False, graph="traced")
+    assert json.loads((traced.device_dir / "manifest.json").read_text())["graph"] == "traced"
+    assert max(check_parity(tiny_ckpt, plan, traced.device_dir, prompts=1).values()) < 1e-4
+    prompt = tiny_ckpt.tokenizer().encode("the old graph").ids
+    assert (generate_device_only(HeadSession(traced.device_dir), prompt, 8).token_ids
+            == generate_device_only(HeadSession(gqa.device_dir), prompt, 8).token_ids)
+    with pytest.raises(ExportError, match="quantized KV cache needs the GroupQueryAttention graph"):
+        export_artifacts(tiny_ckpt, plan.replace(kv_bits=8), tmp_path / "t8", progress=False, graph="traced")
+    with pytest.raises(ExportError, match="segments needs the GroupQueryAttention graph"):
+        export_artifacts(tiny_ckpt, plan, tmp_path / "tseg", progress=False, graph="traced", segment_cuts=(2,))
+
+
+def test_head_in_segments_runs_any_cut_and_releases_the_rest(tiny_ckpt, exports, tmp_path):
+    """A head cut at layers 1 and 3 computes what the whole graph computes; released to layer 3 or 1 it
+    outputs the hidden states at that layer (what a head exported with that split outputs) and holds
+    the K/V of those layers only."""
+    import json
+
+    from splitlm.device.runtime import DeviceHead, HeadSession
+    from splitlm.export import export_artifacts
+    from splitlm.model import names
+
+    plan, whole = exports[4, "int4"]
+    cut = export_artifacts(tiny_ckpt, plan, tmp_path / "cut", progress=False, accuracy_level=0, segment_cuts=(3, 1))
+    assert json.loads((cut.device_dir / "manifest.json").read_text())["segments"] == [[0, 1], [1, 3], [3, 4]]
+    assert [(cut.device_dir / names.segment_file(k)).is_file() for k in range(3)] == [True] * 3
+    session = HeadSession(cut.device_dir)
+    assert session.cuts == [1, 3, 4]
+    head, ref = DeviceHead(session), DeviceHead(HeadSession(whole.device_dir))
+    prompt, more = list(range(3, 30)), [41, 42]
+    for ids in (prompt, more[:1], more[1:]):
+        np.testing.assert_allclose(head.step(ids), ref.step(ids), rtol=1e-4, atol=1e-5)
+    per_layer = head.kv_bytes() // 4
+    for layer in (3, 1):
+        head.release(layer)
+        assert head.stop == layer and len(head.buffers) == 2 * layer and head.kv_bytes() == layer * per_layer
+        other = export_artifacts(tiny_ckpt, plan.replace(split_layer=layer), tmp_path / f"split{layer}", progress=False,
+                                 accuracy_level=0)
+        expect = DeviceHead(HeadSession(other.device_dir))
+        expect.step(prompt + more)
+        head.rewind(len(prompt) + 1)
+        expect.rewind(len(prompt) + 1)
+        np.testing.assert_allclose(head.step(more[1:]), expect.step(more[1:]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="can stop at layers"):
+        head.release(3)  # released already
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -33,6 +33,18 @@ def export_side(root: str | Path, side: str) -> Path:
     return folder
 
 
+def read_manifest(folder: str | Path) -> dict:
+    """The folder's manifest (check_manifest has read it once already)."""
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is unreadable ({type(exc).__name__}: {exc}); export again") from None
+    if not isinstance(manifest, dict):
+        raise ModelLoadError(f"{path} is not a JSON object; export again")
+    return manifest
+
+
 def check_manifest(folder: str | Path, verify: bool = False) -> None:
     """Check that every file the folder's manifest lists is there with its size, and with `verify`
     also its sha256; raise ModelLoadError naming the first file that is not."""

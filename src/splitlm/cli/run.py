@@ -61,6 +61,9 @@ def add_export(sub) -> None:
     x.add_argument("--check", action="store_true", help="compare the ONNX head with the torch head; fail beyond tolerance")
     x.add_argument("--accuracy-level", type=int, default=ACCURACY_LEVEL, choices=ACCURACY_LEVELS,
                    help=f"MatMulNBits accuracy_level (default {ACCURACY_LEVEL}): 4 = int8 compute, fast on CPU; 0 = fp32 compute, exact")
+    x.add_argument("--segment-cuts", default="", metavar="LAYERS",
+                   help="cut the device head into segments at these layers (comma-separated, inside (0, split)): each is a "
+                        "graph with its own KV buffers, and the device can stop at any cut and release what lies beyond")
     add_plan_flags(x)
 
 
@@ -241,9 +244,17 @@ def cmd_export(args) -> int:
     calib = None
     if calibrated:
         calib = evaluate.calibration_windows(ckpt.tokenizer(), args.calib_windows)
-    result = export_artifacts(ckpt, plan, args.out, calib, accuracy_level=args.accuracy_level)
+    try:
+        cuts = [int(c) for c in args.segment_cuts.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--segment-cuts {args.segment_cuts!r}: give layer numbers separated by commas") from None
+    bad = [c for c in cuts if not 0 < c < plan.split_layer]
+    if bad:
+        raise ConfigError(f"--segment-cuts {bad} are not inside the head's layers (0, {plan.split_layer})")
+    result = export_artifacts(ckpt, plan, args.out, calib, accuracy_level=args.accuracy_level, segment_cuts=cuts)
     print(f"exported plan {plan.hash} (split {plan.split_layer}/{ckpt.spec.num_layers}) in {result.seconds:.1f}s")
-    print(f"  device: {result.device_dir}  head.onnx {result.head_bytes / 2**20:.1f} MiB")
+    segments = f" in {len(cuts) + 1} segments" if cuts else ""
+    print(f"  device: {result.device_dir}  head.onnx {result.head_bytes / 2**20:.1f} MiB{segments}")
     if result.cloud_dir is not None:
         print(f"  cloud:  {result.cloud_dir}  tail.safetensors {result.tail_bytes / 2**20:.1f} MiB")
     if args.check:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from splitlm.artifacts import read_folder
+from splitlm.artifacts import read_folder, read_manifest
 from splitlm.errors import ConfigError, ModelLoadError
 from splitlm.generation import GenerationResult, generate_tokens
 from splitlm.model import names
@@ -55,12 +55,37 @@ def bare_feed(session) -> dict[str, np.ndarray]:
     return {n: feed[n] for n in inputs}
 
 
+class Segment:
+    """One graph of the head: layers [start, stop), its onnxruntime session and its input names."""
+
+    def __init__(self, path: Path, start: int, stop: int, options) -> None:
+        import onnxruntime as ort
+
+        self.path, self.start, self.stop = path, start, stop
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types, all of them load failures here
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"onnxruntime cannot load {path} ({reason}); check the export with --verify "
+                                 "or export again") from None
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        missing = [n for i in range(start, stop) for n in (names.past_key(i), names.past_value(i)) if n not in self.inputs]
+        if missing:
+            raise ModelLoadError(f"{path} lacks inputs {missing[:3]}: it is not the graph of layers [{start}, {stop})")
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
+
+
 class HeadSession:
-    """One onnxruntime session over DIR/device/head.onnx and the plan beside it.
+    """The head of DIR/device in onnxruntime: one graph per segment, and the plan beside them.
 
     Two graph forms load: "gqa" (export/graph.py: GroupQueryAttention over K/V buffers of a fixed
-    length, bound as past and present at once) and "traced" (the torch-traced fallback for models
-    GroupQueryAttention cannot run: past in, past + new out, with position_ids)."""
+    length, bound as past and present at once; the head may be cut into segments) and "traced" (the
+    torch-traced fallback for models GroupQueryAttention cannot run: past in, past + new out, with
+    position_ids; one segment)."""
 
     def __init__(self, device_dir: str | Path, threads: int | None = None, optimization: str = "all",
                  spin: bool | None = None, verify: bool = False) -> None:
@@ -68,37 +93,40 @@ class HeadSession:
         a split plan waits on the network after each step, and spinning threads would burn the
         device's cores (and a co-located cloud's) for nothing. verify: check the sha256 of every
         file of the folder's manifest (their sizes are always checked)."""
-        import onnxruntime as ort
-
         self.dir, self.plan, self.spec = read_folder(device_dir, HEAD_FILE, verify=verify)
         if spin is None:
             spin = self.plan.split_layer == self.spec.num_layers
-        head = self.dir / HEAD_FILE
         options = session_options(threads or os.cpu_count(), optimization, spin)
+        bounds = read_manifest(self.dir).get("segments") or [[0, self.plan.split_layer]]
         try:
-            self.session = ort.InferenceSession(str(head), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types, all of them load failures here
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"onnxruntime cannot load {head} ({reason}); check the export with --verify "
-                                 "or export again") from None
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.input_names = list(inputs)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+            bounds = [(int(a), int(b)) for a, b in bounds]
+        except (TypeError, ValueError):
+            raise ModelLoadError(f"{self.dir}: the manifest's segments {bounds!r} are not [start, stop] pairs; export again") from None
+        edges = [bounds[0][0]] + [b for _, b in bounds]
+        if edges[0] != 0 or edges[-1] != self.plan.split_layer or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])) \
+                or any(a >= b for a, b in zip(edges[1:], edges[2:])):
+            raise ModelLoadError(f"{self.dir}: segments {bounds} do not cut the head's layers [0, {self.plan.split_layer})")
+        self.segments = [Segment(self.dir / names.segment_file(k), a, b, options) for k, (a, b) in enumerate(bounds)]
+        first = self.segments[0]
+        self.session = first.session
+        self.input_names = list(first.inputs)
+        self.output_names = self.segments[-1].output_names
         self.layers = range(self.plan.split_layer)
-        expected = [names.past_key(i) for i in self.layers]
-        missing = [n for n in expected if n not in self.input_names]
-        if missing:
-            raise ModelLoadError(f"{head} lacks inputs {missing[:3]}: it does not match plan split {self.plan.split_layer}")
         self.device_only = self.plan.split_layer == self.spec.num_layers
-        self.kind = "traced" if names.POSITION_IDS in inputs else "gqa"
-        self.inputs = inputs
+        self.kind = "traced" if names.POSITION_IDS in first.inputs else "gqa"
         if self.kind == "traced" and self.plan.kv_bits != 16:
-            raise ModelLoadError(f"{head} is a traced graph with a float KV cache, the plan asks kv_bits {self.plan.kv_bits}; export again")
+            raise ModelLoadError(f"{first.path} is a traced graph with a float KV cache, the plan asks kv_bits {self.plan.kv_bits}; "
+                                 "export again")
         self.capacity = self.plan.max_seq_len
         if self.kind == "gqa" and self.layers:
-            self.capacity = int(inputs[names.past_key(0)].shape[2])
+            self.capacity = min(int(seg.inputs[names.past_key(seg.start)].shape[2]) for seg in self.segments if seg.layers)
             if self.capacity < self.plan.max_seq_len:
-                raise ModelLoadError(f"{head} holds {self.capacity} positions of K/V, the plan allows {self.plan.max_seq_len}")
+                raise ModelLoadError(f"{first.path} holds {self.capacity} positions of K/V, the plan allows {self.plan.max_seq_len}")
+
+    @property
+    def cuts(self) -> list[int]:
+        """Layers where one segment ends and the next begins: the prefixes the head can run."""
+        return [seg.stop for seg in self.segments]
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
         """The traced graph's past before the first step."""
@@ -116,54 +144,98 @@ class HeadSession:
         return self.session.run(None, feed)
 
 
+class _BoundSegment:
+    """A segment's K/V buffers (zeros from calloc: pages become resident only as positions are
+    written), bound once as both its graph's past and present."""
+
+    def __init__(self, seg: Segment) -> None:
+        import onnxruntime as ort
+
+        self.seg = seg
+        self.io = seg.session.io_binding()
+        self.buffers = []
+        for i in seg.layers:
+            for past, present in ((names.past_key(i), names.present_key(i)), (names.past_value(i), names.present_value(i))):
+                info = seg.inputs[past]
+                buf = np.zeros([int(d) for d in info.shape], _NUMPY_TYPES[info.type])
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                self.io.bind_ortvalue_input(past, value)
+                self.io.bind_ortvalue_output(present, value)
+                self.buffers.append(buf)
+
+    def run(self, x: np.ndarray, length: int, rows: np.ndarray | None, width: int) -> np.ndarray:
+        """x: ids (1, T) int64 for the first segment, else hidden states (1, T, d) -> this segment's output."""
+        import onnxruntime as ort
+
+        io, seg, t = self.io, self.seg, x.shape[1]
+        io.bind_cpu_input(names.INPUT_IDS if seg.start == 0 else names.HIDDEN_IN, x)
+        if seg.layers:
+            io.bind_cpu_input(names.SEQLENS_K, np.array([length + t - 1], np.int32))
+            io.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(length + t, np.int32))
+        if rows is not None:
+            io.bind_cpu_input(names.LOGIT_ROWS, rows)
+            t = len(rows)
+        out = np.empty((1, t, width), np.float32)
+        io.bind_ortvalue_output(seg.output_names[0], ort.OrtValue.ortvalue_from_numpy(out))
+        seg.session.run_with_iobinding(io)
+        return out
+
+
 class DeviceHead:
     """The head of one generation session: owns its KV cache between steps.
 
     A "gqa" graph writes each step's K/V in place into buffers of `capacity` positions that
     are bound once as both past and present: nothing is copied or concatenated per step, and
     rolling back is a length change. With kv_bits 8 or 4 the buffers hold the graph's int8 or
-    packed 4-bit codes. A "traced" graph (float KV only) returns present = past + new.
+    packed 4-bit codes. A head cut into segments runs them one after the other, each with its
+    own buffers; `release(layer)` drops the segments from `layer` on, so that the head outputs
+    the hidden states at that layer (a shallower split) and their K/V memory is returned.
+    A "traced" graph (float KV only) returns present = past + new.
     """
 
     def __init__(self, session: HeadSession) -> None:
         self.session = session
         self.plan = session.plan
         self.out_name = session.output_names[0]
-        self.io = None
+        self.bound: list[_BoundSegment] | None = None
+        self.stop = session.plan.split_layer
+        """The layer the head's output is taken at: the split, or a shallower cut after release()."""
         self.reset()
 
     def reset(self) -> None:
         self.length = 0
         if self.session.kind == "gqa":
             self.past = []
-            if self.io is None:
-                self._bind_kv()
+            if self.bound is None:
+                self.bound = [_BoundSegment(seg) for seg in self.session.segments]
             return
         self.past = self.session.empty_past(1)
 
-    def _bind_kv(self) -> None:
-        import onnxruntime as ort
+    @property
+    def device_only(self) -> bool:
+        """Whether the head ends in logits (all layers, not released)."""
+        return self.session.device_only and self.stop == self.session.plan.split_layer
 
-        sess = self.session
-        self.io = sess.session.io_binding()
-        buffers = []
-        for i in sess.layers:  # zeros from calloc: pages become resident only as positions are written
-            for name in (names.past_key(i), names.past_value(i)):
-                info = sess.inputs[name]
-                buffers.append(np.zeros([int(d) for d in info.shape], _NUMPY_TYPES[info.type]))
-        self.buffers = buffers
-        for j, i in enumerate(sess.layers):
-            for buf, past, present in ((self.buffers[2 * j], names.past_key(i), names.present_key(i)),
-                                       (self.buffers[2 * j + 1], names.past_value(i), names.present_value(i))):
-                value = ort.OrtValue.ortvalue_from_numpy(buf)
-                self.io.bind_ortvalue_input(past, value)
-                self.io.bind_ortvalue_output(present, value)
+    @property
+    def buffers(self) -> list[np.ndarray]:
+        """The K/V buffers of the layers in use, keys and values alternating per layer."""
+        return [b for bound in self.bound or [] for b in bound.buffers]
+
+    def release(self, layer: int) -> None:
+        """Run only layers [0, layer) from now on: drop the segments after `layer` (a cut of the head) and
+        their K/V buffers. ConfigError for a layer that is not a cut."""
+        cuts = [seg.stop for seg in self.session.segments]
+        if self.session.kind != "gqa" or layer not in cuts or layer > self.stop or (layer == 0 and self.session.segments[0].stop):
+            raise ConfigError(f"the head can stop at layers {cuts[:cuts.index(self.stop) + 1] if self.stop in cuts else cuts}, "
+                              f"not {layer}")
+        self.bound = [b for b in self.bound if b.seg.stop <= layer]
+        self.stop = layer
 
     def step(self, ids: list[int], last_only: bool = False) -> np.ndarray:
         """Run new token ids through the head in prefill chunks -> outputs (T, d or V); with
         last_only, a device-only head computes the logits of the last position only (1, V)."""
         outs = [out for out, _ in self.chunks(ids, last_only)]
-        return outs[-1] if last_only and self.session.device_only else np.concatenate(outs, axis=0)
+        return outs[-1] if last_only and self.device_only else np.concatenate(outs, axis=0)
 
     def chunks(self, ids: list[int], last_only: bool = False) -> Iterator[tuple[np.ndarray, bool]]:
         """Run new token ids through the head one prefill chunk at a time: yields each chunk's
@@ -179,29 +251,19 @@ class DeviceHead:
             yield out, start + chunk >= len(ids)
 
     def _run_bound(self, part: np.ndarray, last_only: bool) -> np.ndarray:
-        t, sess = part.shape[1], self.session
-        io = self.io
-        io.bind_cpu_input(names.INPUT_IDS, part)
-        if sess.layers:
-            io.bind_cpu_input(names.SEQLENS_K, np.array([self.length + t - 1], np.int32))
-            io.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(self.length + t, np.int32))
-        width = sess.spec.hidden_size
-        if sess.device_only:
-            rows = np.arange(t - 1 if last_only else 0, t, dtype=np.int64)
-            io.bind_cpu_input(names.LOGIT_ROWS, rows)
-            t, width = len(rows), sess.spec.vocab_size
-        out = np.empty((1, t, width), np.float32)
-        import onnxruntime as ort
-
-        io.bind_ortvalue_output(self.out_name, ort.OrtValue.ortvalue_from_numpy(out))
-        sess.session.run_with_iobinding(io)
-        return out[0]
+        t, spec = part.shape[1], self.session.spec
+        x = part
+        for bound in self.bound:
+            ends = self.device_only and bound is self.bound[-1]
+            rows = np.arange(t - 1 if last_only else 0, t, dtype=np.int64) if ends else None
+            x = bound.run(x, self.length, rows, spec.vocab_size if ends else spec.hidden_size)
+        return x[0]
 
     def _run_traced(self, part: np.ndarray, last_only: bool) -> np.ndarray:
         positions = np.arange(self.length, self.length + part.shape[1], dtype=np.int64)[None]
         result = self.session.run_raw(part, positions, self.past)
         self.past = result[1:]
-        return result[0][0][-1:] if last_only and self.session.device_only else result[0][0]
+        return result[0][0][-1:] if last_only and self.device_only else result[0][0]
 
     def rewind(self, length: int) -> None:
         """Forget every position from `length` on (a rejected draft, a replay): with preallocated
@@ -213,7 +275,7 @@ class DeviceHead:
         self.length = length
 
     def presents(self) -> list[np.ndarray]:
-        """K/V of every position so far, keys and values alternating per layer, each (1, Hkv, length, D)
+        """K/V of every position so far, keys and values alternating per layer in use, each (1, Hkv, length, D)
         (a quantized cache's codes: (1, Hkv, length, D) int8, or D/2 bytes of packed 4-bit codes)."""
         if self.session.kind == "gqa":
             return [b[:, :, :self.length] for b in self.buffers]
@@ -224,7 +286,7 @@ class DeviceHead:
         return codec.encode(hidden, self.plan.codec, "numpy")
 
     def kv_bytes(self) -> int:
-        """Bytes the KV cache holds between steps (the written positions of a preallocated buffer)."""
+        """Bytes the KV cache holds between steps (the written positions of the buffers in use)."""
         if self.session.kind == "gqa":
             return sum(b[:, :, :self.length].nbytes for b in self.buffers)
         return sum(p.nbytes for p in self.past)

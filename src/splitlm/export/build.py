@@ -20,6 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from splitlm.stages import build_stages
 log = logging.getLogger(__name__)
 
 TAIL_FILE = names.TAIL_FILE
-EXPORT_FORMAT = 5
+EXPORT_FORMAT = 6
 """Bumped whenever the exported graph changes shape (ops, names): caches of exports key on it."""
 PARITY_TOL = {"fp32": 1e-4, "quantized": 1e-3, "int8-compute": 5e-2}
 """Largest max|onnx − torch| / max|torch| per output tensor."""
@@ -163,26 +164,43 @@ def _write_manifest(folder: Path, **extra) -> None:
     (folder / "manifest.json").write_text(json.dumps({"format": EXPORT_FORMAT, **extra, "files": files}, indent=2))
 
 
-def export_head(stage: Transformer, path: Path, max_len: int, accuracy_level: int = ACCURACY_LEVEL) -> str:
-    """Write the head graph of `stage` (already quantized) to `path`; returns its kind ("gqa" or "traced")."""
+def export_head(stage: Transformer, folder: Path, max_len: int, accuracy_level: int = ACCURACY_LEVEL,
+                cuts: Sequence[int] = (), graph: str = "auto") -> dict:
+    """Write the head graph of `stage` (already quantized) into `folder`: HEAD_FILE, or one graph per
+    segment (names.segment_file) when `cuts` (layers inside (0, ℓ)) cut it. graph: "auto" (GroupQueryAttention
+    where it can run the model, else traced) or "traced" (the torch-traced graph of the first runtime, kept
+    for comparison and for onnxruntime builds without the LLM operators). Returns what the manifest
+    records: {"graph": "gqa" or "traced", "segments": [[start, stop], ...]}."""
     import onnx
 
     from splitlm.export.graph import GRAPH_KIND, build_head_graph, gqa_unsupported
 
-    why = gqa_unsupported(stage.spec)
+    bounds = sorted(set(cuts))
+    bad = [c for c in bounds if not 0 < c < stage.stop]
+    if bad:
+        raise ExportError(f"segment cuts {bad} are not inside the head's layers (0, {stage.stop})")
+    if graph not in ("auto", "traced"):
+        raise ExportError(f"head graph {graph!r} is neither 'auto' nor 'traced'")
+    why = gqa_unsupported(stage.spec) if graph == "auto" else "asked for the traced graph"
     if why is not None and any(stage.model.layers[i].self_attn.kv_quant is not None for i in stage.owned_layers):
         raise ExportError(f"a quantized KV cache needs the GroupQueryAttention graph, which cannot run this model ({why}); "
                           "use kv_bits 16")
+    if why is not None and bounds:
+        raise ExportError(f"a head in segments needs the GroupQueryAttention graph, which cannot run this model ({why})")
     if why is not None:
-        log.warning("exporting the traced head graph, slower than GroupQueryAttention's: %s", why)
-        export_head_onnx(stage, path, accuracy_level)
-        return "traced"
-    model = build_head_graph(stage, max_len, accuracy_level)
-    # weights in head.onnx.data beside the graph: onnxruntime maps them instead of holding the
-    # protobuf and a copy of every initializer at once
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-    return GRAPH_KIND
+        if graph == "auto":
+            log.warning("exporting the traced head graph, slower than GroupQueryAttention's: %s", why)
+        export_head_onnx(stage, folder / HEAD_FILE, accuracy_level)
+        return {"graph": "traced", "segments": [[0, stage.stop]]}
+    edges = [0, *bounds, stage.stop]
+    segments = [[a, b] for a, b in zip(edges, edges[1:])]
+    for k, (a, b) in enumerate(segments):
+        path = folder / names.segment_file(k)
+        # weights in <graph>.data beside the graph: onnxruntime maps them instead of holding the
+        # protobuf and a copy of every initializer at once
+        onnx.save_model(build_head_graph(stage, max_len, accuracy_level, a, b), str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+    return {"graph": GRAPH_KIND, "segments": segments}
 
 
 @dataclass(frozen=True)
@@ -195,8 +213,11 @@ class ExportResult:
 
 
 def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[list[int]] | None = None,
-                     progress: bool = True, accuracy_level: int = ACCURACY_LEVEL) -> ExportResult:
-    """Write DIR/device (and DIR/cloud unless device-only) for `plan`."""
+                     progress: bool = True, accuracy_level: int = ACCURACY_LEVEL, segment_cuts: Sequence[int] = (),
+                     graph: str = "auto") -> ExportResult:
+    """Write DIR/device (and DIR/cloud unless device-only) for `plan`. segment_cuts: layers at which the
+    head is cut into segments, each a graph with its own K/V buffers that the device can run as a
+    prefix of the head or release (the split points a session may move to). graph: see export_head."""
     t0 = time.perf_counter()
     if accuracy_level not in ACCURACY_LEVELS:
         raise ExportError(f"MatMulNBits accuracy_level {accuracy_level!r} not in {ACCURACY_LEVELS}")
@@ -206,7 +227,7 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
     device, cloud = out / "device", out / "cloud"
     shutil.rmtree(device, ignore_errors=True)
     device.mkdir(parents=True)
-    graph_kind = export_head(head, device / HEAD_FILE, plan.max_seq_len, accuracy_level)
+    described = export_head(head, device, plan.max_seq_len, accuracy_level, segment_cuts, graph)
     for folder in [device] + ([cloud] if tail is not None else []):
         folder.mkdir(parents=True, exist_ok=True)
         plan.save(folder / "plan.json")
@@ -220,8 +241,8 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
         _write_manifest(cloud)
     else:
         shutil.rmtree(cloud, ignore_errors=True)
-    _write_manifest(device, graph=graph_kind)
-    head_bytes = sum(f.stat().st_size for f in device.glob(HEAD_FILE + "*"))
+    _write_manifest(device, **described)
+    head_bytes = sum(f.stat().st_size for f in device.glob("head.*"))
     return ExportResult(device, cloud if tail is not None else None, head_bytes,
                         tail_bytes, time.perf_counter() - t0)
 

@@ -197,24 +197,34 @@ def _embedding(g: _Graph, emb: nn.Module) -> str:
     return g.op("Gather", [table, names.INPUT_IDS], "embed_tokens/Gather")[0]
 
 
-def build_head_graph(stage: Transformer, max_len: int, accuracy_level: int) -> onnx.ModelProto:
-    """The head stage (embedding + layers [0, ℓ), + norm and LM head when ℓ = L) as an ONNX model
-    whose K/V buffers hold `max_len` positions."""
+def build_head_graph(stage: Transformer, max_len: int, accuracy_level: int, start: int = 0,
+                     stop: int | None = None) -> onnx.ModelProto:
+    """Layers [start, stop) of the head stage (embedding + layers [0, ℓ), + norm and LM head when ℓ = L)
+    as an ONNX model whose K/V buffers hold `max_len` positions: one segment of the head. The first
+    segment embeds input_ids; a later one takes the hidden states before `start` (names.HIDDEN_IN).
+    The segment that ends the stage ends as the stage does (hidden states, or logits)."""
     spec = stage.spec
     why = gqa_unsupported(spec)
     if why:
         raise ExportError(f"GroupQueryAttention graph: {why}")
     if not stage.embeds or stage.start != 0:
         raise ExportError("the device head starts at the embedding")
+    stop = stage.stop if stop is None else stop
+    if not 0 <= start <= stop <= stage.stop or (start == stop and start > 0):
+        raise ExportError(f"segment [{start}, {stop}) is not a part of the head's layers [0, {stage.stop})")
     g = _Graph()
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     kv_bits = _kv_bits(stage)
     cache_type = {16: f32, 8: TensorProto.INT8, 4: TensorProto.UINT8}[kv_bits]
     kv_shape = [1, spec.num_kv_heads, max_len, spec.head_dim if kv_bits != 4 else spec.head_dim // 2]
-    inputs = [helper.make_tensor_value_info(names.INPUT_IDS, i64, [1, "T"])]
+    if start == 0:
+        inputs = [helper.make_tensor_value_info(names.INPUT_IDS, i64, [1, "T"])]
+        x = _embedding(g, stage.model.embed_tokens)
+    else:
+        inputs = [helper.make_tensor_value_info(names.HIDDEN_IN, f32, [1, "T", spec.hidden_size])]
+        x = names.HIDDEN_IN
     outputs = []
-    x = _embedding(g, stage.model.embed_tokens)
-    layers = list(stage.owned_layers)
+    layers = list(range(start, stop))
     if layers:
         inputs += [helper.make_tensor_value_info(names.SEQLENS_K, i32, [1]),
                    helper.make_tensor_value_info(names.TOTAL_SEQUENCE_LENGTH, i32, [])]
@@ -252,7 +262,7 @@ def build_head_graph(stage: Transformer, max_len: int, accuracy_level: int) -> o
         act = g.op("Mul", [g.op("Mul", [gate, sig], f"{p}/mlp/silu")[0], up], f"{p}/mlp/act")[0]
         sums = {}
         pending = g.linear(act, [_linear(mlp.down_proj)], f"{p}.down_proj", accuracy_level, sums)[0]
-    if stage.finalizes:
+    if stage.finalizes and stop == stage.stop:
         if pending is None:
             normed = g.op("SimplifiedLayerNormalization", [residual, g.const("norm.weight", _w(stage.model.norm))],
                           "norm", axis=-1, epsilon=float(stage.model.norm.eps), stash_type=1)[0]

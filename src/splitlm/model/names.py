@@ -13,6 +13,8 @@ HIDDEN_STATES = "hidden_states"
 """Residual stream h_ℓ (B, T, d) at the split: what crosses the link."""
 LOGITS = "logits"
 """Next-token logits (B, T, V), produced where the final norm and LM head live."""
+HIDDEN_IN = "hidden_states_in"
+"""Residual stream (B, T, d) entering a later segment of the device head (the output of the one before)."""
 SEQLENS_K = "seqlens_k"
 """(1,) int32: the sequence length after the step, minus one (GroupQueryAttention's convention)."""
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
@@ -43,6 +45,12 @@ def present_value(layer: int) -> str:
 
 # Files of an exported plan (DIR/device and DIR/cloud).
 HEAD_FILE = "head.onnx"
-"""The head graph, in DIR/device."""
+"""The head graph, in DIR/device: its first segment when the head is cut in several."""
+
+
+def segment_file(index: int) -> str:
+    """The graph of the head's segment `index` (0 is HEAD_FILE)."""
+    return HEAD_FILE if index == 0 else f"head.{index}.onnx"
+
 TAIL_FILE = "tail.safetensors"
 """The (quantized) tail stage, in DIR/cloud."""

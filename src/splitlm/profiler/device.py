@@ -146,7 +146,7 @@ def _export_lm_head(ckpt: Checkpoint, bits: int, path: Path) -> None:
     from splitlm.model.load import build_stage
     from splitlm.quantize.apply import quantize_lm_head
 
-    export_head(quantize_lm_head(build_stage(ckpt, 0, 0, embed=True, final=True), bits), path, 1)
+    export_head(quantize_lm_head(build_stage(ckpt, 0, 0, embed=True, final=True), bits), path.parent, 1)
 
 
 def measure_lm_head(bench: Bench, embed: EmbedGraph, bits: int) -> LMHead:
