@@ -205,11 +205,14 @@ def main() -> None:
         ppl = perplexity(engine, ppl_wins) if ppl_wins and row.headline and hasattr(engine, "all_logits") else None
         del engine
         rss = peak_rss_mib(row.kind, row.path, args.threads, rss_ids) if row.headline and not args.no_rss else None
-        short = None
-        if row.kv_bits is not None and rss is not None:  # the same head holding KV_SHORT positions: the difference is KV
+        short = grown = None
+        if row.kv_bits is not None and not args.no_rss:
+            # the same head holding KV_SHORT positions, and grown from there to RSS_CONTEXT one token a step:
+            # the difference is the cache (a prefill's attention scratch at the full length would count too)
             short = peak_rss_mib(row.kind, row.path, args.threads, rss_ids[:KV_SHORT])
+            grown = peak_rss_mib(row.kind, row.path, args.threads, rss_ids, prefill=KV_SHORT)
         rows.append({"engine": row.label, "prefill_tok_s": p, "decode_tok_s": d, "perplexity": ppl, "peak_rss_mib": rss,
-                     "kv_bits": row.kv_bits, "peak_rss_short_mib": short})
+                     "kv_bits": row.kv_bits, "peak_rss_short_mib": short, "peak_rss_grown_mib": grown})
         print(f"{row.label:<48}{p:>12.1f}{d:>12.1f}  ppl {ppl}  rss {rss}", file=sys.stderr, flush=True)
     # ratios against onnxruntime-genai's int4 build when it ran (the acceptance peer), else llama.cpp,
     # else our int4 head
@@ -227,14 +230,15 @@ def main() -> None:
         rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] else "-"
         print(f"{r['engine']:<48}{r['prefill_tok_s']:>14.1f}{r['prefill_ratio']:>6.2f}x{r['decode_tok_s']:>14.1f}"
               f"{r['decode_ratio']:>6.2f}x{ppl:>9}{rss:>9}")
-    kv_rows = [r for r in rows if r["kv_bits"] is not None and r["peak_rss_short_mib"] is not None]
+    kv_rows = [r for r in rows if r["kv_bits"] is not None and r["peak_rss_short_mib"] and r["peak_rss_grown_mib"]]
     if kv_rows:
         layers = ckpt.spec.num_layers
-        print(f"\nKV cache by peak RSS: (RSS at {RSS_CONTEXT} positions - RSS at {KV_SHORT}) / ({RSS_CONTEXT - KV_SHORT} positions x {layers} layers)")
+        print(f"\nKV cache by peak RSS: (RSS grown by decode steps from {KV_SHORT} to {RSS_CONTEXT} positions - RSS at {KV_SHORT}) "
+              f"/ ({RSS_CONTEXT - KV_SHORT} positions x {layers} layers)")
         print(f"{'kv bits':>8}{'bytes/position/layer':>22}{'of kv 16':>10}{'cache alone':>13}")
         ref = None
         for r in sorted(kv_rows, key=lambda r: -r["kv_bits"]):
-            per = (r["peak_rss_mib"] - r["peak_rss_short_mib"]) * 2**20 / ((RSS_CONTEXT - KV_SHORT) * layers)
+            per = (r["peak_rss_grown_mib"] - r["peak_rss_short_mib"]) * 2**20 / ((RSS_CONTEXT - KV_SHORT) * layers)
             r["kv_bytes_per_position_layer"] = per
             ref = per if r["kv_bits"] == 16 else ref
             share = f"{per / ref:.0%}" if ref else "-"

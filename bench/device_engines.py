@@ -69,10 +69,13 @@ class LlamaEngine:
         return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
 
 
-def peak_rss_mib(kind: str, path: Path, threads: int, ids: list[int]) -> float | None:
+def peak_rss_mib(kind: str, path: Path, threads: int, ids: list[int], prefill: int | None = None) -> float | None:
     """Peak RSS (MiB) of a fresh process that opens one engine and feeds it `ids` (RSS_CONTEXT
-    positions) in 512-token chunks; None when the worker fails."""
+    positions) in 512-token chunks, or the first `prefill` of them so and the rest one token a step
+    (no prefill scratch at the full length: what the KV table measures); None when the worker fails."""
     cmd = [sys.executable, __file__, kind, str(path), "--threads", str(threads)]
+    if prefill is not None:
+        cmd += ["--prefill", str(prefill)]
     done = subprocess.run(cmd, input=json.dumps(ids), capture_output=True, text=True)
     if done.returncode != 0:
         print(f"peak RSS of {kind} {path} failed: {done.stderr.strip()[-500:]}", file=sys.stderr, flush=True)
@@ -85,11 +88,15 @@ def rss_worker() -> None:
     ap.add_argument("kind", choices=KINDS)
     ap.add_argument("path", type=Path)
     ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--prefill", type=int, default=None, help="positions fed in chunks; the rest one by one")
     args = ap.parse_args()
     ids = json.loads(sys.stdin.read())
     engine = open_engine(args.kind, args.path, args.threads, n_ctx=len(ids))
-    for start in range(0, len(ids), 512):
-        engine.feed(ids[start:start + 512])
+    chunked = len(ids) if args.prefill is None else args.prefill
+    for start in range(0, chunked, 512):
+        engine.feed(ids[start:min(start + 512, chunked)])
+    for tok in ids[chunked:]:
+        engine.feed([tok])
     print(json.dumps({"peak_rss_mib": peak_rss_self_mib()}))
 
 
