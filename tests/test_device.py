@@ -167,6 +167,19 @@ def test_cli_export_check_and_generate(capsys, tmp_path):
     assert cap.out.startswith("abc") and "[split 3/4]" in cap.err and "B/token on the link" in cap.err
 
 
+def test_cli_defaults_give_a_quantized_device_only_head_an_8bit_lm_head(capsys, tmp_path):
+    import json
+
+    from splitlm.cli import main
+
+    for split, flags, expect in ((4, [], 8), (4, ["--lm-head-bits", "16"], 16), (2, [], 16)):
+        out = tmp_path / f"e{split}{len(flags)}"
+        assert main(["export", "--model", "tiny-random", "--split", str(split), "--device-bits", "4", "--out", str(out), *flags]) == 0
+        plan = json.loads((out / "device" / "plan.json").read_text())
+        assert plan["lm_head_bits"] == expect and plan["device_weights"]["method"] == "rtn"  # the tiny model has no source blocks
+    capsys.readouterr()
+
+
 def test_missing_artifacts_are_clear_errors(capsys, tmp_path):
     from splitlm.cli import main
 

@@ -79,8 +79,10 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ts-k", type=float, default=dataclass_default(CodecConfig, "ts_threshold"), help="outlier threshold in row standard deviations")
     g.add_argument("--codec-group", type=int, default=dataclass_default(CodecConfig, "group_size"), help="channels per codec scale (0 = per row)")
     g.add_argument("--prefill-chunk", type=int, default=dataclass_default(Plan, "prefill_chunk"), help="positions per prefill step")
-    g.add_argument("--lm-head-bits", type=int, default=dataclass_default(Plan, "lm_head_bits"), choices=LM_HEAD_BITS,
-                   help=f"LM head precision (RTN, groups of {LM_HEAD_GROUP})")
+    g.add_argument("--lm-head-bits", type=int, default=None, choices=LM_HEAD_BITS,
+                   help=f"LM head precision (the source's blocks where they are at that width, else RTN in groups of "
+                        f"{LM_HEAD_GROUP}; default: 8 for a quantized device-only head, else "
+                        f"{dataclass_default(Plan, 'lm_head_bits')})")
     g.add_argument("--calib-windows", type=int, default=16, help="calibration windows for calibrated methods")
 
 
@@ -157,8 +159,11 @@ def plan_from_flags(args, ckpt, split: int):
         wq[side] = WeightQuant(bits, group, method, getattr(args, f"{side}_symmetric"))
     codec = CodecConfig(args.codec, ts_rule=args.ts_rule, ts_threshold=args.ts_k, error_budget=args.codec_eps,
                         group_size=args.codec_group)
+    lm_head_bits = args.lm_head_bits
+    if lm_head_bits is None:  # a device holding the LM head in fp32 would read more for it than for all its layers
+        lm_head_bits = 8 if split == ckpt.spec.num_layers and wq["device"].bits != 16 else Plan.lm_head_bits
     return Plan(ckpt.model_id, ckpt.weights_hash, split, device_weights=wq["device"], cloud_weights=wq["cloud"],
-                kv_bits=args.kv_bits, lm_head_bits=args.lm_head_bits, codec=codec, prefill_chunk=args.prefill_chunk,
+                kv_bits=args.kv_bits, lm_head_bits=lm_head_bits, codec=codec, prefill_chunk=args.prefill_chunk,
                 max_seq_len=ckpt.spec.max_position)
 
 
