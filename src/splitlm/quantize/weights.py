@@ -102,7 +102,21 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
     return QuantizedTensor(codes, torch.stack(scales, 1), torch.stack(zeros, 1).to(torch.uint8), bits, g)
 
 
-class QuantLinear(nn.Module):
+class _HoldsQuantized(nn.Module):
+    """A module whose matrix is a QuantizedTensor, kept as buffers (codes, scales, zeros, mins)."""
+
+    def __init__(self, q: QuantizedTensor) -> None:
+        super().__init__()
+        self.bits, self.group_size = q.bits, q.group_size
+        for name in ("codes", "scales", "zeros", "mins"):
+            self.register_buffer(name, getattr(q, name))
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        return QuantizedTensor(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.mins)
+
+
+class QuantLinear(_HoldsQuantized):
     """A Linear whose weight is a QuantizedTensor.
 
     forward is the reference: dequantize, then matmul (kernels replace it on GPU);
@@ -110,19 +124,10 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.bits, self.group_size = q.bits, q.group_size
+        super().__init__(q)
         self.out_features, self.in_features = q.shape
-        self.register_buffer("codes", q.codes)
-        self.register_buffer("scales", q.scales)
-        self.register_buffer("zeros", q.zeros)
-        self.register_buffer("mins", q.mins)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._weight: torch.Tensor | None = None
-
-    @property
-    def quantized(self) -> QuantizedTensor:
-        return QuantizedTensor(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.mins)
 
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         if self._weight is None or self._weight.dtype != dtype:
@@ -136,21 +141,12 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_HoldsQuantized):
     """An embedding table held as a QuantizedTensor (vocab, hidden): rows are looked up, then dequantized."""
 
     def __init__(self, q: QuantizedTensor) -> None:
-        super().__init__()
-        self.bits, self.group_size = q.bits, q.group_size
+        super().__init__(q)
         self.num_embeddings, self.embedding_dim = q.shape
-        self.register_buffer("codes", q.codes)
-        self.register_buffer("scales", q.scales)
-        self.register_buffer("zeros", q.zeros)
-        self.register_buffer("mins", q.mins)
-
-    @property
-    def quantized(self) -> QuantizedTensor:
-        return QuantizedTensor(self.codes, self.scales, self.zeros, self.bits, self.group_size, self.mins)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
