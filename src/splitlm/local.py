@@ -99,7 +99,8 @@ class LocalSplit:
         bytes_before = self.meter.bytes
 
         def advance(ids: list[int]) -> int:
-            return sampler(self.forward(torch.tensor([ids]), caches)[0, -1].float().numpy())
+            logits = self.forward(torch.tensor([ids]), caches)[0, -1].float().numpy()
+            return sampler(logits, caches[0].length if self.head.owned_layers else caches[1].length)
 
         result = generate_tokens(advance, prompt_ids, max_tokens, self.spec.eos_token_ids, self.max_seq_len,
                                  self.ckpt.tokenizer().decode, on_token)

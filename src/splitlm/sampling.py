@@ -1,7 +1,9 @@
 """Token sampling on numpy logits: greedy, temperature, top-k, top-p, seeded.
 
 numpy only, so the device (device-only plans) and the cloud draw identical tokens
-from identical logits and seeds.
+from identical logits and seeds. A seeded draw depends on the seed and the position of
+the token drawn, not on how many draws came before: a session rebuilt by replay on another
+server (DESIGN.md §7) draws what the lost one would have drawn.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     """Keep the smallest set of tokens whose probability reaches p (1 = all)."""
     seed: int | None = None
-    """Seed of the random stream; None draws one from the OS."""
+    """Seed of the draws (each keyed by the token's position); None draws from the OS."""
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -46,8 +48,16 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
-        """logits (V,) -> token id."""
+    def uniform(self, position: int | None) -> float:
+        """The draw for the token at `position`: a function of (seed, position) when seeded and the
+        position is known, else the next draw of the session's stream."""
+        if self.params.seed is None or position is None:
+            return float(self.rng.random())
+        return float(np.random.default_rng((self.params.seed, position)).random())
+
+    def __call__(self, logits: np.ndarray, position: int | None = None) -> int:
+        """logits (V,) -> token id. `position`: where the drawn token goes (the length of the sequence
+        before it), which keys a seeded draw."""
         p = self.params
         if p.greedy:
             return int(np.argmax(logits))
@@ -62,7 +72,7 @@ class Sampler:
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
             probs = probs[:keep] / probs[:keep].sum()
             order = order[:keep]
-        idx = int(np.searchsorted(np.cumsum(probs), self.rng.random() * probs.sum(), side="right"))
+        idx = int(np.searchsorted(np.cumsum(probs), self.uniform(position) * probs.sum(), side="right"))
         return int(order[min(idx, len(order) - 1)])
 
 

@@ -227,7 +227,8 @@ def check_generate_flags(args) -> None:
         for flag, value in (("--server", args.server), ("--threads", args.threads), ("--verify", args.verify)):
             if value:
                 raise ConfigError(f"{flag} needs --artifacts (an export): without it the model runs in-process in torch")
-    for flag, value in (("--token", args.token), ("--tls-ca", args.tls_ca), ("--step-timeout", args.step_timeout)):
+    for flag, value in (("--token", args.token), ("--tls-ca", args.tls_ca), ("--step-timeout", args.step_timeout),
+                        ("--failover-deadline", args.failover_deadline)):
         if value and not args.server:
             raise ConfigError(f"{flag} needs --server: without it there is no connection to use it on")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -29,7 +30,12 @@ def add_generate(sub) -> None:
     g.add_argument("--artifacts", default=None, help="an export directory: run its ONNX head (and its tail in-process)")
     g.add_argument("--threads", type=int, default=None, help="onnxruntime threads on the device (with --artifacts; default: all cores)")
     g.add_argument("--verify", action="store_true", help="check the sha256 of every exported file (sizes are always checked)")
-    g.add_argument("--server", default=None, help="HOST:PORT of `splitlm serve` (with --artifacts; else the tail runs in-process)")
+    g.add_argument("--server", default=None,
+                   help="HOST:PORT of `splitlm serve`, or several separated by commas: replicas of the same export, "
+                        "sessions spread by gRPC round_robin; a session whose server fails is rebuilt on one that "
+                        "answers by replay (with --artifacts; else the tail runs in-process)")
+    g.add_argument("--failover-deadline", type=float, default=None,
+                   help="with --server: seconds a failed session may take to find a replica before the error (default 60)")
     g.add_argument("--token", default=None, help="bearer token for the server")
     g.add_argument("--tls-ca", default=None, help="PEM root certificate(s): connect to the server over TLS")
     g.add_argument("--step-timeout", type=float, default=None,
@@ -167,16 +173,21 @@ def _generate_from_artifacts(args, sampling):
         run = lambda ids, show: generate_device_only(session, ids, args.max_tokens, sampling, show, tok)  # noqa: E731
     else:
         if args.server:
-            from splitlm.device.client import LinkConfig, RemoteSession, connect
+            from splitlm.device.client import FailoverConfig, LinkConfig, ReplayingSession, connect
 
             link = LinkConfig() if args.step_timeout is None else LinkConfig(step_timeout_s=args.step_timeout)
             channel = connect(args.server, args.tls_ca, link)  # a bad address or certificate file fails here
+            failover = FailoverConfig() if args.failover_deadline is None else FailoverConfig(deadline_s=args.failover_deadline)
 
             def run(ids, show):
-                with RemoteSession(channel, session.plan.hash, session.plan.model_id,
-                                   sampling, args.max_tokens, args.token) as remote:
+                with ReplayingSession(channel, session.plan.hash, session.plan.model_id,
+                                      sampling, args.max_tokens, args.token, failover=failover) as remote:
                     result = generate_split(session, remote.send, ids, args.max_tokens, show, tok)
-                result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down)
+                result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down,
+                                    replays=[dataclasses.asdict(r) for r in remote.replays])
+                for r in remote.replays:
+                    print(f"[failover] {r.reason}: replayed {r.frames} frames ({r.bytes} B) in {r.seconds:.2f} s, "
+                          f"{r.attempts} attempt(s)", file=sys.stderr)
                 return result
         else:
             from splitlm.cloud.tail import TailRunner

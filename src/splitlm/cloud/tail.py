@@ -133,6 +133,8 @@ class TailSession:
         self.runner = runner
         self.cache = KVCache()
         self.sampler = Sampler(sampling)
+        self.position = 0
+        """Positions submitted so far: where the token a frame asks for goes (it keys a seeded draw)."""
         self.logprobs = logprobs
         """Top log-probabilities returned with each token (0 = none)."""
 
@@ -144,13 +146,16 @@ class TailSession:
         for the next position (None without want_token). `layout`: the frame as `TailRunner.parse`
         gave it (it is not parsed again); None parses it here. Either way the KV budget is checked
         before the frame is decoded."""
-        choose = self._choose if want_token else (lambda logits: None)
-        return self.runner.batcher.submit(self.cache, self._frame(frame, layout), True, choose)
+        hidden = self._frame(frame, layout)
+        self.position += hidden.layout.rows
+        position = self.position
+        choose = (lambda logits: self._choose(logits, position)) if want_token else (lambda logits: None)
+        return self.runner.batcher.submit(self.cache, hidden, True, choose)
 
-    def _choose(self, logits: torch.Tensor) -> TokenChoice:
-        """On the batcher thread: sample the last position's logits (1, V)."""
+    def _choose(self, logits: torch.Tensor, position: int) -> TokenChoice:
+        """On the batcher thread: sample the last position's logits (1, V) for the token at `position`."""
         row = logits[-1].float().cpu().numpy()
-        token = self.sampler(row)
+        token = self.sampler(row, position)
         if not self.logprobs:
             return TokenChoice(token)
         logprob, top = top_logprobs(row, token, self.logprobs)
@@ -159,7 +164,9 @@ class TailSession:
     def logits(self, frame: bytes, last_only: bool = False) -> torch.Tensor:
         """Decode one frame (T positions) and run the tail -> logits (T, V), or (1, V) with last_only
         (the LM head then runs on the last position only: a prompt's other logits are never sampled)."""
-        return self.runner.batcher.submit(self.cache, self._frame(frame, None), last_only).result()
+        hidden = self._frame(frame, None)
+        self.position += hidden.layout.rows
+        return self.runner.batcher.submit(self.cache, hidden, last_only).result()
 
     def next_token(self, frame: bytes, rows: int | None = None) -> int:
         """The token for the position after `frame`'s. `rows`: the positions the caller put in the

@@ -367,6 +367,145 @@ class RemoteSession:
             self.cancel(f"device side ended the session: {exc_type.__name__}")
 
 
+RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "INTERNAL", "UNKNOWN"})
+"""Status codes after which a session is rebuilt by replay: the server or the link failed, not the request."""
+
+
+def _retryable(exc: Exception) -> bool:
+    """A failure of the server or the link (a stream the server ended early too), not of the request."""
+    if isinstance(exc, RemoteError):
+        return exc.code in RETRYABLE
+    return type(exc) is TransportError
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    """How a ReplayingSession rebuilds its session after the link or the server fails."""
+
+    deadline_s: float = 60.0
+    """Give up (LinkError naming the replicas) when no replica took the replay this long after the failure."""
+    backoff_s: float = 0.1
+    """First wait between attempts; doubled after each failed one."""
+    backoff_max_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("deadline_s", "backoff_s", "backoff_max_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+
+
+@dataclass
+class Replay:
+    """One rebuild of a session: why, how long from the failure to the replayed state, what it re-sent."""
+
+    reason: str
+    seconds: float
+    frames: int
+    bytes: int
+    attempts: int
+
+
+class ReplayingSession:
+    """A RemoteSession that survives the loss of its server or link (DESIGN.md §7).
+
+    The device keeps every frame it sent (a few hundred bytes per position). When a step fails
+    with a RETRYABLE status, it opens a new session on the same channel (round_robin hands it a
+    live replica, or the same one once it is back), with backoff, re-sends the frames without
+    asking for tokens, and repeats the step. The cloud's tail KV is rebuilt from the very same
+    hidden states, and a seeded draw depends on the token's position only, so the output equals
+    an unbroken run's. Other errors (a refused request) pass through unchanged.
+    """
+
+    def __init__(self, channel: grpc.Channel, plan_hash: str, model_id: str, sampling: SamplingParams,
+                 max_tokens: int, token: str | None = None, link: LinkConfig | None = None,
+                 failover: FailoverConfig = FailoverConfig(), logprobs: int = 0) -> None:
+        self._open_args = (channel, plan_hash, model_id, sampling)
+        self._kwargs = dict(token=token, link=link, logprobs=logprobs)
+        self.max_tokens = _check_max_tokens(max_tokens)
+        self.failover = failover
+        self.history: list[tuple[bytes, int]] = []
+        self.tokens = 0
+        self.replays: list[Replay] = []
+        self.address = getattr(channel, "address", None) or "the server"
+        self.remote = RemoteSession(*self._open_args, self.max_tokens, **self._kwargs)
+        self._spent_up = self._spent_down = 0
+
+    @property
+    def bytes_up(self) -> int:
+        return self._spent_up + self.remote.bytes_up
+
+    @property
+    def bytes_down(self) -> int:
+        return self._spent_down + self.remote.bytes_down
+
+    @property
+    def last_token(self) -> pb.Token | None:
+        return self.remote.last_token
+
+    def send(self, frame: bytes, rows: int, want_token: bool = True) -> int | None:
+        """RemoteSession.send, rebuilt by replay when the link or the server fails."""
+        failed_at = None
+        while True:
+            try:
+                answer = self.remote.send(frame, rows, want_token)
+                break
+            except (RemoteError, TransportError) as exc:
+                if not _retryable(exc):
+                    raise
+                failed_at = failed_at or time.monotonic()
+                self._rebuild(exc, failed_at)
+        self.history.append((frame, int(rows)))
+        if want_token:
+            self.tokens += 1
+        return answer
+
+    def next_token(self, frame: bytes, rows: int) -> int:
+        return self.send(frame, rows)
+
+    def _rebuild(self, cause: Exception, failed_at: float) -> None:
+        cfg, wait, attempts = self.failover, self.failover.backoff_s, 0
+        log.warning("session with %s failed (%s); replaying %d frames", self.address, cause, len(self.history))
+        self._spent_up += self.remote.bytes_up
+        self._spent_down += self.remote.bytes_down
+        self.remote.cancel("replaced by a replay")
+        while True:
+            attempts += 1
+            try:
+                remote = RemoteSession(*self._open_args, max(1, self.max_tokens - self.tokens), **self._kwargs)
+                sent = 0
+                for frame, rows in self.history:
+                    remote.send(frame, rows, want_token=False)
+                    sent += len(frame)
+                self.remote = remote
+                self.replays.append(Replay(str(cause), time.monotonic() - failed_at, len(self.history), sent, attempts))
+                return
+            except (RemoteError, TransportError) as exc:
+                if not _retryable(exc):
+                    raise
+                cause = exc
+            if time.monotonic() - failed_at + wait > cfg.deadline_s:
+                raise LinkError(f"no replica of {self.address} took the session back within {cfg.deadline_s:g} s "
+                                f"({attempts} attempts; last: {cause})", "UNAVAILABLE")
+            time.sleep(wait)
+            wait = min(wait * 2, cfg.backoff_max_s)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.remote.cancel(reason)
+
+    def close(self, reason: str = "done") -> None:
+        self.remote.close(reason)
+
+    def __enter__(self) -> "ReplayingSession":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.cancel(f"device error: {exc_type.__name__}")
+
+
 def _check_max_tokens(max_tokens) -> int:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or not 1 <= max_tokens <= _UINT32_MAX:
         raise ConfigError(f"max_tokens must be an integer in [1, {_UINT32_MAX}], got {max_tokens!r}")
@@ -459,15 +598,56 @@ def _is_der_sequence(der: bytes) -> bool:
     return 0 < n <= 4 and len(der) > 2 + n and 2 + n + int.from_bytes(der[2:2 + n], "big") == len(der)
 
 
+def grpc_target(addresses: list[str]) -> str:
+    """The gRPC target for one or several HOST:PORT addresses: one stays as it is (a DNS name with
+    several records is spread by round_robin too); several become one static list ("ipv4:a:p,b:p"),
+    host names resolved now. ConfigError for a name that does not resolve, or IPv4 mixed with IPv6."""
+    if len(addresses) == 1:
+        return addresses[0]
+    import socket
+
+    v4, v6 = [], []
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if host.startswith("["):
+            v6.append(f"{host}:{port}")
+            continue
+        try:
+            ipaddress.IPv4Address(host)
+            v4.append(address)
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError(f"server address {address!r}: {host!r} does not resolve ({exc})") from None
+        for family, *_, sockaddr in infos:
+            (v4 if family == socket.AF_INET else v6).append(f"{sockaddr[0]}:{port}" if family == socket.AF_INET
+                                                           else f"[{sockaddr[0]}]:{port}")
+    if v4 and v6:
+        raise ConfigError(f"servers {addresses}: IPv4 and IPv6 addresses in one list; give one family")
+    unique = list(dict.fromkeys(v4 or v6))
+    return ("ipv4:" if v4 else "ipv6:") + ",".join(unique)
+
+
 def connect(address: str, root_certificates: bytes | str | os.PathLike | None = None,
             link: LinkConfig = LinkConfig()) -> CloudChannel:
-    """A channel to `address` (HOST:PORT) with keepalive; TLS when root certificates (PEM bytes, or
+    """A channel to `address`: HOST:PORT, or several separated by commas (replicas of one plan), with
+    keepalive. New sessions are spread over the replicas by gRPC's own round_robin balancing; a
+    replica that goes down is left out until it is back. TLS when root certificates (PEM bytes, or
     the path of a PEM file) are given. RemoteSessions on it use `link`'s deadlines."""
-    check_address(address)
-    options = link.channel_options()
+    if not isinstance(address, str):
+        raise ConfigError(f"server address must be {_ADDRESS_HELP}, got {address!r}")
+    addresses = [check_address(a.strip()) for a in address.split(",")]
+    options = link.channel_options() + [("grpc.lb_policy_name", "round_robin")]
+    target = grpc_target(addresses)
     if root_certificates is not None:
+        host = addresses[0].rpartition(":")[0]
+        if len(addresses) > 1 and not host.startswith("["):  # the certificate names the host, not the resolved IPs
+            options.append(("grpc.ssl_target_name_override", host))
         credentials = grpc.ssl_channel_credentials(read_root_certificates(root_certificates))
-        channel = grpc.secure_channel(address, credentials, options=options)
+        channel = grpc.secure_channel(target, credentials, options=options)
     else:
-        channel = grpc.insecure_channel(address, options=options)
-    return CloudChannel(channel, address, link)
+        channel = grpc.insecure_channel(target, options=options)
+    return CloudChannel(channel, ",".join(addresses), link)

@@ -308,7 +308,7 @@ def generate_device_only(session: HeadSession, prompt_ids: list[int], max_tokens
     head = DeviceHead(session)
     sampler = Sampler(sampling)
     tok = tokenizer or load_tokenizer(session.dir)
-    return generate_tokens(lambda ids: sampler(head.step(ids, last_only=True)[-1]), prompt_ids, max_tokens, session.spec.eos_token_ids,
+    return generate_tokens(lambda ids: sampler(head.step(ids, last_only=True)[-1], head.length), prompt_ids, max_tokens, session.spec.eos_token_ids,
                            session.plan.max_seq_len, tok.decode, on_token)
 
 
