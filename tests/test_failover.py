@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitlm.device.client import FailoverConfig, LinkError, ReplayingSession, connect
+from splitlm.device.client import FailoverConfig, LinkError, RemoteSession, ReplayingSession, connect
 from splitlm.sampling import SamplingParams
 
 KILLS = 20
@@ -28,13 +28,13 @@ KILLS = 20
 class Replica:
     """`splitlm -v serve` of an export in a subprocess: its address, and its log (which names the sessions it opened)."""
 
-    def __init__(self, root: Path, log: Path) -> None:
+    def __init__(self, root: Path, log: Path, port: int = 0) -> None:
         self.root, self.log = root, log
-        self.start()
+        self.start(port)
 
-    def start(self) -> None:
+    def start(self, port: int = 0) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "splitlm.cli", "-v", "serve", "--artifacts", str(self.root),
-                                      "--port", "0"], stdout=subprocess.PIPE, stderr=self.log.open("a"), text=True)
+                                      "--port", str(port)], stdout=subprocess.PIPE, stderr=self.log.open("a"), text=True)
         watchdog = threading.Timer(180, self.proc.kill)
         watchdog.start()
         line = self.proc.stdout.readline()
@@ -146,3 +146,79 @@ def test_sessions_spread_over_replicas_and_the_cli_takes_a_list(artifacts, repli
     assert "[split" in capsys.readouterr().err
     assert main(["generate", "--artifacts", root, "--prompt", "x", "--failover-deadline", "5"]) == 2
     assert "--failover-deadline needs --server" in capsys.readouterr().err
+
+
+def test_sigterm_drains_live_sessions_onto_the_other_replica(artifacts, tmp_path, tiny_ckpt):
+    """SIGTERM to a replica serving 4 live sessions: it reports NOT_SERVING, and all 4 finish on the other
+    replica by replay with the output of an unbroken run; then the drained replica exits."""
+    import socket
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from splitlm.device.runtime import HeadSession, generate_split
+
+    plan, result = artifacts
+    root = result.device_dir.parent
+    first = Replica(root, tmp_path / "a.log")
+    with socket.socket() as s:  # the second replica's port, known before it listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    later = None
+    try:
+        head = HeadSession(result.device_dir)
+        prompts = [tiny_ckpt.tokenizer().encode(f"session {i} reads a little text first").ids for i in range(4)]
+        n = 20
+        with connect(first.address) as channel:
+            expect = [_generate(head, channel, plan, p, n, SamplingParams())[0] for p in prompts]
+        with connect(f"{first.address},127.0.0.1:{port}") as channel:
+            # the second replica is not up yet: round_robin opens all four sessions on the first
+            sessions = [ReplayingSession(channel, plan.hash, plan.model_id, SamplingParams(), n) for _ in prompts]
+            assert all(first.holds(s.remote.info.session_id) for s in sessions)
+            later = Replica(root, tmp_path / "b.log", port)
+            outputs, errors = [None] * 4, []
+            halfway = threading.Barrier(5)
+
+            def run(i):
+                try:
+                    count = [0]
+
+                    def send(frame, rows, want_token):
+                        if want_token:
+                            count[0] += 1
+                            if count[0] == n // 2:
+                                halfway.wait(60)
+                        return sessions[i].send(frame, rows, want_token)
+
+                    outputs[i] = generate_split(HeadSession(result.device_dir), send, prompts[i], n).token_ids
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            only_first = connect(first.address)
+            idle = RemoteSession(only_first, plan.hash, plan.model_id, SamplingParams(), 4)  # keeps the drain waiting
+            halfway.wait(60)  # every session is mid-generation
+            first.proc.send_signal(signal.SIGTERM)
+            for t in threads:
+                t.join(120)
+            with grpc.insecure_channel(first.address) as hc:
+                status = health_pb2_grpc.HealthStub(hc).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(LinkError, match="draining"):
+                RemoteSession(only_first, plan.hash, plan.model_id, SamplingParams(), 4)
+            idle.close()
+            only_first.close()
+            assert not errors, errors
+            assert outputs == expect
+            assert all(len(s.replays) == 1 for s in sessions)
+            assert all(later.holds(s.remote.info.session_id) for s in sessions)
+            for s in sessions:
+                s.close()
+        assert first.proc.wait(60) == 0
+        assert "drained: 4 session(s) moved, 0 left" in first.proc.stdout.read()
+    finally:
+        first.stop()
+        if later is not None:
+            later.stop()

@@ -24,6 +24,9 @@ def add_serve(sub) -> None:
     v.add_argument("--verify", action="store_true", help="check the sha256 of every exported file (sizes are always checked)")
     v.add_argument("--port-file", default=None, metavar="PATH",
                    help="once listening, write the bound port to PATH (atomically): how a script learns the port of --port 0")
+    v.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: report NOT_SERVING, refuse new sessions, end live ones so that their devices replay "
+                        "them on another replica, and exit once none is left or after this many seconds (default 30)")
 
 
 def add_profile(sub) -> None:
@@ -85,6 +88,8 @@ def cmd_serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a TCP port: give 0..65535 (0 picks a free one)")
     at_least(args.max_sessions, 1, "--max-sessions")
+    if not args.drain_timeout >= 0:
+        raise ConfigError(f"--drain-timeout {args.drain_timeout} must be a number of seconds >= 0")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     check_output(args.port_file, "--port-file")
@@ -92,13 +97,23 @@ def cmd_serve(args) -> int:
     runner = TailRunner(export_side(args.artifacts, "cloud"), verify=args.verify)
     server, port, _ = start_server(runner, f"{args.host}:{args.port}",
                                    ServerConfig(max_sessions=args.max_sessions, auth_token=args.token), credentials)
+    import signal
+    import threading
+
+    drain = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: drain.set())
     try:
         if args.port_file:
             _write_port_file(args.port_file, port)
         print(f"serving plan {runner.plan.hash} (layers [{runner.plan.split_layer}, {runner.spec.num_layers})) on {args.host}:{port}",
               flush=True)
-        server.wait_for_termination()
+        while not drain.wait(0.5):
+            pass
+        # SIGTERM: graceful drain, then exit (the live sessions move to other replicas by replay)
+        left = server.drain(args.drain_timeout)
+        print(f"drained: {server.service.drained} session(s) moved, {left} left", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.stop(grace=2)
     return 0
 

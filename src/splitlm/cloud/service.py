@@ -137,6 +137,11 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self.sessions: dict[str, _Session] = {}
         self.pending_streams = 0
         """Streams that have not sent Open yet."""
+        self.draining = False
+        """Set by Server.drain: Open is refused and live sessions end with UNAVAILABLE at their next message,
+        so that their devices replay them on another replica."""
+        self.drained = 0
+        """Sessions ended by the drain."""
 
     def kv_bytes(self) -> int:
         """KV cache bytes held by all sessions now (counted on the batcher thread)."""
@@ -172,6 +177,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown or expired session {_clip(op.resume_session)!r}")
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"session {_clip(op.resume_session)!r} is attached to another stream")
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining: open the session on another replica")
         if op.max_tokens < 1:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1, got 0")
         sampling = self._sampling(op.sampling)
@@ -243,6 +250,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 session_id=sid, max_seq_len=self.runner.plan.max_seq_len, max_frame_bytes=self.config.max_frame_bytes,
                 max_tokens=session.max_tokens)))
             while True:
+                if self.draining:  # the session moves: the device replays it on another replica (DESIGN.md §7)
+                    self.drained += 1
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining: replay the session on another replica")
                 left = self.config.total_timeout_s - (time.monotonic() - t0)
                 if left <= 0:
                     raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -291,6 +301,10 @@ def tls_credentials(cert_chain: bytes, private_key: bytes) -> grpc.ServerCredent
     return grpc.ssl_server_credentials([(private_key, cert_chain)])
 
 
+HEALTH_NAMES = ("", "splitlm.v1.SplitInference")
+"""The services whose status the standard gRPC health service reports."""
+
+
 class Server:
     """A running server: a grpc.aio server on an event loop of its own thread."""
 
@@ -323,7 +337,8 @@ class Server:
         pb_grpc.add_SplitInferenceServicer_to_server(self.service, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        for name in ("", "splitlm.v1.SplitInference"):
+        self._health = health_servicer
+        for name in HEALTH_NAMES:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         try:
             port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -333,6 +348,25 @@ class Server:
             raise ConfigError(f"cannot serve on {address}: the port is in use or the address cannot be bound")
         await server.start()
         return server, port
+
+    def drain(self, timeout_s: float = 30.0) -> int:
+        """Graceful drain: report NOT_SERVING on health, refuse new sessions (UNAVAILABLE), and end each
+        live session at its next message with UNAVAILABLE, which a device answers by replaying it on
+        another replica. Returns once no session is left, or after `timeout_s`; the sessions left then."""
+        from grpc_health.v1 import health_pb2
+
+        async def not_serving():
+            for name in HEALTH_NAMES:
+                await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        self._call(not_serving())
+        self.service.draining = True
+        log.warning("event=drain sessions=%d", len(self.service.sessions))
+        deadline = time.monotonic() + timeout_s
+        while self.service.sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.warning("event=drained moved=%d left=%d", self.service.drained, len(self.service.sessions))
+        return len(self.service.sessions)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop serving (after `grace` seconds for streams in flight; None ends them now)."""

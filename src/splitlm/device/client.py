@@ -372,9 +372,11 @@ RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "INTERNAL"
 
 
 def _retryable(exc: Exception) -> bool:
-    """A failure of the server or the link (a stream the server ended early too), not of the request."""
+    """A failure of the server or the link (a stream the server ended early or cancelled too), not of the request."""
+    if isinstance(exc, LinkError) and exc.code == "CANCELLED":  # the device's own cancel
+        return False
     if isinstance(exc, RemoteError):
-        return exc.code in RETRYABLE
+        return exc.code in RETRYABLE or exc.code == "CANCELLED"
     return type(exc) is TransportError
 
 
