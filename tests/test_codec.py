@@ -417,3 +417,22 @@ def test_bitpack_round_trips_identically_on_numpy_and_torch(bits, lead, n, seed)
     on_torch = bitpack.pack(torch.from_numpy(codes), bits, TorchOps())
     assert (on_torch.numpy() == packed).all()
     assert (bitpack.unpack(on_torch, n, bits, TorchOps()).numpy() == codes).all()
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "tabq"])
+def test_concatenated_frames_decode_to_the_concatenated_rows(kind):
+    """Replay sends a session's frames as a few large ones: byte-level concatenation, no re-encoding."""
+    from splitlm.quantize import codec
+    from splitlm.quantize.config import CodecConfig
+
+    rng = np.random.default_rng(3)
+    cfg = CodecConfig(kind, error_budget=0.02) if kind == "tabq" else CodecConfig(kind)
+    parts = [rng.standard_normal((t, 64)).astype(np.float32) * rng.uniform(0.1, 30) for t in (5, 1, 1, 9)]
+    parts[1][0, 7] = 400.0  # an outlier
+    frames = [codec.encode(x, cfg) for x in parts]
+    merged = codec.concat_frames(frames)
+    assert codec.parse_frame(merged).rows == 16
+    np.testing.assert_array_equal(codec.decode(merged), np.concatenate([codec.decode(f) for f in frames]))
+    other = codec.encode(parts[0], CodecConfig("fp16" if kind != "fp16" else "fp32"))
+    with pytest.raises(CodecError, match="does not match frame 0"):
+        codec.concat_frames([frames[0], other])

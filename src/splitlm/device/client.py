@@ -367,6 +367,8 @@ class RemoteSession:
             self.cancel(f"device side ended the session: {exc_type.__name__}")
 
 
+REPLAY_FRAME_BYTES = 1 << 20
+"""Largest frame a replay merges the history into (the server's own limit when lower)."""
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "INTERNAL", "UNKNOWN"})
 """Status codes after which a session is rebuilt by replay: the server or the link failed, not the request."""
 
@@ -414,7 +416,7 @@ class ReplayingSession:
     The device keeps every frame it sent (a few hundred bytes per position). When a step fails
     with a RETRYABLE status, it opens a new session on the same channel (round_robin hands it a
     live replica, or the same one once it is back), with backoff, re-sends the frames without
-    asking for tokens, and repeats the step. The cloud's tail KV is rebuilt from the very same
+    asking for tokens (merged into frames of up to a megabyte, byte for byte), and repeats the step. The cloud's tail KV is rebuilt from the very same
     hidden states, and a seeded draw depends on the token's position only, so the output equals
     an unbroken run's. Other errors (a refused request) pass through unchanged.
     """
@@ -476,7 +478,7 @@ class ReplayingSession:
             try:
                 remote = RemoteSession(*self._open_args, max(1, self.max_tokens - self.tokens), **self._kwargs)
                 sent = 0
-                for frame, rows in self.history:
+                for frame, rows in self._merged(remote.info.max_frame_bytes):
                     remote.send(frame, rows, want_token=False)
                     sent += len(frame)
                 self.remote = remote
@@ -491,6 +493,24 @@ class ReplayingSession:
                                 f"({attempts} attempts; last: {cause})", "UNAVAILABLE")
             time.sleep(wait)
             wait = min(wait * 2, cfg.backoff_max_s)
+
+    def _merged(self, max_bytes: int) -> Iterator[tuple[bytes, int]]:
+        """The history as few frames as the server's frame limit allows (rows byte for byte, codec.concat_frames):
+        the new replica prefills them in chunks instead of one step per decoded token."""
+        from splitlm.quantize import codec
+
+        limit = min(max_bytes or REPLAY_FRAME_BYTES, REPLAY_FRAME_BYTES)
+        batch: list[bytes] = []
+        size = rows = 0
+        for frame, n in self.history:
+            if batch and size + len(frame) > limit:
+                yield (batch[0] if len(batch) == 1 else codec.concat_frames(batch)), rows
+                batch, size, rows = [], 0, 0
+            batch.append(frame)
+            size += len(frame)
+            rows += n
+        if batch:
+            yield (batch[0] if len(batch) == 1 else codec.concat_frames(batch)), rows
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.remote.cancel(reason)

@@ -171,6 +171,32 @@ def parse_frame(buf: bytes, max_rows: int | None = None, kind: str | None = None
     return FrameLayout(kind, T, d, group, G, rotate, bits, n_out, scales, mins, out_idx, out_val, off + 4 * N, offsets)
 
 
+def concat_frames(bufs: list[bytes]) -> bytes:
+    """One frame holding the rows of `bufs` in order, byte for byte (no row is decoded or re-encoded):
+    it decodes to the concatenation of their decodings. The frames must share kind, dim, group and
+    rotation (one plan's frames do); CodecError otherwise."""
+    if not bufs:
+        raise CodecError("no frames to concatenate")
+    lays = [parse_frame(b) for b in bufs]
+    first = lays[0]
+    for i, lay in enumerate(lays[1:], 1):
+        if (lay.kind, lay.dim, lay.group, lay.rotate) != (first.kind, first.dim, first.group, first.rotate):
+            raise CodecError(f"frame {i} ({lay.kind}, dim {lay.dim}, group {lay.group}, rotation {lay.rotate}) does not "
+                             f"match frame 0 ({first.kind}, dim {first.dim}, group {first.group}, rotation {first.rotate})")
+    T = sum(lay.rows for lay in lays)
+    if T > 0xFFFFFFFF:
+        raise CodecError(f"{T} rows do not fit one frame")
+    header = _header(first.kind, first.group, T, first.dim, first.rotate)
+    if first.kind in ("fp32", "fp16"):
+        return header + b"".join(b[HEADER.size:] for b in bufs)
+    parts = [header]
+    for name, dtype in (("bits", np.uint8), ("n_out", "<u2"), ("scales", "<f2"), ("mins", "<f2"), ("out_idx", "<u2"),
+                        ("out_val", "<f2")):
+        parts += [np.ascontiguousarray(getattr(lay, name), dtype).tobytes() for lay in lays]
+    parts += [b[lay.payload_offset:] for b, lay in zip(bufs, lays)]
+    return b"".join(parts)
+
+
 def _check_raw_rows(buf: bytes, bits: np.ndarray, offsets: np.ndarray, d: int) -> None:
     """CodecError naming the first raw row of a tabq frame that carries a NaN or Inf."""
     if int(bits.max()) < RAW_ROW:
