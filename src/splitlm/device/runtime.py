@@ -117,6 +117,9 @@ class HeadSession:
         if self.kind == "traced" and self.plan.kv_bits != 16:
             raise ModelLoadError(f"{first.path} is a traced graph with a float KV cache, the plan asks kv_bits {self.plan.kv_bits}; "
                                  "export again")
+        self.warmed = False
+        """Whether a head has run once: onnxruntime's first run of a session prepares its kernels (prepacking,
+        thread pools) and takes ~35x a short step; DeviceHead does it at creation, not in the first request."""
         self.capacity = self.plan.max_seq_len
         if self.kind == "gqa" and self.layers:
             self.capacity = min(int(seg.inputs[names.past_key(seg.start)].shape[2]) for seg in self.segments if seg.layers)
@@ -201,6 +204,10 @@ class DeviceHead:
         self.stop = session.plan.split_layer
         """The layer the head's output is taken at: the split, or a shallower cut after release()."""
         self.reset()
+        if not session.warmed:  # one position through every graph, then forgotten: the first request is not slow
+            self.step([session.spec.bos_token_id or 0], last_only=True)
+            self.reset()
+            session.warmed = True
 
     def reset(self) -> None:
         self.length = 0
