@@ -323,3 +323,26 @@ def test_serve_refuses_a_port_file_it_cannot_write_before_starting(capsys, tmp_p
                           r"splitlm serve: error: --port-file .*missing/port: directory .*missing does not exist")
     assert_one_line_error(capsys, ("serve", "--artifacts", root, "--port", "0", "--port-file", str(tmp_path)),
                           r"--port-file .* is a directory; give a file name")
+
+
+def test_every_flag_has_help_and_there_is_a_version(capsys):
+    import argparse
+
+    from splitlm import __version__
+    from splitlm.cli import _parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif action.option_strings and not action.help:
+                missing.append(f"{' '.join(path) or 'splitlm'} {'/'.join(action.option_strings)}")
+
+    walk(_parser(), [])
+    assert not missing, f"flags without help text: {missing}"
+    with pytest.raises(SystemExit) as done:
+        _parser().parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"splitlm {__version__}"

@@ -426,3 +426,17 @@ def test_exported_tail_with_quantized_lm_head_round_trips(tiny_ckpt, tmp_path):
         load_stage(tiny_ckpt.spec, tmp_path / "bad.safetensors")
     with pytest.raises(ModelLoadError, match="has no tail.safetensors"):
         TailRunner(tmp_path / "nothing")
+
+
+def test_sequence_length_errors_say_what_to_do(tiny_ckpt, tmp_path, capsys):
+    from splitlm.cli import main
+    from splitlm.export import export_artifacts
+
+    long_plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, codec=CodecConfig("fp16"), max_seq_len=2048)
+    root = export_artifacts(tiny_ckpt, long_plan, tmp_path / "long", progress=False).device_dir.parent
+    assert main(["generate", "--artifacts", str(root), "--prompt", "x", "--max-tokens", "2"]) == 2
+    assert "past the 1024 the model was trained for; re-partition with --max-seq-len 1024" in capsys.readouterr().err
+    short_plan = long_plan.replace(max_seq_len=16)
+    root = export_artifacts(tiny_ckpt, short_plan, tmp_path / "short", progress=False).device_dir.parent
+    assert main(["generate", "--artifacts", str(root), "--prompt", "a prompt longer than sixteen tokens", "--max-tokens", "2"]) == 2
+    assert "shorten the prompt, or re-partition with --max-seq-len" in capsys.readouterr().err

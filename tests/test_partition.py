@@ -392,3 +392,12 @@ def test_quality_table_is_cached_across_profiles(tiny_ckpt, monkeypatch, caplog)
     path.write_text('{"base_ppl": ')
     assert quality.cached_quality(tiny_ckpt, wins, (16, 4), (16, 8), progress=False) == first
     assert "unreadable" in caplog.text
+
+
+def test_plans_stay_within_the_positions_the_model_was_trained_for():
+    p = dataclasses.replace(synthetic(), max_position=1024)
+    chosen = search(p, Budgets(device_memory_bytes=2**30, token_latency_ms=1000.0)).chosen
+    assert chosen is not None and chosen.max_seq_len <= 1024
+    assert search(synthetic(), Budgets(device_memory_bytes=2**30, token_latency_ms=1000.0)).chosen.max_seq_len > 1024
+    with pytest.raises(ConfigError, match="max_seq_len 4096 is past the 1024 positions m was trained for"):
+        search(p, Budgets(device_memory_bytes=2**30, token_latency_ms=1000.0, max_seq_len=4096))

@@ -30,6 +30,11 @@ class GenerationResult:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
+def _next_rung(n: int) -> int:
+    """The power of two at or above n (how plans size max_seq_len)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def generate_tokens(advance: Callable[[list[int]], int], prompt_ids: list[int], max_tokens: int,
                     eos_ids: Iterable[int], max_seq_len: int, decode: Callable[[list[int]], str],
                     on_token: Callable[[int], None] | None = None) -> GenerationResult:
@@ -39,7 +44,9 @@ def generate_tokens(advance: Callable[[list[int]], int], prompt_ids: list[int], 
     if max_tokens < 1:
         raise ConfigError(f"max tokens must be >= 1, got {max_tokens}")
     if len(prompt_ids) >= max_seq_len:
-        raise ConfigError(f"prompt of {len(prompt_ids)} tokens does not fit max sequence length {max_seq_len}")
+        raise ConfigError(f"prompt of {len(prompt_ids)} tokens does not fit max sequence length {max_seq_len}: shorten "
+                          f"the prompt, or re-partition with --max-seq-len {_next_rung(len(prompt_ids) + max_tokens)} "
+                          "(within the model's trained length) and export again")
     eos = set(eos_ids)
     t0 = time.perf_counter()
     token = advance(list(prompt_ids))

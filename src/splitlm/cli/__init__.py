@@ -15,6 +15,9 @@ from splitlm.errors import SplitLMError
 def _parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="splitlm", description="Run an LLM split between an edge device and a cloud server.")
+    from splitlm import __version__
+
+    ap.add_argument("--version", action="version", version=f"splitlm {__version__}")
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="splitlm's own debug logging; -vv also the libraries' (onnx exporter, grpc, ...)")
     sub = ap.add_subparsers(dest="command", required=True)

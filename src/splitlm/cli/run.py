@@ -52,7 +52,7 @@ def add_eval(sub) -> None:
     add_model_and_plan(e)
     add_plan_flags(e)
     e.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")
-    e.add_argument("--window-size", type=int, default=512)
+    e.add_argument("--window-size", type=int, default=512, help="tokens per evaluation window (default 512)")
     e.add_argument("--text", default=None, help="a UTF-8 text file instead of pydoc_data.topics")
     e.add_argument("--json", default=None, help="also write the result as JSON here")
 
@@ -78,8 +78,8 @@ def add_demo(sub) -> None:
     from splitlm.model.registry import DEFAULT_MODEL
 
     d = sub.add_parser("demo", help="split generation end to end: export (cached), serve on loopback, stream, report")
-    d.add_argument("--model", default=DEFAULT_MODEL)
-    d.add_argument("--prompt", default="The three most useful things to know about Python are")
+    d.add_argument("--model", default=DEFAULT_MODEL, help=f"model to split (default {DEFAULT_MODEL})")
+    d.add_argument("--prompt", default="The three most useful things to know about Python are", help="prompt text")
     d.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default 48)")
 
 
@@ -164,6 +164,10 @@ def _generate_from_artifacts(args, sampling):
     root = args.artifacts
     session = HeadSession(export_side(root, "device"), threads=args.threads, verify=args.verify)
     check_against_export(args, session.plan)
+    if session.plan.max_seq_len > session.spec.max_position:
+        raise ConfigError(f"the export's plan allows {session.plan.max_seq_len} positions, past the {session.spec.max_position} "
+                          f"the model was trained for; re-partition with --max-seq-len {session.spec.max_position} or less "
+                          "and export again")
     tok = load_tokenizer(session.dir)
     L = session.spec.num_layers
     if session.device_only and args.server:

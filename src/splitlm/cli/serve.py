@@ -15,10 +15,10 @@ from splitlm.errors import ConfigError
 def add_serve(sub) -> None:
     v = sub.add_parser("serve", help="serve the cloud tail of an export over gRPC")
     v.add_argument("--artifacts", required=True, help="an export directory (its cloud/ folder is served)")
-    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     v.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     v.add_argument("--token", default=None, help="require this bearer token")
-    v.add_argument("--max-sessions", type=int, default=64)
+    v.add_argument("--max-sessions", type=int, default=64, help="live sessions at most; more are RESOURCE_EXHAUSTED (default 64)")
     v.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS (with --tls-key)")
     v.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     v.add_argument("--verify", action="store_true", help="check the sha256 of every exported file (sizes are always checked)")
@@ -58,7 +58,9 @@ def add_partition(sub) -> None:
                     help="sequence length to plan for (default: longest that fits)")
     pt.add_argument("--prompt-tokens", type=int, default=dataclass_default(Budgets, "prompt_tokens"),
                     help="prompt length the TTFT is predicted for")
-    pt.add_argument("--objective", choices=OBJECTIVES, default=dataclass_default(Budgets, "objective"))
+    pt.add_argument("--objective", choices=OBJECTIVES, default=dataclass_default(Budgets, "objective"),
+                    help="what the chosen plan optimizes within the budgets: quality (perplexity) or latency "
+                         f"(default {dataclass_default(Budgets, 'objective')})")
     tolerance = dataclass_default(Budgets, "quality_tolerance")
     pt.add_argument("--quality-tolerance", type=float, default=tolerance,
                     help="quality objective: perplexities within this fraction of the best count as equal and the "

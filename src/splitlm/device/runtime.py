@@ -248,7 +248,8 @@ class DeviceHead:
         """Run new token ids through the head one prefill chunk at a time: yields each chunk's
         outputs (T_i, d or V) as soon as they are computed, and whether it is the last."""
         if self.length + len(ids) > self.plan.max_seq_len:
-            raise ConfigError(f"sequence would reach {self.length + len(ids)} tokens, the plan allows {self.plan.max_seq_len}")
+            raise ConfigError(f"sequence would reach {self.length + len(ids)} tokens, the plan allows {self.plan.max_seq_len}: "
+                              "shorten the prompt or --max-tokens, or re-partition with a larger --max-seq-len and export again")
         chunk = self.plan.prefill_chunk
         for start in range(0, len(ids), chunk):
             part = np.asarray([ids[start:start + chunk]], dtype=np.int64)

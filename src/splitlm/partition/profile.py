@@ -205,6 +205,8 @@ class Profile:
     link: LinkProfile
     codecs: tuple[CodecPoint, ...]
     quality: QualityTable
+    max_position: int | None = None
+    """Positions the model was trained for: no plan goes past them (None in profiles written before it was recorded)."""
 
     def __post_init__(self) -> None:
         if not self.codecs:

@@ -168,7 +168,15 @@ def search(p: Profile, b: Budgets) -> SearchResult:
     dev_bits = [x for x in p.device.bits if x in p.memory.layer_bytes]
     cloud_bits = list(p.cloud.bits)
     kv_bits = sorted(p.memory.kv_bytes_per_token_layer)
-    seqs = [b.max_seq_len] if b.max_seq_len else [s for s in SEQ_LADDER if s >= b.min_seq_len]
+    cap = p.max_position
+    if b.max_seq_len and cap and b.max_seq_len > cap:
+        raise ConfigError(f"max_seq_len {b.max_seq_len} is past the {cap} positions {p.model_id} was trained for; "
+                          f"ask for at most {cap}")
+    seqs = [b.max_seq_len] if b.max_seq_len else [s for s in SEQ_LADDER if s >= b.min_seq_len and (not cap or s <= cap)]
+    if not seqs:  # no rung of the ladder between the minimum and what the model was trained for
+        if cap < b.min_seq_len:
+            raise ConfigError(f"min_seq_len {b.min_seq_len} is past the {cap} positions {p.model_id} was trained for")
+        seqs = [cap]
     cands: list[Candidate] = []
     evaluated = 0
     for split in range(L + 1):

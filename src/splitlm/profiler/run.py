@@ -73,7 +73,7 @@ def measure_profile(ckpt: Checkpoint, link: LinkProfile, config: ProfileConfig =
     report.done("quality", quality=quality)
     report.bar.close()
     return Profile(ckpt.model_id, ckpt.weights_hash, bench.layers, bench.spec.hidden_size, overhead.device, overhead.cloud,
-                   memory.memory_profile(bench, base, lm_heads, mem), link, codecs, quality)
+                   memory.memory_profile(bench, base, lm_heads, mem), link, codecs, quality, bench.spec.max_position)
 
 
 def _jsonable(value):
