@@ -127,6 +127,8 @@ class _Session:
     """Positions the session has sent so far."""
     produced: int = 0
     """Tokens answered so far."""
+    first_token_at: float | None = None
+    """When the first token was answered (time.monotonic), for the close log's TTFT."""
 
 
 class SplitInferenceService(pb_grpc.SplitInferenceServicer):
@@ -210,6 +212,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         if choice is None:
             return None
         session.produced += 1
+        if session.first_token_at is None:
+            session.first_token_at = time.monotonic()
         token = pb.Token(position=session.position, id=choice.id, compute_us=int((time.perf_counter() - t0) * 1e6))
         if choice.logprob is not None:
             token.logprob = choice.logprob
@@ -293,7 +297,12 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             if sid is not None:
                 self.sessions.pop(sid, None)
                 session.tail.close()
-                log.info("event=session_close session=%s seconds=%.2f", sid, time.monotonic() - t0)
+                now = time.monotonic()
+                ttft = f"{(session.first_token_at - t0) * 1e3:.0f}" if session.first_token_at is not None else "-"
+                rate = session.produced / (now - session.first_token_at) if session.first_token_at is not None and \
+                    now > session.first_token_at and session.produced > 1 else 0.0
+                log.info("event=session_close session=%s seconds=%.2f positions=%d tokens=%d ttft_ms=%s tokens_per_s=%.1f",
+                         sid, now - t0, session.position, session.produced, ttft, rate)
 
 
 def tls_credentials(cert_chain: bytes, private_key: bytes) -> grpc.ServerCredentials:
