@@ -54,7 +54,7 @@ def test_generate_chat_uses_the_template_in_process_and_from_an_export(tmp_path,
     expected = len(ckpt.tokenizer().encode(chat_prompt("hi", ckpt.tokenizer(), TEMPLATE, ckpt.spec.bos_token_id)).ids)
     chatml = len(ckpt.tokenizer().encode(chat_prompt("hi", ckpt.tokenizer(), None)).ids)
     assert expected != chatml
-    result = export_artifacts(ckpt, Plan(ckpt.model_id, ckpt.weights_hash, 2), tmp_path / "art", progress=False)
+    result = export_artifacts(ckpt, Plan(ckpt.model_id, ckpt.weights_hash, 2, max_seq_len=ckpt.spec.max_position), tmp_path / "art", progress=False)
     assert (result.device_dir / CHAT_TEMPLATE_FILE).read_text() == TEMPLATE
     for where in (["--model", str(src)], ["--artifacts", str(tmp_path / "art")]):
         out = tmp_path / "gen.json"
