@@ -120,11 +120,10 @@ class HeadSession:
         self.warmed = False
         """Whether a head has run once: onnxruntime's first run of a session prepares its kernels (prepacking,
         thread pools) and takes ~35x a short step; DeviceHead does it at creation, not in the first request."""
-        self.capacity = self.plan.max_seq_len
         if self.kind == "gqa" and self.layers:
-            self.capacity = min(int(seg.inputs[names.past_key(seg.start)].shape[2]) for seg in self.segments if seg.layers)
-            if self.capacity < self.plan.max_seq_len:
-                raise ModelLoadError(f"{first.path} holds {self.capacity} positions of K/V, the plan allows {self.plan.max_seq_len}")
+            capacity = min(int(seg.inputs[names.past_key(seg.start)].shape[2]) for seg in self.segments if seg.layers)
+            if capacity < self.plan.max_seq_len:
+                raise ModelLoadError(f"{first.path} holds {capacity} positions of K/V, the plan allows {self.plan.max_seq_len}")
 
     @property
     def cuts(self) -> list[int]:
@@ -187,7 +186,7 @@ class _BoundSegment:
 class DeviceHead:
     """The head of one generation session: owns its KV cache between steps.
 
-    A "gqa" graph writes each step's K/V in place into buffers of `capacity` positions that
+    A "gqa" graph writes each step's K/V in place into buffers of max_seq_len positions that
     are bound once as both past and present: nothing is copied or concatenated per step, and
     rolling back is a length change. With kv_bits 8 or 4 the buffers hold the graph's int8 or
     packed 4-bit codes. A head cut into segments runs them one after the other, each with its
@@ -199,7 +198,6 @@ class DeviceHead:
     def __init__(self, session: HeadSession) -> None:
         self.session = session
         self.plan = session.plan
-        self.out_name = session.output_names[0]
         self.bound: list[_BoundSegment] | None = None
         self.stop = session.plan.split_layer
         """The layer the head's output is taken at: the split, or a shallower cut after release()."""
@@ -231,10 +229,9 @@ class DeviceHead:
     def release(self, layer: int) -> None:
         """Run only layers [0, layer) from now on: drop the segments after `layer` (a cut of the head) and
         their K/V buffers. ConfigError for a layer that is not a cut."""
-        cuts = [seg.stop for seg in self.session.segments]
-        if self.session.kind != "gqa" or layer not in cuts or layer > self.stop or (layer == 0 and self.session.segments[0].stop):
-            raise ConfigError(f"the head can stop at layers {cuts[:cuts.index(self.stop) + 1] if self.stop in cuts else cuts}, "
-                              f"not {layer}")
+        cuts = [c for c in self.session.cuts if c <= self.stop] if self.session.kind == "gqa" else [self.stop]
+        if layer not in cuts:
+            raise ConfigError(f"the head can stop at layers {cuts}, not {layer}")
         self.bound = [b for b in self.bound if b.seg.stop <= layer]
         self.stop = layer
 

@@ -10,7 +10,7 @@ not own are placeholders and their weights are never loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -122,42 +122,6 @@ class MissingLayer(nn.Module):
         raise RuntimeError("this layer belongs to another stage")
 
 
-class KVStorage(Protocol):
-    """How a KVCache holds one layer's keys or values: dense tensors, or a quantized form.
-
-    An entry is whatever `store` returns; it must slice like a tensor along dim 2
-    (positions), since `KVCache.crop` cuts entries with `[:, :, :length]`.
-    """
-
-    def store(self, x: torch.Tensor) -> Any:
-        """The entry for new positions x (B, Hkv, T, D)."""
-
-    def load(self, entry: Any) -> torch.Tensor:
-        """The tensor (B, Hkv, T, D) an entry holds."""
-
-    def concat(self, old: Any, new: Any) -> Any:
-        """`old`'s positions followed by `new`'s."""
-
-    def nbytes(self, entry: Any) -> int:
-        """Bytes the entry occupies."""
-
-
-class DenseKV:
-    """Keys and values kept as they are computed."""
-
-    def store(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def load(self, entry: torch.Tensor) -> torch.Tensor:
-        return entry
-
-    def concat(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        return torch.cat((old, new), 2)
-
-    def nbytes(self, entry: torch.Tensor) -> int:
-        return entry.numel() * entry.element_size()
-
-
 class StepCache(Protocol):
     """What a stage forward reads and writes: a KVCache, or a view of several as one batch."""
 
@@ -174,41 +138,39 @@ class StepCache(Protocol):
         """Forget every position at or after `length`."""
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 @dataclass
 class KVCache:
-    """Keys and values of the layers one stage owns, for one batch of sequences.
+    """Keys and values of the layers one stage owns, for one batch of sequences, as computed.
 
-    `storage` decides the form they are kept in. A quantized cache is modelled in the
-    attention itself (Attention.kv_quant), so that the positions of a step attend to their
-    own keys exactly as the cache will hold them, as onnxruntime's quantized cache does.
+    A quantized cache is modelled in the attention itself (Attention.kv_quant), so that the
+    positions of a step attend to their own keys exactly as the cache will hold them, as
+    onnxruntime's quantized cache does.
     """
 
-    storage: KVStorage = field(default_factory=DenseKV)
-    """How entries are stored and read back."""
     layers: dict = field(default_factory=dict)
-    """layer index -> (keys, values) entries of `storage`, each (B, Hkv, length, D)."""
+    """layer index -> (keys, values), each (B, Hkv, length, D)."""
     length: int = 0
     """Positions committed so far: a forward that fails leaves it, and the layers, as they were."""
     _bytes: int = field(default=0, repr=False)
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        entry = self.layers.get(layer)
-        if entry is None:
-            return None
-        return self.storage.load(entry[0]), self.storage.load(entry[1])
+        return self.layers.get(layer)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add the keys/values (B, Hkv, T, D) of T new positions."""
-        k, v = self.storage.store(k), self.storage.store(v)
         old = self.layers.get(layer)
-        self.layers[layer] = (k, v) if old is None else (self.storage.concat(old[0], k), self.storage.concat(old[1], v))
-        self._bytes += self.storage.nbytes(k) + self.storage.nbytes(v)
+        self.layers[layer] = (k, v) if old is None else (torch.cat((old[0], k), 2), torch.cat((old[1], v), 2))
+        self._bytes += _nbytes(k) + _nbytes(v)
 
     def crop(self, length: int) -> None:
         """Forget every position at or after `length`."""
         self.layers = {i: (k[:, :, :length], v[:, :, :length]) for i, (k, v) in self.layers.items()}
         self.length = min(self.length, length)
-        self._bytes = sum(self.storage.nbytes(t) for kv in self.layers.values() for t in kv)
+        self._bytes = sum(_nbytes(t) for kv in self.layers.values() for t in kv)
 
     def nbytes(self) -> int:
         """Bytes held (kept up to date on every append: O(1))."""
