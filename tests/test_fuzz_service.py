@@ -113,6 +113,19 @@ def answers(*expected: str, positions: tuple[int, ...] | None = None):
     return check
 
 
+def refused(code: str, *before: str, after: tuple[str, ...] = ()):
+    """A check: the responses are `before`, one Error message with status `code`, then `after`."""
+    def check(responses):
+        want = [*before, "error", *after]
+        if kinds(responses) != want:
+            return f"responses {kinds(responses)}, expected {want}"
+        got = responses[len(before)].error.code
+        if got != getattr(grpc.StatusCode, code).value[0]:
+            return f"error code {got}, expected {code}"
+        return None
+    return check
+
+
 # -- frames --------------------------------------------------------------------------------------------
 def act(frame: bytes, start: int = 0, want_token: bool = True) -> pb.DeviceMessage:
     return pb.DeviceMessage(activations=pb.Activations(start_position=start, frame=frame, want_token=want_token))
@@ -329,10 +342,19 @@ def sequence_cases(plan, d: int, healthy_ids: Callable[[], list[str]]) -> list[C
         Case("open then half-close", [op], {"OK"}, answers("opened")),
         Case("two opens", [op, op], bad, answers("opened")),
         Case("open, frame, open", [op, act(f1), op], bad, answers("opened", "token")),
-        Case("move_split", [op, pb.DeviceMessage(move_split=pb.MoveSplit(new_split=1))], {"UNIMPLEMENTED"}),
-        Case("move_split with layers", [op, act(f3), pb.DeviceMessage(move_split=pb.MoveSplit(
-            new_split=1, layers=[pb.LayerKV(layer=1, bits=16, keys=b"\0" * 64, values=b"\1" * 64)]))],
-            {"UNIMPLEMENTED"}, answers("opened", "token")),
+        # the plan has no split moves: a move is refused in the stream (OUT_OF_RANGE) and the session goes on
+        Case("move_split", [op, pb.DeviceMessage(move_split=pb.MoveSplit(new_split=1))], {"OK"},
+             refused("OUT_OF_RANGE", "opened")),
+        Case("move_split with layers, then a frame", [op, act(f3), pb.DeviceMessage(move_split=pb.MoveSplit(
+            new_split=1, layers=[pb.LayerKV(layer=1, bits=16, keys=b"\0" * 64, values=b"\1" * 64)])), act(f1, 3)],
+            {"OK"}, refused("OUT_OF_RANGE", "opened", "token", after=("token",))),
+        Case("move_split deeper than the tail", [op, pb.DeviceMessage(move_split=pb.MoveSplit(new_split=9))], {"OK"},
+             refused("OUT_OF_RANGE", "opened")),
+        Case("move_split announcing more, then a frame", [op, pb.DeviceMessage(move_split=pb.MoveSplit(new_split=1, more=True)),
+                                                          act(f1)], bad, answers("opened")),
+        Case("move_split in parts, refused once", [op, pb.DeviceMessage(move_split=pb.MoveSplit(new_split=1, more=True)),
+                                                   pb.DeviceMessage(move_split=pb.MoveSplit(new_split=1)), act(f1)],
+             {"OK"}, refused("OUT_OF_RANGE", "opened", after=("token",))),
         Case("cancel then more", [op, pb.DeviceMessage(cancel=pb.Cancel(reason="stop")), act(f1), act(f1, 1), op],
              {"OK"}, answers("opened")),
         Case("frame, cancel, frame", [op, act(f3), pb.DeviceMessage(cancel=pb.Cancel()), act(f1, 3)], {"OK"},

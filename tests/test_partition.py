@@ -401,3 +401,27 @@ def test_plans_stay_within_the_positions_the_model_was_trained_for():
     assert search(synthetic(), Budgets(device_memory_bytes=2**30, token_latency_ms=1000.0)).chosen.max_seq_len > 1024
     with pytest.raises(ConfigError, match="max_seq_len 4096 is past the 1024 positions m was trained for"):
         search(p, Budgets(device_memory_bytes=2**30, token_latency_ms=1000.0, max_seq_len=4096))
+
+
+def test_a_kv_bound_split_reaches_its_length_by_moving_shallower():
+    from splitlm.partition.search import price_moving, to_plan
+
+    p, budget = synthetic(), 100 * MB
+    b = Budgets(device_memory_bytes=budget, token_latency_ms=1000, max_seq_len=8192)
+    codec = p.codecs[0]
+    still = price(p, 8, 4, 16, 16, codec, 8192, b)
+    assert still.memory_bytes > budget  # 8 layers of K/V to 8,192 positions do not fit
+    moving = price_moving(p, 8, 4, 16, 16, codec, 8192, b)
+    assert moving is not None and moving.memory_bytes <= budget and moving.max_seq_len == 8192
+    (at, layer), = moving.moves
+    assert 0 < layer < 8 and b.prompt_tokens < at < 8192
+    # the deepest layer whose K/V fits: one more would not
+    assert p.memory.device_bytes(8, 4, 16, 8192, layer + 1) + p.memory.activation_bytes_per_token * 128 > budget
+    # latency is the worse of the two splits' (the deeper one's at the move, the shallower one's at the end)
+    assert moving.token_latency_ms >= price(p, layer, 4, 16, 16, codec, 8192, b).token_latency_ms
+    plan = to_plan(moving, p, b)
+    assert plan.split_moves == ((at, layer),) and plan.cloud_start == layer
+    assert price_moving(p, 1, 4, 16, 16, codec, 8192, b) is None  # nothing shallower than one layer
+    result = search(p, b)
+    assert result.chosen is not None and all(c.memory_bytes <= budget for c in result.candidates)
+    assert any(c.split == 8 and c.moves for c in result.candidates)

@@ -59,7 +59,12 @@ def test_hand_edited_plan_with_stale_hash_is_refused(tmp_path):
     (dict(codec=dict(error_budget=0)), "error budget"),
     (dict(max_seq_len=0), "max_seq_len"),
     (dict(split_moves=[[100, 4], [50, 2]]), "split move at length 50"),
-    (dict(split_moves=[[100, 9]]), "shallower"),
+    (dict(split_moves=[[100, 9]]), r"layer 9 must be within \[1, 6\]"),
+    (dict(split_moves=[[100, 0]]), r"layer 0 must be within \[1, 6\]"),
+    (dict(split_moves=[[100, 4], [200, 4]]), "the split is already there"),
+    (dict(split_moves=[[100, 6]]), "the split is already there"),
+    (dict(split_moves=[[100]]), "expected a list of 2 items"),
+    (dict(split_moves=[[5000, 2]]), "within max_seq_len"),
 ])
 def test_invalid_fields_are_named(kwargs, message):
     data = json.loads(Plan("m", "0" * 16, 6).to_json())
@@ -81,15 +86,15 @@ def test_unknown_field_and_version():
         Plan.from_json("{")
 
 
-def test_split_moves_are_refused_until_the_split_can_move(tmp_path):
-    with pytest.raises(PlanError, match=r"split_moves \[\[100, 4\]\]: moving the split during a session is not implemented yet"):
-        Plan("m", "0" * 16, 6, split_moves=((100, 4),))
-    data = json.loads(Plan("m", "0" * 16, 6).to_json())
-    data.pop("hash")
-    (tmp_path / "plan.json").write_text(json.dumps({**data, "split_moves": [[100, 4]]}))
-    with pytest.raises(PlanError, match=r"plan.json: split_moves \[\[100, 4\]\]: .* not implemented yet"):
-        Plan.load(tmp_path / "plan.json")
-    assert Plan.from_dict({**data, "split_moves": []}).split_moves == ()
+def test_split_moves_go_shallower_and_back_and_say_what_the_cloud_holds(tmp_path):
+    plan = Plan("m", "0" * 16, 6, split_moves=((100, 4), (300, 2), (900, 6)))
+    assert plan.cloud_start == 2 and plan.move_cuts == [2, 4] and plan.splits() == [2, 4, 6]
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json") == plan
+    assert Plan("m", "0" * 16, 6).cloud_start == 6 and Plan("m", "0" * 16, 6).move_cuts == []
+    plan.check_model(8)
+    with pytest.raises(PlanError, match="device-only plan .* cannot move its split"):
+        plan.check_model(6)
 
 
 def test_load_names_the_file_and_what_is_wrong(tmp_path):

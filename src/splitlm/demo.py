@@ -74,7 +74,7 @@ def run_demo(model: str, prompt: str, max_tokens: int, emit: Callable[[str], Non
         ids = tok.encode(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n").ids
         stream = StreamingDecoder(tok)
         with RemoteSession(connect(f"127.0.0.1:{port}"), plan.hash, plan.model_id, SamplingParams(), max_tokens) as remote:
-            result = generate_split(head, remote.send, ids, max_tokens, lambda t: emit(stream.push(t)), tok)
+            result = generate_split(head, remote, ids, max_tokens, lambda t: emit(stream.push(t)), tok)
     finally:
         server.stop(grace=1)
     emit("\n\n")

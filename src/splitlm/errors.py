@@ -35,6 +35,11 @@ class CodecError(SplitLMError, ValueError):
     """An activation frame could not be encoded or does not parse."""
 
 
+class MoveError(SplitLMError):
+    """A split move asks for a split that the plan does not allow or the server does not hold (OUT_OF_RANGE);
+    the session goes on at its old split."""
+
+
 class ResourceExhausted(SplitLMError):
     """A limit (sessions, sequence length, KV memory) would be passed; nothing was changed."""
 

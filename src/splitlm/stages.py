@@ -24,7 +24,8 @@ def build_stages(ckpt: Checkpoint, plan: Plan, calib_ids: list[list[int]] | None
                  dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Transformer | None]:
     """(head, tail) of `plan` on `ckpt`: embed + layers [0, ℓ) (+ norm and LM head when ℓ = L) with the
     device weights (a quantized head quantizes its embedding too; with kv_bits 8 or 4 its attention
-    rounds keys and values as the device's cache holds them, scales from calibration text), and layers [ℓ, L) + norm + LM head
+    rounds keys and values as the device's cache holds them, scales from calibration text), and layers
+    [plan.cloud_start, L) + norm + LM head
     with the cloud weights (None when ℓ = L, or when `tail` is False). `calib_ids`: calibration windows for methods that read them (GPTQ);
     the tail calibrates on the head's outputs for those windows. Quantized weights are cached
     under the checkpoint's folder."""
@@ -48,10 +49,11 @@ def build_stages(ckpt: Checkpoint, plan: Plan, calib_ids: list[list[int]] | None
         head = quantize_kv_cache(head, plan.kv_bits, corpus.calibration_windows(ckpt.tokenizer(), KV_CALIBRATION_WINDOWS, size))
     if split == L or not tail:
         return head, None
+    start = plan.cloud_start  # a plan whose split moves shallower has the cloud hold those layers too
     tail_calib = None
     if calib is not None and WEIGHT_METHODS[plan.cloud_weights.method].needs_calibration and plan.cloud_weights.bits != 16:
         with torch.inference_mode():
-            tail_calib = [head(c) for c in calib]
+            tail_calib = [head(c, stop=start) for c in calib]
     tail_source = ckpt if plan.cloud_weights.method == "source" else None
-    return head, quantize_lm_head(weights(build_stage(ckpt, split, L, embed=False, final=True, dtype=dtype),
+    return head, quantize_lm_head(weights(build_stage(ckpt, start, L, embed=False, final=True, dtype=dtype),
                                           plan.cloud_weights, tail_calib), plan.lm_head_bits, tail_source)

@@ -154,6 +154,12 @@ def _predicted_vs_measured(plan, result) -> str:
     return line
 
 
+def _print_move(move) -> None:
+    way = "shallower" if move.new < move.old else "deeper"
+    print(f"\n[move] split {move.old} -> {move.new} ({way}) at {move.position} positions: {move.bytes / 2**20:.2f} MiB of KV "
+          f"{'sent' if move.new < move.old else 'received'} in {move.seconds * 1e3:.0f} ms", file=sys.stderr, flush=True)
+
+
 def _generate_from_artifacts(args, sampling):
     """ONNX head on the device side; for split plans, the tail on --server or else the exported tail in this
     process. Returns (run, tokenizer, split, L, plan, (chat template, spec))."""
@@ -186,7 +192,7 @@ def _generate_from_artifacts(args, sampling):
             def run(ids, show):
                 with ReplayingSession(channel, session.plan.hash, session.plan.model_id,
                                       sampling, args.max_tokens, args.token, failover=failover) as remote:
-                    result = generate_split(session, remote.send, ids, args.max_tokens, show, tok)
+                    result = generate_split(session, remote, ids, args.max_tokens, show, tok, on_move=_print_move)
                 result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down,
                                     replays=[dataclasses.asdict(r) for r in remote.replays])
                 for r in remote.replays:
@@ -200,7 +206,8 @@ def _generate_from_artifacts(args, sampling):
             if tail.plan.hash != session.plan.hash:
                 raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
             tail_session = tail.new_session(sampling)
-            run = lambda ids, show: generate_split(session, tail_session.send, ids, args.max_tokens, show, tok)  # noqa: E731
+            run = lambda ids, show: generate_split(session, tail_session, ids, args.max_tokens, show, tok,  # noqa: E731
+                                                   on_move=_print_move)
     return run, tok, session.plan.split_layer, L, session.plan, (load_template(session.dir), session.spec)
 
 

@@ -64,6 +64,8 @@ class _Work:
     """Runs on the batcher thread on the logits; its result is the future's (None: the logits are)."""
     rows: int | None = None
     """T, when known before `hidden` is made (a frame's layout): the KV budget is checked before any decoding."""
+    start: int | None = None
+    """The first layer to run (a session whose split moved); None: the stage's first."""
     future: Future = field(default_factory=Future)
     done_rows: int = 0
     """Positions of `hidden` already run (a prefill runs in chunks)."""
@@ -75,6 +77,15 @@ class _Work:
 @dataclass
 class _Release:
     cache: Cache
+
+
+@dataclass
+class _Call:
+    """A function to run on the batcher thread between turns, on a session's cache (a split move)."""
+
+    cache: Cache
+    fn: Callable[[], Any]
+    future: Future = field(default_factory=Future)
 
 
 def _resolve(future: Future, result: Any = None, exc: BaseException | None = None) -> None:
@@ -181,19 +192,28 @@ class Batcher:
             self._done = worker.submit(self._loop)
 
     def submit(self, cache: Cache, hidden: torch.Tensor | Frame | Callable[[], torch.Tensor], last_only: bool = False,
-               finish: Callable[[torch.Tensor], Any] | None = None, rows: int | None = None) -> Future:
+               finish: Callable[[torch.Tensor], Any] | None = None, rows: int | None = None, start: int | None = None) -> Future:
         """Run (T, d) hidden states through the stage for this cache. `hidden` may be a Frame, decoded
         with the other frames of its turn, or a function that makes them: either runs on the batcher's
         thread, so every torch op of the service runs on one thread (two threads' OpenMP pools
         spinning on few cores cost ~40%). The future holds `finish(logits)`, or the logits. A frame
-        that would pass the KV budget fails with ResourceExhausted before it is decoded."""
+        that would pass the KV budget fails with ResourceExhausted before it is decoded. start: the
+        first layer to run (the session's split, when it moved deeper than the stage's first)."""
         if isinstance(hidden, Frame):
             if self.decode is None:
                 raise ValueError("this batcher has no frame decoder: submit tensors")
             rows = hidden.layout.rows
-        work = _Work(cache, hidden, last_only, finish, rows)
+        work = _Work(cache, hidden, last_only, finish, rows, start)
         self._inbox.put(work)
         return work.future
+
+    def call(self, cache: Cache, fn: Callable[[], Any]) -> Future:
+        """Run fn() on the batcher thread, between turns (it may change `cache`: a split move installs or
+        removes layers); the bytes the cache gains count against the KV budget (ResourceExhausted, and
+        fn's change is the caller's to take back)."""
+        item = _Call(cache, fn)
+        self._inbox.put(item)
+        return item.future
 
     def run(self, cache: Cache, hidden: torch.Tensor | Frame | Callable[[], torch.Tensor], last_only: bool = False) -> torch.Tensor:
         """`submit` and wait."""
@@ -228,7 +248,9 @@ class Batcher:
                     block = False
                     if item is None:
                         return
-                    if isinstance(item, _Release):
+                    if isinstance(item, _Call):
+                        self._call(item)
+                    elif isinstance(item, _Release):
                         for w in (*prefills, *decodes, *arrived):
                             if w.cache is item.cache:
                                 self._unreserve(w)
@@ -259,6 +281,24 @@ class Batcher:
                 self._unreserve(prefills.popleft())
             if prefills and self._chunk(prefills[0]):
                 prefills.popleft()
+
+    @torch.inference_mode()
+    def _call(self, item: _Call) -> None:
+        before = item.cache.nbytes()
+        try:
+            result = item.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            _resolve(item.future, exc=exc)
+            return
+        grown = item.cache.nbytes() - before
+        if grown > 0 and self.kv_budget is not None and self.kv_bytes + self.reserved + grown > self.kv_budget:
+            _resolve(item.future, exc=ResourceExhausted(f"KV cache would grow to {self.kv_bytes + self.reserved + grown} bytes, "
+                                                        f"the server's budget is {self.kv_budget}"))
+            return
+        self.kv_bytes += grown
+        if id(item.cache) in self._active or item.cache.nbytes():
+            self._active[id(item.cache)] = item.cache
+        _resolve(item.future, result)
 
     def _awaited(self, prefills: deque[_Work], decodes: list[_Work], arrived: list[_Work]) -> bool:
         """Whether this turn should wait (up to gather_s) for more steps: a decode step is ready
@@ -376,7 +416,8 @@ class Batcher:
         last = stop == work.hidden.shape[0]
         before = work.cache.nbytes()
         try:
-            out = self.stage(work.hidden[None, start:stop], cache=work.cache, last_only=work.last_only or not last)[0]
+            out = self.stage(work.hidden[None, start:stop], cache=work.cache, last_only=work.last_only or not last,
+                             start=work.start)[0]
         except Exception as exc:  # noqa: BLE001 - the session's stream reports it
             self._unreserve(work)
             _resolve(work.future, exc=exc)
@@ -389,8 +430,16 @@ class Batcher:
         self._complete(work, out if work.last_only else torch.cat(work.outputs))
         return True
 
-    @torch.inference_mode()
     def _decode(self, batch: list[_Work]) -> None:
+        """One batched forward per start layer among `batch`'s sessions."""
+        groups: dict[int | None, list[_Work]] = {}
+        for w in batch:
+            groups.setdefault(w.start, []).append(w)
+        for group in groups.values():
+            self._decode_group(group)
+
+    @torch.inference_mode()
+    def _decode_group(self, batch: list[_Work]) -> None:
         if len(batch) == 1:
             self._chunk(batch[0])
             return
@@ -407,7 +456,7 @@ class Batcher:
             mask[:, 0, 0, :s] = torch.arange(s, device=dev)[None, :] < lengths[:, None]
             mask[:, 0, 0, s] = True
             x = torch.stack([w.hidden for w in batch])  # (B, 1, d)
-            logits = self.stage(x, positions=lengths[:, None], cache=view, mask=mask)  # (B, 1, V)
+            logits = self.stage(x, positions=lengths[:, None], cache=view, mask=mask, start=batch[0].start)  # (B, 1, V)
         except Exception:  # noqa: BLE001 - the forward took its K/V back: run one by one, each gets its own error
             log.exception("batched decode failed; running its %d steps one by one", len(batch))
             for w in batch:

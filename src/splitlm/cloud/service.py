@@ -19,9 +19,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from splitlm.cloud.tail import TailRunner, TailSession
-from splitlm.errors import CodecError, ConfigError, PlanError, ResourceExhausted, SplitLMError
+from splitlm.errors import CodecError, ConfigError, MoveError, PlanError, ResourceExhausted, SplitLMError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
+from splitlm.quantize import kv_wire
 from splitlm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ else:  # pragma: no cover - Python 3.10
 
 ECHO_CHARS = 80
 """A client's string is echoed into errors and logs up to this many characters."""
+MOVE_MESSAGE_BYTES = 3 << 20
+"""Largest SplitMoved message the server sends (a gRPC client takes 4 MiB by default)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, str(exc)
     if isinstance(exc, PlanError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, MoveError):
+        return grpc.StatusCode.OUT_OF_RANGE, str(exc)
     if isinstance(exc, (CodecError, ConfigError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ResourceExhausted):
@@ -144,6 +149,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         so that their devices replay them on another replica."""
         self.drained = 0
         """Sessions ended by the drain."""
+        self.moves = 0
+        """Split moves served."""
 
     def kv_bytes(self) -> int:
         """KV cache bytes held by all sessions now (counted on the batcher thread)."""
@@ -220,6 +227,64 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             token.top.extend(pb.TopLogprob(id=i, logprob=lp) for i, lp in choice.top)
         return pb.CloudMessage(token=token)
 
+    async def _move(self, sid: str, session: _Session, first: pb.MoveSplit, context: grpc.aio.ServicerContext) -> pb.CloudMessage:
+        """Serve one split move (all its messages): SplitMoved, or an Error message for a move refused, after
+        which the session goes on at its old split, untouched. Only a message that is not part of the move
+        (a protocol violation) ends the stream."""
+        t0, tail, spec = time.perf_counter(), session.tail, self.runner.spec
+        old, new = tail.split, first.new_split
+        error: Exception | None = None
+        assembler = None
+        try:
+            layers = tail.check_move(new)
+            if new > old and (first.layers or first.more):
+                raise CodecError(f"a move deeper (to {new}) carries no KV: the cloud sends it")
+            per_position = 2 * spec.num_kv_heads * spec.head_dim * 4
+            assembler = kv_wire.Assembler(layers, session.position, spec.num_kv_heads, spec.head_dim,
+                                          max_bytes=len(layers) * session.position * per_position + (1 << 20))
+        except (MoveError, CodecError) as exc:
+            error = exc
+        msg, received = first, first.ByteSize()
+        while True:  # read the whole move, even once it is refused, so that its later messages are not taken for another
+            if error is None and new < old:
+                try:
+                    for item in msg.layers:
+                        assembler.add(item)
+                except CodecError as exc:
+                    error = exc
+            if not msg.more:
+                break
+            nxt = await self._read(context, self.config.idle_timeout_s, "rest of the split move")
+            if nxt is None or nxt.WhichOneof("kind") != "move_split" or nxt.move_split.new_split != new:
+                got = "the end of the stream" if nxt is None else (nxt.WhichOneof("kind") if nxt.WhichOneof("kind") != "move_split"
+                                                                   else f"a move to {nxt.move_split.new_split}")
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"a split move to {new} announced more messages, got {got}")
+            msg = nxt.move_split
+            received += msg.ByteSize()
+        reply = pb.SplitMoved(split=new)
+        if error is None:
+            try:
+                if new < old:
+                    await asyncio.wrap_future(tail.move(new, assembler.result()))
+                else:
+                    kv = await asyncio.wrap_future(tail.move(new))
+                    items = [c for i in sorted(kv) for c in kv_wire.chunks(i, *kv[i], 32, max_bytes=MOVE_MESSAGE_BYTES)]
+                    replies = list(kv_wire.batches(items, MOVE_MESSAGE_BYTES)) or [[]]
+                    for batch in replies[:-1]:
+                        await context.write(pb.CloudMessage(split_moved=pb.SplitMoved(split=new, layers=batch, more=True)))
+                    reply = pb.SplitMoved(split=new, layers=replies[-1])
+                    received = sum(item.ByteSize() for item in items)
+            except (MoveError, CodecError, ResourceExhausted) as exc:
+                error = exc
+        if error is not None:
+            code, message = status_for(error)
+            log.info("event=split_move_refused session=%s from=%d to=%d code=%s message=%r", sid, old, new, code.name, message)
+            return pb.CloudMessage(error=pb.Error(code=code.value[0], message=message))
+        self.moves += 1
+        log.info("event=split_move session=%s from=%d to=%d positions=%d kv_bytes=%d ms=%.1f", sid, old, new, session.position,
+                 received, (time.perf_counter() - t0) * 1e3)
+        return pb.CloudMessage(split_moved=reply)
+
     async def _read(self, context: grpc.aio.ServicerContext, timeout: float, waiting_for: str) -> pb.DeviceMessage | None:
         """The next message, None at the end of the stream; DEADLINE_EXCEEDED after `timeout` s of silence."""
         try:
@@ -272,7 +337,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     log.info("event=session_cancel session=%s reason=%r", sid, _clip(msg.cancel.reason))
                     return
                 if kind == "move_split":
-                    raise RequestError(grpc.StatusCode.UNIMPLEMENTED, "MoveSplit is not implemented by this server")
+                    await context.write(await self._move(sid, session, msg.move_split, context))
+                    continue
                 if kind != "activations":
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"message {kind!r} is not valid after Open")
                 out = await self._activations(session, msg.activations)

@@ -10,16 +10,18 @@ import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 
 from splitlm.artifacts import read_folder
 from splitlm.cloud.batcher import Batcher, Frame, TorchThread
-from splitlm.errors import CodecError, ConfigError, ModelLoadError
+from splitlm.errors import CodecError, ConfigError, ModelLoadError, MoveError
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
-from splitlm.quantize import codec
+from splitlm.proto import splitlm_pb2 as pb
+from splitlm.quantize import codec, kv_wire
 from splitlm.quantize.apply import load_stage
 from splitlm.sampling import Sampler, SamplingParams, top_logprobs
 
@@ -98,8 +100,8 @@ class TailRunner:
 
     def _build(self, dtype: torch.dtype) -> Transformer:
         stage = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
-        if stage.start != self.plan.split_layer:
-            raise ModelLoadError(f"{self.dir}: tail starts at layer {stage.start}, the plan splits at {self.plan.split_layer}")
+        if stage.start != self.plan.cloud_start:
+            raise ModelLoadError(f"{self.dir}: tail starts at layer {stage.start}, the plan's cloud runs from {self.plan.cloud_start}")
         self.kernel_linears = 0
         if self.kernels == "triton":
             from splitlm.kernels import dispatch
@@ -127,10 +129,12 @@ class TokenChoice:
 
 
 class TailSession:
-    """One generation on the cloud: its KV cache of layers [ℓ, L), its sampler, what it returns."""
+    """One generation on the cloud: its KV cache of layers [split, L), its sampler, what it returns."""
 
     def __init__(self, runner: TailRunner, sampling: SamplingParams, logprobs: int = 0) -> None:
         self.runner = runner
+        self.split = runner.plan.split_layer
+        """The first layer this session runs: the plan's split, until a move (`move`)."""
         self.cache = KVCache()
         self.sampler = Sampler(sampling)
         self.position = 0
@@ -150,7 +154,7 @@ class TailSession:
         self.position += hidden.layout.rows
         position = self.position
         choose = (lambda logits: self._choose(logits, position)) if want_token else (lambda logits: None)
-        return self.runner.batcher.submit(self.cache, hidden, True, choose)
+        return self.runner.batcher.submit(self.cache, hidden, True, choose, start=self.split)
 
     def _choose(self, logits: torch.Tensor, position: int) -> TokenChoice:
         """On the batcher thread: sample the last position's logits (1, V) for the token at `position`."""
@@ -166,7 +170,7 @@ class TailSession:
         (the LM head then runs on the last position only: a prompt's other logits are never sampled)."""
         hidden = self._frame(frame, None)
         self.position += hidden.layout.rows
-        return self.runner.batcher.submit(self.cache, hidden, last_only).result()
+        return self.runner.batcher.submit(self.cache, hidden, last_only, start=self.split).result()
 
     def next_token(self, frame: bytes, rows: int | None = None) -> int:
         """The token for the position after `frame`'s. `rows`: the positions the caller put in the
@@ -182,6 +186,64 @@ class TailSession:
             raise CodecError(f"frame holds {layout.rows} rows, the caller sent it as {rows}")
         choice = self.submit(frame, want_token, layout).result()
         return choice.id if want_token else None
+
+    def check_move(self, new_split: int) -> range:
+        """The layers whose K/V a move to `new_split` hands over: [new_split, split) for a shallower move (the
+        device sends them), [split, new_split) for a deeper one (the cloud does). MoveError (OUT_OF_RANGE)
+        for a split the plan does not allow or the cloud does not hold."""
+        allowed = self.runner.plan.splits()
+        if new_split == self.split or new_split not in allowed:
+            raise MoveError(f"cannot move the split from {self.split} to {new_split}: the plan allows {allowed}"
+                            + (f" (the server holds layers [{self.runner.stage.start}, {self.runner.spec.num_layers}))"
+                               if new_split < self.runner.stage.start else ""))
+        return range(new_split, self.split) if new_split < self.split else range(self.split, new_split)
+
+    def move(self, new_split: int, kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Future:
+        """Move this session's split (on the batcher thread, between steps). Shallower: `kv` holds float32
+        keys and values (Hkv, position, D) of layers [new_split, split), installed into the cache. Deeper:
+        a future of the K/V of layers [split, new_split) (float32 numpy, as `kv`), which leave the cache.
+        The session is unchanged when the move fails."""
+        layers = self.check_move(new_split)
+        cache, runner = self.cache, self.runner
+
+        def shallower() -> None:
+            if sorted(kv or {}) != list(layers):
+                raise MoveError(f"a move to {new_split} needs the K/V of layers {list(layers)}, got {sorted(kv or {})}")
+            dtype = next(p.dtype for p in runner.stage.parameters() if p.is_floating_point())
+            done = []
+            try:
+                for i in layers:
+                    k, v = (torch.from_numpy(np.ascontiguousarray(a))[None].to(runner.device, dtype) for a in kv[i])
+                    cache.install(i, k, v)
+                    done.append(i)
+            except Exception:
+                for i in done:
+                    cache.remove(i)
+                raise
+            self.split = new_split
+
+        def deeper() -> dict[int, tuple[np.ndarray, np.ndarray]]:
+            out = {i: tuple(t[0].float().cpu().numpy() for t in cache.read(i)) for i in layers if cache.read(i) is not None}
+            for i in out:
+                cache.remove(i)
+            self.split = new_split
+            return out
+
+        return runner.batcher.call(cache, shallower if new_split < self.split else deeper)
+
+    def move_split(self, new_split: int, layers: Iterable[pb.LayerKV]) -> list[pb.LayerKV]:
+        """`RemoteSession.move_split` in process: the same chunks, checked by the same Assembler."""
+        kv = None
+        if new_split < self.split:
+            spec = self.runner.spec
+            assembler = kv_wire.Assembler(self.check_move(new_split), self.cache.length, spec.num_kv_heads, spec.head_dim)
+            for item in layers:
+                assembler.add(item)
+            kv = assembler.result()
+        elif any(True for _ in layers):
+            raise CodecError(f"a move deeper (to {new_split}) carries no KV: the cloud sends it")
+        moved = self.move(new_split, kv).result()
+        return [c for i in sorted(moved or {}) for c in kv_wire.chunks(i, *moved[i], 32)]
 
     def close(self) -> None:
         """Free the cache (the batcher stops counting it and drops work still queued for it)."""

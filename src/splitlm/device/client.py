@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -24,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn
+from typing import Callable, Iterable, Iterator, NoReturn
 
 import grpc
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 from splitlm.errors import ConfigError, RemoteError, TransportError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
+from splitlm.quantize import kv_wire
 from splitlm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,11 @@ class LinkError(TransportError, RemoteError):
 
     def __init__(self, message: str, code: str) -> None:
         RemoteError.__init__(self, message, code)
+
+
+class MoveRefused(RemoteError):
+    """The server refused a split move (`code`: OUT_OF_RANGE, INVALID_ARGUMENT, RESOURCE_EXHAUSTED); the
+    session goes on at its old split."""
 
 
 class CloudChannel(grpc.Channel):
@@ -239,8 +246,9 @@ class RemoteSession:
                 return
             yield item
 
-    def _receive(self, what: str, timeout: float, deadline_name: str) -> pb.CloudMessage:
-        """The next message from the cloud, within `timeout` seconds."""
+    def _receive(self, what: str, timeout: float, deadline_name: str, refusal: bool = False) -> pb.CloudMessage:
+        """The next message from the cloud, within `timeout` seconds. An Error message ends the session, or
+        with `refusal` (a split move's answer) raises MoveRefused and leaves the session open."""
         if self._error is not None:
             raise self._error
         self._deadline.arm(timeout)
@@ -260,6 +268,8 @@ class RemoteSession:
         self.bytes_down += msg.ByteSize()
         if msg.WhichOneof("kind") == "error":
             code = _STATUS_NAMES.get(msg.error.code, str(msg.error.code))
+            if refusal:
+                raise MoveRefused(f"{code}: {msg.error.message}", code)
             self._fail(RemoteError(f"{code}: {msg.error.message}", code))
         return msg
 
@@ -331,6 +341,40 @@ class RemoteSession:
         """Send a frame of `rows` positions and wait for the cloud's token for the position after them."""
         return self.send(frame, rows)
 
+    def move_split(self, new_split: int, layers: Iterable[pb.LayerKV]) -> list[pb.LayerKV]:
+        """Move the session's split (DESIGN.md §6): shallower with `layers` (the KV of [new_split, split) for
+        every position so far, kv_wire chunks, consumed as they are sent: the device never holds an
+        encoded copy of all of them), in messages of at most the server's frame limit; deeper with none,
+        the cloud's KV of [split, new_split) returned. MoveRefused when the server refuses the move: the
+        session then goes on at its old split."""
+        if self._error is not None:
+            raise self._error
+        if self._ended:
+            raise TransportError(f"the session with {self.address} is closed")
+        limit = max(1, (self.info.max_frame_bytes if self.info else 0) or (1 << 20))
+        pending, sent = None, 0
+        for batch in kv_wire.batches(layers, limit):  # one message behind, so that the last goes without `more`
+            if pending is not None:
+                self._put_move(new_split, pending, True)
+            pending = batch
+            sent += sum(item.positions for item in batch)
+        self._put_move(new_split, pending or [], False)
+        got: list[pb.LayerKV] = []
+        while True:
+            answer = self._receive("answer to the split move", self.link.step_deadline_s(max(sent, self.position)),
+                                   "the step deadline of a move", refusal=True)
+            if answer.WhichOneof("kind") != "split_moved" or answer.split_moved.split != new_split:
+                self._fail(RemoteError(f"{self.address} answered a move to {new_split} with "
+                                       f"{answer.WhichOneof('kind')} {str(answer)[:80]!r}"))
+            got.extend(answer.split_moved.layers)
+            if not answer.split_moved.more:
+                return got
+
+    def _put_move(self, new_split: int, batch: list[pb.LayerKV], more: bool) -> None:
+        msg = pb.DeviceMessage(move_split=pb.MoveSplit(new_split=new_split, layers=batch, more=more))
+        self.bytes_up += msg.ByteSize()
+        self._requests.put(msg)
+
     def cancel(self, reason: str = "cancelled") -> None:
         """End the session now, from any thread: a step waiting on the cloud raises LinkError (CANCELLED)."""
         with self._lock:
@@ -399,6 +443,16 @@ class FailoverConfig:
                 raise ConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 
+@dataclass(frozen=True)
+class _SpilledMove:
+    """A split move in a ReplayingSession's history: its LayerKV chunks, each serialized after its 4-byte
+    length, in `size` bytes from `offset` of the spill file (none for a deeper move)."""
+
+    new_split: int
+    offset: int
+    size: int
+
+
 @dataclass
 class Replay:
     """One rebuild of a session: why, how long from the failure to the replayed state, what it re-sent."""
@@ -413,7 +467,8 @@ class Replay:
 class ReplayingSession:
     """A RemoteSession that survives the loss of its server or link (DESIGN.md §7).
 
-    The device keeps every frame it sent (a few hundred bytes per position). When a step fails
+    The device keeps every frame it sent (a few hundred bytes per position), and the KV of every split
+    move it made, spilled to a temporary file (the memory a move frees stays free). When a step fails
     with a RETRYABLE status, it opens a new session on the same channel (round_robin hands it a
     live replica, or the same one once it is back), with backoff, re-sends the frames without
     asking for tokens (merged into frames of up to a megabyte, byte for byte), and repeats the step. The cloud's tail KV is rebuilt from the very same
@@ -428,7 +483,9 @@ class ReplayingSession:
         self._kwargs = dict(token=token, link=link, logprobs=logprobs)
         self.max_tokens = _check_max_tokens(max_tokens)
         self.failover = failover
-        self.history: list[tuple[bytes, int]] = []
+        self.history: list[tuple[bytes, int] | _SpilledMove] = []
+        """Frames sent (frame, rows) and split moves made, in order: what a replay re-sends."""
+        self._spill = None  # a temporary file holding the moves' KV
         self.tokens = 0
         self.replays: list[Replay] = []
         self.address = getattr(channel, "address", None) or "the server"
@@ -467,6 +524,61 @@ class ReplayingSession:
     def next_token(self, frame: bytes, rows: int) -> int:
         return self.send(frame, rows)
 
+    def move_split(self, new_split: int, layers: Iterable[pb.LayerKV]) -> list[pb.LayerKV]:
+        """RemoteSession.move_split, kept for a replay: its KV goes to the spill file as it is sent (the memory a
+        move frees stays free). A move that fails with the link or the server is finished into the spill,
+        the session is rebuilt by replay, and the move is sent again from the spill. MoveRefused passes through."""
+        move = _SpilledMove(new_split, self._spill_end(), 0)
+        spilled = [0]
+
+        def tee() -> Iterator[pb.LayerKV]:
+            for item in layers:
+                self._spill_write(item)
+                spilled[0] += 1
+                yield item
+
+        source: Iterable[pb.LayerKV] = tee()
+        failed_at = None
+        while True:
+            try:
+                answer = self.remote.move_split(new_split, source)
+                break
+            except MoveRefused:
+                raise
+            except (RemoteError, TransportError) as exc:
+                if not _retryable(exc):
+                    raise
+                for _ in source:  # the rest of the move into the spill, then the session is rebuilt and the move resent
+                    pass
+                failed_at = failed_at or time.monotonic()
+                self._rebuild(exc, failed_at)
+                move = dataclasses.replace(move, size=self._spill_end() - move.offset)
+                source = self._unspill(move)
+        self.history.append(dataclasses.replace(move, size=self._spill_end() - move.offset))
+        return answer
+
+    def _spill_end(self) -> int:
+        return 0 if self._spill is None else self._spill.seek(0, os.SEEK_END)
+
+    def _spill_write(self, item: pb.LayerKV) -> None:
+        if self._spill is None:
+            import tempfile
+
+            self._spill = tempfile.TemporaryFile(prefix="splitlm-moves-")
+        data = item.SerializeToString()
+        self._spill.seek(0, os.SEEK_END)
+        self._spill.write(len(data).to_bytes(4, "little") + data)
+
+    def _unspill(self, move: "_SpilledMove") -> Iterator[pb.LayerKV]:
+        """The move's LayerKV chunks, read back one at a time."""
+        offset, end = move.offset, move.offset + move.size
+        while offset < end:
+            self._spill.seek(offset)
+            n = int.from_bytes(self._spill.read(4), "little")
+            item = pb.LayerKV.FromString(self._spill.read(n))
+            offset += 4 + n
+            yield item
+
     def _rebuild(self, cause: Exception, failed_at: float) -> None:
         cfg, wait, attempts = self.failover, self.failover.backoff_s, 0
         log.warning("session with %s failed (%s); replaying %d frames", self.address, cause, len(self.history))
@@ -478,9 +590,13 @@ class ReplayingSession:
             try:
                 remote = RemoteSession(*self._open_args, max(1, self.max_tokens - self.tokens), **self._kwargs)
                 sent = 0
-                for frame, rows in self._merged(remote.info.max_frame_bytes):
-                    remote.send(frame, rows, want_token=False)
-                    sent += len(frame)
+                for item in self._merged(remote.info.max_frame_bytes):
+                    if isinstance(item, _SpilledMove):
+                        remote.move_split(item.new_split, self._unspill(item))
+                        sent += item.size
+                    else:
+                        remote.send(*item, want_token=False)
+                        sent += len(item[0])
                 self.remote = remote
                 self.replays.append(Replay(str(cause), time.monotonic() - failed_at, len(self.history), sent, attempts))
                 return
@@ -494,18 +610,23 @@ class ReplayingSession:
             time.sleep(wait)
             wait = min(wait * 2, cfg.backoff_max_s)
 
-    def _merged(self, max_bytes: int) -> Iterator[tuple[bytes, int]]:
-        """The history as few frames as the server's frame limit allows (rows byte for byte, codec.concat_frames):
-        the new replica prefills them in chunks instead of one step per decoded token."""
+    def _merged(self, max_bytes: int) -> Iterator["tuple[bytes, int] | _SpilledMove"]:
+        """The history as few frames as the server's frame limit allows (rows byte for byte, codec.concat_frames),
+        with its moves in place: the new replica prefills them in chunks instead of one step per decoded token."""
         from splitlm.quantize import codec
 
         limit = min(max_bytes or REPLAY_FRAME_BYTES, REPLAY_FRAME_BYTES)
         batch: list[bytes] = []
         size = rows = 0
-        for frame, n in self.history:
-            if batch and size + len(frame) > limit:
-                yield (batch[0] if len(batch) == 1 else codec.concat_frames(batch)), rows
+        for entry in self.history:
+            if isinstance(entry, _SpilledMove) or (batch and size + len(entry[0]) > limit):
+                if batch:
+                    yield (batch[0] if len(batch) == 1 else codec.concat_frames(batch)), rows
                 batch, size, rows = [], 0, 0
+                if isinstance(entry, _SpilledMove):
+                    yield entry
+                    continue
+            frame, n = entry
             batch.append(frame)
             size += len(frame)
             rows += n
@@ -514,9 +635,16 @@ class ReplayingSession:
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.remote.cancel(reason)
+        self._drop_spill()
 
     def close(self, reason: str = "done") -> None:
         self.remote.close(reason)
+        self._drop_spill()
+
+    def _drop_spill(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def __enter__(self) -> "ReplayingSession":
         return self

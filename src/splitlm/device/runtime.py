@@ -5,10 +5,13 @@ Imports numpy, onnxruntime and tokenizers only — no torch, no triton.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -117,6 +120,11 @@ class HeadSession:
         if self.kind == "traced" and self.plan.kv_bits != 16:
             raise ModelLoadError(f"{first.path} is a traced graph with a float KV cache, the plan asks kv_bits {self.plan.kv_bits}; "
                                  "export again")
+        self.kv_scales: dict[str, np.ndarray] = {}
+        """A quantized cache's per-channel scales, "k.{i}" / "v.{i}" (Hkv, D), for K/V moved in from the cloud."""
+        if self.plan.kv_bits != 16 and (self.dir / names.KV_SCALES_FILE).exists():
+            with np.load(self.dir / names.KV_SCALES_FILE, allow_pickle=False) as scales:
+                self.kv_scales = {k: scales[k] for k in scales.files}
         self.warmed = False
         """Whether a head has run once: onnxruntime's first run of a session prepares its kernels (prepacking,
         thread pools) and takes ~35x a short step; DeviceHead does it at creation, not in the first request."""
@@ -235,6 +243,52 @@ class DeviceHead:
         self.bound = [b for b in self.bound if b.seg.stop <= layer]
         self.stop = layer
 
+    def kv_chunks(self, layers: range, max_bytes: int = 1 << 20) -> Iterator:
+        """The K/V of `layers` (in use) for every position so far, as kv_wire LayerKV chunks: float32 values
+        for a float cache (exact), the cache's own codes and scales for a quantized one."""
+        from splitlm.quantize import kv_wire
+
+        bits = 32 if self.plan.kv_bits == 16 else self.plan.kv_bits
+        by_layer = {}
+        for bound in self.bound or []:
+            for j, i in enumerate(bound.seg.layers):
+                by_layer[i] = (bound.buffers[2 * j], bound.buffers[2 * j + 1])
+        for i in layers:
+            if i not in by_layer:
+                raise ConfigError(f"the head does not hold the K/V of layer {i} (it runs layers [0, {self.stop}))")
+            k, v = (b[0, :, :self.length] for b in by_layer[i])
+            scales = (self._scales(i, "k"), self._scales(i, "v")) if bits != 32 else (None, None)
+            yield from kv_wire.chunks(i, k, v, bits, *scales, max_bytes=max_bytes)
+
+    def _scales(self, layer: int, which: str) -> np.ndarray:
+        try:
+            return self.session.kv_scales[f"{which}.{layer}"]
+        except KeyError:
+            raise ConfigError(f"{self.session.dir} has no KV scales for layer {layer} ({names.KV_SCALES_FILE}); export again") from None
+
+    def restore(self, layer: int, kv: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Run layers [0, layer) again after a release (a move back deeper): the segments up to `layer` get
+        K/V buffers again, filled with `kv` (float32 keys and values (Hkv, length, D) of every layer in
+        [stop, layer), the cloud's), quantized with the cache's scales when the cache holds codes."""
+        from splitlm.quantize import kv_wire
+
+        if self.session.kind != "gqa" or layer not in self.session.cuts or layer <= self.stop:
+            raise ConfigError(f"the head can go back to layers {[c for c in self.session.cuts if c > self.stop]}, not {layer}")
+        missing = [i for i in range(self.stop, layer) if i not in kv]
+        if missing:
+            raise ConfigError(f"moving the split to {layer} needs the K/V of layers {missing}")
+        added = [_BoundSegment(seg) for seg in self.session.segments if self.stop <= seg.start and seg.stop <= layer]
+        for bound in added:
+            for j, i in enumerate(bound.seg.layers):
+                for buf, x, which in ((bound.buffers[2 * j], kv[i][0], "k"), (bound.buffers[2 * j + 1], kv[i][1], "v")):
+                    if x.shape != (self.session.spec.num_kv_heads, self.length, self.session.spec.head_dim):
+                        raise ConfigError(f"K/V of layer {i} has shape {x.shape}, expected "
+                                          f"({self.session.spec.num_kv_heads}, {self.length}, {self.session.spec.head_dim})")
+                    bits = self.plan.kv_bits
+                    buf[0, :, :self.length] = x if bits == 16 else kv_wire.quantize(x, self._scales(i, which), bits)
+        self.bound = self.bound + added
+        self.stop = layer
+
     def step(self, ids: list[int], last_only: bool = False) -> np.ndarray:
         """Run new token ids through the head in prefill chunks -> outputs (T, d or V); with
         last_only, a device-only head computes the logits of the last position only (1, V)."""
@@ -317,28 +371,100 @@ def generate_device_only(session: HeadSession, prompt_ids: list[int], max_tokens
                            session.plan.max_seq_len, tok.decode, on_token)
 
 
-Send = Callable[[bytes, int, bool], "int | None"]
-"""send(frame, rows, want_token): `RemoteSession.send` or `TailSession.send`; with want_token, the
-cloud's token for the position after the frame's rows."""
+class Link(Protocol):
+    """The cloud as generate_split sees it: `RemoteSession`, `ReplayingSession` or, in process, `TailSession`."""
+
+    def send(self, frame: bytes, rows: int, want_token: bool = True) -> int | None:
+        """Send a frame of `rows` positions; with want_token, the cloud's token for the position after them."""
+
+    def move_split(self, new_split: int, layers: Iterable) -> list:
+        """Move the session's split (kv_wire LayerKV chunks up for a shallower move, down for a deeper one)."""
 
 
-def generate_split(session: HeadSession, send: Send, prompt_ids: list[int], max_tokens: int,
-                   on_token: Callable[[int], None] | None = None, tokenizer=None, stream_prefill: bool = True) -> GenerationResult:
-    """Generation with a cloud: each step's hidden states go out as frames through `send`. With
+@dataclass
+class Move:
+    """One split move of a session: where, what it carried and what it cost."""
+
+    position: int
+    """Positions the session held when it moved."""
+    old: int
+    new: int
+    bytes: int
+    """KV bytes sent (shallower) or received (deeper)."""
+    seconds: float
+    """From the start of encoding to the device running at the new split."""
+
+
+def move_split(head: DeviceHead, link: Link, layer: int, max_bytes: int = 1 << 20) -> Move:
+    """Move a session's split to `layer`: shallower, the head's K/V of [layer, stop) go to the cloud and the
+    head releases those layers; deeper, the cloud's K/V of [stop, layer) come down into the head."""
+    from splitlm.quantize import kv_wire
+
+    t0, old = time.perf_counter(), head.stop
+    if layer < old:
+        sent = [0]
+
+        def counted():  # encoded a chunk at a time as the link sends them: no copy of the whole KV at once
+            for item in head.kv_chunks(range(layer, old), max_bytes):
+                sent[0] += item.ByteSize()
+                yield item
+
+        link.move_split(layer, counted())
+        head.release(layer)
+        size = sent[0]
+    else:
+        spec = head.session.spec
+        items = link.move_split(layer, [])
+        assembler = kv_wire.Assembler(range(old, layer), head.length, spec.num_kv_heads, spec.head_dim)
+        for item in items:
+            assembler.add(item)
+        head.restore(layer, assembler.result())
+        size = sum(item.ByteSize() for item in items)
+    return Move(head.length, old, layer, size, time.perf_counter() - t0)
+
+
+class _SendOnly:
+    """A bare send function as a Link: it cannot move the split."""
+
+    def __init__(self, send: Callable[[bytes, int, bool], "int | None"]) -> None:
+        self.send = send
+
+    def move_split(self, new_split: int, layers: list) -> list:
+        raise ConfigError("the plan moves its split, and this link is a send function that cannot: pass the session "
+                          "(RemoteSession, ReplayingSession or TailSession)")
+
+
+def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, bool], int | None]", prompt_ids: list[int], max_tokens: int,
+                   on_token: Callable[[int], None] | None = None, tokenizer=None, stream_prefill: bool = True,
+                   on_move: Callable[[Move], None] | None = None) -> GenerationResult:
+    """Generation with a cloud: each step's hidden states go out as frames through `link` (a session, or
+    just its send function when the plan does not move its split). With
     stream_prefill, a prompt's frames go out chunk by chunk as the head computes them (the cloud's
-    prefill of one chunk overlaps the head's next); without, the whole prompt goes as one frame."""
+    prefill of one chunk overlaps the head's next); without, the whole prompt goes as one frame.
+    The plan's split_moves run when the session reaches their lengths (between prefill chunks or
+    decode steps); each is passed to `on_move` and listed in the result's extra["moves"]."""
+    if not hasattr(link, "send"):
+        link = _SendOnly(link)
     head = DeviceHead(session)
     sent = [0]
+    moves = list(session.plan.split_moves)
+    done: list[Move] = []
 
     def advance(ids: list[int]) -> int:
         for hidden, last in head.chunks(ids) if stream_prefill else [(head.step(ids), True)]:
             frame = head.encode(hidden)
             sent[0] += len(frame)
-            token = send(frame, hidden.shape[0], last)
+            token = link.send(frame, hidden.shape[0], last)
+            while moves and head.length >= moves[0][0]:
+                move = move_split(head, link, moves.pop(0)[1])
+                done.append(move)
+                if on_move is not None:
+                    on_move(move)
         return token
 
     tok = tokenizer or load_tokenizer(session.dir)
     result = generate_tokens(advance, prompt_ids, max_tokens, session.spec.eos_token_ids, session.plan.max_seq_len,
                              tok.decode, on_token)
     result.link_bytes = sent[0]
+    result.extra["moves"] = [dataclasses.asdict(m) for m in done]
     return result

@@ -36,6 +36,7 @@ from splitlm.model.modules import swap_module
 from splitlm.partition.plan import Plan
 from splitlm.quantize.apply import LINEARS, save_stage
 from splitlm.quantize.config import ACCURACY_LEVEL, ACCURACY_LEVELS
+from splitlm.quantize.kv import save_kv_scales
 from splitlm.quantize.weights import QuantLinear
 from splitlm.stages import build_stages
 
@@ -227,7 +228,10 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
     device, cloud = out / "device", out / "cloud"
     shutil.rmtree(device, ignore_errors=True)
     device.mkdir(parents=True)
-    described = export_head(head, device, plan.max_seq_len, accuracy_level, segment_cuts, graph)
+    # the head is cut where the plan's split may move, so that a session can run a prefix of it
+    described = export_head(head, device, plan.max_seq_len, accuracy_level, sorted({*segment_cuts, *plan.move_cuts}), graph)
+    if plan.kv_bits != 16:  # the cache's scales, for the device to quantize K/V the cloud moves down (numpy)
+        save_kv_scales(head, device / names.KV_SCALES_FILE)
     for folder in [device] + ([cloud] if tail is not None else []):
         folder.mkdir(parents=True, exist_ok=True)
         plan.save(folder / "plan.json")

@@ -176,6 +176,21 @@ class KVCache:
         """Bytes held (kept up to date on every append: O(1))."""
         return self._bytes
 
+    def install(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Take over layer `layer`'s keys and values (B, Hkv, length, D), computed elsewhere (a moved split)."""
+        if layer in self.layers:
+            raise ValueError(f"the cache already holds layer {layer}")
+        if k.shape != v.shape or k.dim() != 4 or k.shape[2] != self.length:
+            raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} of layer {layer} are not (B, Hkv, {self.length}, D)")
+        self.layers[layer] = (k, v)
+        self._bytes += _nbytes(k) + _nbytes(v)
+
+    def remove(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Give up layer `layer`'s keys and values (they move elsewhere)."""
+        k, v = self.layers.pop(layer)
+        self._bytes -= _nbytes(k) + _nbytes(v)
+        return k, v
+
 
 def causal_mask(past: int, new: int, device: torch.device | None = None) -> torch.Tensor | None:
     """Boolean (new, past+new) mask: query i sees keys j <= past + i. None when new == 1."""
@@ -246,11 +261,13 @@ class Transformer(nn.Module):
         return x, self.rotary(positions), mask
 
     def run_layers(self, x: torch.Tensor, rotary: RotaryTables | None, mask: torch.Tensor | None,
-                   past: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The owned blocks over x; `past(i)`: layer i's earlier keys/values or None. Returns the
-        output and each owned layer's keys/values of the new positions (B, Hkv, T, D)."""
+                   past: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None],
+                   layers: range | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The owned blocks over x (`layers`: a sub-range of them, default all); `past(i)`: layer i's
+        earlier keys/values or None. Returns the output and each run layer's keys/values of the new
+        positions (B, Hkv, T, D)."""
         new = []
-        for i in self.owned_layers:
+        for i in self.owned_layers if layers is None else layers:
             x, kv = self.model.layers[i](x, *rotary, past(i), mask)
             new.append(kv)
         return x, new
@@ -261,8 +278,17 @@ class Transformer(nn.Module):
             return x
         return self.lm_head(self.model.norm(x[:, -1:] if last_only else x))
 
+    def layer_range(self, start: int | None = None, stop: int | None = None) -> range:
+        """Owned layers [start, stop) (default: all of them); ValueError outside the owned range."""
+        start = self.start if start is None else start
+        stop = self.stop if stop is None else stop
+        if not self.start <= start <= stop <= self.stop:
+            raise ValueError(f"layers [{start}, {stop}) are not within this stage's [{self.start}, {self.stop})")
+        return range(start, stop)
+
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None, cache: StepCache | None = None,
-                mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                mask: torch.Tensor | None = None, last_only: bool = False, start: int | None = None,
+                stop: int | None = None) -> torch.Tensor:
         """Run the owned part on T new positions.
 
         inputs: token ids (B, T) when this stage embeds, else hidden states (B, T, d).
@@ -270,20 +296,26 @@ class Transformer(nn.Module):
         cache: gets the new keys/values, only once every layer has run; None runs without one.
         mask: optional (B, 1, T, P+T) boolean mask; default is causal.
         last_only: a finalizing stage computes logits for the last position only (B, 1, V).
-        Returns logits (B, T, V) if this stage finalizes, else hidden states (B, T, d).
+        start, stop: run only owned layers [start, stop) (a session whose split moved, or a prefix of
+        a head); the inputs are then the hidden states at `start` (the embedding runs only from 0).
+        Returns logits (B, T, V) if this stage finalizes and the run reaches its last layer, else
+        hidden states (B, T, d).
         """
+        layers = self.layer_range(start, stop)
         past = cache.length if cache is not None else 0
+        if layers.start != self.start and self.embeds:
+            raise ValueError("a stage that embeds runs from its first layer")
         x, rotary, mask = self.prepare(inputs, positions, past, mask)
-        x, new = self.run_layers(x, rotary, mask, cache.read if cache is not None else _no_past)
+        x, new = self.run_layers(x, rotary, mask, cache.read if cache is not None else _no_past, layers)
         if cache is not None:
             try:
-                for i, (k, v) in zip(self.owned_layers, new):
+                for i, (k, v) in zip(layers, new):
                     cache.append(i, k, v)
             except BaseException:
                 cache.crop(past)  # a partial commit is taken back
                 raise
             cache.length = past + x.shape[1]
-        return self.finish(x, last_only)
+        return self.finish(x, last_only) if layers.stop == self.stop else x
 
     def forward_explicit(self, inputs: torch.Tensor, positions: torch.Tensor, past: list[torch.Tensor],
                          mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -53,4 +53,6 @@ def segment_file(index: int) -> str:
     return HEAD_FILE if index == 0 else f"head.{index}.onnx"
 
 TAIL_FILE = "tail.safetensors"
+KV_SCALES_FILE = "kv_scales.npz"
+"""Beside a head with a quantized KV cache: each layer's per-channel scales, "k.{i}" and "v.{i}", (Hkv, D) float32."""
 """The (quantized) tail stage, in DIR/cloud."""

@@ -59,7 +59,9 @@ class Plan:
     prefill_chunk: int = 128
     """Prompt positions per prefill step."""
     split_moves: tuple[tuple[int, int], ...] = ()
-    """(sequence length, new split layer) pairs at which the device moves the split shallower."""
+    """(sequence length, layer) pairs: when a session reaches the length, the device moves the split to the layer
+    (DESIGN.md §6), shallower to free the device's KV memory, or back deeper (the device keeps the weights of
+    [0, split_layer)). The cloud holds the weights from the shallowest of them (`cloud_start`)."""
     predictions: Predictions = field(default_factory=Predictions)
     """The partitioner's predictions (not part of the hash)."""
 
@@ -75,20 +77,40 @@ class Plan:
         if self.prefill_chunk < 1:
             raise PlanError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         last_len, last_layer = 0, self.split_layer
-        for at_len, layer in self.split_moves:
+        for move in self.split_moves:
+            if not (isinstance(move, (tuple, list)) and len(move) == 2 and all(isinstance(v, int) for v in move)):
+                raise PlanError(f"split move {move!r} is not a [sequence length, layer] pair of integers")
+            at_len, layer = move
             if not last_len < at_len <= self.max_seq_len:
                 raise PlanError(f"split move at length {at_len} must be after {last_len} and within max_seq_len {self.max_seq_len}")
-            if not 0 <= layer < last_layer:
-                raise PlanError(f"split move to layer {layer} must be shallower than {last_layer}")
+            if not 1 <= layer <= self.split_layer:
+                raise PlanError(f"split move to layer {layer} must be within [1, {self.split_layer}] (the device holds layers "
+                                f"[0, {self.split_layer}) and keeps at least one)")
+            if layer == last_layer:
+                raise PlanError(f"split move at length {at_len} to layer {layer}: the split is already there")
             last_len, last_layer = at_len, layer
-        if self.split_moves:
-            raise PlanError(f"split_moves {[list(m) for m in self.split_moves]}: moving the split during a session "
-                            "is not implemented yet; remove split_moves from the plan (or set it to [])")
+
+    @property
+    def cloud_start(self) -> int:
+        """The shallowest layer the cloud runs during a session: it holds the weights of [cloud_start, L)."""
+        return min([self.split_layer] + [layer for _, layer in self.split_moves])
+
+    @property
+    def move_cuts(self) -> list[int]:
+        """Layers inside the head a session may move its split to: the head is cut into segments there."""
+        return sorted({layer for _, layer in self.split_moves if layer < self.split_layer})
+
+    def splits(self) -> list[int]:
+        """Every split a session of this plan may run at: split_layer and the moves' layers."""
+        return sorted({self.split_layer, *self.move_cuts})
 
     def check_model(self, num_layers: int, weights_hash: str | None = None) -> None:
         """Raise PlanError if this plan cannot run on a model with `num_layers` layers / these weights."""
         if not 0 <= self.split_layer <= num_layers:
             raise PlanError(f"split layer {self.split_layer} is outside [0, {num_layers}] for {self.model_id}")
+        if self.split_moves and self.split_layer == num_layers:
+            raise PlanError(f"a device-only plan (split {num_layers}) cannot move its split: it has no cloud; "
+                            "partition with a split below the last layer")
         if weights_hash is not None and weights_hash != self.weights_hash:
             raise PlanError(f"plan was made for weights {self.weights_hash}, the model has {weights_hash}")
 

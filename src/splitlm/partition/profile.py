@@ -181,11 +181,13 @@ class MemoryProfile:
     head_bytes_per_token: float = 0.0
     """Growth per position of a head with layers that is not per layer (with `head_bytes`)."""
 
-    def device_bytes(self, split: int, bits: int, kv_bits: int, seq: int) -> float:
+    def device_bytes(self, split: int, bits: int, kv_bits: int, seq: int, kv_layers: int | None = None) -> float:
         """Peak resident bytes of a device process running `split` layers at `bits` to `seq` positions
-        (runtime included; activation and LM head not)."""
+        (runtime included; activation and LM head not). kv_layers: layers whose K/V the device holds, when
+        fewer than `split` (its split moved shallower: it keeps the weights, the cloud took the K/V)."""
         embed_only = self.embed_bytes + self.embed_bytes_per_token * seq
-        layers = split * (self.layer_bytes.get(bits, 0.0) + self.kv_bytes_per_token_layer[kv_bits] * seq)
+        kv_layers = split if kv_layers is None else kv_layers
+        layers = split * self.layer_bytes.get(bits, 0.0) + kv_layers * self.kv_bytes_per_token_layer[kv_bits] * seq
         if split and self.head_bytes is not None:
             body = max(embed_only, self.head_bytes + self.head_bytes_per_token * seq + layers)
         else:

@@ -1,5 +1,6 @@
 """Search: every split point × device bits × cloud bits × KV bits × codec point, each at the
-longest sequence that fits the device memory; keep what meets the budgets, return the Pareto
+longest sequence that fits the device memory, moving the split shallower during a session where
+its KV would pass the budget (Plan.split_moves); keep what meets the budgets, return the Pareto
 set (perplexity, per-token latency, bytes per token) and the chosen plan, and explain when
 nothing fits or when device-only / cloud-only beats every split. torch-free.
 """
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from splitlm.errors import ConfigError
-from splitlm.partition.profile import CodecPoint, Profile
+from splitlm.partition.profile import CodecPoint, MemoryProfile, Profile
 
 Objective = Literal["quality", "latency"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
@@ -67,6 +68,8 @@ class Candidate:
     ttft_ms: float
     bytes_per_token: float
     perplexity: float
+    moves: tuple[tuple[int, int], ...] = ()
+    """Plan.split_moves: (length, layer) at which the session moves its split shallower."""
 
 
 @dataclass
@@ -129,6 +132,56 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
     return Candidate(split, dev_bits, cloud_bits, kv_bits, codec, seq, memory, token_ms, ttft, bytes_up, ppl)
 
 
+def plan_move(mem: MemoryProfile, split: int, dev_bits: int, kv_bits: int, seq: int, budget: float, chunk: int,
+              min_length: int = 1) -> tuple[int, int] | None:
+    """(length, layer): one shallower move that lets a session of `split` reach `seq` positions within
+    `budget` device bytes (activations excluded), or None. The move goes to the deepest layer ℓ' whose
+    K/V fits to `seq` beside the head's weights (the device keeps them), at the longest length where
+    the K/V at `split` and one encoded copy of the layers sent still fit, less one prefill chunk (a
+    move waits for the end of the step that reaches its length); not before `min_length`."""
+    if split < 2:
+        return None
+    kv = mem.kv_bytes_per_token_layer[kv_bits]
+    target = next((t for t in range(split - 1, 0, -1) if mem.device_bytes(split, dev_bits, kv_bits, seq, t) <= budget), None)
+    if target is None:
+        return None
+    lo, hi = 0, seq
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mem.device_bytes(split, dev_bits, kv_bits, mid) + (split - target) * kv * mid <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    at = lo - chunk
+    return (at, target) if at >= max(min_length, 1) else None
+
+
+def move_peak(mem: MemoryProfile, split: int, dev_bits: int, kv_bits: int, seq: int, move: tuple[int, int], chunk: int) -> float:
+    """Predicted peak device bytes of a session of `split` to `seq` positions that makes `move` (activations excluded)."""
+    (at, target), kv = move, mem.kv_bytes_per_token_layer[kv_bits]
+    return max(mem.device_bytes(split, dev_bits, kv_bits, at + chunk) + (split - target) * kv * (at + chunk),
+               mem.device_bytes(split, dev_bits, kv_bits, seq, target))
+
+
+def price_moving(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, codec: CodecPoint, seq: int,
+                 b: Budgets) -> Candidate | None:
+    """A session of `split` that reaches `seq` positions by moving its split shallower once (`plan_move`),
+    when its KV would pass the device memory budget: None when no move fits. The session's latency and
+    perplexity are the worse of the two splits'."""
+    if split >= p.num_layers:
+        return None
+    act = p.memory.activation_bytes_per_token * b.prefill_chunk
+    move = plan_move(p.memory, split, dev_bits, kv_bits, seq, b.device_memory_bytes - act, b.prefill_chunk, b.prompt_tokens)
+    if move is None:
+        return None
+    at, target = move
+    before, after = price(p, split, dev_bits, cloud_bits, kv_bits, codec, at, b), price(p, target, dev_bits, cloud_bits, kv_bits, codec, seq, b)
+    memory = move_peak(p.memory, split, dev_bits, kv_bits, seq, move, b.prefill_chunk) + act
+    return Candidate(split, dev_bits, cloud_bits, kv_bits, codec, seq, memory, max(before.token_latency_ms, after.token_latency_ms),
+                     before.ttft_ms, max(before.bytes_per_token, after.bytes_per_token), max(before.perplexity, after.perplexity),
+                     (move,))
+
+
 def _feasible(c: Candidate, b: Budgets) -> bool:
     return (c.memory_bytes <= b.device_memory_bytes and c.token_latency_ms <= b.token_latency_ms
             and (b.ttft_ms is None or c.ttft_ms <= b.ttft_ms))
@@ -160,7 +213,8 @@ def describe(c: Candidate, L: int) -> str:
         parts.append(f"device W{c.device_bits}" + (f" KV{c.kv_bits}" if c.kv_bits != 16 else ""))
     if c.split < L:
         parts += [f"cloud W{c.cloud_bits}", f"codec {c.codec.name}"]
-    return ", ".join(parts) + f", max_seq_len {c.max_seq_len}"
+    moves = "".join(f", moves to {layer} at {at}" for at, layer in c.moves)
+    return ", ".join(parts) + f", max_seq_len {c.max_seq_len}" + moves
 
 
 def search(p: Profile, b: Budgets) -> SearchResult:
@@ -188,6 +242,8 @@ def search(p: Profile, b: Budgets) -> SearchResult:
                         for seq in seqs:  # memory grows with seq: keep the longest that fits, else the shortest
                             c = price(p, split, db, cb, kb, codec, seq, b)
                             evaluated += 1
+                            if c.memory_bytes > b.device_memory_bytes:  # past the KV budget: longer by moving the split
+                                c = price_moving(p, split, db, cb, kb, codec, seq, b) or c
                             if best is None or c.memory_bytes <= b.device_memory_bytes:
                                 best = c
                             if c.memory_bytes > b.device_memory_bytes:
@@ -239,6 +295,6 @@ def to_plan(c: Candidate, p: Profile, b: Budgets):
                 device_weights=WeightQuant(c.device_bits, DEFAULT_GROUP, p.quality.device_methods.get(c.device_bits, "rtn")),
                 cloud_weights=WeightQuant(c.cloud_bits, DEFAULT_GROUP),
                 kv_bits=c.kv_bits, lm_head_bits=b.lm_head_bits if c.split == p.num_layers else 16, codec=codec,
-                max_seq_len=c.max_seq_len, prefill_chunk=b.prefill_chunk,
+                max_seq_len=c.max_seq_len, prefill_chunk=b.prefill_chunk, split_moves=c.moves,
                 predictions=Predictions(c.memory_bytes, c.token_latency_ms, c.ttft_ms, b.prompt_tokens, c.bytes_per_token,
                                             c.perplexity))

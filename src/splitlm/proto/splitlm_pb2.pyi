@@ -59,24 +59,34 @@ class Activations(_message.Message):
     def __init__(self, start_position: _Optional[int] = ..., frame: _Optional[bytes] = ..., want_token: _Optional[bool] = ...) -> None: ...
 
 class MoveSplit(_message.Message):
-    __slots__ = ("new_split", "layers")
+    __slots__ = ("new_split", "layers", "more")
     NEW_SPLIT_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     new_split: int
     layers: _containers.RepeatedCompositeFieldContainer[LayerKV]
-    def __init__(self, new_split: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerKV, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, new_split: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerKV, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class LayerKV(_message.Message):
-    __slots__ = ("layer", "bits", "keys", "values")
+    __slots__ = ("layer", "bits", "keys", "values", "start_position", "positions", "key_scales", "value_scales")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    KEY_SCALES_FIELD_NUMBER: _ClassVar[int]
+    VALUE_SCALES_FIELD_NUMBER: _ClassVar[int]
     layer: int
     bits: int
     keys: bytes
     values: bytes
-    def __init__(self, layer: _Optional[int] = ..., bits: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ...) -> None: ...
+    start_position: int
+    positions: int
+    key_scales: bytes
+    value_scales: bytes
+    def __init__(self, layer: _Optional[int] = ..., bits: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., start_position: _Optional[int] = ..., positions: _Optional[int] = ..., key_scales: _Optional[bytes] = ..., value_scales: _Optional[bytes] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("reason",)
@@ -131,10 +141,14 @@ class TopLogprob(_message.Message):
     def __init__(self, id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class SplitMoved(_message.Message):
-    __slots__ = ("split",)
+    __slots__ = ("split", "layers", "more")
     SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     split: int
-    def __init__(self, split: _Optional[int] = ...) -> None: ...
+    layers: _containers.RepeatedCompositeFieldContainer[LayerKV]
+    more: bool
+    def __init__(self, split: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerKV, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

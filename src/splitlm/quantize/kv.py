@@ -84,3 +84,18 @@ def quantize_kv_cache(stage: Transformer, bits: int, calib_ids: list[list[int]])
         room = KV_HEADROOM[bits] / q
         stage.model.layers[i].self_attn.kv_quant = StaticKVQuant(bits, (k * room).clamp_min(tiny), (v * room).clamp_min(tiny))
     return stage
+
+
+def save_kv_scales(stage: Transformer, path) -> None:
+    """Write the StaticKVQuant scales of `stage`'s layers to `path` (names.KV_SCALES_FILE's layout, numpy npz)."""
+    import numpy as np
+
+    spec, arrays = stage.spec, {}
+    for i in stage.owned_layers:
+        kvq = stage.model.layers[i].self_attn.kv_quant
+        if kvq is None:
+            raise ConfigError(f"layer {i} has no quantized KV cache: no scales to save")
+        for name, scale in (("k", kvq.k_scale), ("v", kvq.v_scale)):
+            arrays[f"{name}.{i}"] = scale.detach().float().numpy().reshape(spec.num_kv_heads, spec.head_dim)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)

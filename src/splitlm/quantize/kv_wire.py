@@ -1,0 +1,182 @@
+"""KV state on the wire, for moving the split during a session (DESIGN.md §6). numpy only.
+
+A layer's keys and values (Hkv, T, D) travel as `LayerKV` chunks of consecutive positions, in
+one of four encodings (`LayerKV.bits`):
+
+* 32: float32 values (exact: what a device cache of kv_bits 16 holds, and the cloud's fp32 cache);
+* 16: float16 values;
+* 8: int8 codes, value = code × scale, one float32 scale per channel (head × dim);
+* 4: two codes per byte, code + 8 in a nibble, the even element in the low nibble, scales as for 8.
+
+8 and 4 are the device cache's own codes (onnxruntime's GroupQueryAttention quantized cache, whose
+layout this is), sent as they lie in its buffers. `Assembler` checks what arrives against the
+session (layers, positions, shapes, sizes) and gives float32 K/V, or a CodecError naming what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from splitlm.errors import CodecError
+from splitlm.proto import splitlm_pb2 as pb
+
+WIRE_BITS = (32, 16, 8, 4)
+_FLOAT = {32: np.dtype("<f4"), 16: np.dtype("<f2")}
+
+
+def _row_bytes(bits: int, kv_heads: int, head_dim: int) -> int:
+    """Bytes of keys (or values) per position."""
+    return kv_heads * head_dim * bits // 8
+
+
+def quantize(x: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """float (Hkv, T, D) -> the cache's codes with per-channel `scales` (Hkv, D): int8 (Hkv, T, D) for 8
+    bits, uint8 (Hkv, T, D/2) packed for 4 (the rounding of quantize.kv.StaticKVQuant)."""
+    q = 2 ** (bits - 1) - 1
+    codes = np.clip(np.rint(x / scales[:, None, :]), -q - 1, q).astype(np.int8)
+    if bits == 8:
+        return codes
+    if bits != 4:
+        raise CodecError(f"KV bits {bits} are not codes; use 8 or 4")
+    nib = (codes.astype(np.int16) + 8).astype(np.uint8)
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def dequantize(data: np.ndarray, bits: int, scales: np.ndarray | None = None) -> np.ndarray:
+    """The inverse of the encodings above -> float32 (Hkv, T, D)."""
+    if bits in _FLOAT:
+        return data.astype(np.float32)
+    if bits == 8:
+        codes = data.view(np.int8).astype(np.float32)
+    elif bits == 4:
+        packed = data.view(np.uint8)
+        codes = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), np.float32)
+        codes[..., 0::2] = (packed & 15).astype(np.float32) - 8
+        codes[..., 1::2] = (packed >> 4).astype(np.float32) - 8
+    else:
+        raise CodecError(f"KV bits {bits} not in {WIRE_BITS}")
+    return codes * scales[:, None, :]
+
+
+def chunks(layer: int, keys: np.ndarray, values: np.ndarray, bits: int, key_scales: np.ndarray | None = None,
+           value_scales: np.ndarray | None = None, max_bytes: int = 1 << 20) -> Iterator[pb.LayerKV]:
+    """One layer's K/V (Hkv, T, D) or the cache's codes (Hkv, T, D or D/2) as LayerKV chunks of
+    consecutive positions, keys + values at most `max_bytes` per chunk (one position at least)."""
+    if bits not in WIRE_BITS:
+        raise CodecError(f"KV bits {bits} not in {WIRE_BITS}")
+    if bits in _FLOAT:
+        keys, values = keys.astype(_FLOAT[bits], copy=False), values.astype(_FLOAT[bits], copy=False)
+    total = keys.shape[1]
+    per_position = 2 * keys.shape[0] * keys.shape[2] * keys.dtype.itemsize
+    step = max(1, max_bytes // max(per_position, 1))
+    scales = {}
+    if bits in (8, 4):
+        scales = dict(key_scales=np.ascontiguousarray(key_scales, "<f4").tobytes(),
+                      value_scales=np.ascontiguousarray(value_scales, "<f4").tobytes())
+    for start in range(0, max(total, 1), step):
+        stop = min(start + step, total)
+        yield pb.LayerKV(layer=layer, bits=bits, start_position=start, positions=stop - start,
+                         keys=np.ascontiguousarray(keys[:, start:stop]).tobytes(),
+                         values=np.ascontiguousarray(values[:, start:stop]).tobytes(), **scales)
+
+
+def batches(items: Iterable[pb.LayerKV], max_bytes: int) -> Iterator[list[pb.LayerKV]]:
+    """Group chunks into messages of at most about `max_bytes` each (a chunk never splits)."""
+    batch: list[pb.LayerKV] = []
+    size = 0
+    for item in items:
+        n = item.ByteSize()
+        if batch and size + n > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        yield batch
+
+
+@dataclass
+class _Layer:
+    bits: int
+    keys: list[bytes]
+    values: list[bytes]
+    key_scales: bytes
+    value_scales: bytes
+    positions: int = 0
+
+
+class Assembler:
+    """Collects the chunks of one move: layers `layers`, each for positions [0, positions), of a model
+    with `kv_heads` × `head_dim` K/V. CodecError (naming the layer and what is wrong) for a chunk
+    of another layer, out of order, of the wrong size or encoding; nothing is kept from a move
+    that failed."""
+
+    def __init__(self, layers: range, positions: int, kv_heads: int, head_dim: int, max_bytes: int | None = None) -> None:
+        self.layers, self.positions, self.kv_heads, self.head_dim = layers, positions, kv_heads, head_dim
+        self.max_bytes = max_bytes
+        self._got: dict[int, _Layer] = {}
+        self.bytes = 0
+
+    def add(self, item: pb.LayerKV) -> None:
+        i, bits = item.layer, item.bits
+        if i not in self.layers:
+            raise CodecError(f"KV for layer {i}: the move carries layers [{self.layers.start}, {self.layers.stop})")
+        if bits not in WIRE_BITS:
+            raise CodecError(f"KV of layer {i}: bits {bits} not in {WIRE_BITS}")
+        if bits == 4 and self.head_dim % 2:
+            raise CodecError(f"KV of layer {i}: 4-bit codes pack two per byte, head_dim {self.head_dim} is odd")
+        got = self._got.get(i)
+        if got is None:
+            scale_bytes = 4 * self.kv_heads * self.head_dim if bits in (8, 4) else 0
+            for name in ("key_scales", "value_scales"):
+                if len(getattr(item, name)) != scale_bytes:
+                    raise CodecError(f"KV of layer {i}: {name} hold {len(getattr(item, name))} bytes, {bits} bits need "
+                                     f"{scale_bytes} ({self.kv_heads}x{self.head_dim} float32)" if scale_bytes
+                                     else f"KV of layer {i}: {name} given with {bits}-bit values")
+            for name in ("key_scales", "value_scales"):
+                scales = np.frombuffer(getattr(item, name), "<f4")
+                if not (np.isfinite(scales).all() and (scales > 0).all()):
+                    raise CodecError(f"KV of layer {i}: {name} are not all finite and > 0")
+            got = self._got[i] = _Layer(bits, [], [], item.key_scales, item.value_scales)
+        elif bits != got.bits:
+            raise CodecError(f"KV of layer {i}: a chunk of {bits} bits after chunks of {got.bits}")
+        if item.start_position != got.positions:
+            raise CodecError(f"KV of layer {i}: chunk starts at position {item.start_position}, expected {got.positions}")
+        if got.positions + item.positions > self.positions:
+            raise CodecError(f"KV of layer {i}: positions up to {got.positions + item.positions}, the session holds {self.positions}")
+        need = item.positions * _row_bytes(bits, self.kv_heads, self.head_dim)
+        for name in ("keys", "values"):
+            if len(getattr(item, name)) != need:
+                raise CodecError(f"KV of layer {i}: {name} of {len(getattr(item, name))} bytes for {item.positions} positions, "
+                                 f"expected {need} ({self.kv_heads} heads x {self.head_dim} dims at {bits} bits)")
+        self.bytes += item.ByteSize()
+        if self.max_bytes is not None and self.bytes > self.max_bytes:
+            raise CodecError(f"the move's KV passes {self.max_bytes} bytes, more than its layers and positions need")
+        got.keys.append(item.keys)
+        got.values.append(item.values)
+        got.positions += item.positions
+
+    def result(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """layer -> float32 keys and values (Hkv, positions, D); CodecError when a layer or position is missing."""
+        out = {}
+        for i in self.layers:
+            got = self._got.get(i)
+            if got is None or got.positions != self.positions:
+                have = 0 if got is None else got.positions
+                raise CodecError(f"the move lacks KV of layer {i} (positions {have} of {self.positions})")
+            dtype = _FLOAT.get(got.bits, np.dtype(np.uint8))
+            width = self.head_dim if got.bits != 4 else self.head_dim // 2
+            pair = []
+            for parts, scales in ((got.keys, got.key_scales), (got.values, got.value_scales)):
+                # each chunk is (Hkv, its positions, width): joined along the positions
+                data = np.concatenate([np.frombuffer(p, dtype).reshape(self.kv_heads, -1, width) for p in parts], axis=1) \
+                    if parts else np.zeros((self.kv_heads, 0, width), dtype)
+                s = np.frombuffer(scales, "<f4").reshape(self.kv_heads, self.head_dim) if scales else None
+                pair.append(dequantize(data, got.bits, s))
+                if got.bits in _FLOAT and not np.isfinite(pair[-1]).all():
+                    raise CodecError(f"KV of layer {i}: values that are not finite")
+            out[i] = (pair[0], pair[1])
+        return out
