@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from splitlm.demo import cached_export
 from splitlm.model.registry import resolve_model
 from splitlm.partition.plan import Plan
@@ -37,8 +39,6 @@ PROMPT = "Moving the split point of a model during a session frees the device's 
 
 def device_worker(args) -> None:
     """One device session to args.positions positions, EOS ignored; prints a JSON line."""
-    import numpy as np
-
     from splitlm.device.client import ReplayingSession, connect
     from splitlm.device.runtime import DeviceHead, HeadSession, move_split
     from splitlm.sampling import SamplingParams
@@ -48,7 +48,9 @@ def device_worker(args) -> None:
     head = DeviceHead(session)
     prompt = [int(t) for t in args.prompt.split(",")]
     moves = list(plan.split_moves)
-    times, move_rows, marks = [], [], {}
+    if args.no_moves:
+        moves = []
+    times, move_rows, marks, trace = [], [], {}, []
     logs = args.logs.split(",") if args.logs else []
     pids = [int(p) for p in args.pids.split(",")] if args.pids else []
     with connect(args.address) as channel, ReplayingSession(channel, plan.hash, plan.model_id, SamplingParams(),
@@ -78,6 +80,8 @@ def device_worker(args) -> None:
             if "killed" in marks and "next" not in marks:
                 marks["next"] = time.perf_counter()
             tokens.append(token)
+            if head.length % 64 == 0:
+                trace.append((head.length, _rss()))
     hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
     at = np.array([p for p, _ in times])
     dt = np.array([s for _, s in times])
@@ -90,7 +94,12 @@ def device_worker(args) -> None:
     print(json.dumps({"peak_rss_bytes": hwm * 1024, "positions": head.length, "tokens": tokens, "ttft_s": ttft,
                       "moves": move_rows, "tok_s_before": rate(at <= split_at), "tok_s_after": rate(at > split_at),
                       "recovery_ms": (marks["next"] - marks["killed"]) * 1e3 if "next" in marks else None,
-                      "replay_bytes": replay.bytes if replay else 0, "replay_frames": replay.frames if replay else 0}))
+                      "replay_bytes": replay.bytes if replay else 0, "replay_frames": replay.frames if replay else 0,
+                      "rss_trace": trace}))
+
+
+def _rss() -> int:
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS")) * 1024
 
 
 class Replica:
@@ -113,11 +122,12 @@ class Replica:
             self.proc.wait(30)
 
 
-def run_device(root: Path, replicas: list[Replica], prompt: list[int], positions: int, kill_at: int = 0, split_at: int = 0) -> dict:
+def run_device(root: Path, replicas: list[Replica], prompt: list[int], positions: int, kill_at: int = 0, split_at: int = 0,
+               moves: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--device-worker", "--root", str(root), "--address", ",".join(r.address for r in replicas),
            "--prompt", ",".join(map(str, prompt)), "--positions", str(positions), "--kill-at", str(kill_at),
            "--split-at", str(split_at), "--pids", ",".join(str(r.proc.pid) for r in replicas),
-           "--logs", ",".join(str(r.log) for r in replicas)]
+           "--logs", ",".join(str(r.log) for r in replicas)] + ([] if moves else ["--no-moves"])
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=1800)
     if out.returncode != 0:
         raise SystemExit(f"device run failed: {out.stderr[-3000:]}")
@@ -135,6 +145,7 @@ def main() -> None:
         ap.add_argument(name, help=argparse.SUPPRESS)
     ap.add_argument("--split-at", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--device-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-moves", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device_worker:
         return device_worker(args)
@@ -149,29 +160,38 @@ def main() -> None:
     prompt = ckpt.tokenizer().encode(PROMPT * 3).ids
     work = Path(tempfile.mkdtemp())
     kv = 2 * spec.num_kv_heads * spec.head_dim * 4  # float32 K and V per position per layer
+    # the memory model, as the profiler fits it: resident bytes grow by the K/V of each layer held per
+    # position, plus what else grows per position (measured: a calibration run's RSS against its length)
     root_still = cached_export(ckpt, still)
     replicas = [Replica(root_still, work / "still.log")]
     try:
-        base = run_device(root_still, replicas, prompt, len(prompt) + 64)["peak_rss_bytes"]
-        budget = base + args.split * kv * args.fits
-        mem = MemoryProfile(layer_bytes={8: 0.0}, embed_bytes=base, lm_head_bytes={}, kv_bytes_per_token_layer={16: kv})
-        move = plan_move(mem, args.split, 8, 16, args.positions, budget, still.prefill_chunk, len(prompt))
-        if move is None:
-            raise SystemExit(f"no move fits a budget of {budget / 2**20:.1f} MiB")
-        moving = still.replace(split_moves=(move,))
-        predicted = move_peak(mem, args.split, 8, 16, args.positions, move, still.prefill_chunk)
-        unmoved = run_device(root_still, replicas, prompt, args.positions, split_at=move[0])
+        calibration = run_device(root_still, replicas, prompt, 768, moves=False)
     finally:
         for r in replicas:
             r.stop()
+    trace = np.array(calibration["rss_trace"], float)
+    slope = float(np.polyfit(trace[:, 0], trace[:, 1], 1)[0])
+    other = max(0.0, slope - args.split * kv)
+    mem = MemoryProfile(layer_bytes={8: 0.0}, embed_bytes=0.0, embed_bytes_per_token=other, lm_head_bytes={},
+                        kv_bytes_per_token_layer={16: kv})
+    growth = mem.device_bytes(args.split, 8, 16, args.fits)  # what the budget holds beyond the head's fixed bytes
+    move = plan_move(mem, args.split, 8, 16, args.positions, growth, still.prefill_chunk, len(prompt))
+    if move is None:
+        raise SystemExit(f"no move fits a budget of {growth / 2**20:.1f} MiB of growth")
+    moving = still.replace(split_moves=(move,))
     root_moving = cached_export(ckpt, moving)
     replicas = [Replica(root_moving, work / f"moving{i}.log") for i in range(2)]
-    try:
+    try:  # the unmoved run: the same export (its head cut at the move's layer), its plan's move not made
+        unmoved = run_device(root_moving, replicas[:1], prompt, args.positions, split_at=move[0], moves=False)
         moved = run_device(root_moving, replicas[:1], prompt, args.positions)
         failover = run_device(root_moving, replicas, prompt, args.positions, kill_at=args.kill_at)
     finally:
         for r in replicas:
             r.stop()
+    # the head's fixed bytes on this export: the unmoved run's resident memory less the modelled growth
+    base = float(np.median([rss - mem.device_bytes(args.split, 8, 16, p) for p, rss in unmoved["rss_trace"]]))
+    budget = base + growth
+    predicted = base + move_peak(mem, args.split, 8, 16, args.positions, move, still.prefill_chunk)
 
     mib = 2**20
     (m,) = moved["moves"]
@@ -180,8 +200,9 @@ def main() -> None:
     agree = next((i for i, (a, b) in enumerate(zip(unmoved["tokens"], moved["tokens"])) if a != b), len(moved["tokens"]))
     print(f"SmolLM2-135M, device W8 layers [0, {args.split}) with a float32 KV cache, cloud W8, tabq ε 0.02, 1 device "
           f"thread, loopback; {len(prompt)}-token prompt, generation to {args.positions} positions (EOS ignored)")
-    print(f"budget {budget / mib:.1f} MiB = head resident {base / mib:.1f} MiB + K/V of {args.split} layers for {args.fits} "
-          f"positions; the plan moves {args.split} -> {move[1]} at {move[0]} (predicted peak {predicted / mib:.1f} MiB)")
+    print(f"budget {budget / mib:.1f} MiB = head fixed {base / mib:.1f} MiB + K/V of {args.split} layers for {args.fits} positions "
+          f"(and {other / 1024:.2f} KiB/position of other growth); the plan moves {args.split} -> {move[1]} at {move[0]} "
+          f"(predicted peak {predicted / mib:.1f} MiB)")
     print(f"{'run':<34}{'positions':>10}{'peak RSS MiB':>14}{'within budget':>15}{'tok/s before':>14}{'tok/s after':>13}")
     for name, r in (("unmoved", unmoved), ("moving", moved), ("moving, replica killed", failover)):
         print(f"{name:<34}{r['positions']:>10}{r['peak_rss_bytes'] / mib:>14.1f}{str(r['peak_rss_bytes'] <= budget):>15}"
@@ -196,9 +217,11 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "split": args.split, "positions": args.positions, "prompt_tokens": len(prompt), "budget_bytes": budget, "base_bytes": base,
+        "other_growth_bytes_per_position": other, "fits": args.fits,
         "move": list(move), "predicted_peak_bytes": predicted, "per_layer_per_1k_bytes": per_layer_1k,
         "tokens_equal_to_unmoved": agree, "failover_identical": failover["tokens"] == moved["tokens"],
-        "runs": {k: {x: y for x, y in v.items() if x != "tokens"} for k, v in
+        "runs": {k: {x: y for x, y in v.items() if x not in ("tokens", "rss_trace")} | {"rss_trace_mib": [
+            [p, round(r / mib, 1)] for p, r in v["rss_trace"][::4]]} for k, v in
                  (("unmoved", unmoved), ("moving", moved), ("failover", failover))}}, indent=2))
     if moved["peak_rss_bytes"] > budget or moved["positions"] < args.positions - 1:
         raise SystemExit("the moving session did not stay within the budget to the end")

@@ -7,6 +7,8 @@ that replays the moves. A bad move is refused with its own status code and the s
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -309,3 +311,46 @@ def test_the_assembler_refuses_what_does_not_fit_the_move():
         a.result()
     with pytest.raises(CodecError, match="positions up to 5, the session holds 4"):
         kv_wire.Assembler(range(0, 1), 4, 2, 6).add(next(kv_wire.chunks(0, np.zeros((2, 5, 6)), np.zeros((2, 5, 6)), 32)))
+
+
+def test_a_move_past_the_kv_budget_is_refused_before_it_installs_anything(exports, tiny_ckpt):
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.client import MoveRefused
+
+    runner = TailRunner(exports["moving"][1].cloud_dir)
+    per_layer = runner.batcher.kv_bytes_per_layer_position
+    prompt = _prompt(tiny_ckpt)
+    # room for the session's own layer to 100 positions, not for two more layers of its prompt
+    server, port, service = start_server(runner, "127.0.0.1:0", ServerConfig(max_kv_bytes=int(per_layer * 100)))
+    try:
+        channel, remote, head = _open(f"127.0.0.1:{port}", exports["moving"])
+        with channel, remote:
+            tokens = [remote.send(head.encode(head.step(prompt)), len(prompt))]
+            with pytest.raises(MoveRefused) as info:
+                remote.move_split(1, head.kv_chunks(range(1, 3)))
+            assert info.value.code == "RESOURCE_EXHAUSTED"
+            for _ in range(6):
+                tokens.append(remote.send(head.encode(head.step([tokens[-1]])), 1))
+        assert service.moves == 0
+    finally:
+        server.stop(grace=None)
+    deadline = time.monotonic() + 10
+    while runner.batcher.kv_bytes and time.monotonic() < deadline:  # the release is counted on the batcher thread
+        time.sleep(0.01)
+    assert runner.batcher.kv_bytes == 0  # every byte the session held was given back: none was counted twice
+    assert tokens == _in_process(exports["still"], prompt, 7, SamplingParams()).token_ids
+
+
+def test_the_device_refuses_a_move_it_cannot_make_before_the_cloud_moves(exports, tiny_ckpt):
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.runtime import DeviceHead, HeadSession, move_split
+    from splitlm.errors import ConfigError
+
+    _, result = exports["moving"]
+    head, tail = DeviceHead(HeadSession(result.device_dir)), TailRunner(result.cloud_dir).new_session()
+    tail.send(head.encode(head.step(_prompt(tiny_ckpt))), None)
+    for layer, message in ((0, "can stop at layers"), (3, "already"), (4, "go back to")):
+        with pytest.raises(ConfigError, match=message):
+            move_split(head, tail, layer)
+    assert tail.split == 3 and sorted(tail.cache.layers) == [3]

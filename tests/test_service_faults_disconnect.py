@@ -247,7 +247,8 @@ def test_a_disconnect_mid_prefill_gives_back_its_kv_reservation(tiny_ckpt, artif
 
     plan, result = artifacts
     d = tiny_ckpt.spec.hidden_size
-    per_position = TailRunner(result.cloud_dir, warm_up=False).batcher.kv_bytes_per_position
+    stage = TailRunner(result.cloud_dir, warm_up=False).batcher
+    per_position = stage.kv_bytes_per_layer_position * len(stage.stage.owned_layers)
     address, service = serve(max_kv_bytes=int(per_position * 1.5 * PREFILL_ROWS))  # room for one long prompt
     long = frame(d, PREFILL_ROWS, 5)
     assert _prefill_status(address, plan, long) == "OK"

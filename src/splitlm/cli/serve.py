@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -10,6 +11,10 @@ from pathlib import Path
 
 from splitlm.cli.flags import at_least, check_output, dataclass_default, load_model, quantity, read_bytes, save_or_keep
 from splitlm.errors import ConfigError
+
+log = logging.getLogger("splitlm.serve")
+STATS_EVERY_S = 60.0
+"""`serve` logs its session count, moves served and KV bytes this often (INFO, event=stats)."""
 
 
 def add_serve(sub) -> None:
@@ -107,10 +112,16 @@ def cmd_serve(args) -> int:
     try:
         if args.port_file:
             _write_port_file(args.port_file, port)
-        print(f"serving plan {runner.plan.hash} (layers [{runner.plan.split_layer}, {runner.spec.num_layers})) on {args.host}:{port}",
+        plan = runner.plan
+        moves = f"; sessions start at {plan.split_layer} and may move to {plan.splits()}" if plan.split_moves else ""
+        print(f"serving plan {plan.hash} (layers [{plan.cloud_start}, {runner.spec.num_layers}){moves}) on {args.host}:{port}",
               flush=True)
+        service, last = server.service, time.monotonic()
         while not drain.wait(0.5):
-            pass
+            if time.monotonic() - last >= STATS_EVERY_S:  # what the replica serves, for logs and scrapers
+                last = time.monotonic()
+                log.info("event=stats sessions=%d moves=%d drained=%d kv_bytes=%d", len(service.sessions), service.moves,
+                         service.drained, service.kv_bytes())
         # SIGTERM: graceful drain, then exit (the live sessions move to other replicas by replay)
         left = server.drain(args.drain_timeout)
         print(f"drained: {server.service.drained} session(s) moved, {left} left", flush=True)

@@ -85,6 +85,8 @@ class _Call:
 
     cache: Cache
     fn: Callable[[], Any]
+    grows: int = 0
+    """KV bytes fn will add to the cache at most: checked against the budget before it runs."""
     future: Future = field(default_factory=Future)
 
 
@@ -171,8 +173,8 @@ class Batcher:
         """The caches that have run and not been released: the sessions a turn may wait for."""
         self.decode = decode
         dtype = next((p.dtype for p in stage.parameters() if p.is_floating_point()), torch.float32)
-        self.kv_bytes_per_position = stage.spec.kv_bytes_per_token(len(stage.owned_layers), 8 * dtype.itemsize)
-        """Estimate used to reserve a frame's KV before it runs (the exact bytes are counted after)."""
+        self.kv_bytes_per_layer_position = stage.spec.kv_bytes_per_token(1, 8 * dtype.itemsize)
+        """Estimate used to reserve a frame's KV before it runs, per layer it runs (the exact bytes are counted after)."""
         self.kv_bytes = 0
         """KV bytes held by the caches this batcher ran and has not released (updated on its thread)."""
         self.reserved = 0
@@ -207,11 +209,12 @@ class Batcher:
         self._inbox.put(work)
         return work.future
 
-    def call(self, cache: Cache, fn: Callable[[], Any]) -> Future:
+    def call(self, cache: Cache, fn: Callable[[], Any], grows: int = 0) -> Future:
         """Run fn() on the batcher thread, between turns (it may change `cache`: a split move installs or
-        removes layers); the bytes the cache gains count against the KV budget (ResourceExhausted, and
-        fn's change is the caller's to take back)."""
-        item = _Call(cache, fn)
+        removes layers). `grows`: the KV bytes fn adds at most, refused with ResourceExhausted before fn
+        runs when they would pass the budget; what the cache gains or loses is counted after. The
+        caller submits no work for `cache` until the future is done (the service waits for each step)."""
+        item = _Call(cache, fn, grows)
         self._inbox.put(item)
         return item.future
 
@@ -284,21 +287,23 @@ class Batcher:
 
     @torch.inference_mode()
     def _call(self, item: _Call) -> None:
+        if not item.future.set_running_or_notify_cancel():  # its waiter went away
+            return
+        if item.grows > 0 and self.kv_budget is not None and self.kv_bytes + self.reserved + item.grows > self.kv_budget:
+            item.future.set_exception(ResourceExhausted(f"KV cache would grow to {self.kv_bytes + self.reserved + item.grows} bytes, "
+                                                        f"the server's budget is {self.kv_budget}"))
+            return
         before = item.cache.nbytes()
         try:
             result = item.fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            _resolve(item.future, exc=exc)
+            self.kv_bytes += item.cache.nbytes() - before  # fn takes back what it changed; count whatever it left
+            item.future.set_exception(exc)
             return
-        grown = item.cache.nbytes() - before
-        if grown > 0 and self.kv_budget is not None and self.kv_bytes + self.reserved + grown > self.kv_budget:
-            _resolve(item.future, exc=ResourceExhausted(f"KV cache would grow to {self.kv_bytes + self.reserved + grown} bytes, "
-                                                        f"the server's budget is {self.kv_budget}"))
-            return
-        self.kv_bytes += grown
+        self.kv_bytes += item.cache.nbytes() - before
         if id(item.cache) in self._active or item.cache.nbytes():
             self._active[id(item.cache)] = item.cache
-        _resolve(item.future, result)
+        item.future.set_result(result)
 
     def _awaited(self, prefills: deque[_Work], decodes: list[_Work], arrived: list[_Work]) -> bool:
         """Whether this turn should wait (up to gather_s) for more steps: a decode step is ready
@@ -381,8 +386,11 @@ class Batcher:
                 out.append(exc)
         return out
 
+    def _per_position(self, work: _Work) -> float:
+        return self.kv_bytes_per_layer_position * (self.stage.stop - (self.stage.start if work.start is None else work.start))
+
     def _reserve(self, work: _Work, rows: int) -> None:
-        need = int(rows * self.kv_bytes_per_position)
+        need = int(rows * self._per_position(work))
         if self.kv_budget is not None and self.kv_bytes + self.reserved + need > self.kv_budget:
             raise ResourceExhausted(f"KV cache would grow to {self.kv_bytes + self.reserved + need} bytes, the server's "
                                     f"budget is {self.kv_budget}")
@@ -395,7 +403,7 @@ class Batcher:
 
     def _ran(self, work: _Work, rows: int, bytes_before: int) -> None:
         """Account for `rows` positions of `work` that ran."""
-        share = work.reserved if work.done_rows + rows >= work.hidden.shape[0] else int(rows * self.kv_bytes_per_position)
+        share = work.reserved if work.done_rows + rows >= work.hidden.shape[0] else int(rows * self._per_position(work))
         self.reserved -= share
         work.reserved -= share
         work.done_rows += rows

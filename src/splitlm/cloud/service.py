@@ -227,25 +227,30 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             token.top.extend(pb.TopLogprob(id=i, logprob=lp) for i, lp in choice.top)
         return pb.CloudMessage(token=token)
 
-    async def _move(self, sid: str, session: _Session, first: pb.MoveSplit, context: grpc.aio.ServicerContext) -> pb.CloudMessage:
+    async def _move(self, sid: str, session: _Session, first: pb.MoveSplit, context: grpc.aio.ServicerContext,
+                    left: float) -> pb.CloudMessage:
         """Serve one split move (all its messages): SplitMoved, or an Error message for a move refused, after
-        which the session goes on at its old split, untouched. Only a message that is not part of the move
-        (a protocol violation) ends the stream."""
+        which the session goes on at its old split, untouched. A message that is not part of the move, or
+        a move larger than any move of this session could be, breaks the protocol and ends the stream.
+        `left`: seconds to the session's total deadline."""
         t0, tail, spec = time.perf_counter(), session.tail, self.runner.spec
         old, new = tail.split, first.new_split
+        # no move of this session carries more: every layer the cloud may take, float32, every position, and headers
+        cap = (spec.num_layers * session.position * 2 * spec.num_kv_heads * spec.head_dim * 4 + (1 << 20))
         error: Exception | None = None
         assembler = None
         try:
             layers = tail.check_move(new)
             if new > old and (first.layers or first.more):
                 raise CodecError(f"a move deeper (to {new}) carries no KV: the cloud sends it")
-            per_position = 2 * spec.num_kv_heads * spec.head_dim * 4
-            assembler = kv_wire.Assembler(layers, session.position, spec.num_kv_heads, spec.head_dim,
-                                          max_bytes=len(layers) * session.position * per_position + (1 << 20))
+            assembler = kv_wire.Assembler(layers, session.position, spec.num_kv_heads, spec.head_dim, max_bytes=cap)
         except (MoveError, CodecError) as exc:
             error = exc
-        msg, received = first, first.ByteSize()
+        msg, received, deadline = first, first.ByteSize(), time.monotonic() + left
         while True:  # read the whole move, even once it is refused, so that its later messages are not taken for another
+            if received > cap:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"a split move of more than {cap} bytes: no move of "
+                                                                     f"{session.position} positions carries that much")
             if error is None and new < old:
                 try:
                     for item in msg.layers:
@@ -254,7 +259,13 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     error = exc
             if not msg.more:
                 break
-            nxt = await self._read(context, self.config.idle_timeout_s, "rest of the split move")
+            if self.draining:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining: replay the session on another replica")
+            wait = min(self.config.idle_timeout_s, deadline - time.monotonic())
+            if wait <= 0:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"session passed its total deadline of {self.config.total_timeout_s:.3g} s")
+            nxt = await self._read(context, wait, "rest of the split move")
             if nxt is None or nxt.WhichOneof("kind") != "move_split" or nxt.move_split.new_split != new:
                 got = "the end of the stream" if nxt is None else (nxt.WhichOneof("kind") if nxt.WhichOneof("kind") != "move_split"
                                                                    else f"a move to {nxt.move_split.new_split}")
@@ -264,16 +275,14 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         reply = pb.SplitMoved(split=new)
         if error is None:
             try:
-                if new < old:
-                    await asyncio.wrap_future(tail.move(new, assembler.result()))
+                if new < old:  # assembled and installed on the batcher thread, the budget checked first
+                    await asyncio.wrap_future(tail.move(new, assembler))
                 else:
-                    kv = await asyncio.wrap_future(tail.move(new))
-                    items = [c for i in sorted(kv) for c in kv_wire.chunks(i, *kv[i], 32, max_bytes=MOVE_MESSAGE_BYTES)]
-                    replies = list(kv_wire.batches(items, MOVE_MESSAGE_BYTES)) or [[]]
-                    for batch in replies[:-1]:
+                    batches = await asyncio.wrap_future(tail.move(new, message_bytes=MOVE_MESSAGE_BYTES)) or [[]]
+                    for batch in batches[:-1]:
                         await context.write(pb.CloudMessage(split_moved=pb.SplitMoved(split=new, layers=batch, more=True)))
-                    reply = pb.SplitMoved(split=new, layers=replies[-1])
-                    received = sum(item.ByteSize() for item in items)
+                    reply = pb.SplitMoved(split=new, layers=batches[-1])
+                    received = sum(item.ByteSize() for batch in batches for item in batch)
             except (MoveError, CodecError, ResourceExhausted) as exc:
                 error = exc
         if error is not None:
@@ -337,7 +346,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     log.info("event=session_cancel session=%s reason=%r", sid, _clip(msg.cancel.reason))
                     return
                 if kind == "move_split":
-                    await context.write(await self._move(sid, session, msg.move_split, context))
+                    await context.write(await self._move(sid, session, msg.move_split, context,
+                                                         self.config.total_timeout_s - (time.monotonic() - t0)))
                     continue
                 if kind != "activations":
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"message {kind!r} is not valid after Open")

@@ -17,7 +17,7 @@ import torch
 
 from splitlm.artifacts import read_folder
 from splitlm.cloud.batcher import Batcher, Frame, TorchThread
-from splitlm.errors import CodecError, ConfigError, ModelLoadError, MoveError
+from splitlm.errors import CodecError, ConfigError, ModelLoadError, MoveError, ResourceExhausted
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
 from splitlm.proto import splitlm_pb2 as pb
@@ -198,52 +198,67 @@ class TailSession:
                                if new_split < self.runner.stage.start else ""))
         return range(new_split, self.split) if new_split < self.split else range(self.split, new_split)
 
-    def move(self, new_split: int, kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Future:
-        """Move this session's split (on the batcher thread, between steps). Shallower: `kv` holds float32
-        keys and values (Hkv, position, D) of layers [new_split, split), installed into the cache. Deeper:
-        a future of the K/V of layers [split, new_split) (float32 numpy, as `kv`), which leave the cache.
-        The session is unchanged when the move fails."""
+    def move(self, new_split: int, kv: "kv_wire.Assembler | None" = None, message_bytes: int = 1 << 20) -> Future:
+        """Move this session's split, on the batcher thread between steps. Shallower: `kv` holds the chunks of
+        layers [new_split, split) (checked as they arrived); they are assembled and installed into the
+        cache, their bytes checked against the KV budget first. Deeper: a future of the K/V of layers
+        [split, new_split) as batches of float32 LayerKV chunks of at most `message_bytes`, which leave the
+        cache. Refusals: MoveError (a split not allowed), CodecError (bad K/V), ResourceExhausted (the
+        budget, or memory); the session is unchanged then."""
         layers = self.check_move(new_split)
         cache, runner = self.cache, self.runner
+        dtype = next(p.dtype for p in runner.stage.parameters() if p.is_floating_point())
 
         def shallower() -> None:
-            if sorted(kv or {}) != list(layers):
-                raise MoveError(f"a move to {new_split} needs the K/V of layers {list(layers)}, got {sorted(kv or {})}")
-            dtype = next(p.dtype for p in runner.stage.parameters() if p.is_floating_point())
             done = []
             try:
+                arrays = kv.result()  # float32 (Hkv, T, D) per layer; CodecError for anything missing or not finite
                 for i in layers:
-                    k, v = (torch.from_numpy(np.ascontiguousarray(a))[None].to(runner.device, dtype) for a in kv[i])
+                    k, v = (torch.from_numpy(np.ascontiguousarray(a))[None].to(runner.device, dtype) for a in arrays.pop(i))
                     cache.install(i, k, v)
                     done.append(i)
-            except Exception:
+            except BaseException as exc:
                 for i in done:
                     cache.remove(i)
+                if isinstance(exc, ValueError) and not isinstance(exc, CodecError):
+                    raise CodecError(str(exc)) from None
+                if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+                    raise ResourceExhausted(f"no memory for the K/V of layers {list(layers)}: {exc}") from None
                 raise
             self.split = new_split
 
-        def deeper() -> dict[int, tuple[np.ndarray, np.ndarray]]:
-            out = {i: tuple(t[0].float().cpu().numpy() for t in cache.read(i)) for i in layers if cache.read(i) is not None}
-            for i in out:
-                cache.remove(i)
+        def deeper() -> list[list[pb.LayerKV]]:
+            missing = [i for i in layers if cache.read(i) is None and cache.length]
+            if missing:
+                raise MoveError(f"the session holds no K/V of layers {missing}")
+            items = [c for i in layers if cache.read(i) is not None
+                     for c in kv_wire.chunks(i, *(t[0].float().cpu().numpy() for t in cache.read(i)), 32, max_bytes=message_bytes)]
+            for i in layers:
+                if cache.read(i) is not None:
+                    cache.remove(i)
             self.split = new_split
-            return out
+            return list(kv_wire.batches(items, message_bytes))
 
-        return runner.batcher.call(cache, shallower if new_split < self.split else deeper)
+        if new_split < self.split:
+            if kv is None:
+                raise CodecError(f"a move shallower (to {new_split}) needs the K/V of layers {list(layers)}")
+            spec = runner.spec
+            grows = len(layers) * cache.length * spec.kv_bytes_per_token(1, 8 * dtype.itemsize)
+            return runner.batcher.call(cache, shallower, int(grows))
+        return runner.batcher.call(cache, deeper)
 
     def move_split(self, new_split: int, layers: Iterable[pb.LayerKV]) -> list[pb.LayerKV]:
         """`RemoteSession.move_split` in process: the same chunks, checked by the same Assembler."""
-        kv = None
+        assembler = None
         if new_split < self.split:
             spec = self.runner.spec
             assembler = kv_wire.Assembler(self.check_move(new_split), self.cache.length, spec.num_kv_heads, spec.head_dim)
             for item in layers:
                 assembler.add(item)
-            kv = assembler.result()
         elif any(True for _ in layers):
             raise CodecError(f"a move deeper (to {new_split}) carries no KV: the cloud sends it")
-        moved = self.move(new_split, kv).result()
-        return [c for i in sorted(moved or {}) for c in kv_wire.chunks(i, *moved[i], 32)]
+        moved = self.move(new_split, assembler).result()
+        return [c for batch in moved or [] for c in batch]
 
     def close(self) -> None:
         """Free the cache (the batcher stops counting it and drops work still queued for it)."""

@@ -224,6 +224,7 @@ class RemoteSession:
         self._error: Exception | None = None
         self._cancel_reason: str | None = None
         self._requests: queue.Queue = queue.Queue()
+        self._taken = threading.Condition()
         self._requests.put(opening)
         self._responses = pb_grpc.SplitInferenceStub(channel).Generate(self._request_iter(), metadata=metadata)
         # when the call ends for any reason, release grpc's thread that reads our requests
@@ -245,6 +246,23 @@ class RemoteSession:
             if item is _CLOSE:
                 return
             yield item
+            with self._taken:  # gRPC asks for the next message once it has written this one
+                self._taken.notify_all()
+
+    def _wait_for_room(self, ahead: int, timeout: float) -> None:
+        """Block until at most `ahead` messages wait to be written (a move's KV is not queued whole). LinkError
+        (DEADLINE_EXCEEDED) after `timeout` s, TransportError when the stream ended meanwhile."""
+        deadline = time.monotonic() + timeout
+        with self._taken:
+            while self._requests.qsize() > ahead and not self.ended:
+                if time.monotonic() > deadline:
+                    self._fail(LinkError(f"{self.address} took no message of a split move within {timeout:.1f} s; the server "
+                                         "is frozen or overloaded, or the link is down", "DEADLINE_EXCEEDED"))
+                self._taken.wait(0.1)
+        if self._error is not None:
+            raise self._error
+        if self.ended:
+            self._fail(TransportError(f"the stream with {self.address} ended during a split move"))
 
     def _receive(self, what: str, timeout: float, deadline_name: str, refusal: bool = False) -> pb.CloudMessage:
         """The next message from the cloud, within `timeout` seconds. An Error message ends the session, or
@@ -351,13 +369,18 @@ class RemoteSession:
             raise self._error
         if self._ended:
             raise TransportError(f"the session with {self.address} is closed")
-        limit = max(1, (self.info.max_frame_bytes if self.info else 0) or (1 << 20))
-        pending, sent = None, 0
-        for batch in kv_wire.batches(layers, limit):  # one message behind, so that the last goes without `more`
-            if pending is not None:
-                self._put_move(new_split, pending, True)
-            pending = batch
-            sent += sum(item.positions for item in batch)
+        pending, sent, put = None, 0, False
+        try:
+            for batch in kv_wire.batches(layers, self.move_message_bytes):  # one message behind: the last goes without `more`
+                if pending is not None:
+                    put = True
+                    self._put_move(new_split, pending, True)
+                pending = batch
+                sent += sum(item.positions for item in batch)
+        except BaseException as exc:
+            if put and not self._ended:  # the stream is mid-move: nothing else can follow on it
+                self._fail(TransportError(f"the device failed during a split move ({type(exc).__name__}: {exc}); session ended"))
+            raise
         self._put_move(new_split, pending or [], False)
         got: list[pb.LayerKV] = []
         while True:
@@ -370,7 +393,14 @@ class RemoteSession:
             if not answer.split_moved.more:
                 return got
 
+    @property
+    def move_message_bytes(self) -> int:
+        """The largest message a move's K/V goes in (MOVE_MESSAGE_BYTES, or the server's frame limit when lower)."""
+        limit = self.info.max_frame_bytes if self.info is not None and self.info.max_frame_bytes else MOVE_MESSAGE_BYTES
+        return max(1024, min(MOVE_MESSAGE_BYTES, limit - 1024))
+
     def _put_move(self, new_split: int, batch: list[pb.LayerKV], more: bool) -> None:
+        self._wait_for_room(1, self.link.step_timeout_s)
         msg = pb.DeviceMessage(move_split=pb.MoveSplit(new_split=new_split, layers=batch, more=more))
         self.bytes_up += msg.ByteSize()
         self._requests.put(msg)
@@ -411,6 +441,9 @@ class RemoteSession:
             self.cancel(f"device side ended the session: {exc_type.__name__}")
 
 
+MOVE_MESSAGE_BYTES = 1 << 20
+"""Largest MoveSplit message the device sends; one waits to be written at most, so a move's KV is never
+held encoded in full (the server's frame limit when lower)."""
 REPLAY_FRAME_BYTES = 1 << 20
 """Largest frame a replay merges the history into (the server's own limit when lower)."""
 RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "INTERNAL", "UNKNOWN"})
@@ -524,6 +557,10 @@ class ReplayingSession:
     def next_token(self, frame: bytes, rows: int) -> int:
         return self.send(frame, rows)
 
+    @property
+    def move_message_bytes(self) -> int:
+        return self.remote.move_message_bytes
+
     def move_split(self, new_split: int, layers: Iterable[pb.LayerKV]) -> list[pb.LayerKV]:
         """RemoteSession.move_split, kept for a replay: its KV goes to the spill file as it is sent (the memory a
         move frees stays free). A move that fails with the link or the server is finished into the spill,
@@ -587,6 +624,7 @@ class ReplayingSession:
         self.remote.cancel("replaced by a replay")
         while True:
             attempts += 1
+            remote = None
             try:
                 remote = RemoteSession(*self._open_args, max(1, self.max_tokens - self.tokens), **self._kwargs)
                 sent = 0
@@ -601,6 +639,8 @@ class ReplayingSession:
                 self.replays.append(Replay(str(cause), time.monotonic() - failed_at, len(self.history), sent, attempts))
                 return
             except (RemoteError, TransportError) as exc:
+                if remote is not None:  # a half-replayed session is of no use: free it on its replica
+                    remote.cancel("the replay failed")
                 if not _retryable(exc):
                     raise
                 cause = exc

@@ -125,6 +125,14 @@ class HeadSession:
         if self.plan.kv_bits != 16 and (self.dir / names.KV_SCALES_FILE).exists():
             with np.load(self.dir / names.KV_SCALES_FILE, allow_pickle=False) as scales:
                 self.kv_scales = {k: scales[k] for k in scales.files}
+        if self.plan.split_moves:
+            missing = [c for c in self.plan.move_cuts if c not in self.cuts]
+            if self.kind != "gqa" or missing:
+                raise ModelLoadError(f"{self.dir}: the plan moves the split to layers {self.plan.move_cuts}, and the head is not cut "
+                                     f"at {missing or self.plan.move_cuts}; export again")
+            if self.plan.kv_bits != 16 and len(self.kv_scales) != 2 * self.plan.split_layer:
+                raise ModelLoadError(f"{self.dir}: the plan moves the split of a quantized KV cache, and {names.KV_SCALES_FILE} "
+                                     "does not hold every layer's scales; export again")
         self.warmed = False
         """Whether a head has run once: onnxruntime's first run of a session prepares its kernels (prepacking,
         thread pools) and takes ~35x a short step; DeviceHead does it at creation, not in the first request."""
@@ -154,9 +162,20 @@ class HeadSession:
         return self.session.run(None, feed)
 
 
+def _zeros_mapped(shape: list[int], dtype) -> np.ndarray:
+    """Zeros in an anonymous mapping of their own: pages become resident only as they are written, and the
+    memory goes back to the system when the array is dropped (a released segment's K/V), which malloc does
+    not promise for a block from its heap."""
+    import mmap
+
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(size, 1)), dtype, count=int(np.prod(shape))).reshape(shape)
+
+
 class _BoundSegment:
-    """A segment's K/V buffers (zeros from calloc: pages become resident only as positions are
-    written), bound once as both its graph's past and present."""
+    """A segment's K/V buffers (zeros in mappings of their own: pages become resident only as positions
+    are written, and go back to the system when the segment is released), bound once as both its
+    graph's past and present."""
 
     def __init__(self, seg: Segment) -> None:
         import onnxruntime as ort
@@ -167,7 +186,7 @@ class _BoundSegment:
         for i in seg.layers:
             for past, present in ((names.past_key(i), names.present_key(i)), (names.past_value(i), names.present_value(i))):
                 info = seg.inputs[past]
-                buf = np.zeros([int(d) for d in info.shape], _NUMPY_TYPES[info.type])
+                buf = _zeros_mapped([int(d) for d in info.shape], _NUMPY_TYPES[info.type])
                 value = ort.OrtValue.ortvalue_from_numpy(buf)
                 self.io.bind_ortvalue_input(past, value)
                 self.io.bind_ortvalue_output(present, value)
@@ -265,6 +284,24 @@ class DeviceHead:
             return self.session.kv_scales[f"{which}.{layer}"]
         except KeyError:
             raise ConfigError(f"{self.session.dir} has no KV scales for layer {layer} ({names.KV_SCALES_FILE}); export again") from None
+
+    def check_move(self, layer: int) -> None:
+        """ConfigError unless the head can move its split to `layer`: a cut it runs to (shallower), or one it
+        released and holds the weights of (deeper), with the KV scales a quantized cache needs to take
+        K/V back."""
+        if self.session.kind != "gqa":
+            raise ConfigError("a traced head graph cannot move its split (it is one segment); export with the GroupQueryAttention graph")
+        if layer < self.stop:
+            if layer not in self.session.cuts:
+                raise ConfigError(f"the head can stop at layers {[c for c in self.session.cuts if c <= self.stop]}, not {layer}")
+        elif layer > self.stop:
+            if layer not in self.session.cuts:
+                raise ConfigError(f"the head can go back to layers {[c for c in self.session.cuts if c > self.stop]}, not {layer}")
+            if self.plan.kv_bits != 16:
+                for i in range(self.stop, layer):
+                    self._scales(i, "k"), self._scales(i, "v")
+        else:
+            raise ConfigError(f"the split is at {layer} already")
 
     def restore(self, layer: int, kv: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
         """Run layers [0, layer) again after a release (a move back deeper): the segments up to `layer` get
@@ -401,6 +438,8 @@ def move_split(head: DeviceHead, link: Link, layer: int, max_bytes: int = 1 << 2
     from splitlm.quantize import kv_wire
 
     t0, old = time.perf_counter(), head.stop
+    head.check_move(layer)  # before the cloud changes anything
+    max_bytes = min(max_bytes, getattr(link, "move_message_bytes", max_bytes))
     if layer < old:
         sent = [0]
 
@@ -418,8 +457,9 @@ def move_split(head: DeviceHead, link: Link, layer: int, max_bytes: int = 1 << 2
         assembler = kv_wire.Assembler(range(old, layer), head.length, spec.num_kv_heads, spec.head_dim)
         for item in items:
             assembler.add(item)
+        size = assembler.bytes
+        del items  # the chunks' bytes are the assembler's now
         head.restore(layer, assembler.result())
-        size = sum(item.ByteSize() for item in items)
     return Move(head.length, old, layer, size, time.perf_counter() - t0)
 
 

@@ -143,6 +143,10 @@ class Assembler:
             got = self._got[i] = _Layer(bits, [], [], item.key_scales, item.value_scales)
         elif bits != got.bits:
             raise CodecError(f"KV of layer {i}: a chunk of {bits} bits after chunks of {got.bits}")
+        elif item.key_scales != got.key_scales or item.value_scales != got.value_scales:
+            raise CodecError(f"KV of layer {i}: a chunk with other scales than the layer's first")
+        if item.positions == 0 and self.positions:
+            raise CodecError(f"KV of layer {i}: a chunk of 0 positions")
         if item.start_position != got.positions:
             raise CodecError(f"KV of layer {i}: chunk starts at position {item.start_position}, expected {got.positions}")
         if got.positions + item.positions > self.positions:
@@ -176,7 +180,7 @@ class Assembler:
                     if parts else np.zeros((self.kv_heads, 0, width), dtype)
                 s = np.frombuffer(scales, "<f4").reshape(self.kv_heads, self.head_dim) if scales else None
                 pair.append(dequantize(data, got.bits, s))
-                if got.bits in _FLOAT and not np.isfinite(pair[-1]).all():
+                if not np.isfinite(pair[-1]).all():
                     raise CodecError(f"KV of layer {i}: values that are not finite")
             out[i] = (pair[0], pair[1])
         return out
