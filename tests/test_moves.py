@@ -354,3 +354,18 @@ def test_the_device_refuses_a_move_it_cannot_make_before_the_cloud_moves(exports
         with pytest.raises(ConfigError, match=message):
             move_split(head, tail, layer)
     assert tail.split == 3 and sorted(tail.cache.layers) == [3]
+
+
+@pytest.mark.parametrize("name", ["moving", "kv8"])
+def test_the_in_process_split_makes_the_same_moves(exports, tiny_ckpt, name):
+    """LocalSplit (the torch reference of every path) runs the plan's moves at the same steps as the device,
+    handing the same K/V across: its output equals the ONNX head's with the exported tail."""
+    from splitlm.local import LocalSplit
+
+    plan, _ = exports[name]
+    prompt = _prompt(tiny_ckpt)
+    local = LocalSplit(tiny_ckpt, plan=plan)
+    caches = local.new_caches()
+    local.forward(__import__("torch").tensor([prompt]), caches)
+    assert caches.split == 1 and sorted(caches.tail.layers) == [1, 2, 3] and sorted(caches.head.layers) == [0]
+    assert local.generate(prompt, 40, SEEDED).token_ids == _in_process(exports[name], prompt, 40, SEEDED).token_ids

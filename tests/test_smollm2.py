@@ -79,3 +79,37 @@ def test_codec_is_4x_smaller_than_fp16_within_1pct(smollm_ckpt):
     coded = quality(CodecConfig("tabq", error_budget=0.035))
     assert coded.bytes_per_token <= 2 * smollm_ckpt.spec.hidden_size / 4
     assert coded.perplexity <= 1.01 * exact.perplexity
+
+
+def test_a_quantized_kv_move_keeps_32_tokens_and_the_logits_close(smollm_ckpt, tmp_path):
+    """Issue 16 acceptance: with an 8-bit device cache moved as its codes and scales, shallower (10 -> 4) and
+    back (4 -> 10), the first 32 greedy tokens equal the unmoved run's, and every step's logits stay within
+    5 % of the largest logit."""
+    import numpy as np
+
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.runtime import DeviceHead, HeadSession, move_split
+    from splitlm.export import export_artifacts
+    from splitlm.partition.plan import Plan
+    from splitlm.quantize.config import CodecConfig, WeightQuant
+
+    plan = Plan(smollm_ckpt.model_id, smollm_ckpt.weights_hash, 10, device_weights=WeightQuant(8, 32), kv_bits=8,
+                codec=CodecConfig("fp32"), max_seq_len=256, prefill_chunk=64, split_moves=((48, 4), (64, 10)))
+    result = export_artifacts(smollm_ckpt, plan, tmp_path, progress=False)
+    session, runner = HeadSession(result.device_dir), TailRunner(result.cloud_dir)
+    prompt = smollm_ckpt.tokenizer().encode("The capital of France is Paris. The capital of Italy is").ids
+
+    def run(moves):
+        head, tail = DeviceHead(session), runner.new_session()
+        logits = [tail.logits(head.encode(head.step(prompt)), last_only=True)[0].numpy()]
+        for _ in range(32):
+            if head.length in moves:
+                move_split(head, tail, moves[head.length])
+            logits.append(tail.logits(head.encode(head.step([int(np.argmax(logits[-1]))])), last_only=True)[0].numpy())
+        return np.stack(logits)
+
+    still, moved = run({}), run({len(prompt) + 4: 4, len(prompt) + 20: 10})
+    assert (still.argmax(-1) == moved.argmax(-1)).all()
+    err = float(np.abs(moved - still).max() / np.abs(still).max())
+    print(f"quantized KV move: logits within {err:.4f} of max |logit|")
+    assert err < 0.05, f"logits moved {err:.3g} (relative to max |logit|), tolerance 0.05"

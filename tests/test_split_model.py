@@ -41,8 +41,8 @@ def test_chunked_prefill_then_decode_equals_full_forward(tiny_ckpt, full, ids, s
     got = torch.cat(parts, dim=1)
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= TOL["fp32_split"]
-    assert caches[0].length == ids.shape[1]
-    assert caches[1].length == (ids.shape[1] if split < tiny_ckpt.spec.num_layers else 0)
+    assert caches.head.length == ids.shape[1]
+    assert caches.tail.length == (ids.shape[1] if split < tiny_ckpt.spec.num_layers else 0)
 
 
 def test_stage_owns_only_its_layers(tiny_ckpt):

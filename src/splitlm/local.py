@@ -35,6 +35,17 @@ class LinkMeter:
         return self.bytes / self.tokens if self.tokens else float("nan")
 
 
+@dataclass
+class SplitCaches:
+    """One sequence's state in a LocalSplit: the K/V of the head's layers and of the tail's, the split in
+    force, and the plan's moves still to make."""
+
+    head: KVCache
+    tail: KVCache
+    split: int
+    moves: list
+
+
 def exact_plan(ckpt: Checkpoint, split: int, **kw) -> Plan:
     """A plan with no quantization and an fp32 link: the split computes exactly the unsplit model."""
     return Plan(ckpt.model_id, ckpt.weights_hash, split, codec=CodecConfig("fp32"), **kw)
@@ -73,22 +84,38 @@ class LocalSplit:
             out.append(codec.decode(frame, "torch"))
         return torch.stack(out).to(h.dtype)  # (B, T, d)
 
-    def new_caches(self) -> tuple[KVCache, KVCache]:
-        return KVCache(), KVCache()  # the head's attention models a quantized device cache (quantize.kv)
+    def new_caches(self) -> "SplitCaches":
+        return SplitCaches(KVCache(), KVCache(), self.split, list(self.plan.split_moves))
+
+    @staticmethod
+    def _move(caches: "SplitCaches", layer: int) -> None:
+        """Move the split: the K/V of the layers between the old and the new split change sides, as the wire moves them
+        (the head's cache holds what the device's holds: a quantized cache's values, already rounded)."""
+        if layer < caches.split:
+            for i in range(layer, caches.split):
+                caches.tail.install(i, *caches.head.remove(i))
+        else:
+            for i in range(caches.split, layer):
+                caches.head.install(i, *caches.tail.remove(i))
+        caches.split = layer
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, caches: tuple[KVCache, KVCache] | None = None) -> torch.Tensor:
-        """ids (B, T) -> logits (B, T, V), through head, link and tail, in prefill chunks."""
-        head_cache, tail_cache = caches if caches is not None else (None, None)
-        if head_cache is None and ids.shape[1] > self.prefill_chunk:
-            head_cache, tail_cache = self.new_caches()
+    def forward(self, ids: torch.Tensor, caches: "SplitCaches | None" = None) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V), through head, link and tail, in prefill chunks. With caches, the
+        plan's split moves run when the sequence reaches their lengths, at the end of a chunk (as the device
+        makes them); a call of one chunk without caches runs at the plan's split."""
+        if caches is None and ids.shape[1] > self.prefill_chunk:
+            caches = self.new_caches()
         outs = []
         for start in range(0, ids.shape[1], self.prefill_chunk):
             chunk = ids[:, start:start + self.prefill_chunk]
-            h = self.head(chunk, cache=head_cache)
+            split = self.split if caches is None else caches.split
+            h = self.head(chunk, cache=caches and caches.head, stop=split)
             if self.tail is not None:
-                h = self.tail(self.link(h), cache=tail_cache)
+                h = self.tail(self.link(h), cache=caches and caches.tail, start=split)
             outs.append(h)
+            while caches is not None and caches.moves and caches.head.length >= caches.moves[0][0]:
+                self._move(caches, caches.moves.pop(0)[1])
         return torch.cat(outs, dim=1)  # (B, T, V)
 
     def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
@@ -100,7 +127,7 @@ class LocalSplit:
 
         def advance(ids: list[int]) -> int:
             logits = self.forward(torch.tensor([ids]), caches)[0, -1].float().numpy()
-            return sampler(logits, caches[0].length if self.head.owned_layers else caches[1].length)
+            return sampler(logits, caches.head.length if self.head.owned_layers else caches.tail.length)
 
         result = generate_tokens(advance, prompt_ids, max_tokens, self.spec.eos_token_ids, self.max_seq_len,
                                  self.ckpt.tokenizer().decode, on_token)
