@@ -19,7 +19,7 @@ class GenerationResult:
     ttft_s: float
     decode_s: float
     stop_reason: str
-    """'eos', 'max_tokens' or 'max_seq_len'."""
+    """'eos', 'max_tokens', 'max_seq_len', or 'stop' (the caller's on_token asked to stop)."""
     link_bytes: int = 0
     """Bytes of encoded activations sent from head to tail."""
     extra: dict = field(default_factory=dict)
@@ -37,8 +37,9 @@ def _next_rung(n: int) -> int:
 
 def generate_tokens(advance: Callable[[list[int]], int], prompt_ids: list[int], max_tokens: int,
                     eos_ids: Iterable[int], max_seq_len: int, decode: Callable[[list[int]], str],
-                    on_token: Callable[[int], None] | None = None) -> GenerationResult:
-    """Feed the prompt, then each sampled token, to `advance` (which returns the next token id)."""
+                    on_token: Callable[[int], "bool | None"] | None = None) -> GenerationResult:
+    """Feed the prompt, then each sampled token, to `advance` (which returns the next token id).
+    on_token(id) sees each token as it comes; returning True ends the generation there (a stop string)."""
     if not prompt_ids:
         raise ConfigError("the prompt is empty")
     if max_tokens < 1:
@@ -56,8 +57,9 @@ def generate_tokens(advance: Callable[[list[int]], int], prompt_ids: list[int], 
     stop = "max_tokens"
     while True:
         out.append(token)
-        if on_token is not None:
-            on_token(token)
+        if on_token is not None and on_token(token):
+            stop = "stop"
+            break
         if token in eos:
             stop = "eos"
             break

@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from splitlm.cli.run import add_demo, add_eval, add_export, add_generate, cmd_demo, cmd_eval, cmd_export, cmd_generate, cmd_models
-from splitlm.cli.serve import add_partition, add_profile, add_serve, cmd_partition, cmd_profile, cmd_serve
+from splitlm.cli.serve import add_device_serve, add_partition, add_profile, add_serve, cmd_device_serve, cmd_partition, cmd_profile, cmd_serve
 from splitlm.errors import SplitLMError
 
 
@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     add_eval(sub)
     add_export(sub)
     add_serve(sub)
+    add_device_serve(sub)
     add_profile(sub)
     add_partition(sub)
     add_demo(sub)
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export, "serve": cmd_serve,
-            "profile": cmd_profile, "partition": cmd_partition, "demo": cmd_demo}
+            "profile": cmd_profile, "partition": cmd_partition, "demo": cmd_demo, "device-serve": cmd_device_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,44 @@ def add_serve(sub) -> None:
                         "them on another replica, and exit once none is left or after this many seconds (default 30)")
 
 
+def add_device_serve(sub) -> None:
+    o = sub.add_parser("device-serve", help="an OpenAI-compatible HTTP endpoint on the device (/v1/chat/completions, "
+                                            "/v1/completions, streaming), answered by the split session")
+    o.add_argument("--artifacts", required=True, help="an export directory (its device/ folder runs here)")
+    o.add_argument("--server", default=None, help="the cloud: HOST:PORT, or several separated by commas (replicas); "
+                                                  "default: the export's cloud part in this process (full install)")
+    o.add_argument("--host", default="127.0.0.1", help="address the HTTP endpoint listens on (default 127.0.0.1)")
+    o.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
+    o.add_argument("--port-file", default=None, metavar="PATH", help="once listening, write the bound port to PATH")
+    o.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every HTTP request")
+    o.add_argument("--token", default=None, help="bearer token for the cloud server")
+    o.add_argument("--tls-ca", default=None, help="PEM root certificates: reach the cloud over TLS")
+    o.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the head (default: all cores)")
+
+
+def cmd_device_serve(args) -> int:
+    from splitlm.api import Device
+    from splitlm.openai_server import OpenAIServer
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a TCP port: give 0..65535 (0 picks a free one)")
+    check_output(args.port_file, "--port-file")
+    device = Device(args.artifacts, args.server, token=args.token, tls_ca=args.tls_ca, threads=args.threads)
+    server = OpenAIServer(device, args.host, args.port, args.api_key)
+    if args.port_file:
+        _write_port_file(args.port_file, server.port)
+    print(f"OpenAI-compatible endpoint for {device.model_id} (split {device.plan.split_layer}) on "
+          f"http://{args.host}:{server.port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        device.close()
+    return 0
+
+
 def add_profile(sub) -> None:
     from splitlm.model.registry import DEFAULT_MODEL
 

@@ -51,16 +51,28 @@ def load_template(folder: str | Path) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
-def chat_prompt(prompt: str, tokenizer: Tokenizer, template: str | None,
+ROLES = ("system", "user", "assistant")
+
+
+def chat_prompt(prompt: "str | list[Mapping[str, str]]", tokenizer: Tokenizer, template: str | None,
                 bos_token_id: int | None = None, eos_token_id: int | None = None) -> str:
-    """`prompt` as one user turn followed by the assistant's turn, in `template` (Jinja, rendered as
-    Hugging Face renders it); in ChatML when `template` is None. ConfigError when there is no template and
-    the tokenizer lacks the ChatML markers, or when the template cannot be rendered."""
+    """`prompt` (one user turn, or a list of {"role", "content"} messages) followed by the assistant's turn,
+    in `template` (Jinja, rendered as Hugging Face renders it); in ChatML when `template` is None.
+    ConfigError when there is no template and the tokenizer lacks the ChatML markers, when a message is
+    malformed, or when the template cannot be rendered."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ConfigError(f"message {i} must be {{'role': one of {list(ROLES)}, 'content': a string}}, got {str(m)[:80]!r}")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if not messages:
+        raise ConfigError("a chat needs at least one message")
     if template is None:
         if any(tokenizer.token_to_id(t) is None for t in CHAT_TOKENS):
             raise ConfigError(f"--chat: this model has no chat template and its tokenizer has no {' / '.join(CHAT_TOKENS)} "
                               "tokens for ChatML; drop --chat and write the prompt in the model's format")
-        return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return turns + "<|im_start|>assistant\n"
     try:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -76,7 +88,7 @@ def chat_prompt(prompt: str, tokenizer: Tokenizer, template: str | None,
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     try:
-        return env.from_string(template).render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
                                                 bos_token=token(bos_token_id), eos_token=token(eos_token_id))
     except TemplateError as exc:
         raise ConfigError(f"--chat: the model's chat template does not render: {exc}") from None

@@ -8,7 +8,7 @@ nothing fits or when device-only / cloud-only beats every split. torch-free.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from splitlm.errors import ConfigError
 from splitlm.partition.profile import CodecPoint, MemoryProfile, Profile
@@ -84,6 +84,8 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     """Every feasible configuration (at its longest fitting sequence)."""
+    plan: Any = None
+    """The chosen Plan, when the caller made it (`splitlm.partition` does; `to_plan` makes it)."""
 
 
 def _chunks(tokens: int, chunk: int) -> list[int]:

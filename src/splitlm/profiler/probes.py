@@ -11,13 +11,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import splitlm
-
 
 def child_env() -> dict[str, str]:
     """This environment, with the splitlm this process runs first on PYTHONPATH when it is a source
     tree (not an installed package): a child process runs the same code as its parent."""
-    src = Path(splitlm.__file__).resolve().parents[1]
+    src = Path(__file__).resolve().parents[2]  # .../src of this splitlm (splitlm/profiler/probes.py)
     env = dict(os.environ)
     if src.name not in ("site-packages", "dist-packages"):
         env["PYTHONPATH"] = os.pathsep.join([str(src)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

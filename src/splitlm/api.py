@@ -1,0 +1,231 @@
+"""The Python API: a few names for what the `splitlm` command does.
+
+    import splitlm
+
+    server = splitlm.serve("art")                              # the cloud part (the cloud install)
+    with splitlm.Device("art", server=f"127.0.0.1:{server.port}") as device:
+        for piece in device.stream("The capital of France is", max_tokens=16):
+            print(piece, end="", flush=True)
+        print(device.chat([{"role": "user", "content": "Hi!"}], max_tokens=32).text)
+    server.stop()
+
+`Device` is the device side and needs only the device install (no torch). `serve`, `export_plan`
+and `profile` need the full one (each says so when it is missing); `choose_plan` is torch-free.
+(Not `export` and `partition`: those names are splitlm's subpackages.)
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from splitlm.errors import ConfigError
+from splitlm.generation import GenerationResult
+from splitlm.sampling import SamplingParams
+
+_CLOUD_INSTALL = "pip install 'splitlm[cloud]'"
+
+
+def _needs_cloud(what: str):
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError(f"{what} needs torch, which the device install leaves out: {_CLOUD_INSTALL}")
+
+
+class Device:
+    """The device side of an export: its head in onnxruntime and a cloud to send activations to.
+
+    server: "HOST:PORT", or several separated by commas (replicas: sessions are spread by gRPC's
+    round_robin and fail over by replay); None runs the exported tail in this process (full install).
+    A device-only export needs no server. One generation runs at a time (others wait their turn).
+    """
+
+    def __init__(self, artifacts: str | os.PathLike, server: str | None = None, *, token: str | None = None,
+                 tls_ca: str | os.PathLike | None = None, threads: int | None = None, failover_deadline_s: float = 60.0) -> None:
+        from splitlm.artifacts import export_side
+        from splitlm.device.runtime import HeadSession, load_tokenizer
+        from splitlm.model.chat import load_template
+
+        self.session = HeadSession(export_side(artifacts, "device"), threads=threads)
+        self.tokenizer = load_tokenizer(self.session.dir)
+        self.template = load_template(self.session.dir)
+        self._lock = threading.Lock()
+        self._channel = self._tail = None
+        self._token, self._failover_deadline_s = token, failover_deadline_s
+        if self.session.device_only:
+            if server:
+                raise ConfigError(f"{artifacts} is a device-only export: there is no cloud part to run on a server")
+        elif server:
+            from splitlm.device.client import connect
+
+            self._channel = connect(server, tls_ca)
+        else:
+            _needs_cloud("running the cloud part in this process (no server given)")
+            from splitlm.cloud.tail import TailRunner
+
+            self._tail = TailRunner(export_side(artifacts, "cloud"))
+
+    @property
+    def plan(self):
+        """The export's Plan."""
+        return self.session.plan
+
+    @property
+    def model_id(self) -> str:
+        return self.session.plan.model_id
+
+    def prompt_ids(self, prompt: str | Sequence[Mapping[str, str]], chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text as it is, or (chat, or a list of messages) in the model's chat template."""
+        from splitlm.model.chat import chat_prompt
+
+        spec = self.session.spec
+        if chat or not isinstance(prompt, str):
+            prompt = chat_prompt(prompt, self.tokenizer, self.template, spec.bos_token_id,
+                                 spec.eos_token_ids[0] if spec.eos_token_ids else None)
+        return self.tokenizer.encode(prompt).ids
+
+    def generate(self, prompt: str | Sequence[Mapping[str, str]], max_tokens: int = 256, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+                 stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Generate up to max_tokens after `prompt` (text, or a list of {"role", "content"} messages for a chat).
+        temperature 0 is greedy. `stop`: strings that end the generation (left out of the text). `on_text`
+        gets each piece of text as it is decoded. The result's stop_reason is 'eos', 'max_tokens',
+        'max_seq_len' or 'stop'."""
+        from splitlm.model.tokenizer import StreamingDecoder
+
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
+        ids = self.prompt_ids(prompt, chat)
+        decoder, text, cut = StreamingDecoder(self.tokenizer), [""], [None]
+        stops = [s for s in stop if s]
+
+        def on_token(token: int) -> bool:
+            if token in self.session.spec.eos_token_ids:
+                return False
+            piece = decoder.push(token)
+            before = len(text[0])
+            text[0] += piece
+            for s in stops:
+                at = text[0].find(s, max(0, before - len(s) + 1))
+                if at >= 0:
+                    cut[0] = at if cut[0] is None else min(cut[0], at)
+            if cut[0] is not None:
+                if on_text is not None and cut[0] > before:
+                    on_text(text[0][before:cut[0]])
+                return True
+            if on_text is not None and piece:
+                on_text(piece)
+            return False
+
+        with self._lock:
+            result = self._run(ids, max_tokens, sampling, on_token)
+        if cut[0] is not None:
+            result.text = text[0][:cut[0]]
+        return result
+
+    def chat(self, messages: Sequence[Mapping[str, str]], max_tokens: int = 256, **kw: Any) -> GenerationResult:
+        """`generate` on a list of {"role": "system" | "user" | "assistant", "content": ...} messages."""
+        return self.generate(list(messages), max_tokens, **kw)
+
+    def stream(self, prompt: str | Sequence[Mapping[str, str]], max_tokens: int = 256, **kw: Any) -> Iterator[str]:
+        """`generate`, as an iterator of text pieces as they are decoded. Errors come out of the iterator."""
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+
+        def run() -> None:
+            try:
+                self.generate(prompt, max_tokens, on_text=pieces.put, **kw)
+                pieces.put(done)
+            except BaseException as exc:  # noqa: BLE001 - handed to the iterating thread
+                pieces.put(exc)
+
+        threading.Thread(target=run, name="splitlm-stream", daemon=True).start()
+        while True:
+            item = pieces.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _run(self, ids: list[int], max_tokens: int, sampling: SamplingParams, on_token) -> GenerationResult:
+        from splitlm.device.runtime import generate_device_only, generate_split
+
+        session, tok = self.session, self.tokenizer
+        if session.device_only:
+            return generate_device_only(session, ids, max_tokens, sampling, on_token, tok)
+        if self._tail is not None:
+            return generate_split(session, self._tail.new_session(sampling), ids, max_tokens, on_token, tok)
+        from splitlm.device.client import FailoverConfig, ReplayingSession
+
+        with ReplayingSession(self._channel, session.plan.hash, session.plan.model_id, sampling, max_tokens, self._token,
+                              failover=FailoverConfig(deadline_s=self._failover_deadline_s)) as remote:
+            result = generate_split(session, remote, ids, max_tokens, on_token, tok)
+        result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down, replays=len(remote.replays))
+        return result
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def __enter__(self) -> "Device":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def serve(artifacts: str | os.PathLike, address: str = "127.0.0.1:0", **config: Any):
+    """Serve the cloud part of an export (full install): a running Server with `.port`, `.stop()` and
+    `.wait_for_termination()`. `config`: ServerConfig fields (max_sessions, auth_token, max_kv_bytes, ...)."""
+    _needs_cloud("serve")
+    from splitlm.artifacts import export_side
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+
+    server, _, _ = start_server(TailRunner(export_side(artifacts, "cloud")), address, ServerConfig(**config))
+    return server
+
+
+def export_plan(model: str | os.PathLike, plan, out: str | os.PathLike, progress: bool = False):
+    """Export `plan` (a Plan, or the path of a plan JSON file) of `model` (a known name, a GGUF file or a
+    model folder) into `out`/device and `out`/cloud (full install): the ExportResult."""
+    _needs_cloud("export")
+    from splitlm.export import export_artifacts
+    from splitlm.model.registry import resolve_model
+    from splitlm.partition.plan import Plan
+
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    return export_artifacts(resolve_model(model, progress=progress), plan, Path(out), progress=progress)
+
+
+def profile(model: str | os.PathLike = "smollm2-135m", *, bandwidth_mbps: float = 50.0, rtt_ms: float = 20.0,
+            server: str | None = None, progress: bool = False):
+    """Measure the device, the cloud and the link for `model` on this machine (full install; minutes): a Profile."""
+    _needs_cloud("profile")
+    from splitlm.model.registry import resolve_model
+    from splitlm.partition.profile import LinkProfile
+    from splitlm.profiler import ProfileConfig, measure_profile, probe_rtt_ms
+
+    if server:
+        rtt_ms = probe_rtt_ms(server)
+    return measure_profile(resolve_model(model, progress=progress), LinkProfile(bandwidth_mbps, rtt_ms), ProfileConfig(),
+                           progress=progress)
+
+
+def choose_plan(profile, device_memory_bytes: float, token_latency_ms: float, **budgets: Any):
+    """The plan for a Profile (or the path of a profile JSON file) under these budgets (torch-free): the
+    search's SearchResult, whose `plan` is the chosen Plan (None when nothing fits; `message` says why).
+    `budgets`: other Budgets fields (ttft_ms, max_seq_len, objective, ...)."""
+    from splitlm.partition.profile import Profile
+    from splitlm.partition.search import Budgets, search, to_plan
+
+    profile = profile if isinstance(profile, Profile) else Profile.load(profile)
+    b = Budgets(device_memory_bytes, token_latency_ms, **budgets)
+    result = search(profile, b)
+    result.plan = to_plan(result.chosen, profile, b) if result.chosen is not None else None
+    return result
