@@ -1,6 +1,7 @@
 """The `splitlm` command, run in-process on the tiny model."""
 
 import json
+import re
 
 import pytest
 
@@ -304,9 +305,15 @@ def test_serve_writes_the_port_it_listens_on_to_port_file(artifacts, tmp_path):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        import splitlm
+
+        with splitlm.Device(artifacts[1].device_dir.parent, server=f"127.0.0.1:{port}") as device:
+            assert len(device.generate("x", 3).token_ids) == 3
     finally:
         proc.terminate()
         proc.wait(10)
+    log = proc.stderr.read()  # without -v, serve still logs a line per session opened and closed
+    assert "event=session_open" in log and re.search(r"event=session_close .* tokens=3 ttft_ms=\d+ tokens_per_s=", log), log
 
 
 def test_serve_refuses_a_port_file_it_cannot_write_before_starting(capsys, tmp_path, monkeypatch, artifacts):

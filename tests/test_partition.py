@@ -425,3 +425,26 @@ def test_a_kv_bound_split_reaches_its_length_by_moving_shallower():
     result = search(p, b)
     assert result.chosen is not None and all(c.memory_bytes <= budget for c in result.candidates)
     assert any(c.split == 8 and c.moves for c in result.candidates)
+
+
+def test_partition_table_is_aligned_and_always_shows_the_chosen_plan(tmp_path, capsys):
+    from splitlm.cli import main
+
+    synthetic().save(tmp_path / "p.json")
+    for top in ("1", "20"):
+        assert main(["partition", "--profile", str(tmp_path / "p.json"), "--device-memory", "64MiB", "--token-latency", "40ms",
+                     "--out", str(tmp_path / "plan.json"), "--top", top]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        table = lines[:lines.index(next(line for line in lines if line.startswith("chose")))]
+        assert len({len(line) for line in table}) == 1, table  # every row as wide as the header: columns line up
+        assert sum(line.startswith("* ") for line in table) == 1
+
+
+def test_the_plot_front_keeps_only_points_nothing_beats_on_both_axes():
+    from types import SimpleNamespace as C
+
+    from splitlm.partition.plot import front_2d
+
+    points = [C(token_latency_ms=1, perplexity=20), C(token_latency_ms=2, perplexity=10), C(token_latency_ms=3, perplexity=15),
+              C(token_latency_ms=4, perplexity=9)]
+    assert [(c.token_latency_ms, c.perplexity) for c in front_2d(points)] == [(1, 20), (2, 10), (4, 9)]

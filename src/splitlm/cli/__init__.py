@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("splitlm").setLevel(logging.DEBUG)
+    elif args.command in ("serve", "device-serve"):  # a server says what it serves: one line per session, moves, stats
+        logging.getLogger("splitlm").setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except SplitLMError as exc:

@@ -253,12 +253,16 @@ def cmd_partition(args) -> int:
         print(result.message, file=sys.stderr)
         return 3
     L = profile.num_layers
-    print(f"{'plan':<62}{'MiB':>8}{'ms/tok':>9}{'TTFT ms':>9}{'B/tok':>8}{'ppl':>9}")
     front = sorted(result.pareto, key=lambda c: (c.perplexity, c.token_latency_ms) if args.objective == "quality"
                    else (c.token_latency_ms, c.perplexity))
-    for c in front[: args.top]:
-        mark = "*" if c == result.chosen else " "
-        print(f"{mark}{describe(c, L):<61}{c.memory_bytes / 2**20:>8.1f}{c.token_latency_ms:>9.1f}{c.ttft_ms:>9.0f}"
+    shown = front[: args.top]
+    if result.chosen not in shown:  # the chosen plan is always in the table (it may trail the front's order)
+        shown.append(result.chosen)
+    width = max(len("plan"), *(len(describe(c, L)) for c in shown)) + 2
+    print(f"  {'plan':<{width}}{'MiB':>8}{'ms/tok':>9}{'TTFT ms':>9}{'B/tok':>8}{'ppl':>9}")
+    for c in shown:
+        mark = "* " if c == result.chosen else "  "
+        print(f"{mark}{describe(c, L):<{width}}{c.memory_bytes / 2**20:>8.1f}{c.token_latency_ms:>9.1f}{c.ttft_ms:>9.0f}"
               f"{c.bytes_per_token:>8.0f}{c.perplexity:>9.3f}")
     print(result.message)
     print(f"searched {result.evaluated} configurations in {seconds:.2f} s")
@@ -267,8 +271,7 @@ def cmd_partition(args) -> int:
     if args.plot:
         from splitlm.partition.plot import pareto_plot
 
-        pareto_plot(result, L, args.plot, f"{profile.model_id}: {budgets.device_memory_bytes / 2**20:.0f} MiB, "
-                    f"{budgets.token_latency_ms:.0f} ms/token")
+        pareto_plot(result, L, args.plot, f"{profile.model_id}", budgets)
         print(f"wrote {args.plot}")
     return 0
 
