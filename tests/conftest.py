@@ -24,6 +24,10 @@ settings.register_profile("fresh", settings.get_profile("dev"), database=None)
 _in_ci = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _in_ci else "dev"))
 
+# `splitlm generate` picks torch's thread count from the cores idle when it starts, unless OMP_NUM_THREADS
+# is set: the in-process CLI tests would change this process's torch threads for every later test.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 # Triton kernels run under the interpreter on machines without CUDA; the switch is read when
 # a kernel is decorated, so it must be set before any splitlm.kernels import.
 if not torch.cuda.is_available():

@@ -83,7 +83,7 @@ def assert_one_line_error(capsys, argv, message, code=2):
     (("demo", "--model", "tiny-random", "--max-tokens", "0"), "--max-tokens must be >= 1, got 0"),
     # defect 6: flags that a path ignores
     (("generate", "--model", "tiny-random", "--server", "127.0.0.1:1", "--prompt", "x"), "--server needs --artifacts"),
-    (("generate", "--model", "tiny-random", "--threads", "2", "--prompt", "x"), "--threads needs --artifacts"),
+    (("generate", "--model", "tiny-random", "--threads", "0", "--prompt", "x"), "--threads must be >= 1, got 0"),
     (("generate", "--model", "tiny-random", "--verify", "--prompt", "x"), "--verify needs --artifacts"),
     (("generate", "--artifacts", "art", "--token", "t", "--prompt", "x"), "--token needs --server"),
     (("generate", "--artifacts", "art", "--tls-ca", "ca.pem", "--prompt", "x"), "--tls-ca needs --server"),
@@ -353,3 +353,12 @@ def test_every_flag_has_help_and_there_is_a_version(capsys):
     with pytest.raises(SystemExit) as done:
         _parser().parse_args(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"splitlm {__version__}"
+
+
+def test_idle_cores_counts_cores_this_process_may_use():
+    import os
+
+    from splitlm.cli.flags import idle_cores
+
+    n = idle_cores(0.05)
+    assert 1 <= n <= len(os.sched_getaffinity(0))

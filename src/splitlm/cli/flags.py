@@ -224,7 +224,7 @@ def check_generate_flags(args) -> None:
     at_least(args.threads, 1, "--threads")
     check_output(args.json, "--json")
     if not args.artifacts:
-        for flag, value in (("--server", args.server), ("--threads", args.threads), ("--verify", args.verify)):
+        for flag, value in (("--server", args.server), ("--verify", args.verify)):
             if value:
                 raise ConfigError(f"{flag} needs --artifacts (an export): without it the model runs in-process in torch")
     for flag, value in (("--token", args.token), ("--tls-ca", args.tls_ca), ("--step-timeout", args.step_timeout),
@@ -287,3 +287,35 @@ def read_bytes(path: str | None) -> bytes | None:
         raise ConfigError(f"cannot read {path}: {exc}") from None
 
 
+
+
+def idle_cores(sample_s: float = 0.2) -> int:
+    """Cores of this process's affinity set that were at least half idle over `sample_s` seconds (at least 1):
+    how many compute threads can run now without fighting another process for a core (torch's OpenMP
+    threads spin at barriers, and one of them sharing a core with a busy process slows every step ~3x)."""
+    import time
+
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+    def sample() -> dict[int, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in allowed:
+                    values = [int(v) for v in fields]
+                    out[int(name[3:])] = (values[3] + values[4], sum(values))  # idle + iowait, total
+        return out
+
+    try:
+        before = sample()
+        time.sleep(sample_s)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return len(allowed) or 1
+    idle = 0
+    for cpu, (idle1, total1) in after.items():
+        idle0, total0 = before.get(cpu, (idle1, total1))
+        if total1 > total0 and (idle1 - idle0) / (total1 - total0) >= 0.5:
+            idle += 1
+    return max(1, idle)

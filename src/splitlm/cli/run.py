@@ -16,6 +16,7 @@ from splitlm.cli.flags import (
     check_against_export,
     check_generate_flags,
     check_output,
+    idle_cores,
     load_model,
     plan_and_check_flags,
     split_and_plan,
@@ -28,7 +29,9 @@ def add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate text with the model split at a layer")
     add_model_and_plan(g)
     g.add_argument("--artifacts", default=None, help="an export directory: run its ONNX head (and its tail in-process)")
-    g.add_argument("--threads", type=int, default=None, help="onnxruntime threads on the device (with --artifacts; default: all cores)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="compute threads: the device head's (onnxruntime) and, in process, torch's (default: the cores idle "
+                        "now; OMP_NUM_THREADS, when set, for torch)")
     g.add_argument("--verify", action="store_true", help="check the sha256 of every exported file (sizes are always checked)")
     g.add_argument("--server", default=None,
                    help="HOST:PORT of `splitlm serve`, or several separated by commas: replicas of the same export, "
@@ -107,6 +110,7 @@ def cmd_generate(args) -> int:
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     check_generate_flags(args)
+    _choose_threads(args)
     if args.artifacts:
         result, tok, split, L, plan, chat = _generate_from_artifacts(args, sampling)
     else:
@@ -152,6 +156,21 @@ def _predicted_vs_measured(plan, result) -> str:
         line += (f"; predicted TTFT {p.ttft_ms:.0f} ms for {p.prompt_tokens or '?'} prompt tokens, measured "
                  f"{result.ttft_s * 1e3:.0f} ms for {len(result.prompt_ids)}")
     return line
+
+
+def _choose_threads(args) -> None:
+    """args.threads: as given, else the cores idle now. Torch (in process: no --server) runs that many threads, unless
+    OMP_NUM_THREADS says otherwise; the device head runs that many in onnxruntime."""
+    if args.threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.threads = idle_cores()
+        if args.threads < cores:
+            print(f"[threads] {args.threads} of {cores} cores idle now: running {args.threads} compute thread(s) "
+                  "(--threads N to choose)", file=sys.stderr)
+    if not (args.artifacts and args.server) and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def _print_move(move) -> None:
