@@ -448,3 +448,14 @@ def test_the_plot_front_keeps_only_points_nothing_beats_on_both_axes():
     points = [C(token_latency_ms=1, perplexity=20), C(token_latency_ms=2, perplexity=10), C(token_latency_ms=3, perplexity=15),
               C(token_latency_ms=4, perplexity=9)]
     assert [(c.token_latency_ms, c.perplexity) for c in front_2d(points)] == [(1, 20), (2, 10), (4, 9)]
+
+
+def test_the_embedding_growth_stops_at_its_table():
+    """Mapped pages of the embedding table come in with the rows a text touches (and readahead), up to the table."""
+    mem = synthetic(embed_bytes_per_token=50_000, embed_table_bytes={16: 40 * MB, 8: 10 * MB, 4: 10 * MB}).memory
+    assert mem.device_bytes(0, 16, 16, 100) == mem.runtime_bytes + mem.embed_bytes + 100 * 50_000
+    assert mem.device_bytes(0, 16, 16, 100_000) == mem.runtime_bytes + mem.embed_bytes + 40 * MB
+    quantized = mem.device_bytes(1, 8, 16, 100_000)
+    assert quantized == mem.runtime_bytes + mem.embed_bytes + 10 * MB + mem.layer_bytes[8] + 100_000 * 2048
+    old = synthetic(embed_bytes_per_token=50_000).memory  # a profile without the field: no cap
+    assert old.device_bytes(0, 16, 16, 100_000) == old.runtime_bytes + old.embed_bytes + 100_000 * 50_000

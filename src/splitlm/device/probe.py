@@ -40,9 +40,10 @@ def baseline(device_dir: str) -> dict:
     return {"peak_rss_bytes": peak_rss_bytes()}
 
 
-def run_head(device_dir: str, positions: int, threads: int | None, text_file: str | None) -> dict:
-    """The head run to `positions` (one prefill chunk, then decode) on the token ids in `text_file`
-    (cycled) or, without one, a synthetic pattern: {"peak_rss_bytes"}."""
+def run_head(device_dir: str, positions: int, threads: int | None, text_file: str | None, prompt: int | None = None) -> dict:
+    """The head run to `positions` on the token ids in `text_file` (cycled) or, without one, a synthetic
+    pattern: a prompt of `prompt` positions (default: one prefill chunk) prefilled in the plan's chunks,
+    then decode: {"peak_rss_bytes"}."""
     import numpy as np
 
     from splitlm.device.runtime import DeviceHead, HeadSession, load_tokenizer
@@ -50,9 +51,10 @@ def run_head(device_dir: str, positions: int, threads: int | None, text_file: st
     load_tokenizer(device_dir)
     head = DeviceHead(HeadSession(device_dir, threads=threads))
     text = [int(t) for t in Path(text_file).read_text().split()] if text_file else None
-    first = min(positions - 1, head.plan.prefill_chunk)
+    first = min(positions - 1, head.plan.prefill_chunk if prompt is None else prompt)
     ids = text if text is not None else list(np.arange(positions) % 200 + 3)
-    head.step(list(ids[:first]))
+    ids = [int(ids[i % len(ids)]) for i in range(positions)]
+    head.step(list(ids[:first]), last_only=True)  # as generation runs a prompt: a device-only head's logits for its last row
     while head.length < positions:
         head.step([int(ids[head.length % len(ids)])])
     return {"peak_rss_bytes": peak_rss_bytes()}
@@ -104,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--positions", type=int, required=True)
     h.add_argument("--threads", type=_threads, default=None, help="onnxruntime threads (default 0: all cores)")
     h.add_argument("--text", default=None, help="a file of whitespace-separated token ids (default: a synthetic pattern)")
-    h.set_defaults(measure=lambda a: run_head(a.device_dir, a.positions, a.threads, a.text))
+    h.add_argument("--prompt", type=int, default=None, help="positions prefilled as one prompt (default: one prefill chunk)")
+    h.set_defaults(measure=lambda a: run_head(a.device_dir, a.positions, a.threads, a.text, a.prompt))
     f = sub.add_parser("first-call", help="ms of a fresh session's first call on --prompt")
     f.add_argument("device_dir")
     f.add_argument("--prompt", type=_token_ids, required=True, help="comma-separated token ids")

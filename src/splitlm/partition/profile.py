@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
@@ -180,12 +181,16 @@ class MemoryProfile:
     can be below `embed_bytes`: a small head's peak overlaps the process's start-up peak."""
     head_bytes_per_token: float = 0.0
     """Growth per position of a head with layers that is not per layer (with `head_bytes`)."""
+    embed_table_bytes: Mapping[int, float] = field(default_factory=dict)
+    """Device weight bits -> bytes of the embedding table as that head maps it (float32 at 16 bits, 8-bit blocks
+    otherwise): the embedding's growth with positions (mapped pages the rows touch bring in, with the kernel's
+    readahead) stops there. Empty in older profiles: no cap."""
 
     def device_bytes(self, split: int, bits: int, kv_bits: int, seq: int, kv_layers: int | None = None) -> float:
         """Peak resident bytes of a device process running `split` layers at `bits` to `seq` positions
         (runtime included; activation and LM head not). kv_layers: layers whose K/V the device holds, when
         fewer than `split` (its split moved shallower: it keeps the weights, the cloud took the K/V)."""
-        embed_only = self.embed_bytes + self.embed_bytes_per_token * seq
+        embed_only = self.embed_bytes + min(self.embed_bytes_per_token * seq, self.embed_table_bytes.get(bits if split else 16, math.inf))
         kv_layers = split if kv_layers is None else kv_layers
         layers = split * self.layer_bytes.get(bits, 0.0) + kv_layers * self.kv_bytes_per_token_layer[kv_bits] * seq
         if split and self.head_bytes is not None:

@@ -60,4 +60,12 @@ def memory_profile(bench: Bench, base: EmbeddingHead, lm_heads: dict[int, LMHead
                          mem.kv_bytes_per_token_layer, runtime,
                          embed_bytes_per_token=max(0.0, (base_hi - base_lo) / (bench.hi - bench.lo)),
                          head_bytes=mem.fit["fixed"] if mem.fit else None,
-                         head_bytes_per_token=mem.fit["per_token"] if mem.fit else 0.0)
+                         head_bytes_per_token=mem.fit["per_token"] if mem.fit else 0.0,
+                         embed_table_bytes=embed_table_bytes(bench.spec, mem.layer_bytes))
+
+
+def embed_table_bytes(spec, bits) -> dict[int, float]:
+    """Bytes of the embedding table a head of each weight width maps: float32 at 16 bits; a quantized head's
+    8-bit blocks of 32 with a float32 scale each (quantize_embedding, or the GGUF's Q8_0)."""
+    cells = spec.vocab_size * spec.hidden_size
+    return {b: float(cells * 4 if b == 16 else cells * (1 + 4 / 32)) for b in bits}

@@ -37,10 +37,14 @@ def runtime_baseline_bytes(device_dir: Path) -> float:
     return float(run_probe("memory", "baseline", str(device_dir))["peak_rss_bytes"])
 
 
-def measure_peak_rss(device_dir: Path, positions: int, threads: int | None = None, text: list[int] | None = None) -> float:
-    """Peak RSS (bytes) of a fresh device process that runs the head to `positions` (one prefill
-    chunk, then decode), fed `text` token ids (cycled) or, without text, a synthetic pattern."""
+def measure_peak_rss(device_dir: Path, positions: int, threads: int | None = None, text: list[int] | None = None,
+                     prompt: int | None = None) -> float:
+    """Peak RSS (bytes) of a fresh device process that runs the head to `positions` (a prompt of `prompt`
+    positions, default one prefill chunk, then decode), fed `text` token ids (cycled) or, without text, a
+    synthetic pattern."""
     args = [str(device_dir), "--positions", str(positions), "--threads", str(threads or 0)]
+    if prompt is not None:
+        args += ["--prompt", str(prompt)]
     if text is None:
         return float(run_probe("memory", "run-head", *args)["peak_rss_bytes"])
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
