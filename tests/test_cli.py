@@ -239,7 +239,7 @@ def test_demo_runs_end_to_end_on_tiny_model(capsys):
 def test_eval_plan_flags_report_bytes_and_quality(capsys, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("quantized plans cost a little perplexity and save bytes on the wire. " * 40)
-    results = {}
+    results, outs = {}, {}
     for name, flags in {"exact": [], "codec": ["--codec", "tabq", "--codec-eps", "0.05"],
                         "w4": ["--device-bits", "4", "--cloud-bits", "8", "--device-group", "32", "--kv-bits", "8"]}.items():
         out_json = tmp_path / f"{name}.json"
@@ -247,9 +247,11 @@ def test_eval_plan_flags_report_bytes_and_quality(capsys, tmp_path):
                              "--window-size", "256", "--json", str(out_json), *flags)
         assert code == 0, err
         results[name] = json.loads(out_json.read_text())
+        outs[name] = out
     d = 64
     assert results["codec"]["bytes_per_token"] < 2 * d < results["exact"]["bytes_per_token"]
-    assert "smaller than fp16" in out
+    assert "smaller than fp16" in outs["codec"]
+    assert "2.00x larger than fp16" in outs["exact"]  # the exact link is float32
     assert results["w4"]["plan"]["device_weights"]["bits"] == 4 and results["w4"]["plan"]["kv_bits"] == 8
     for name in ("codec", "w4"):
         assert results[name]["perplexity"] != results["exact"]["perplexity"]

@@ -251,8 +251,9 @@ def cmd_eval(args) -> int:
     t0 = time.perf_counter()
     res = evaluate.evaluate_plan(ckpt, plan, wins, calib)
     source = args.text or "pydoc_data.topics"
-    link = (f"  link {res.bytes_per_token:.1f} B/token ({res.fp16_bytes_per_token / res.bytes_per_token:.2f}x smaller than fp16)"
-            if res.bytes_per_token else "  link none (device-only)")
+    ratio = res.fp16_bytes_per_token / res.bytes_per_token if res.bytes_per_token else 0.0
+    size = f"{ratio:.2f}x smaller than fp16" if ratio >= 1 else f"{1 / ratio:.2f}x larger than fp16"
+    link = f"  link {res.bytes_per_token:.1f} B/token ({size})" if res.bytes_per_token else "  link none (device-only)"
     print(f"model {ckpt.model_id}  split {plan.split_layer}  text {source}  windows {res.windows}x{args.window_size}  "
           f"tokens {res.tokens}  perplexity {res.perplexity:.4f}{link}  ({time.perf_counter() - t0:.1f}s)")
     if args.json:
