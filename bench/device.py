@@ -157,6 +157,8 @@ def engines(ckpt) -> tuple[list[Row], list[str]]:
         if bits != 16:
             rows.append(Row(f"{label}, MatMulNBits fp32 compute", "ours", with_accuracy_level(device_dir, 0),
                             headline=False))
+        if name == "int4":  # what the 8-bit LM head costs against genai's 4-bit one
+            rows.append(Row(f"{label}, LM head 4-bit", "ours", export_cached(ckpt, plan.replace(lm_head_bits=4)), headline=False))
         if name == "int4" and method != "rtn":
             rtn = export_cached(ckpt, plan.replace(device_weights=WeightQuant(4, 32)))
             rows.append(Row("ours int4 (rtn, re-quantized)", "ours", rtn, headline=True))
