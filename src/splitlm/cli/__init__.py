@@ -39,6 +39,10 @@ COMMANDS = {"models": cmd_models, "generate": cmd_generate, "eval": cmd_eval, "e
             "profile": cmd_profile, "partition": cmd_partition, "demo": cmd_demo, "device-serve": cmd_device_serve}
 
 
+FULL_INSTALL_MODULES = frozenset({"torch", "safetensors", "gguf", "onnx", "onnxscript", "triton", "transformers"})
+"""What the cloud extra adds to the device install: a command that imports one of them needs the full install."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.WARNING,
@@ -51,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except SplitLMError as exc:
         print(f"splitlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in FULL_INSTALL_MODULES:
+            raise
+        print(f"splitlm {args.command}: error: this needs the full install, which brings {exc.name}: "
+              "pip install 'splitlm[cloud]' (the device install runs generate --artifacts, device-serve and "
+              "profile --link-only)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

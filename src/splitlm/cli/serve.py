@@ -171,8 +171,8 @@ def cmd_serve(args) -> int:
 
 def cmd_profile(args) -> int:
 
+    from splitlm.device.client import probe_rtt_ms
     from splitlm.partition.profile import LinkProfile, Profile
-    from splitlm.profiler import ProfileConfig, measure_profile, probe_rtt_ms, write_partial
 
     def mbps(text: str) -> float:
         try:
@@ -204,6 +204,8 @@ def cmd_profile(args) -> int:
         print(f"link: {link.bandwidth_mbps:g} Mbit/s, RTT {link.rtt_ms:.2f} ms"
               + (f" (probed against {args.server})" if args.server else "") + f" -> {args.out}")
         return 0
+    from splitlm.profiler import ProfileConfig, measure_profile, write_partial  # needs torch: past the link-only path
+
     link = LinkProfile(mbps(args.bandwidth or "50"), 20.0 if rtt is None else rtt)
     if args.server:
         probe_rtt_ms(args.server, count=1)  # a server that is not there fails now, not after the measuring

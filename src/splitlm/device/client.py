@@ -841,3 +841,26 @@ def connect(address: str, root_certificates: bytes | str | os.PathLike | None = 
     else:
         channel = grpc.insecure_channel(target, options=options)
     return CloudChannel(channel, ",".join(addresses), link)
+
+
+def probe_rtt_ms(address: str, count: int = 20) -> float:
+    """Median round trip (ms) of the standard gRPC health check against a running `splitlm serve`: the link's RTT
+    as `splitlm profile --server` measures it (torch-free: it runs on the device)."""
+    import statistics
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(check_address(address))
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            times.append((time.perf_counter() - t0) * 1e3)
+    except grpc.RpcError as exc:
+        raise ConfigError(f"cannot probe the link to {address}: {exc.code().name}: {exc.details()}") from None
+    finally:
+        channel.close()
+    return statistics.median(times)

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from splitlm.errors import ConfigError
+from splitlm.device.client import probe_rtt_ms  # noqa: F401  (the profiler's link probe lives with the client: torch-free)
 from splitlm.partition.profile import CodecPoint, SideProfile
 from splitlm.profiler.config import SHORT_PREFILL, Bench
 from splitlm.profiler.device import EmbeddingHead, KVHead
@@ -30,27 +30,6 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_TOKENS = 24
 """Tokens generated in each calibration session."""
-
-
-def probe_rtt_ms(address: str, count: int = 20) -> float:
-    """Median round trip of the gRPC health check against a running `splitlm serve` (ms)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    channel = grpc.insecure_channel(address)
-    stub = health_pb2_grpc.HealthStub(channel)
-    try:
-        stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
-        times = []
-        for _ in range(count):
-            t0 = time.perf_counter()
-            stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
-            times.append((time.perf_counter() - t0) * 1e3)
-    except grpc.RpcError as exc:
-        raise ConfigError(f"cannot probe the link to {address}: {exc.code().name}: {exc.details()}") from None
-    finally:
-        channel.close()
-    return statistics.median(times)
 
 
 @contextlib.contextmanager
