@@ -364,3 +364,14 @@ def test_idle_cores_counts_cores_this_process_may_use():
 
     n = idle_cores(0.05)
     assert 1 <= n <= len(os.sched_getaffinity(0))
+
+
+def test_a_long_prompt_shows_its_prefill_progress(capsys, monkeypatch):
+    import splitlm.cli.run as run_module
+
+    monkeypatch.setattr(run_module, "PREFILL_PROGRESS_FROM", 20)
+    code, out, err = run(capsys, "generate", "--model", "tiny-random", "--split", "2", "--prompt", "a longer prompt " * 18,
+                         "--max-tokens", "2")
+    assert code == 0, err
+    total = int(re.search(r"\[prefill\] \d+/(\d+) prompt positions", err).group(1))
+    assert total > 128 and "[prefill] 128/" in err and f"[prefill] {total}/{total} prompt positions\n" in err

@@ -100,7 +100,8 @@ class LocalSplit:
         caches.split = layer
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, caches: "SplitCaches | None" = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, caches: "SplitCaches | None" = None,
+                on_prefill: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V), through head, link and tail, in prefill chunks. With caches, the
         plan's split moves run when the sequence reaches their lengths, at the end of a chunk (as the device
         makes them); a call of one chunk without caches runs at the plan's split."""
@@ -114,19 +115,21 @@ class LocalSplit:
             if self.tail is not None:
                 h = self.tail(self.link(h), cache=caches and caches.tail, start=split)
             outs.append(h)
+            if on_prefill is not None and ids.shape[1] > 1:
+                on_prefill(start + chunk.shape[1], ids.shape[1])
             while caches is not None and caches.moves and caches.head.length >= caches.moves[0][0]:
                 self._move(caches, caches.moves.pop(0)[1])
         return torch.cat(outs, dim=1)  # (B, T, V)
 
     def generate(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams = SamplingParams(),
-                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
-        """Prefill the prompt in chunks, then decode one token at a time."""
+                 on_token: Callable[[int], None] | None = None, on_prefill: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """Prefill the prompt in chunks (on_prefill(done, total) after each), then decode one token at a time."""
         sampler = Sampler(sampling)
         caches = self.new_caches()
         bytes_before = self.meter.bytes
 
         def advance(ids: list[int]) -> int:
-            logits = self.forward(torch.tensor([ids]), caches)[0, -1].float().numpy()
+            logits = self.forward(torch.tensor([ids]), caches, on_prefill)[0, -1].float().numpy()
             return sampler(logits, caches.head.length if self.head.owned_layers else caches.tail.length)
 
         result = generate_tokens(advance, prompt_ids, max_tokens, self.spec.eos_token_ids, self.max_seq_len,

@@ -125,7 +125,8 @@ def cmd_generate(args) -> int:
     stream = StreamingDecoder(tok)
     print(args.prompt if not args.chat else "", end="", flush=True)
     show = lambda t: print(stream.push(t), end="", flush=True)  # noqa: E731
-    result = result(ids, show) if args.artifacts else runner.generate(ids, args.max_tokens, sampling, on_token=show)
+    result = result(ids, show) if args.artifacts else runner.generate(ids, args.max_tokens, sampling, on_token=show,
+                                                                      on_prefill=_prefill_progress)
     print()
     link = f", {result.link_bytes / max(1, len(ids) + len(result.token_ids) - 1):.0f} B/token on the link" if result.link_bytes else ""
     if "bytes_up" in result.extra:
@@ -173,6 +174,15 @@ def _choose_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+PREFILL_PROGRESS_FROM = 1024
+"""Prompts of at least this many tokens show their prefill's progress (a 5,000-token prompt takes half a minute)."""
+
+
+def _prefill_progress(done: int, total: int) -> None:
+    if total >= PREFILL_PROGRESS_FROM:
+        print(f"\r[prefill] {done}/{total} prompt positions", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+
+
 def _print_move(move) -> None:
     way = "shallower" if move.new < move.old else "deeper"
     print(f"\n[move] split {move.old} -> {move.new} ({way}) at {move.position} positions: {move.bytes / 2**20:.2f} MiB of KV "
@@ -199,7 +209,8 @@ def _generate_from_artifacts(args, sampling):
         raise ConfigError(f"--server: the export in {root} is device-only (split {L}/{L}), there is no cloud part to "
                           "run on a server; drop --server")
     if session.device_only:
-        run = lambda ids, show: generate_device_only(session, ids, args.max_tokens, sampling, show, tok)  # noqa: E731
+        run = lambda ids, show: generate_device_only(session, ids, args.max_tokens, sampling, show, tok,  # noqa: E731
+                                                     on_prefill=_prefill_progress)
     else:
         if args.server:
             from splitlm.device.client import FailoverConfig, LinkConfig, ReplayingSession, connect
@@ -211,7 +222,8 @@ def _generate_from_artifacts(args, sampling):
             def run(ids, show):
                 with ReplayingSession(channel, session.plan.hash, session.plan.model_id,
                                       sampling, args.max_tokens, args.token, failover=failover) as remote:
-                    result = generate_split(session, remote, ids, args.max_tokens, show, tok, on_move=_print_move)
+                    result = generate_split(session, remote, ids, args.max_tokens, show, tok, on_move=_print_move,
+                                            on_prefill=_prefill_progress)
                 result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down,
                                     replays=[dataclasses.asdict(r) for r in remote.replays])
                 for r in remote.replays:
@@ -226,7 +238,7 @@ def _generate_from_artifacts(args, sampling):
                 raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
             tail_session = tail.new_session(sampling)
             run = lambda ids, show: generate_split(session, tail_session, ids, args.max_tokens, show, tok,  # noqa: E731
-                                                   on_move=_print_move)
+                                                   on_move=_print_move, on_prefill=_prefill_progress)
     return run, tok, session.plan.split_layer, L, session.plan, (load_template(session.dir), session.spec)
 
 

@@ -395,17 +395,28 @@ def load_tokenizer(device_dir: str | Path):
     return load_tokenizer_file(Path(device_dir) / "tokenizer.json")
 
 
+Progress = Callable[[int, int], None]
+"""on_prefill(positions done, positions of the prompt): called after each prefill chunk of a prompt."""
+
+
 def generate_device_only(session: HeadSession, prompt_ids: list[int], max_tokens: int,
                          sampling: SamplingParams = SamplingParams(), on_token: Callable[[int], None] | None = None,
-                         tokenizer=None) -> GenerationResult:
+                         tokenizer=None, on_prefill: Progress | None = None) -> GenerationResult:
     """Generation entirely on the device (a plan with split = L)."""
     if not session.device_only:
         raise ConfigError(f"plan split {session.plan.split_layer} < {session.spec.num_layers}: this head needs a cloud")
     head = DeviceHead(session)
     sampler = Sampler(sampling)
     tok = tokenizer or load_tokenizer(session.dir)
-    return generate_tokens(lambda ids: sampler(head.step(ids, last_only=True)[-1], head.length), prompt_ids, max_tokens, session.spec.eos_token_ids,
-                           session.plan.max_seq_len, tok.decode, on_token)
+
+    def advance(ids: list[int]) -> int:
+        start = head.length
+        for out, _ in head.chunks(ids, last_only=True):
+            if on_prefill is not None and len(ids) > 1:
+                on_prefill(head.length - start, len(ids))
+        return sampler(out[-1], head.length)
+
+    return generate_tokens(advance, prompt_ids, max_tokens, session.spec.eos_token_ids, session.plan.max_seq_len, tok.decode, on_token)
 
 
 class Link(Protocol):
@@ -476,7 +487,7 @@ class _SendOnly:
 
 def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, bool], int | None]", prompt_ids: list[int], max_tokens: int,
                    on_token: Callable[[int], None] | None = None, tokenizer=None, stream_prefill: bool = True,
-                   on_move: Callable[[Move], None] | None = None) -> GenerationResult:
+                   on_move: Callable[[Move], None] | None = None, on_prefill: Progress | None = None) -> GenerationResult:
     """Generation with a cloud: each step's hidden states go out as frames through `link` (a session, or
     just its send function when the plan does not move its split). With
     stream_prefill, a prompt's frames go out chunk by chunk as the head computes them (the cloud's
@@ -491,10 +502,13 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
     done: list[Move] = []
 
     def advance(ids: list[int]) -> int:
+        start = head.length
         for hidden, last in head.chunks(ids) if stream_prefill else [(head.step(ids), True)]:
             frame = head.encode(hidden)
             sent[0] += len(frame)
             token = link.send(frame, hidden.shape[0], last)
+            if on_prefill is not None and len(ids) > 1:
+                on_prefill(head.length - start, len(ids))
             while moves and head.length >= moves[0][0]:
                 move = move_split(head, link, moves.pop(0)[1])
                 done.append(move)
