@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from splitlm.errors import ConfigError
 from splitlm.generation import GenerationResult
@@ -130,26 +130,10 @@ class Device:
         """`generate` on a list of {"role": "system" | "user" | "assistant", "content": ...} messages."""
         return self.generate(list(messages), max_tokens, **kw)
 
-    def stream(self, prompt: str | Sequence[Mapping[str, str]], max_tokens: int = 256, **kw: Any) -> Iterator[str]:
-        """`generate`, as an iterator of text pieces as they are decoded. Errors come out of the iterator."""
-        pieces: queue.Queue = queue.Queue()
-        done = object()
-
-        def run() -> None:
-            try:
-                self.generate(prompt, max_tokens, on_text=pieces.put, **kw)
-                pieces.put(done)
-            except BaseException as exc:  # noqa: BLE001 - handed to the iterating thread
-                pieces.put(exc)
-
-        threading.Thread(target=run, name="splitlm-stream", daemon=True).start()
-        while True:
-            item = pieces.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    def stream(self, prompt: str | Sequence[Mapping[str, str]], max_tokens: int = 256, **kw: Any) -> "TextStream":
+        """`generate`, as an iterator of text pieces as they are decoded (a TextStream: its `result` once
+        exhausted; `close()` ends the generation). Errors come out of the iterator."""
+        return TextStream(lambda on_text: self.generate(prompt, max_tokens, on_text=on_text, **kw))
 
     def _run(self, ids: list[int], max_tokens: int, sampling: SamplingParams, on_token) -> GenerationResult:
         from splitlm.device.runtime import generate_device_only, generate_split
@@ -177,6 +161,52 @@ class Device:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class StreamClosed(Exception):
+    """Raised inside a generation whose TextStream was closed: it ends at its next piece of text."""
+
+
+class TextStream:
+    """The text pieces of a generation that runs on a thread of its own, as an iterator. `result` holds the
+    GenerationResult once the iterator is exhausted; an error of the generation is raised by the iterator;
+    `close()` ends the generation at its next piece (the device is free again for the next one)."""
+
+    _END = object()
+
+    def __init__(self, generate: Callable[[Callable[[str], None]], GenerationResult]) -> None:
+        self.result: GenerationResult | None = None
+        self._pieces: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(generate,), name="splitlm-stream", daemon=True).start()
+
+    def _on_text(self, piece: str) -> None:
+        if self._closed.is_set():
+            raise StreamClosed()
+        self._pieces.put(piece)
+
+    def _run(self, generate) -> None:
+        try:
+            self.result = generate(self._on_text)
+        except BaseException as exc:  # noqa: BLE001 - raised by the iterator, on the caller's thread
+            self._error = exc
+        self._pieces.put(self._END)
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        item = self._pieces.get()
+        if item is self._END:
+            self._pieces.put(item)  # exhausted for good
+            if self._error is not None and not isinstance(self._error, StreamClosed):
+                raise self._error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 def serve(artifacts: str | os.PathLike, address: str = "127.0.0.1:0", **config: Any):

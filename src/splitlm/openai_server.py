@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -232,32 +231,14 @@ class _Handler(BaseHTTPRequestHandler):
         rid, kind = self._ids(chat)
         kind += ".chunk" if chat else ""
         created = int(time.time())
-        pieces: queue.Queue = queue.Queue()
-        outcome: dict = {}
-        gone = threading.Event()
-
-        def on_text(piece: str) -> None:
-            if gone.is_set():  # the client left: end the generation (and free the device) at the next piece
-                raise _ClientGone()
-            pieces.put(piece)
-
-        def run() -> None:
-            try:
-                outcome["result"] = device.generate(**request["args"], on_text=on_text)
-            except BaseException as exc:  # noqa: BLE001 - reported on the stream
-                outcome["error"] = exc
-            pieces.put(None)
+        stream = device.stream(**request["args"])
 
         def chunk(delta: dict | None, text: str | None, finish: str | None) -> dict:
             choice: dict = {"index": 0, "finish_reason": finish}
             choice.update({"delta": delta or {}} if chat else {"text": text or "", "logprobs": None})
             return {"id": rid, "object": kind, "created": created, "model": request["model"], "choices": [choice]}
 
-        worker = threading.Thread(target=run, name="splitlm-openai-generate", daemon=True)
-        worker.start()
-        first = pieces.get()  # a request the device refuses (a prompt too long) is a 400, not a broken stream
-        if first is None and "error" in outcome:
-            raise outcome["error"]
+        first = next(stream, None)  # a request the device refuses (a prompt too long) is a 400, not a broken stream
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -267,20 +248,20 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if chat:
                 self._event(chunk({"role": "assistant", "content": ""}, None, None))
-            piece = first
-            while piece is not None:
-                self._event(chunk({"content": piece}, piece, None))
-                piece = pieces.get()
-            if "error" in outcome:
-                exc = outcome["error"]
+            try:
+                for piece in [first] if first is not None else []:
+                    self._event(chunk({"content": piece}, piece, None))
+                for piece in stream:
+                    self._event(chunk({"content": piece}, piece, None))
+            except SplitLMError as exc:  # the generation failed once the stream had begun
                 self._event({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
                 return
-            result = outcome["result"]
+            result = stream.result
             self._event(chunk({}, "", _finish(result.stop_reason)))
             if request["usage"]:
                 self._event({"id": rid, "object": kind, "created": created, "model": request["model"], "choices": [],
                              "usage": self._usage(result)})
             self._event("[DONE]")
         except _ClientGone:
-            gone.set()
+            stream.close()  # the generation ends at its next piece, and frees the device
             log.info("event=openai_client_gone id=%s", rid)

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from splitlm.device.client import probe_rtt_ms  # noqa: F401  (the profiler's link probe lives with the client: torch-free)
+from splitlm.device.client import probe_rtt_ms
 from splitlm.partition.profile import CodecPoint, SideProfile
 from splitlm.profiler.config import SHORT_PREFILL, Bench
 from splitlm.profiler.device import EmbeddingHead, KVHead
