@@ -49,3 +49,23 @@ def test_the_device_install_runs_the_device_side_without_torch(device_venv, arti
     needs = _run(device_venv, "splitlm", "export", "--model", "tiny-random", "--split", "2", "--out", str(tmp_path / "x"))
     assert needs.returncode == 2 and "needs the full install" in needs.stderr and "splitlm[cloud]" in needs.stderr, needs.stderr
     assert "Traceback" not in needs.stderr
+
+
+def test_the_device_install_profiles_its_half_on_a_kit(device_venv, tiny_ckpt, serve, tmp_path):
+    """The device's half of `profile` runs in the device install (no torch) on a kit written by the full
+    install, probes the link to a running server, and partition merges it with the cloud's half."""
+    from splitlm.partition.profile import save_part
+    from splitlm.profiler import ProfileConfig, measure_cloud_half
+    from tests.test_partition import TINY_PROFILE
+
+    save_part(measure_cloud_half(tiny_ckpt, tmp_path / "kit", ProfileConfig(**TINY_PROFILE), progress=False),
+              tmp_path / "cloud.json")
+    address, _ = serve()
+    here = _run(device_venv, "splitlm", "profile", "--device", str(tmp_path / "kit"), "--server", address, "--bandwidth", "20",
+                "--out", str(tmp_path / "device.json"), timeout=600)
+    assert here.returncode == 0 and "RTT" in here.stdout, here.stderr
+    plan = _run(device_venv, "splitlm", "partition", "--profile", str(tmp_path / "device.json"), str(tmp_path / "cloud.json"),
+                "--device-memory", "1GB", "--token-latency", "1s", "--out", str(tmp_path / "plan.json"))
+    assert plan.returncode == 0 and "chose" in plan.stdout, plan.stderr
+    wrong = _run(device_venv, "splitlm", "profile", "--device", str(tmp_path), "--out", str(tmp_path / "x.json"))
+    assert wrong.returncode == 2 and "not a calibration kit" in wrong.stderr and "Traceback" not in wrong.stderr

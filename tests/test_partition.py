@@ -68,18 +68,13 @@ def test_profile_saves_what_it_measured_when_a_later_phase_stops_it(tmp_path, ca
     """Interrupted after its first phase, `splitlm profile` keeps that phase's measurements in OUT.partial."""
     import json
 
-    import splitlm.export as export
+    import splitlm.profiler.device as device
     from splitlm.cli import main
 
-    real, calls = export.export_artifacts, []
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
 
-    def export_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(export, "export_artifacts", export_then_stop)
+    monkeypatch.setattr(device, "measure_kv_head", stop)  # the phase after the embedding-only head
     out = tmp_path / "p.json"
     assert main(["profile", "--model", "tiny-random", "--reps", "1", "--out", str(out)]) == 130
     err = capsys.readouterr().err
@@ -189,14 +184,16 @@ def test_cli_partition_writes_a_plan_with_predictions(tmp_path, capsys):
     assert "--device-memory 'lots'" in capsys.readouterr().err
 
 
+TINY_PROFILE = dict(bits=(16, 4), kv_bits=(16, 8), contexts=(32, 128), prefill=32, memory_positions=256, lm_head_bits=(8,),
+                    reps=2, probe_layers=1)
+
+
 def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
     from splitlm.cli import main
     from splitlm.partition.plan import Plan
     from splitlm.profiler import ProfileConfig, measure_profile
 
-    # probe_layers=1: heads of 1 and 2 layers, so memory is fitted from two depths
-    config = ProfileConfig(bits=(16, 4), kv_bits=(16, 8), contexts=(32, 128), prefill=32, memory_positions=256,
-                           lm_head_bits=(8,), reps=2, probe_layers=1)
+    config = ProfileConfig(**TINY_PROFILE)  # probe_layers=1: heads of 1 and 2 layers, memory fitted from two depths
     profile = measure_profile(tiny_ckpt, LinkProfile(100.0, 10.0), config, progress=False)
     profile.save(tmp_path / "p.json")
     profile = Profile.load(tmp_path / "p.json")
@@ -221,6 +218,65 @@ def test_profile_then_partition_on_the_tiny_model(tmp_path, capsys, tiny_ckpt):
     assert plan.model_id == "tiny-random" and plan.predictions.token_latency_ms is not None
     assert plan.predictions.prompt_tokens == 128
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def halves(tiny_ckpt, tmp_path_factory):
+    """The tiny model profiled in halves: the cloud's (which writes the kit), then the device's from the kit."""
+    from splitlm.profiler import ProfileConfig, measure_cloud_half, measure_device_half
+
+    kit = tmp_path_factory.mktemp("halves") / "kit"
+    cloud = measure_cloud_half(tiny_ckpt, kit, ProfileConfig(**TINY_PROFILE), progress=False)
+    phases = {}
+    device = measure_device_half(kit, LinkProfile(30.0, 15.0), progress=False, on_phase=phases.__setitem__)
+    return kit, device, cloud, phases
+
+
+def test_a_profile_in_halves_merges_into_one(halves, tmp_path, capsys):
+    """The cloud's half writes a kit with no cloud folders; the device's half measures from the kit alone;
+    partition merges the halves given in either order."""
+    from splitlm.cli import main
+    from splitlm.partition.plan import Plan
+    from splitlm.partition.profile import load_profiles, save_part
+
+    kit, device, cloud, phases = halves
+    assert not list(kit.glob("*/cloud")) and (kit / "kit.json").is_file()
+    assert device.kit == cloud.kit and device.link.rtt_ms == 15
+    assert set(device.device.decode_ms) == {16, 4} and set(device.memory.kv_bytes_per_token_layer) == {16, 8}
+    assert device.memory.head_bytes is not None and 10 * MB < device.memory.runtime_bytes < 1024 * MB
+    assert set(device.encode_ms) == {c.name for c in cloud.codecs} and all(e > 0 for e, _ in device.encode_ms.values())
+    # the bar named each phase as it ran; the calibration and memory were reported
+    assert {"embedding-only head", "device W4", "device calibration", "device memory", "link"} <= set(phases)
+    save_part(device, tmp_path / "device.json")
+    save_part(cloud, tmp_path / "cloud.json")
+    profile = load_profiles([tmp_path / "cloud.json", tmp_path / "device.json"])
+    assert profile.device == device.device and profile.cloud == cloud.cloud and profile.link == device.link
+    assert [c.encode_ms for c in profile.codecs] == [device.encode_ms[c.name][0] for c in cloud.codecs]
+    assert main(["partition", "--profile", str(tmp_path / "device.json"), str(tmp_path / "cloud.json"),
+                 "--device-memory", "1GB", "--token-latency", "1s", "--out", str(tmp_path / "plan.json")]) == 0
+    assert Plan.load(tmp_path / "plan.json").model_id == "tiny-random"
+    capsys.readouterr()
+
+
+def test_profile_halves_that_do_not_belong_together_are_refused(halves, tmp_path):
+    from splitlm.partition.profile import load_profiles, save_part
+    from splitlm.profiler.kit import Kit
+
+    kit, device, cloud, _ = halves
+    save_part(device, tmp_path / "device.json")
+    save_part(dataclasses.replace(cloud, kit="0" * 16), tmp_path / "other.json")
+    with pytest.raises(ConfigError, match="measured on kit .* wrote kit 0000"):
+        load_profiles([tmp_path / "device.json", tmp_path / "other.json"])
+    with pytest.raises(ConfigError, match="a device profile .* and a cloud profile"):
+        load_profiles([tmp_path / "device.json"])
+    with pytest.raises(ConfigError, match="a device profile .* and a cloud profile"):
+        load_profiles([tmp_path / "device.json", tmp_path / "device.json"])
+    (tmp_path / "half-kit").mkdir()
+    (tmp_path / "half-kit" / "kit.json").write_text((kit / "kit.json").read_text())
+    with pytest.raises(ConfigError, match="incomplete: .*text.txt is missing"):
+        Kit.load(tmp_path / "half-kit")
+    with pytest.raises(ConfigError, match="not a calibration kit"):
+        Kit.load(tmp_path)
 
 
 def test_profile_cli_probes_the_link_rtt_of_a_server(tmp_path):

@@ -60,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.name not in FULL_INSTALL_MODULES:
             raise
         print(f"splitlm {args.command}: error: this needs the full install, which brings {exc.name}: "
-              "pip install 'splitlm[cloud]' (the device install runs generate --artifacts, device-serve and "
-              "profile --link-only)", file=sys.stderr)
+              "pip install 'splitlm[cloud]' (the device install runs generate --artifacts, device-serve, "
+              "profile --device and profile --link-only)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

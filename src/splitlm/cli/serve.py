@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -75,7 +76,8 @@ def cmd_device_serve(args) -> int:
 def add_profile(sub) -> None:
     from splitlm.model.registry import DEFAULT_MODEL
 
-    pr = sub.add_parser("profile", help="measure device, cloud, codec and quality costs of a model on this machine")
+    pr = sub.add_parser("profile", help="measure device, cloud, codec and quality costs of a model: on this machine, or in "
+                        "halves on two (--kit where the cloud runs, then --device on the device)")
     pr.add_argument("--model", default=None, help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
     pr.add_argument("--out", required=True, help="where to write the profile JSON")
     pr.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
@@ -83,6 +85,13 @@ def add_profile(sub) -> None:
     pr.add_argument("--rtt", default=None, help="link round-trip time (default 20ms)")
     pr.add_argument("--reps", type=int, default=None, help="timing repetitions (median; default 7)")
     pr.add_argument("--server", default=None, help="HOST:PORT of a running `splitlm serve`: probe the link's RTT against it")
+    pr.add_argument("--kit", default=None, metavar="DIR",
+                    help="two machines, the cloud's half (full install): write the calibration kit to DIR for the device "
+                         "and the cloud's half of the profile to --out")
+    pr.add_argument("--device", default=None, metavar="KIT",
+                    help="two machines, the device's half (the device install is enough): measure this device on the "
+                         "kit that --kit wrote and write the device's half to --out; `partition --profile DEVICE CLOUD` "
+                         "merges the halves")
     pr.add_argument("--link-only", default=None, metavar="PROFILE",
                     help="measure nothing but the link (--server, or --bandwidth/--rtt given) and write PROFILE with it "
                          "to --out: re-profile a new network without re-measuring the model")
@@ -93,7 +102,9 @@ def add_partition(sub) -> None:
     from splitlm.partition.search import OBJECTIVES, Budgets
 
     pt = sub.add_parser("partition", help="choose a plan from a profile under memory and latency budgets")
-    pt.add_argument("--profile", required=True, help="a profile JSON (from `splitlm profile`, or written by hand)")
+    pt.add_argument("--profile", required=True, nargs="+", metavar="PROFILE",
+                    help="a profile JSON (from `splitlm profile`, or written by hand), or the device's and the cloud's "
+                         "halves (`profile --device` and `profile --kit`), merged")
     pt.add_argument("--device-memory", required=True, help="device memory budget, e.g. 64MB or 1.5GiB")
     pt.add_argument("--token-latency", required=True, help="per-token latency budget, e.g. 40ms")
     pt.add_argument("--ttft", default=None, help="time-to-first-token budget, e.g. 500ms")
@@ -172,7 +183,7 @@ def cmd_serve(args) -> int:
 def cmd_profile(args) -> int:
 
     from splitlm.device.client import probe_rtt_ms
-    from splitlm.partition.profile import LinkProfile, Profile
+    from splitlm.partition.profile import LinkProfile
 
     def mbps(text: str) -> float:
         try:
@@ -189,22 +200,19 @@ def cmd_profile(args) -> int:
     rtt = quantity(args.rtt, ("ms", "s"), "--rtt") if args.rtt is not None else None
     if args.server is not None and rtt is not None:
         raise ConfigError("--rtt would be ignored: --server probes the RTT; give one of them")
+    modes = [f for f, v in (("--kit", args.kit), ("--device", args.device), ("--link-only", args.link_only)) if v]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)}: give one of them")
     if args.link_only:
         if args.server is None and args.bandwidth is None and rtt is None:
             raise ConfigError("--link-only needs --server, --bandwidth or --rtt: there is nothing else to measure")
         unused = [f for f, v in (("--model", args.model), ("--threads", args.threads), ("--reps", args.reps)) if v is not None]
         if unused:
             raise ConfigError(f"{', '.join(unused)} would be ignored: --link-only measures nothing but the link")
-        profile = Profile.load(args.link_only)
-        if args.server:
-            rtt = probe_rtt_ms(args.server)
-        old = profile.link
-        link = LinkProfile(mbps(args.bandwidth) if args.bandwidth else old.bandwidth_mbps, old.rtt_ms if rtt is None else rtt)
-        dataclasses.replace(profile, link=link).save(args.out)
-        print(f"link: {link.bandwidth_mbps:g} Mbit/s, RTT {link.rtt_ms:.2f} ms"
-              + (f" (probed against {args.server})" if args.server else "") + f" -> {args.out}")
-        return 0
-    from splitlm.profiler import ProfileConfig, measure_profile, write_partial  # needs torch: past the link-only path
+        return _relink(args, rtt, mbps)
+    if args.device:
+        return _profile_device(args, rtt, mbps)
+    from splitlm.profiler import ProfileConfig, measure_profile  # needs torch: past the link-only path
 
     link = LinkProfile(mbps(args.bandwidth or "50"), 20.0 if rtt is None else rtt)
     if args.server:
@@ -214,25 +222,99 @@ def cmd_profile(args) -> int:
     phases: dict[str, dict] = {}
     partial = args.out + ".partial"
     config = ProfileConfig(threads=args.threads, reps=7 if args.reps is None else args.reps, server=args.server)
-    try:
+    if args.kit:
+        from splitlm.partition.profile import save_part
+        from splitlm.profiler import measure_cloud_half
+
+        if args.server or args.bandwidth or rtt is not None:
+            raise ConfigError("--server/--bandwidth/--rtt would be ignored: the link is the device's to measure "
+                              "(profile --device KIT --server HOST:PORT)")
+        kit = Path(args.kit)
+        if kit.exists() and any(kit.iterdir()):
+            raise ConfigError(f"--kit {kit} is not empty: give a new or empty directory")
+        with _keeping_phases(partial, ckpt, phases):
+            half = measure_cloud_half(ckpt, kit, config, on_phase=phases.__setitem__)
+        save_or_keep(lambda path: save_part(half, path), args.out, "cloud profile")
+        print(f"profiled the cloud's half of {ckpt.model_id} in {time.perf_counter() - t0:.0f} s -> {args.out}\n"
+              f"calibration kit -> {kit} (copy it to the device, then: splitlm profile --device {kit.name} --server "
+              f"HOST:PORT --out device.json)")
+        return 0
+    with _keeping_phases(partial, ckpt, phases):
         profile = measure_profile(ckpt, link, config, on_phase=phases.__setitem__)
-    except BaseException as exc:
-        if phases:
-            try:
-                write_partial(partial, ckpt, phases, exc)
-                note = f"what they measured is in {partial}"
-            except OSError as err:
-                note = f"saving what they measured to {partial} failed too: {err}"
-            print(f"splitlm profile: stopped after {len(phases)} phases ({type(exc).__name__}); {note}", file=sys.stderr)
-        raise
     save_or_keep(profile.save, args.out, "profile")
     Path(partial).unlink(missing_ok=True)
     print(f"profiled {ckpt.model_id} in {time.perf_counter() - t0:.0f} s -> {args.out}")
     return 0
 
 
+@contextlib.contextmanager
+def _keeping_phases(partial: str, model, phases: dict[str, dict]):
+    """On any failure inside the block, write what the finished phases measured to `partial`."""
+    from splitlm.profiler import write_partial
+
+    try:
+        yield
+    except BaseException as exc:
+        if phases:
+            try:
+                write_partial(partial, model, phases, exc)
+                note = f"what they measured is in {partial}"
+            except OSError as err:
+                note = f"saving what they measured to {partial} failed too: {err}"
+            print(f"splitlm profile: stopped after {len(phases)} phases ({type(exc).__name__}); {note}", file=sys.stderr)
+        raise
+
+
+def _profile_device(args, rtt: float | None, mbps) -> int:
+    """profile --device KIT: the device's half, torch-free."""
+    from splitlm.partition.profile import LinkProfile, save_part
+    from splitlm.profiler import measure_device_half
+    from splitlm.profiler.kit import Kit
+
+    if args.model is not None:
+        raise ConfigError("--model would be ignored: --device measures the kit's model")
+    kit = Kit.load(args.device)  # a wrong directory fails now, not after the link probe
+    if args.server:
+        from splitlm.device.client import probe_rtt_ms
+
+        probe_rtt_ms(args.server, count=1)
+    link = LinkProfile(mbps(args.bandwidth or "50"), 20.0 if rtt is None else rtt)
+    t0, phases, partial = time.perf_counter(), {}, args.out + ".partial"
+    with _keeping_phases(partial, kit, phases):
+        half = measure_device_half(args.device, link, threads=args.threads, reps=args.reps, server=args.server,
+                                   on_phase=phases.__setitem__)
+    save_or_keep(lambda path: save_part(half, path), args.out, "device profile")
+    Path(partial).unlink(missing_ok=True)
+    print(f"profiled this device on the kit of {kit.model_id} in {time.perf_counter() - t0:.0f} s -> {args.out}\n"
+          f"link: {half.link.bandwidth_mbps:g} Mbit/s, RTT {half.link.rtt_ms:.2f} ms")
+    return 0
+
+
+def _relink(args, rtt: float | None, mbps) -> int:
+    """profile --link-only PROFILE: the link measured again, the rest of the profile (or device half) kept."""
+    from splitlm.device.client import probe_rtt_ms
+    from splitlm.partition.plan import read_json_object
+    from splitlm.partition.profile import DeviceProfile, LinkProfile, Profile, load_part, save_part
+
+    raw = read_json_object(args.link_only, "profile", ConfigError)
+    if raw.get("kind") == DeviceProfile.kind:
+        profile, save = load_part(args.link_only, raw), save_part
+    elif raw.get("kind") is None:
+        profile, save = Profile.load(args.link_only), Profile.save
+    else:
+        raise ConfigError(f"{args.link_only} is a {raw['kind']}: the link is in the device's half or a whole profile")
+    if args.server:
+        rtt = probe_rtt_ms(args.server)
+    old = profile.link
+    link = LinkProfile(mbps(args.bandwidth) if args.bandwidth else old.bandwidth_mbps, old.rtt_ms if rtt is None else rtt)
+    save(dataclasses.replace(profile, link=link), args.out)
+    print(f"link: {link.bandwidth_mbps:g} Mbit/s, RTT {link.rtt_ms:.2f} ms"
+          + (f" (probed against {args.server})" if args.server else "") + f" -> {args.out}")
+    return 0
+
+
 def cmd_partition(args) -> int:
-    from splitlm.partition.profile import Profile
+    from splitlm.partition.profile import load_profiles
     from splitlm.partition.search import Budgets, describe, search, to_plan
 
     check_output(args.out, "--out")
@@ -241,7 +323,7 @@ def cmd_partition(args) -> int:
         raise ConfigError(f"--plot {args.plot}: give a .png, .svg or .pdf file")
     at_least(args.max_seq_len, 1, "--max-seq-len")
     at_least(args.prompt_tokens, 1, "--prompt-tokens")
-    profile = Profile.load(args.profile)
+    profile = load_profiles(args.profile)
     budgets = Budgets(
         device_memory_bytes=quantity(args.device_memory, ("mb", "b", "kb", "gb", "kib", "mib", "gib"), "--device-memory"),
         token_latency_ms=quantity(args.token_latency, ("ms", "s"), "--token-latency"),

@@ -279,3 +279,100 @@ _MAKE_PROFILE = "make a profile with `splitlm profile` (or pass the plan to gene
 
 def _is_plan(data: Mapping[str, Any]) -> bool:
     return "split_layer" in data and "memory" not in data
+
+
+# -- a profile in two halves, measured on two machines ---------------------------------------------
+PART_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """The device's half of a profile: what `splitlm profile --device KIT` measured on the device with
+    the device install alone (its layers, memory, codec encoder and link)."""
+
+    kit: str
+    """The calibration kit's id (Kit.id): the cloud half must come from the same kit."""
+    model_id: str
+    weights_hash: str
+    device: SideProfile
+    memory: MemoryProfile
+    encode_ms: Mapping[str, tuple[float, float]]
+    """Codec point name -> (ms to encode one decode row, ms per position of a prefill chunk) on the device."""
+    link: LinkProfile
+
+    kind = "device-profile"
+
+
+@dataclass(frozen=True)
+class CloudProfile:
+    """The cloud's half: what `splitlm profile --kit KIT` measured where the cloud runs (its layers and
+    the service's own costs, each codec point's size and decoder, the quality table)."""
+
+    kit: str
+    model_id: str
+    weights_hash: str
+    num_layers: int
+    hidden_size: int
+    cloud: SideProfile
+    codecs: tuple[CodecPoint, ...]
+    quality: QualityTable
+    max_position: int | None = None
+
+    kind = "cloud-profile"
+
+
+def save_part(part: DeviceProfile | CloudProfile, path: str | Path) -> None:
+    data = {"kind": part.kind, "version": PART_VERSION, **dataclasses.asdict(part)}
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_part(path: str | Path, raw: Mapping[str, Any]) -> DeviceProfile | CloudProfile:
+    cls = {c.kind: c for c in (DeviceProfile, CloudProfile)}[raw["kind"]]
+    data = dict(raw)
+    data.pop("kind")
+    if data.pop("version", None) != PART_VERSION:
+        raise ConfigError(f"{path}: {cls.kind} version {raw.get('version')!r} is not supported (expected {PART_VERSION})")
+    try:
+        return from_fields(cls, data)
+    except MissingField as exc:
+        raise ConfigError(f"{path}: {cls.kind} has no field {exc.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: {cls.kind} is malformed ({exc})") from None
+
+
+def merge(device: DeviceProfile, cloud: CloudProfile) -> Profile:
+    """One Profile from a device half and a cloud half of the same kit: the codec points' sizes and
+    decoders from the cloud, their encoders from the device."""
+    if (device.model_id, device.weights_hash) != (cloud.model_id, cloud.weights_hash):
+        raise ConfigError(f"the device profile is of {device.model_id} ({device.weights_hash[:12]}), the cloud profile "
+                          f"of {cloud.model_id} ({cloud.weights_hash[:12]}): profile one model on both sides")
+    if device.kit != cloud.kit:
+        raise ConfigError(f"the device profile was measured on kit {device.kit}, the cloud profile wrote kit {cloud.kit}: "
+                          "run `splitlm profile --device` on the kit that the cloud profile wrote")
+    missing = [c.name for c in cloud.codecs if c.name not in device.encode_ms]
+    if missing:
+        raise ConfigError(f"the device profile has no encoder timing of codec point {missing[0]!r}")
+    codecs = tuple(dataclasses.replace(c, encode_ms=device.encode_ms[c.name][0],
+                                       prefill_encode_ms_per_token=device.encode_ms[c.name][1]) for c in cloud.codecs)
+    return Profile(cloud.model_id, cloud.weights_hash, cloud.num_layers, cloud.hidden_size, device.device, cloud.cloud,
+                   device.memory, device.link, codecs, cloud.quality, cloud.max_position)
+
+
+def load_profiles(paths: list[str | Path]) -> Profile:
+    """A Profile from one profile file, or from a device profile and a cloud profile (in either order),
+    merged; ConfigError saying what is missing."""
+    from splitlm.partition.plan import read_json_object
+
+    raws = [(p, read_json_object(p, "profile", ConfigError)) for p in paths]
+    parts = [(p, raw) for p, raw in raws if raw.get("kind") in (DeviceProfile.kind, CloudProfile.kind)]
+    if not parts:
+        if len(paths) != 1:
+            raise ConfigError(f"give one profile, or a device profile and a cloud profile to merge; got {len(paths)} profiles")
+        return Profile.load(paths[0])
+    kinds = sorted(raw["kind"] for _, raw in parts)
+    if len(raws) != 2 or kinds != ["cloud-profile", "device-profile"]:
+        have = ", ".join(f"{p} ({raw.get('kind', 'profile')})" for p, raw in raws)
+        raise ConfigError(f"a split profile is a device profile (`splitlm profile --device KIT`) and a cloud profile "
+                          f"(`splitlm profile --kit KIT`) given together; got {have}")
+    halves = {raw["kind"]: load_part(p, raw) for p, raw in parts}
+    return merge(halves["device-profile"], halves["cloud-profile"])

@@ -1,39 +1,42 @@
-"""`splitlm profile`: measure a Profile on this machine (needs torch for export and the cloud side).
+"""`splitlm profile`: measure a Profile (the device's half torch-free, the cloud's half with torch).
 
 Everything the partitioner prices is measured on the components that run it:
 
-* device latency: heads of `probe_layers` layers exported per weight precision and timed in the
-  onnxruntime runtime (decode at several contexts, prefill at two chunk sizes); per-layer cost is
-  the difference to an embedding-only head, divided by the layer count. The device LM head
-  (device-only plans) is its own exported graph, timed the same way.
-* device memory: peak RSS of fresh device processes (the runtime alone; the embedding-only head;
-  each precision's head; each KV width at two sequence lengths; heads of two depths at two
-  lengths, through which memory is fitted) driven with real text, so what onnxruntime maps,
-  prepacks and allocates is counted as it happens.
-* device KV: the same head with each KV width, timed: what quantizing the cache adds per layer
-  at each context and per prefill position.
-* cloud latency: tail stages of `cloud_probe_layers` (default twice `probe_layers`) timed in torch.
-* what per-layer costs miss (runtime calls and buffers on a fresh device session, gRPC, the
-  service's own work): real split sessions at two depths against a real `splitlm serve` over
-  loopback, device time and waiting time measured apart, less the modelled costs and the loopback
-  RTT; a device-only export stepped as `generate` steps it.
-* codec: each point encoded/decoded on real activations at the middle layer.
-* link: the given bandwidth; the RTT given, or probed against a running server (also alone:
-  `splitlm profile --link-only`).
-* quality: perplexity on calibration windows for each precision at a few split points, each KV
-  width and codec point (cached: it does not depend on the machine).
+* the calibration kit (`kit`, exported where torch is): heads of `probe_layers` layers per weight
+  precision and KV width, an embedding-only head, calibration heads of two depths, a device-only head,
+  the device LM-head graphs, calibration text and activations.
+* the device's half (`device`, torch-free, on the device): each kit head timed in the onnxruntime
+  runtime (decode at several contexts, prefill at two chunk sizes), per-layer cost the difference to the
+  embedding-only head; peak RSS of fresh device processes (`python -m splitlm.device.probe`) for the
+  runtime, each head at two lengths and heads of two depths, through which memory is fitted; what a
+  quantized cache adds to a step; the calibration heads stepped as a split session steps them (waiting
+  for the cloud between steps) and their first call in a fresh process; the device-only head stepped as
+  `generate` steps it; each codec point's encoder; the link (RTT probed against a running server).
+* the cloud's half (`cloud`, with torch, where the cloud runs): tail stages of `cloud_probe_layers`
+  timed in torch; real split sessions against a real `splitlm serve` of the calibration exports over
+  loopback, whose waits less the modelled costs give the service's own costs; each codec point's size and
+  decoder; the quality table (perplexity on calibration windows per precision, KV width and codec point;
+  cached: it does not depend on the machine).
+* `partition.profile.merge` makes one Profile of the halves.
 
-The phases, one function each, returning typed results: `device` (heads per weight precision and KV
-width, the device LM head), `cloud` (tail stages, the cloud LM head, codec points), `calibration`
-(split sessions against a real server; the link's RTT), `memory` (the device memory surface),
-`quality` (cached); `run.measure_profile` sequences them under a `ProfileConfig`. The device
-processes are `python -m splitlm.device.probe` (`probes`).
+`run.measure_profile` does it all on one machine; `run.measure_cloud_half` (which writes the kit) and
+`run.measure_device_half` do it on two.
 """
 
-from splitlm.profiler.calibration import probe_rtt_ms
-from splitlm.profiler.config import ProfileConfig
-from splitlm.profiler.memory import fit_memory
-from splitlm.profiler.probes import measure_peak_rss
-from splitlm.profiler.run import measure_profile, write_partial
+from __future__ import annotations
 
-__all__ = ["ProfileConfig", "fit_memory", "measure_peak_rss", "measure_profile", "probe_rtt_ms", "write_partial"]
+import importlib
+
+_LAZY = {"ProfileConfig": "splitlm.profiler.config", "measure_profile": "splitlm.profiler.run",
+         "measure_cloud_half": "splitlm.profiler.run", "measure_device_half": "splitlm.profiler.device",
+         "write_partial": "splitlm.profiler.report", "fit_memory": "splitlm.profiler.device",
+         "measure_peak_rss": "splitlm.profiler.probes", "probe_rtt_ms": "splitlm.device.client"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    """The names above, imported when first used: the device's half imports no torch."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'splitlm.profiler' has no attribute {name!r}")

@@ -1,7 +1,6 @@
-"""What per-layer costs miss (runtime calls and buffers on a fresh device session, gRPC, the
-service's own work): real split sessions at two depths against a real `splitlm serve` over
-loopback, device time and waiting time measured apart, less the modelled costs and the loopback
-RTT; a device-only export stepped as `generate` steps it. Also the link's RTT probe."""
+"""What the cloud's per-layer costs miss (gRPC, the service's own work): real split sessions at two
+depths against a real `splitlm serve` over loopback, the waiting time less the modelled costs and the
+loopback RTT. (The device's side of the calibration is the device's: profiler.device.)"""
 
 from __future__ import annotations
 
@@ -16,20 +15,15 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from splitlm.device.client import probe_rtt_ms
 from splitlm.partition.profile import CodecPoint, SideProfile
-from splitlm.profiler.config import SHORT_PREFILL, Bench
-from splitlm.profiler.device import EmbeddingHead, KVHead
-from splitlm.profiler.probes import child_env, first_call_ms
-from splitlm.profiler.timing import fit, line, scaled, time_device_head
-from splitlm.quantize.config import DEFAULT_GROUP, WeightQuant
+from splitlm.profiler.config import Bench, calibration_cloud_bits, calibration_root
+from splitlm.profiler.device import CALIBRATION_TOKENS, calibration_prompt
+from splitlm.profiler.kit import Kit
+from splitlm.profiler.probes import child_env
+from splitlm.profiler.timing import fit, scaled
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_TOKENS = 24
-"""Tokens generated in each calibration session."""
 
 
 @contextlib.contextmanager
@@ -106,94 +100,14 @@ def loopback_calibration(root: Path, prompt: list[int], tokens: int, threads: in
     return Calibration(med(pre), med(pre_wait), med(dev), med(wait), rtt)
 
 
-@dataclasses.dataclass(frozen=True)
-class ServiceOverhead:
-    """Both sides' costs with what split sessions add (fixed costs per step and per prompt, and the
-    scale of the layers timed alone), and the calibrations they were fitted to."""
-
-    device: SideProfile
-    cloud: SideProfile
-    calibrations: dict[int, Calibration]
-    """By device depth: the deep one first (the probe heads' depth), then a shallow cloud (2 layers) where the model allows."""
-
-
-def calibration_cloud_bits(bench: Bench) -> int:
-    """The cloud precision of the calibration exports: 16-bit where it is profiled."""
-    return 16 if 16 in bench.config.bits else max(bench.config.bits)
-
-
-def calibration_depths(bench: Bench) -> list[int]:
-    """The device depths of the calibration sessions: the probe heads' (less one where that leaves the
-    cloud nothing) and, where it differs, all but two layers."""
-    L, k = bench.layers, min(bench.n, bench.layers - 1)
-    return [k] + ([L - 2] if L - 2 > k else [])
-
-
-def calibration_root(bench: Bench, depth: int) -> Path:
-    """Where the calibration export of `depth` device layers is (the KV phase's 16-bit head where it is the same plan)."""
-    return bench.tmp / "kv16" if depth == bench.n and calibration_cloud_bits(bench) == 16 else bench.tmp / f"calibration{depth}"
-
-
-def _export_calibration(bench: Bench, depth: int) -> Path:
-    """The split export of `depth` device layers (W8, 16-bit KV) and the rest in the cloud."""
-    from splitlm.export import export_artifacts
-
-    root = calibration_root(bench, depth)
-    if root != bench.tmp / "kv16":
-        cloud = WeightQuant(calibration_cloud_bits(bench), DEFAULT_GROUP)
-        export_artifacts(bench.ckpt, bench.probe_plan(depth, 8, cloud_weights=cloud), root, progress=False)
-    return root
-
-
-def measure_service_overhead(bench: Bench, base: EmbeddingHead, kv16: KVHead, device: SideProfile, cloud: SideProfile,
-                             fp16: CodecPoint) -> ServiceOverhead:
-    """Real split sessions over loopback against a real server at calibration_depths; both sides'
+def calibrate_cloud(bench: Bench, kit: Kit, cloud: SideProfile, fp16: CodecPoint) -> SideProfile:
+    """Real split sessions over loopback against a real server of each calibration export; the cloud's
     costs fitted to them. The cloud is calibrated at two depths, which separates its fixed cost per
     step from how its per-layer cost in the service compares with the layers timed alone."""
-    prompt = bench.text[:SHORT_PREFILL * 2]
-    cals = {d: loopback_calibration(_export_calibration(bench, d), prompt, CALIBRATION_TOKENS, bench.config.threads)
-            for d in calibration_depths(bench)}
-    ctx = len(prompt) + CALIBRATION_TOKENS // 2
-    device = fit_device(bench, base, kv16, device, fp16, cals, prompt, ctx)
-    cloud = fit_cloud(bench, cloud, fp16, cals, len(prompt), ctx)
-    return ServiceOverhead(device, cloud, cals)
-
-
-def fit_device(bench: Bench, base: EmbeddingHead, kv16: KVHead, device: SideProfile, fp16: CodecPoint,
-               cals: dict[int, Calibration], prompt: list[int], ctx: int) -> SideProfile:
-    """The device model (the 8-bit, 16-bit-KV head of Bench.n layers as timed alone) fitted to the
-    split sessions: fixed costs and scales of a step and of a fresh process's prompt; and the scale
-    of a device-only export's step (spinning threads, LM head in the graph)."""
-    c, n, T = bench.config, bench.n, len(prompt)
-    per_layer = float(np.interp(ctx, c.contexts, [(d - b) / n for d, b in zip(kv16.decode_ms, base.decode_ms)]))
-    embed_at = float(np.interp(ctx, c.contexts, base.decode_ms))
-    w8_fixed, w8_slope = line(*(x for t in bench.sizes for x in (t, (kv16.prefill_ms[t] - base.prefill_ms[t]) / n)))
-    w8_prompt = w8_fixed + T * w8_slope  # one layer's prefill of the prompt
-    # the device's step in split sessions at both depths = fixed (gRPC, idle threads waking) +
-    # scale x the layers as timed alone (a deep head's layers cost more than a 4-layer head's)
-    step_fit = fit([(d * per_layer, cal.device_step - embed_at - fp16.encode_ms) for d, cal in cals.items()])
-    # the device's prompt: a fresh process's first call at both depths (per-layer prefill of a
-    # deep head in a new process differs from a 4-layer head timed warm)
-    pre_fit = fit([(d * w8_prompt, first_call_ms(calibration_root(bench, d) / "device", prompt, c.threads) - device.embed_ms
-                    - T * fp16.prefill_encode) for d in cals])
-    spinning, alone_scale = _device_alone_scale(bench, device, ctx, embed_at, bench.layers * per_layer * step_fit[1])
-    log.info("device at %s layers: prompt in a fresh process %s ms -> fixed %.1f ms + %.2f x layers; split-session "
-             "step %s ms -> fixed %.2f ms + %.2f x layers; device-only step (spinning threads, LM head) %.2f ms (x%.2f)",
-             list(cals), [round(cal.device_prefill, 1) for cal in cals.values()], *pre_fit,
-             [round(cal.device_step, 2) for cal in cals.values()], *step_fit, spinning, alone_scale)
-    return dataclasses.replace(scaled(device, decode=step_fit[1], prefill=pre_fit[1]), prefill_overhead_ms=pre_fit[0],
-                               step_overhead_ms=step_fit[0], alone_decode_scale=alone_scale)
-
-
-def _device_alone_scale(bench: Bench, device: SideProfile, ctx: int, embed_at: float, modelled: float) -> tuple[float, float]:
-    """(ms, scale): a device-only export (8-bit, LM head in the graph) stepped at `ctx` with spinning
-    threads, as `generate` steps it, against the `modelled` layers' step."""
-    from splitlm.export import export_artifacts
-
-    hb = 8 if 8 in device.head_ms else max(device.head_ms)
-    alone = export_artifacts(bench.ckpt, bench.probe_plan(bench.layers, 8, lm_head_bits=hb), bench.tmp / "alone", progress=False)
-    spinning = time_device_head(alone.device_dir, (ctx,), (), bench.text, bench.config.threads, bench.config.reps)[0][0]
-    return spinning, max(0.5, min(1.5, (spinning - embed_at - device.head_ms[hb]) / max(1e-9, modelled)))
+    prompt = calibration_prompt(kit)
+    cals = {d: loopback_calibration(calibration_root(bench, d), prompt, CALIBRATION_TOKENS, bench.config.threads)
+            for d in kit.depths}
+    return fit_cloud(bench, cloud, fp16, cals, len(prompt), len(prompt) + CALIBRATION_TOKENS // 2)
 
 
 def fit_cloud(bench: Bench, cloud: SideProfile, fp16: CodecPoint, cals: dict[int, Calibration], T: int, ctx: int) -> SideProfile:

@@ -4,14 +4,19 @@ and the activation codec's points, encoded and decoded on real activations."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from splitlm.partition.plan import Plan
-from splitlm.partition.profile import CodecPoint, SideProfile
-from splitlm.profiler.config import CODEC_POINTS, Bench
-from splitlm.profiler.timing import line, median_ms, time_cloud_stage
+from splitlm.model.spec import ModelSpec
+from splitlm.partition.profile import CloudProfile, CodecPoint, SideProfile
+from splitlm.profiler.calibration import calibrate_cloud
+from splitlm.profiler.config import Bench
+from splitlm.profiler.kit import CODEC_POINTS, Kit
+from splitlm.profiler.quality import cached_quality
+from splitlm.profiler.report import Report
+from splitlm.profiler.timing import line, median_ms
 from splitlm.quantize import codec as codec_mod
 from splitlm.quantize.config import DEFAULT_GROUP, CodecConfig, WeightQuant
 
@@ -33,6 +38,27 @@ def cloud_probe_layers(bench: Bench) -> int:
     times ~20 % faster per layer than 8 or 15 (SmolLM2, CPU)."""
     c = bench.config
     return min(bench.layers, c.cloud_probe_layers or 2 * c.probe_layers)
+
+
+def time_cloud_stage(stage: torch.nn.Module, spec: ModelSpec, contexts: Sequence[int], sizes: Sequence[int],
+                     reps: int) -> tuple[list[float], dict[int, float]]:
+    """Decode ms at each context, prefill ms for each chunk size, of one torch stage on random hidden states."""
+    from splitlm.model.llama import KVCache
+
+    decode = []
+    with torch.inference_mode():
+        for ctx in contexts:
+            cache = KVCache()
+            stage(torch.randn(1, ctx, spec.hidden_size), cache=cache)
+            x = torch.randn(1, 1, spec.hidden_size)
+
+            def step():
+                stage(x, cache=cache, last_only=True)
+                cache.crop(ctx)
+            decode.append(median_ms(step, reps))
+        inputs = {t: torch.randn(1, t, spec.hidden_size) for t in sizes}
+        prefill = {t: median_ms(lambda: stage(inputs[t], last_only=True), reps) for t in sizes}
+    return decode, prefill
 
 
 def measure_cloud_weights(bench: Bench, bits: int) -> CloudWeights:
@@ -74,15 +100,10 @@ def _codec_point(name: str, cfg: CodecConfig, h: np.ndarray, chunk: int, reps: i
     return CodecPoint(name, float(np.mean([len(f) for f in frames])), enc, dec, cfg.kind, cfg.error_budget, enc_chunk, dec_chunk)
 
 
-def measure_codecs(bench: Bench) -> tuple[CodecPoint, ...]:
-    """Each of CODEC_POINTS on real activations at the middle layer (the first, fp16, is the reference)."""
-    from splitlm.stages import build_stages
-
-    ckpt, L = bench.ckpt, bench.layers
-    mid, _ = build_stages(ckpt, Plan(ckpt.model_id, ckpt.weights_hash, L // 2), tail=False)
-    with torch.inference_mode():
-        h = mid(torch.tensor([bench.text[:256]]))[0].numpy()  # (T, hidden)
-    return tuple(_codec_point(name, cfg, h, bench.config.prefill, bench.config.reps) for name, cfg in CODEC_POINTS.items())
+def measure_codecs(kit: Kit) -> tuple[CodecPoint, ...]:
+    """Each of CODEC_POINTS on the kit's real activations at the middle layer (the first, fp16, is the reference)."""
+    h = kit.activations
+    return tuple(_codec_point(name, cfg, h, kit.prefill, kit.reps) for name, cfg in CODEC_POINTS.items())
 
 
 def cloud_side(bench: Bench, weights: dict[int, CloudWeights], head_ms: float) -> SideProfile:
@@ -90,3 +111,23 @@ def cloud_side(bench: Bench, weights: dict[int, CloudWeights], head_ms: float) -
     return SideProfile(bench.config.contexts, {b: w.decode_ms for b, w in weights.items()},
                        {b: w.prefill_ms_per_token for b, w in weights.items()}, head_ms={16: head_ms},
                        prefill_fixed_ms={b: w.prefill_fixed_ms for b, w in weights.items()})
+
+
+def measure_cloud(bench: Bench, kit: Kit, report: Report) -> CloudProfile:
+    """The cloud's half of a profile: its layers timed, fitted to real split sessions over loopback
+    against the kit's calibration exports; the codec points; the quality table (cached)."""
+    c = bench.config
+    weights = {b: report.run(f"cloud W{b}", lambda: measure_cloud_weights(bench, b)) for b in c.bits}
+    head = measure_cloud_head(bench)
+    codecs = report.run("codec", lambda: measure_codecs(kit))
+    side = report.run("cloud calibration", lambda: calibrate_cloud(bench, kit, cloud_side(bench, weights, head), codecs[0]))
+    quality = report.run("quality", lambda: cached_quality(bench.ckpt, bench.windows[-c.quality_windows:], c.bits, c.kv_bits,
+                                                           report.progress))
+    spec = bench.spec
+    return CloudProfile(kit.id, bench.ckpt.model_id, bench.ckpt.weights_hash, spec.num_layers, spec.hidden_size, side, codecs,
+                        quality, spec.max_position)
+
+
+def cloud_steps(bench: Bench) -> int:
+    """The progress bar's steps of measure_cloud."""
+    return 3 + len(bench.config.bits)

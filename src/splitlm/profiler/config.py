@@ -1,4 +1,5 @@
-"""What a profile measures (`ProfileConfig`) and what every phase shares (`Bench`)."""
+"""What a profile measures (`ProfileConfig`), what every phase shares (`Bench`), and the calibration kit
+that the device's half is measured on (`export_kit`)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,8 @@ from splitlm.errors import ConfigError
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.spec import ModelSpec
 from splitlm.partition.plan import Plan
+from splitlm.profiler.kit import SHORT_PREFILL, Kit
 from splitlm.quantize.config import DEFAULT_GROUP, KV_BITS, LM_HEAD_BITS, WEIGHT_BITS, CodecConfig, WeightQuant
-
-CODEC_POINTS: dict[str, CodecConfig] = {
-    "fp16": CodecConfig("fp16"),
-    "tabq eps=0.02": CodecConfig("tabq", error_budget=0.02),
-    "tabq eps=0.035": CodecConfig("tabq", error_budget=0.035),
-    "tabq eps=0.05": CodecConfig("tabq", error_budget=0.05),
-}
-SHORT_PREFILL = 16
-"""The small prefill call that, with the plan's chunk, gives each layer's fixed and per-token prefill cost."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +67,7 @@ class Bench:
     ckpt: Checkpoint
     config: ProfileConfig
     tmp: Path
-    """Scratch directory for exports (removed when the profile is done)."""
+    """Where the kit is exported (a scratch directory for a one-machine profile)."""
     windows: list[list[int]]
     """Calibration windows (the quality table uses the last `quality_windows`)."""
     text: list[int]
@@ -119,3 +112,72 @@ def prepare(ckpt: Checkpoint, config: ProfileConfig, tmp: Path) -> Bench:
                      max_seq_len=max(hi, max(c.contexts) + 2 * c.reps + 16) + 8, prefill_chunk=c.prefill)
     return Bench(ckpt, config, tmp, windows, [t for w in windows for t in w], min(c.probe_layers, ckpt.spec.num_layers),
                  lo, hi, base_plan)
+
+
+def calibration_cloud_bits(bench: Bench) -> int:
+    """The cloud precision of the calibration exports: 16-bit where it is profiled."""
+    return 16 if 16 in bench.config.bits else max(bench.config.bits)
+
+
+def calibration_depths(bench: Bench) -> list[int]:
+    """The device depths of the calibration sessions: the probe heads' (less one where that leaves the
+    cloud nothing) and, where it differs, all but two layers."""
+    L, k = bench.layers, min(bench.n, bench.layers - 1)
+    return [k] + ([L - 2] if L - 2 > k else [])
+
+
+def calibration_root(bench: Bench, depth: int) -> Path:
+    """The export of the calibration head of `depth` device layers, served by the cloud's loopback
+    calibration (the KV phase's 16-bit head where it is the same plan)."""
+    same = depth == bench.n and calibration_cloud_bits(bench) == 16
+    return bench.tmp / "kv16" if same else bench.tmp / f"calibration{depth}"
+
+
+def kit_of(bench: Bench) -> Kit:
+    """The kit that export_kit writes for `bench`, in bench.tmp."""
+    c, spec = bench.config, bench.spec
+    return Kit(bench.ckpt.model_id, bench.ckpt.weights_hash, spec.num_layers, spec.hidden_size, spec.vocab_size,
+               spec.max_position, bench.n, bench.lo, bench.hi, tuple(c.contexts), c.prefill, tuple(c.bits),
+               tuple(sorted(set(c.kv_bits) | {16}, reverse=True)), tuple(c.lm_head_bits), tuple(calibration_depths(bench)),
+               c.reps, c.threads, bench.tmp)
+
+
+def export_kit(bench: Bench, progress: bool = True) -> Kit:
+    """Export every probe head of the device's half into bench.tmp, and the calibration text and
+    activations: the calibration kit (profiler.kit). Calibration heads keep their cloud/ folders (the
+    cloud's loopback calibration serves them)."""
+    from tqdm import tqdm
+
+    from splitlm.export import export_artifacts
+    from splitlm.profiler.device import alone_lm_head_bits
+    from splitlm.stages import build_stages
+
+    kit = kit_of(bench)
+    n, cloud = bench.n, WeightQuant(calibration_cloud_bits(bench), DEFAULT_GROUP)
+    jobs = [("base", bench.base_plan)] + [(f"kv{kb}", bench.probe_plan(n, 8, kv_bits=kb)) for kb in kit.kv_bits]
+    jobs += [(f"w{b}", bench.probe_plan(n, b)) for b in kit.bits if b != 8]  # 8: the kv16 head
+    jobs += [(calibration_root(bench, d).name, bench.probe_plan(d, 8, cloud_weights=cloud)) for d in kit.depths
+             if calibration_root(bench, d).name != "kv16"]
+    jobs.append(("alone", bench.probe_plan(bench.layers, 8, lm_head_bits=alone_lm_head_bits(kit.lm_head_bits))))
+    for name, plan in tqdm(jobs, desc="calibration kit", disable=not progress, leave=False):
+        export_artifacts(bench.ckpt, plan, bench.tmp / name, progress=False)
+    for hb in kit.lm_head_bits:
+        _export_lm_head(bench.ckpt, hb, kit.lm_graph(hb))
+    L = bench.layers
+    mid, _ = build_stages(bench.ckpt, Plan(bench.ckpt.model_id, bench.ckpt.weights_hash, L // 2), tail=False)
+    import torch
+
+    with torch.inference_mode():
+        h = mid(torch.tensor([bench.text[:256]]))[0].numpy()  # (T, hidden): what the codec points are timed on
+    kit.save(bench.text, h)
+    return kit
+
+
+def _export_lm_head(ckpt: Checkpoint, bits: int, path: Path) -> None:
+    """An ONNX graph of embedding + final norm + LM head at `bits` (no layers)."""
+    from splitlm.export import export_head
+    from splitlm.model.load import build_stage
+    from splitlm.quantize.apply import quantize_lm_head
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_head(quantize_lm_head(build_stage(ckpt, 0, 0, embed=True, final=True), bits), path.parent, 1)

@@ -16,7 +16,7 @@ from splitlm import evaluate
 from splitlm.model.checkpoint import Checkpoint, cache_root
 from splitlm.partition.plan import Plan
 from splitlm.partition.profile import QualityTable
-from splitlm.profiler.config import CODEC_POINTS
+from splitlm.profiler.kit import CODEC_POINTS
 from splitlm.quantize.apply import preferred_method
 from splitlm.quantize.config import DEFAULT_GROUP, CodecConfig, WeightQuant
 

@@ -1,4 +1,4 @@
-"""Timing one thing (a device head, a cloud stage, a bare graph) and the fits drawn through the timings."""
+"""Timing one thing (a device head, a bare graph) and the fits drawn through the timings (torch-free)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
-from splitlm.model.spec import ModelSpec
 from splitlm.partition.profile import SideProfile
 
 
@@ -67,27 +64,6 @@ def time_device_head(device_dir: Path, contexts: Sequence[int], sizes: Sequence[
     prefill = {}
     for t in sizes:
         prefill[t] = median_ms(lambda: (head.reset(), head.step(text[:t])), reps)
-    return decode, prefill
-
-
-def time_cloud_stage(stage: torch.nn.Module, spec: ModelSpec, contexts: Sequence[int], sizes: Sequence[int],
-                     reps: int) -> tuple[list[float], dict[int, float]]:
-    """Decode ms at each context, prefill ms for each chunk size, of one torch stage on random hidden states."""
-    from splitlm.model.llama import KVCache
-
-    decode = []
-    with torch.inference_mode():
-        for ctx in contexts:
-            cache = KVCache()
-            stage(torch.randn(1, ctx, spec.hidden_size), cache=cache)
-            x = torch.randn(1, 1, spec.hidden_size)
-
-            def step():
-                stage(x, cache=cache, last_only=True)
-                cache.crop(ctx)
-            decode.append(median_ms(step, reps))
-        inputs = {t: torch.randn(1, t, spec.hidden_size) for t in sizes}
-        prefill = {t: median_ms(lambda: stage(inputs[t], last_only=True), reps) for t in sizes}
     return decode, prefill
 
 
