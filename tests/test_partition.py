@@ -256,6 +256,10 @@ def test_a_profile_in_halves_merges_into_one(halves, tmp_path, capsys):
                  "--device-memory", "1GB", "--token-latency", "1s", "--out", str(tmp_path / "plan.json")]) == 0
     assert Plan.load(tmp_path / "plan.json").model_id == "tiny-random"
     capsys.readouterr()
+    import splitlm  # the API takes the halves as objects or files
+
+    for halves_given in ((device, cloud), (cloud, device), [tmp_path / "device.json", tmp_path / "cloud.json"]):
+        assert splitlm.choose_plan(halves_given, 1e9, 1000.0).plan == Plan.load(tmp_path / "plan.json")
 
 
 def test_profile_halves_that_do_not_belong_together_are_refused(halves, tmp_path):

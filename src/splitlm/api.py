@@ -9,8 +9,9 @@
         print(device.chat([{"role": "user", "content": "Hi!"}], max_tokens=32).text)
     server.stop()
 
-`Device` is the device side and needs only the device install (no torch). `serve`, `export_plan`
-and `profile` need the full one (each says so when it is missing); `choose_plan` is torch-free.
+`Device` is the device side and needs only the device install (no torch), as do `profile_device` (the
+device's half of a two-machine profile) and `choose_plan`. `serve`, `export_plan` and `profile` need the
+full one (each says so when it is missing).
 (Not `export` and `partition`: those names are splitlm's subpackages.)
 """
 
@@ -247,14 +248,32 @@ def profile(model: str | os.PathLike = "smollm2-135m", *, bandwidth_mbps: float 
                            progress=progress)
 
 
+def profile_device(kit: str | os.PathLike, *, server: str | None = None, bandwidth_mbps: float = 50.0, rtt_ms: float = 20.0,
+                   threads: int | None = None, progress: bool = False):
+    """The device's half of a two-machine profile (the device install is enough), measured on the calibration
+    kit that `splitlm profile --kit` wrote where the cloud runs; the link's RTT probed against `server` where
+    one is given: a DeviceProfile. `choose_plan((device_half, cloud_half), ...)` merges it with the cloud's."""
+    from splitlm.partition.profile import LinkProfile
+    from splitlm.profiler import measure_device_half
+
+    return measure_device_half(Path(kit), LinkProfile(bandwidth_mbps, rtt_ms), threads=threads, server=server, progress=progress)
+
+
 def choose_plan(profile, device_memory_bytes: float, token_latency_ms: float, **budgets: Any):
-    """The plan for a Profile (or the path of a profile JSON file) under these budgets (torch-free): the
-    search's SearchResult, whose `plan` is the chosen Plan (None when nothing fits; `message` says why).
-    `budgets`: other Budgets fields (ttft_ms, max_seq_len, objective, ...)."""
-    from splitlm.partition.profile import Profile
+    """The plan for a profile under these budgets (torch-free): the search's SearchResult, whose `plan` is the
+    chosen Plan (None when nothing fits; `message` says why). `profile`: a Profile, the path of a profile JSON
+    file, or a device half and a cloud half (objects or paths) to merge. `budgets`: other Budgets fields
+    (ttft_ms, max_seq_len, objective, ...)."""
+    from splitlm.partition.profile import CloudProfile, DeviceProfile, Profile, load_profiles, merge
     from splitlm.partition.search import Budgets, search, to_plan
 
-    profile = profile if isinstance(profile, Profile) else Profile.load(profile)
+    if isinstance(profile, (tuple, list)) and all(isinstance(p, (DeviceProfile, CloudProfile)) for p in profile):
+        halves = {type(p): p for p in profile}
+        if len(profile) != 2 or len(halves) != 2:
+            raise ConfigError("give a device half and a cloud half to merge")
+        profile = merge(halves[DeviceProfile], halves[CloudProfile])
+    elif not isinstance(profile, Profile):
+        profile = load_profiles(list(profile) if isinstance(profile, (tuple, list)) else [profile])
     b = Budgets(device_memory_bytes, token_latency_ms, **budgets)
     result = search(profile, b)
     result.plan = to_plan(result.chosen, profile, b) if result.chosen is not None else None
