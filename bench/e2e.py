@@ -103,12 +103,16 @@ def run_generate(artifacts: Path, tokens: int, server: str | None, ns: str | Non
 
 
 def serve(artifacts: Path, ns: str | None, host: str) -> subprocess.Popen:
+    """`splitlm serve` in namespace `ns`, once it says it is serving (its log, one INFO line per session, goes to
+    a temporary file: a pipe nobody reads would fill and stop it)."""
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(in_ns(ns, SPLITLM, "serve", "--artifacts", str(artifacts), "--host", host, "--port", "50551"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
     line = proc.stdout.readline()
     if "serving" not in line:
         proc.kill()
-        raise RuntimeError(f"server did not start: {line}{proc.stdout.read()[-500:]}")
+        log.seek(0)
+        raise RuntimeError(f"server did not start: {line}{log.read()[-500:]}")
     return proc
 
 
