@@ -39,7 +39,8 @@ from splitlm.quantize.config import CodecConfig
 HEADER = struct.Struct("<2sBBHBBIH")
 MAGIC = b"SL"
 FRAME_VERSION = 1
-KINDS = {"fp32": 0, "fp16": 1, "tabq": 2}
+KINDS = {"fp32": 0, "fp16": 1, "tabq": 2, "ans": 3}
+"""Frame kinds (ans: transform coding with a calibrated basis and ANS, quantize/ans.py)."""
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 RAW_ROW = 16
 """Row width of a raw fp16 row."""
@@ -91,6 +92,8 @@ class FrameLayout:
     payload_offset: int
     row_offsets: np.ndarray
     """Start of each row's codes in the frame, plus the end: (T+1,)."""
+    ans: Any = None
+    """An ans frame's own layout (quantize.ans.Layout)."""
 
 
 def parse_frame(buf: bytes, max_rows: int | None = None, kind: str | None = None,
@@ -122,6 +125,14 @@ def parse_frame(buf: bytes, max_rows: int | None = None, kind: str | None = None
         raise CodecError(f"frame has {T} rows, the limit is {max_rows}")
     kind = KIND_NAMES[kind_code]
     off = HEADER.size
+    if kind == "ans":
+        from splitlm.quantize import ans
+
+        if group or rot_log2:
+            raise CodecError(f"ans frame header has group {group} and rotation {rot_log2}: both must be 0")
+        empty = np.zeros(0)
+        return FrameLayout(kind, T, d, 0, 0, 0, empty, empty, empty, empty, empty, empty, off, np.array([off]),
+                           ans.parse(buf, T, d, off))
     if kind in ("fp32", "fp16"):
         width = 4 if kind == "fp32" else 2
         if len(buf) != off + T * d * width:
@@ -186,6 +197,10 @@ def concat_frames(bufs: list[bytes]) -> bytes:
     T = sum(lay.rows for lay in lays)
     if T > 0xFFFFFFFF:
         raise CodecError(f"{T} rows do not fit one frame")
+    if first.kind == "ans":
+        from splitlm.quantize import ans
+
+        return ans.concat(bufs, [lay.ans for lay in lays])
     header = _header(first.kind, first.group, T, first.dim, first.rotate)
     if first.kind in ("fp32", "fp16"):
         return header + b"".join(b[HEADER.size:] for b in bufs)
@@ -424,6 +439,8 @@ def decode_many(bufs: list[bytes], backend: str = "numpy", layouts: list[FrameLa
 
 
 def _decode_raw(buf: bytes, lay: FrameLayout, ops):
+    if lay.kind == "ans":
+        raise CodecError("an ans frame decodes against its calibrated basis (quantize.ans.decode), not alone")
     """An fp32 or fp16 frame -> (T, d) float32."""
     T, d = lay.rows, lay.dim
     raw = np.frombuffer(buf, "<f4" if lay.kind == "fp32" else "<f2", T * d, lay.payload_offset).reshape(T, d)

@@ -1,0 +1,342 @@
+"""Transform coding of the split's activations: a calibrated basis, one uniform step per row, ANS (numpy).
+
+The hidden states at a split layer are far from white: a few directions carry most of the energy (for
+SmolLM2 at layer 10 the arithmetic-to-geometric mean ratio of the covariance's eigenvalues is worth
+1.36 bits per element), and a few channels carry a large constant (massive activations). A basis
+calibrated on text at that layer (`Basis.fit`: the mean and the covariance's eigenvectors) takes both
+out. Each row is then
+
+1. centred and rotated: y = Uᵀ (x − μ);
+2. quantized with one uniform step Δ (a power of 2^(1/8), its index sent as a byte), the largest whose
+   error meets the row's budget: ‖x − x̂‖² ≤ ε ‖x − μ‖² (the same error in either basis: U is
+   orthonormal), found by bisection over all rows at once;
+3. entropy coded with ANS (`constriction`) under a quantized Laplace model per component whose scale is
+   the component's calibrated standard deviation times a per-row gain of its band of components (one
+   byte per band, so that a row unlike the calibration text is still modelled well).
+
+A row whose codes would leave the coder's symbol range goes raw (fp16 when that meets ε, else fp32).
+The decoder reads the side information, decodes the symbols, and returns x̂ = μ + U (q Δ).
+
+Frame (little endian; the codec frame header of `codec.HEADER`, kind "ans"):
+
+    header (14 bytes)  magic | version | kind 3 | group 0 | rotation 0 | reserved 0 | rows T | dim d
+    basis  (8 bytes)   the basis's id (u32: its split layer) and the first 4 bytes of its sha256
+    segments S u16, then per segment its rows u32 and its ANS words u32 (a frame joined from S frames
+                       keeps their streams: `concat`)
+    steps  u8[T]       Δ index k (Δ = 2^(k/8 − 24)) of each coded row; 254 = raw fp16 row, 255 = raw fp32 row
+    gains  u8[T·B]     band gains j (g = 2^((j − 128)/8)) of each row (0 on raw rows)
+    words  u32[...]    the segments' ANS streams, in order
+    raw    the raw rows' values, in row order (fp16 or fp32)
+
+Every field is checked before anything is decoded (CodecError naming it); a corrupt stream decodes to
+symbols that fail the checks after it (a stream not used up exactly, values out of range), never a crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from splitlm.errors import CodecError
+
+QMAX = 1 << 15
+"""Symbols are coded in [-QMAX, QMAX]: a row whose codes leave that range goes raw."""
+RAW16, RAW32 = 254, 255
+"""Step indices that mark a raw fp16 and a raw fp32 row."""
+STEP_BIAS = 24 * 8
+MIN_SCALE = 1e-3
+"""Laplace scales (in steps) are kept above this: the model must give every symbol a probability."""
+BASIS = struct.Struct("<I4s")
+SEGMENT = struct.Struct("<II")
+BASIS_FILE = "codec_basis.npz"
+
+
+def step(k: np.ndarray) -> np.ndarray:
+    """Δ of step index k (float64)."""
+    return np.exp2((np.asarray(k, np.float64) - STEP_BIAS) / 8.0)
+
+
+def _bands(d: int) -> np.ndarray:
+    """Band edges over the components in order of variance: 0, 4, 16, 64, 256, ..., d."""
+    edges = [0]
+    while edges[-1] < d:
+        edges.append(min(d, max(4, edges[-1] * 4)))
+    return np.array(edges, np.int64)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """A split layer's calibrated transform: mean, orthonormal basis (columns by descending variance) and
+    the components' standard deviations."""
+
+    layer: int
+    mean: np.ndarray
+    """(d,) float32."""
+    vectors: np.ndarray
+    """(d, d) float32, orthonormal columns."""
+    std: np.ndarray
+    """(d,) float32: each component's standard deviation on the calibration text."""
+    weights: np.ndarray
+    """(d,) float32: each component's step is Δ times its weight, (std / RMS std)^alpha: alpha 0 spends the
+    error where it costs the fewest bits (the low-variance directions, which the next layers need more
+    than their variance says), 1 gives every component the same relative error."""
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def bands(self) -> np.ndarray:
+        return _bands(self.dim)
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """The first 4 bytes of the sha256 of the basis: a frame names the basis it was coded with."""
+        h = hashlib.sha256()
+        for a in (self.mean, self.vectors, self.std, self.weights):
+            h.update(np.ascontiguousarray(a, "<f4").tobytes())
+        return h.digest()[:4]
+
+    @classmethod
+    def fit(cls, layer: int, h: np.ndarray, alpha: float = 0.5) -> "Basis":
+        """The basis of activations `h` (N, d) at split layer `layer` (N of a few thousand rows is plenty)."""
+        h = np.asarray(h, np.float64)
+        if h.ndim != 2 or h.shape[0] < 2:
+            raise CodecError(f"a codec basis needs (rows >= 2, dim) activations, got shape {h.shape}")
+        mean = h.mean(0)
+        c = h - mean
+        w, v = np.linalg.eigh(c.T @ c / len(c))
+        order = np.argsort(w)[::-1]
+        std = np.sqrt(np.maximum(w[order], 0.0))
+        weights = np.maximum(std / np.sqrt((std ** 2).mean()), 1e-3) ** alpha
+        return cls(layer, mean.astype(np.float32), np.ascontiguousarray(v[:, order], np.float32), std.astype(np.float32),
+                   weights.astype(np.float32))
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, layer=np.int64(self.layer), mean=self.mean, vectors=self.vectors, std=self.std, weights=self.weights)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Basis":
+        try:
+            with np.load(path) as f:
+                basis = cls(int(f["layer"]), f["mean"].astype(np.float32), f["vectors"].astype(np.float32),
+                            f["std"].astype(np.float32), f["weights"].astype(np.float32))
+        except (OSError, KeyError, ValueError) as exc:
+            raise CodecError(f"cannot read the codec basis {path}: {exc}") from None
+        d = basis.dim
+        if basis.vectors.shape != (d, d) or basis.std.shape != basis.weights.shape != (d,) or not all(
+                np.isfinite(a).all() for a in (basis.mean, basis.vectors, basis.std, basis.weights)) or (basis.weights <= 0).any():
+            raise CodecError(f"the codec basis {path} is malformed (shapes {basis.mean.shape}, {basis.vectors.shape}, "
+                             f"{basis.std.shape}, or non-finite values)")
+        return basis
+
+
+def _model():
+    import constriction
+
+    return constriction.stream.model.QuantizedLaplace(-QMAX, QMAX)
+
+
+def _scales(basis: Basis, gains: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Laplace scales in steps (n, d) of rows with band gains (n, B) and steps (n,): std·g/Δ/√2."""
+    edges = basis.bands
+    g = np.exp2((gains.astype(np.float64) - 128.0) / 8.0)
+    per = np.repeat(g, np.diff(edges), axis=1)  # (n, d)
+    scale = basis.std.astype(np.float64) / basis.weights.astype(np.float64)
+    return np.maximum(scale[None] * per / step(steps)[:, None] / np.sqrt(2.0), MIN_SCALE)
+
+
+def _inlier_energy(c: np.ndarray, k: float = 4.0) -> np.ndarray:
+    """Each row's energy without its outlier channels (|c| above k times the row's RMS): the budget's
+    reference. A row with massive values (an attention sink) is then coded as finely as its other channels
+    need, not as loosely as its largest values would allow."""
+    c2 = np.square(c, dtype=np.float64)
+    return np.where(c2 > k * k * c2.mean(1, keepdims=True), 0.0, c2).sum(1)
+
+
+def _reconstruct(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The centroid of each symbol's bin under its Laplace model (scale b in steps), in steps: |q| − δ toward
+    zero with δ = ½ − b + 1/(e^(1/b) − 1), which lowers the error of a coarse component well below Δ²/12."""
+    with np.errstate(over="ignore"):
+        delta = 0.5 - scales + 1.0 / np.expm1(1.0 / scales)
+    return np.sign(q) * np.maximum(np.abs(q) - np.clip(delta, 0.0, 0.5), 0.0)
+
+
+def _code(y: np.ndarray, basis: Basis, k: np.ndarray):
+    """Rows y (n, d) in the basis at step indices k (n,): (symbols, band gains, reconstruction of y)."""
+    w = basis.weights.astype(np.float64)
+    s = step(k)[:, None] * w
+    q = np.rint(y / s)
+    edges = basis.bands
+    rms = np.sqrt(np.add.reduceat((q * s / np.maximum(basis.std, 1e-30)) ** 2, edges[:-1], axis=1) / np.diff(edges))
+    gains = np.clip(np.rint(8.0 * np.log2(np.maximum(rms, 1e-30))) + 128.0, 0, 255).astype(np.uint8)
+    return q, gains, _reconstruct(q, _scales(basis, gains, k)) * s
+
+
+def encode(x: np.ndarray, basis: Basis, error_budget: float) -> bytes:
+    """Rows x (T, d) -> one frame (module docstring)."""
+    from splitlm.quantize import codec
+
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise CodecError(f"activations must be (rows >= 1, dim), got shape {x.shape}")
+    T, d = x.shape
+    if d != basis.dim:
+        raise CodecError(f"activations of dim {d} do not match the codec basis's {basis.dim}")
+    if not np.isfinite(x).all():
+        raise CodecError("activations contain NaN or Inf")
+    c = x - basis.mean
+    y = (c @ basis.vectors).astype(np.float64)  # (T, d)
+    budget = error_budget * _inlier_energy(c)
+
+    def ok(k):
+        q, gains, yh = _code(y, basis, k)
+        return ((y - yh) ** 2).sum(1) <= budget
+
+    lo, hi = np.zeros(T, np.int64), np.full(T, RAW16 - 1, np.int64)
+    while (lo < hi).any():  # the largest k that meets the budget (the error grows with Δ, nearly monotonically)
+        mid = (lo + hi + 1) // 2
+        good = ok(mid)
+        lo, hi = np.where(good, mid, lo), np.where(good, hi, mid - 1)
+    while not (met := ok(lo) | (lo == 0)).all():  # where it is not monotonic, step down until it is met
+        lo = np.where(met, lo, lo - 1)
+    q, gains, yh = _code(y, basis, lo)
+    steps = lo.astype(np.uint8)
+    raw = (np.abs(q).max(1) > QMAX) | (((y - yh) ** 2).sum(1) > budget)
+    if raw.any():
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond fp16's range: raw fp32
+            x16 = x[raw].astype(np.float16).astype(np.float64)
+            fits16 = ((x[raw] - x16) ** 2).sum(1) <= budget[raw]
+        steps[raw] = np.where(fits16, RAW16, RAW32)
+    coded = ~raw
+    gains[raw] = 0
+    words = np.zeros(0, np.uint32)
+    if coded.any():
+        import constriction
+
+        coder = constriction.stream.stack.AnsCoder()
+        sel = np.nonzero(coded)[0]
+        scales = _scales(basis, gains[sel], steps[sel]).ravel()
+        coder.encode_reverse(q[sel].astype(np.int32).ravel(), _model(), np.zeros_like(scales), scales)
+        words = coder.get_compressed()
+    raw_bytes = b"".join(x[i].astype("<f2" if s == RAW16 else "<f4").tobytes() for i, s in enumerate(steps) if s >= RAW16)
+    return b"".join([codec._header("ans", 0, T, d), BASIS.pack(basis.layer, basis.digest), struct.pack("<H", 1),
+                     SEGMENT.pack(T, len(words)), steps.tobytes(), gains.tobytes(), words.astype("<u4").tobytes(), raw_bytes])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parsed and checked frame."""
+
+    rows: int
+    dim: int
+    layer: int
+    digest: bytes
+    segments: tuple[tuple[int, int], ...]
+    """(rows, words) of each ANS stream."""
+    steps: np.ndarray
+    gains: np.ndarray
+    words_offset: int
+    raw_offset: int
+
+
+def parse(buf: bytes, T: int, d: int, offset: int) -> Layout:
+    """Check an ans frame's structure past its codec header (rows T, dim d, read by codec.parse_frame)."""
+    def need(n: int, what: str) -> None:
+        if len(buf) < n:
+            raise CodecError(f"ans frame of shape ({T}, {d}) is truncated inside its {what}")
+
+    need(offset + BASIS.size + 2, "basis id")
+    layer, digest = BASIS.unpack_from(buf, offset)
+    (S,) = struct.unpack_from("<H", buf, offset + BASIS.size)
+    off = offset + BASIS.size + 2
+    if S < 1 or S > T:
+        raise CodecError(f"ans frame of {T} rows has {S} segments (between 1 and the rows)")
+    need(off + SEGMENT.size * S, "segment table")
+    segs = tuple(SEGMENT.unpack_from(buf, off + SEGMENT.size * i) for i in range(S))
+    off += SEGMENT.size * S
+    if sum(r for r, _ in segs) != T or any(r < 1 for r, _ in segs):
+        raise CodecError(f"ans frame segments hold {[r for r, _ in segs]} rows, not {T} in all")
+    B = len(_bands(d)) - 1
+    need(off + T + T * B, "steps and gains")
+    steps = np.frombuffer(buf, np.uint8, T, off)
+    gains = np.frombuffer(buf, np.uint8, T * B, off + T).reshape(T, B)
+    off += T + T * B
+    words = sum(w for _, w in segs)
+    raw_bytes = int(((steps == RAW16) * 2 * d + (steps == RAW32) * 4 * d).sum())
+    if len(buf) != off + 4 * words + raw_bytes:
+        raise CodecError(f"ans frame of shape ({T}, {d}) with {words} stream words and {raw_bytes} raw bytes must be "
+                         f"{off + 4 * words + raw_bytes} bytes, got {len(buf)}")
+    return Layout(T, d, layer, digest, segs, steps, gains, off, off + 4 * words)
+
+
+def decode(buf: bytes, lay: Layout, basis: Basis) -> np.ndarray:
+    """x̂ (T, d) float32 of a parsed frame, against the basis it names (CodecError for any other)."""
+    if (lay.layer, lay.digest) != (basis.layer, basis.digest):
+        raise CodecError(f"the frame was coded with basis {lay.layer}/{lay.digest.hex()}, this side holds "
+                         f"{basis.layer}/{basis.digest.hex()}: the two sides do not run the same plan")
+    import constriction
+
+    T, d = lay.rows, lay.dim
+    raw = lay.steps >= RAW16
+    q = np.zeros((T, d), np.float64)
+    words = np.frombuffer(buf, "<u4", sum(w for _, w in lay.segments), lay.words_offset)
+    row, word = 0, 0
+    for rows, n in lay.segments:
+        seg = slice(row, row + rows)
+        sel = np.nonzero(~raw[seg])[0] + row
+        stream = words[word:word + n]
+        if len(sel):
+            scales = _scales(basis, lay.gains[sel], lay.steps[sel]).ravel()
+            try:
+                coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(stream, np.uint32))
+                symbols = coder.decode(_model(), np.zeros_like(scales), scales)
+            except (ValueError, AssertionError, RuntimeError) as exc:  # a corrupt stream
+                raise CodecError(f"ans stream of rows [{row}, {row + rows}) is corrupt: {exc}") from None
+            if not coder.is_empty():
+                raise CodecError(f"ans stream of rows [{row}, {row + rows}) has data left after its {len(sel)} rows: corrupt")
+            q[sel] = symbols.reshape(len(sel), d)
+        elif n:
+            raise CodecError(f"ans segment of rows [{row}, {row + rows}) is all raw but carries {n} stream words")
+        row, word = row + rows, word + n
+    coded = ~raw
+    y = np.zeros((T, d))
+    if coded.any():
+        y[coded] = _reconstruct(q[coded], _scales(basis, lay.gains[coded], lay.steps[coded])) * (
+            step(lay.steps[coded])[:, None] * basis.weights.astype(np.float64))
+    x = basis.mean[None].astype(np.float64) + y @ basis.vectors.T.astype(np.float64)
+    x = x.astype(np.float32)
+    off = lay.raw_offset
+    for i in np.nonzero(raw)[0]:
+        dtype, width = ("<f2", 2) if lay.steps[i] == RAW16 else ("<f4", 4)
+        x[i] = np.frombuffer(buf, dtype, d, off)
+        off += width * d
+    if not np.isfinite(x).all():
+        raise CodecError("ans frame decodes to non-finite values: corrupt")
+    return x
+
+
+def concat(bufs: list[bytes], lays: list[Layout]) -> bytes:
+    """One frame of the rows of `bufs` (one basis), each stream kept as a segment: nothing re-encoded."""
+    from splitlm.quantize import codec
+
+    first = lays[0]
+    for i, lay in enumerate(lays[1:], 1):
+        if (lay.layer, lay.digest, lay.dim) != (first.layer, first.digest, first.dim):
+            raise CodecError(f"ans frame {i} (basis {lay.layer}/{lay.digest.hex()}) does not match frame 0 "
+                             f"(basis {first.layer}/{first.digest.hex()})")
+    segs = [s for lay in lays for s in lay.segments]
+    if len(segs) > 0xFFFF:
+        raise CodecError(f"{len(segs)} segments do not fit one frame")
+    T = sum(lay.rows for lay in lays)
+    parts = [codec._header("ans", 0, T, first.dim), BASIS.pack(first.layer, first.digest), struct.pack("<H", len(segs))]
+    parts += [SEGMENT.pack(*s) for s in segs]
+    parts += [lay.steps.tobytes() for lay in lays] + [lay.gains.tobytes() for lay in lays]
+    parts += [b[lay.words_offset:lay.raw_offset] for b, lay in zip(bufs, lays)]
+    parts += [b[lay.raw_offset:] for b, lay in zip(bufs, lays)]
+    return b"".join(parts)

@@ -1,0 +1,115 @@
+"""Transform coding with a calibrated basis and ANS (quantize/ans.py): the error budget is met row by row,
+frames join without re-encoding, and every corrupt frame is a CodecError."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from splitlm.errors import CodecError
+from splitlm.quantize import ans, codec
+
+
+def activations(n: int, d: int = 64, seed: int = 0) -> np.ndarray:
+    """Correlated rows with a few constant massive channels, like a transformer's hidden states."""
+    mix = np.random.default_rng(0).standard_normal((d, d)) * np.exp(-np.arange(d) / 16.0)[:, None]  # one decaying spectrum
+    x = np.random.default_rng(seed).standard_normal((n, d)) @ mix
+    x[:, 3] += 40.0
+    x[:, 17] -= 25.0
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def basis():
+    return ans.Basis.fit(5, activations(2000))
+
+
+@pytest.mark.parametrize("eps", [0.005, 0.035, 0.1])
+def test_every_row_meets_its_budget_and_the_frame_is_small(basis, eps):
+    x = activations(64, seed=1)
+    frame = ans.encode(x, basis, eps)
+    lay = codec.parse_frame(frame, kind="ans", dim=64)
+    xh = ans.decode(frame, lay.ans, basis)
+    c = x.astype(np.float64) - basis.mean
+    err = ((x.astype(np.float64) - xh) ** 2).sum(1)
+    assert (err <= eps * (c ** 2).sum(1) * (1 + 1e-4)).all()
+    assert len(frame) < 64 * 64 * 2 / 2  # under half of fp16 even at the tightest budget
+    assert (lay.ans.steps < ans.RAW16).all()
+
+
+def test_a_tighter_budget_costs_more_bytes(basis):
+    x = activations(64, seed=2)
+    sizes = [len(ans.encode(x, basis, eps)) for eps in (0.1, 0.035, 0.01, 0.001)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] / 2
+
+
+def test_rows_the_coder_cannot_carry_go_raw(basis):
+    x = activations(4, seed=3)
+    x[1] *= 1e4  # far outside the calibrated scale: still coded (the band gains follow the row)
+    frame = ans.encode(x, basis, 0.0)  # no error allowed: every row exact, raw fp32 (fp16 misses)
+    lay = codec.parse_frame(frame).ans
+    assert (lay.steps == ans.RAW32).all()
+    assert np.array_equal(ans.decode(frame, lay, basis), x)
+    y = x[[0, 2, 3]].astype(np.float16).astype(np.float32)  # exactly representable in fp16: raw fp16 meets eps 0
+    lay = codec.parse_frame(f := ans.encode(y, basis, 0.0)).ans
+    assert (lay.steps == ans.RAW16).all() and np.array_equal(ans.decode(f, lay, basis), y)
+
+
+def test_non_finite_activations_are_refused(basis):
+    x = activations(2, seed=6)
+    x[1, 5] = np.nan
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        ans.encode(x, basis, 0.035)
+
+
+def test_frames_join_without_re_encoding(basis):
+    x = activations(40, seed=4)
+    parts = [ans.encode(x[a:b], basis, 0.035) for a, b in ((0, 7), (7, 8), (8, 40))]
+    joined = codec.concat_frames(parts)
+    whole = ans.decode(joined, codec.parse_frame(joined).ans, basis)
+    each = np.concatenate([ans.decode(p, codec.parse_frame(p).ans, basis) for p in parts])
+    assert np.array_equal(whole, each)
+
+
+def test_a_frame_of_another_basis_or_read_alone_is_refused(basis):
+    frame = ans.encode(activations(3, seed=5), basis, 0.035)
+    other = ans.Basis.fit(5, activations(500, seed=9))
+    with pytest.raises(CodecError, match="coded with basis 5/.* this side holds 5/"):
+        ans.decode(frame, codec.parse_frame(frame).ans, other)
+    with pytest.raises(CodecError, match="decodes against its calibrated basis"):
+        codec.decode(frame)
+
+
+def test_the_basis_round_trips_through_its_file(basis, tmp_path):
+    basis.save(tmp_path / ans.BASIS_FILE)
+    again = ans.Basis.load(tmp_path / ans.BASIS_FILE)
+    assert again.digest == basis.digest and again.layer == 5
+    (tmp_path / "bad.npz").write_bytes(b"not a basis")
+    with pytest.raises(CodecError, match="cannot read the codec basis"):
+        ans.Basis.load(tmp_path / "bad.npz")
+
+
+def test_corrupt_frames_are_codec_errors(basis):
+    """Seeded corruption (bytes flipped, frames cut short or padded) of real frames: every failure is a
+    CodecError; a frame that still decodes decodes to finite values of the right shape."""
+    rng = np.random.default_rng(0)
+    frames = [ans.encode(activations(n, seed=10 + n), basis, eps) for n, eps in ((1, 0.035), (5, 0.01), (16, 0.1))]
+    errors = 0
+    for i in range(600):
+        buf = bytearray(frames[i % len(frames)])
+        how = i % 3
+        if how == 0:
+            for _ in range(int(rng.integers(1, 4))):
+                buf[int(rng.integers(0, len(buf)))] ^= int(rng.integers(1, 256))
+        elif how == 1:
+            del buf[int(rng.integers(0, len(buf))):]
+        else:
+            buf += bytes(rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8))
+        try:
+            lay = codec.parse_frame(bytes(buf), kind="ans", dim=64)
+            x = ans.decode(bytes(buf), lay.ans, basis)
+        except CodecError:
+            errors += 1
+            continue
+        assert x.shape == (lay.rows, 64) and np.isfinite(x).all()
+    assert errors > 300  # most corruptions are caught (a flipped bit inside a stream can decode to other symbols)
