@@ -110,7 +110,7 @@ def cmd_generate(args) -> int:
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     check_generate_flags(args)
-    _choose_threads(args)
+    notice = _choose_threads(args)
     if args.artifacts:
         result, tok, split, L, plan, chat = _generate_from_artifacts(args, sampling)
     else:
@@ -120,6 +120,8 @@ def cmd_generate(args) -> int:
         split, plan = split_and_plan(args, ckpt)
         runner = LocalSplit(ckpt, split, plan=plan)
         tok, L, chat = ckpt.tokenizer(), ckpt.spec.num_layers, (ckpt.chat_template(), ckpt.spec)
+    if notice:  # after every check: an error stays one line
+        print(notice, file=sys.stderr)
     prompt = _chat_prompt(args.prompt, tok, *chat) if args.chat else args.prompt
     ids = tok.encode(prompt).ids
     stream = StreamingDecoder(tok)
@@ -159,19 +161,22 @@ def _predicted_vs_measured(plan, result) -> str:
     return line
 
 
-def _choose_threads(args) -> None:
+def _choose_threads(args) -> str | None:
     """args.threads: as given, else the cores idle now. Torch (in process: no --server) runs that many threads, unless
-    OMP_NUM_THREADS says otherwise; the device head runs that many in onnxruntime."""
+    OMP_NUM_THREADS says otherwise; the device head runs that many in onnxruntime. Returns the line that says so
+    when fewer threads than cores run by default (printed once the run is checked), else None."""
+    notice = None
     if args.threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         args.threads = idle_cores()
         if args.threads < cores:
-            print(f"[threads] {args.threads} of {cores} cores idle now: running {args.threads} compute thread(s) "
-                  "(--threads N to choose)", file=sys.stderr)
+            notice = (f"[threads] {args.threads} of {cores} cores idle now: running {args.threads} compute thread(s) "
+                      "(--threads N to choose)")
     if not (args.artifacts and args.server) and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
         torch.set_num_threads(args.threads)
+    return notice
 
 
 PREFILL_PROGRESS_FROM = 1024

@@ -167,11 +167,19 @@ def _reconstruct(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.sign(q) * np.maximum(np.abs(q) - np.clip(delta, 0.0, 0.5), 0.0)
 
 
+DEADZONE = 0.0
+"""Rounding offset toward zero (a dead-zone quantizer): magnitudes round down unless their fraction passes ½ + this."""
+
+
+def _round(v: np.ndarray) -> np.ndarray:
+    return np.sign(v) * np.floor(np.abs(v) + 0.5 - DEADZONE)
+
+
 def _code(y: np.ndarray, basis: Basis, k: np.ndarray):
     """Rows y (n, d) in the basis at step indices k (n,): (symbols, band gains, reconstruction of y)."""
     w = basis.weights.astype(np.float64)
     s = step(k)[:, None] * w
-    q = np.rint(y / s)
+    q = _round(y / s)
     edges = basis.bands
     rms = np.sqrt(np.add.reduceat((q * s / np.maximum(basis.std, 1e-30)) ** 2, edges[:-1], axis=1) / np.diff(edges))
     gains = np.clip(np.rint(8.0 * np.log2(np.maximum(rms, 1e-30))) + 128.0, 0, 255).astype(np.uint8)
