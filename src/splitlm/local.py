@@ -20,7 +20,7 @@ from splitlm.partition.plan import Plan
 from splitlm.quantize import codec
 from splitlm.quantize.config import CodecConfig
 from splitlm.sampling import Sampler, SamplingParams
-from splitlm.stages import build_stages
+from splitlm.stages import build_stages, codec_bases
 
 
 @dataclass
@@ -73,15 +73,19 @@ class LocalSplit:
         self.max_seq_len = plan.max_seq_len
         self.meter = LinkMeter()
         self.head, self.tail = build_stages(ckpt, plan, calib_ids, dtype=dtype, progress=progress)
+        self.bases = codec_bases(ckpt, plan, self.head)
+        """The entropy 'ans' codec's calibrated basis at each split the plan may run at ({} for other codecs)."""
 
-    def link(self, h: torch.Tensor) -> torch.Tensor:
-        """Encode h_ℓ (B, T, d) into frames and decode them, as the wire would; counts bytes."""
+    def link(self, h: torch.Tensor, split: int | None = None) -> torch.Tensor:
+        """Encode h_ℓ (B, T, d) at split `split` (default the plan's) into frames and decode them, as the wire
+        would; counts bytes."""
+        basis = self.bases.get(self.split if split is None else split)
         out = []
         for row in h:
-            frame = codec.encode(row, self.plan.codec, "torch")
+            frame = codec.encode(row, self.plan.codec, "torch", basis)
             self.meter.bytes += len(frame)
             self.meter.tokens += row.shape[0]
-            out.append(codec.decode(frame, "torch"))
+            out.append(codec.decode(frame, "torch", bases=basis))
         return torch.stack(out).to(h.dtype)  # (B, T, d)
 
     def new_caches(self) -> "SplitCaches":
@@ -113,7 +117,7 @@ class LocalSplit:
             split = self.split if caches is None else caches.split
             h = self.head(chunk, cache=caches and caches.head, stop=split)
             if self.tail is not None:
-                h = self.tail(self.link(h), cache=caches and caches.tail, start=split)
+                h = self.tail(self.link(h, split), cache=caches and caches.tail, start=split)
             outs.append(h)
             if on_prefill is not None and ids.shape[1] > 1:
                 on_prefill(start + chunk.shape[1], ids.shape[1])

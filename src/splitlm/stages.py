@@ -57,3 +57,27 @@ def build_stages(ckpt: Checkpoint, plan: Plan, calib_ids: list[list[int]] | None
     tail_source = ckpt if plan.cloud_weights.method == "source" else None
     return head, quantize_lm_head(weights(build_stage(ckpt, start, L, embed=False, final=True, dtype=dtype),
                                           plan.cloud_weights, tail_calib), plan.lm_head_bits, tail_source)
+
+
+CODEC_CALIBRATION_WINDOWS = 4
+"""Calibration windows the entropy 'ans' codec's bases are fitted on (4 x 512 rows for SmolLM2)."""
+
+
+def codec_bases(ckpt: Checkpoint, plan: Plan, head: Transformer) -> dict:
+    """The calibrated bases (quantize.ans.Basis) that an entropy 'ans' codec codes in: one per split a session
+    of `plan` may run at, fitted on `head`'s own outputs at that layer for the last calibration windows. {} for
+    other codecs and device-only plans (no frames)."""
+    import numpy as np
+
+    from splitlm.quantize import ans, codec
+
+    if codec.frame_kind(plan.codec) != "ans" or plan.split_layer == ckpt.spec.num_layers:
+        return {}
+    size = min(corpus.WINDOW, ckpt.spec.max_position)
+    windows = corpus.calibration_windows(ckpt.tokenizer(), CODEC_CALIBRATION_WINDOWS, size)
+    bases = {}
+    with torch.inference_mode():
+        for layer in plan.splits():
+            h = np.concatenate([head(torch.tensor([w]), stop=layer)[0].float().numpy() for w in windows])
+            bases[layer] = ans.Basis.fit(layer, h)
+    return bases

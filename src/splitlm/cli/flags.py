@@ -49,6 +49,7 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     from splitlm.partition.plan import Plan
     from splitlm.quantize.config import (
         CODEC_KINDS,
+        ENTROPY_CODERS,
         GROUP_SIZES,
         KV_BITS,
         LM_HEAD_BITS,
@@ -78,6 +79,11 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ts-rule", default=dataclass_default(CodecConfig, "ts_rule"), choices=TS_RULES, help="threshold-splitting rule")
     g.add_argument("--ts-k", type=float, default=dataclass_default(CodecConfig, "ts_threshold"), help="outlier threshold in row standard deviations")
     g.add_argument("--codec-group", type=int, default=dataclass_default(CodecConfig, "group_size"), help="channels per codec scale (0 = per row)")
+    g.add_argument("--codec-entropy", default=dataclass_default(CodecConfig, "entropy"), choices=ENTROPY_CODERS,
+                   help="how tabq rows travel: none (fixed-width codes) or ans (transform coding in the split layer's "
+                        f"calibrated basis with ANS; default {dataclass_default(CodecConfig, 'entropy')})")
+    g.add_argument("--codec-deadzone", type=float, default=dataclass_default(CodecConfig, "deadzone"),
+                   help="--codec-entropy ans: rounding dead zone toward zero, in [0, 0.5)")
     g.add_argument("--prefill-chunk", type=int, default=dataclass_default(Plan, "prefill_chunk"), help="positions per prefill step")
     g.add_argument("--lm-head-bits", type=int, default=None, choices=LM_HEAD_BITS,
                    help=f"LM head precision (the source's blocks where they are at that width, else RTN in groups of "
@@ -116,7 +122,7 @@ def plan_and_check_flags(args, ckpt):
             if getattr(args, f"{side}_bits") == 16:
                 ignored.append((sub, f"--{side}-bits 16 is unquantized"))
         if args.codec != "tabq":
-            ignored.append(({"--codec-eps", "--ts-rule", "--ts-k", "--codec-group"} & given,
+            ignored.append(({"--codec-eps", "--ts-rule", "--ts-k", "--codec-group", "--codec-entropy", "--codec-deadzone"} & given,
                             f"they tune the tabq codec, not --codec {args.codec}"))
         if args.ts_rule != "std":
             ignored.append(({"--ts-k"} & given, f"it is the threshold of --ts-rule std, not {args.ts_rule}"))
@@ -158,7 +164,7 @@ def plan_from_flags(args, ckpt, split: int):
             group = SOURCE_GROUP
         wq[side] = WeightQuant(bits, group, method, getattr(args, f"{side}_symmetric"))
     codec = CodecConfig(args.codec, ts_rule=args.ts_rule, ts_threshold=args.ts_k, error_budget=args.codec_eps,
-                        group_size=args.codec_group)
+                        group_size=args.codec_group, entropy=args.codec_entropy, deadzone=args.codec_deadzone)
     lm_head_bits = args.lm_head_bits
     if lm_head_bits is None:  # a device holding the LM head in fp32 would read more for it than for all its layers
         lm_head_bits = 8 if split == ckpt.spec.num_layers and wq["device"].bits != 16 else Plan.lm_head_bits

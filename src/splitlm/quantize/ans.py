@@ -10,6 +10,10 @@ out. Each row is then
 2. quantized with one uniform step Δ (a power of 2^(1/8), its index sent as a byte), the largest whose
    error meets the row's budget: ‖x − x̂‖² ≤ ε ‖x − μ‖² (the same error in either basis: U is
    orthonormal), found by bisection over all rows at once;
+   Magnitudes round toward zero unless their fraction passes ½ + a dead zone (0.2 by default), and the
+   decoder reconstructs each symbol at its bin's centroid under the model: at the same error this spends
+   fewer bits on the many low-variance components, and it costs the model far less perplexity (SmolLM2,
+   split 10, ε 0.035: +0.13 % against +1.6 % with plain rounding).
 3. entropy coded with ANS (`constriction`) under a quantized Laplace model per component whose scale is
    the component's calibrated standard deviation times a per-row gain of its band of components (one
    byte per band, so that a row unlike the calibration text is still modelled well).
@@ -103,8 +107,10 @@ class Basis:
         return h.digest()[:4]
 
     @classmethod
-    def fit(cls, layer: int, h: np.ndarray, alpha: float = 0.5) -> "Basis":
-        """The basis of activations `h` (N, d) at split layer `layer` (N of a few thousand rows is plenty)."""
+    def fit(cls, layer: int, h: np.ndarray, alpha: float = 0.0) -> "Basis":
+        """The basis of activations `h` (N, d) at split layer `layer` (N of a few thousand rows is plenty). alpha:
+        see `weights` (0, one step for every component, measured best: SmolLM2 split 10 at ε 0.02, +1.1 %
+        perplexity at 196 B/token against +2.2 % at 205 with 0.5)."""
         h = np.asarray(h, np.float64)
         if h.ndim != 2 or h.shape[0] < 2:
             raise CodecError(f"a codec basis needs (rows >= 2, dim) activations, got shape {h.shape}")
@@ -134,6 +140,33 @@ class Basis:
             raise CodecError(f"the codec basis {path} is malformed (shapes {basis.mean.shape}, {basis.vectors.shape}, "
                              f"{basis.std.shape}, or non-finite values)")
         return basis
+
+
+def save_bases(bases: dict[int, Basis], path: str | Path) -> None:
+    """The bases of every split layer in one .npz (keys LAYER.mean, LAYER.vectors, LAYER.std, LAYER.weights)."""
+    np.savez(path, **{f"{layer}.{name}": getattr(b, name) for layer, b in bases.items()
+                      for name in ("mean", "vectors", "std", "weights")})
+
+
+def load_bases(path: str | Path) -> dict[int, Basis]:
+    """The bases save_bases wrote; CodecError naming the file when it is missing or malformed."""
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise CodecError(f"cannot read the codec bases {path}: {exc}") from None
+    bases = {}
+    try:
+        for layer in sorted({int(k.split(".")[0]) for k in arrays}):
+            bases[layer] = Basis(layer, *(arrays[f"{layer}.{n}"].astype(np.float32) for n in ("mean", "vectors", "std", "weights")))
+    except (KeyError, ValueError) as exc:
+        raise CodecError(f"the codec bases {path} are malformed ({exc})") from None
+    for layer, b in bases.items():
+        d = b.dim
+        if (b.vectors.shape != (d, d) or b.std.shape != (d,) or b.weights.shape != (d,) or (b.weights <= 0).any()
+                or not all(np.isfinite(a).all() for a in (b.mean, b.vectors, b.std, b.weights))):
+            raise CodecError(f"the codec basis of layer {layer} in {path} is malformed")
+    return bases
 
 
 def _model():
@@ -167,26 +200,20 @@ def _reconstruct(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.sign(q) * np.maximum(np.abs(q) - np.clip(delta, 0.0, 0.5), 0.0)
 
 
-DEADZONE = 0.0
-"""Rounding offset toward zero (a dead-zone quantizer): magnitudes round down unless their fraction passes ½ + this."""
-
-
-def _round(v: np.ndarray) -> np.ndarray:
-    return np.sign(v) * np.floor(np.abs(v) + 0.5 - DEADZONE)
-
-
-def _code(y: np.ndarray, basis: Basis, k: np.ndarray):
-    """Rows y (n, d) in the basis at step indices k (n,): (symbols, band gains, reconstruction of y)."""
+def _code(y: np.ndarray, basis: Basis, k: np.ndarray, deadzone: float):
+    """Rows y (n, d) in the basis at step indices k (n,): (symbols, band gains, reconstruction of y). Magnitudes
+    round toward zero unless their fraction passes ½ + deadzone (a dead-zone quantizer)."""
     w = basis.weights.astype(np.float64)
     s = step(k)[:, None] * w
-    q = _round(y / s)
+    v = y / s
+    q = np.sign(v) * np.floor(np.abs(v) + 0.5 - deadzone)
     edges = basis.bands
     rms = np.sqrt(np.add.reduceat((q * s / np.maximum(basis.std, 1e-30)) ** 2, edges[:-1], axis=1) / np.diff(edges))
     gains = np.clip(np.rint(8.0 * np.log2(np.maximum(rms, 1e-30))) + 128.0, 0, 255).astype(np.uint8)
     return q, gains, _reconstruct(q, _scales(basis, gains, k)) * s
 
 
-def encode(x: np.ndarray, basis: Basis, error_budget: float) -> bytes:
+def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0.2) -> bytes:
     """Rows x (T, d) -> one frame (module docstring)."""
     from splitlm.quantize import codec
 
@@ -203,7 +230,7 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float) -> bytes:
     budget = error_budget * _inlier_energy(c)
 
     def ok(k):
-        q, gains, yh = _code(y, basis, k)
+        q, gains, yh = _code(y, basis, k, deadzone)
         return ((y - yh) ** 2).sum(1) <= budget
 
     lo, hi = np.zeros(T, np.int64), np.full(T, RAW16 - 1, np.int64)
@@ -213,7 +240,7 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float) -> bytes:
         lo, hi = np.where(good, mid, lo), np.where(good, hi, mid - 1)
     while not (met := ok(lo) | (lo == 0)).all():  # where it is not monotonic, step down until it is met
         lo = np.where(met, lo, lo - 1)
-    q, gains, yh = _code(y, basis, lo)
+    q, gains, yh = _code(y, basis, lo, deadzone)
     steps = lo.astype(np.uint8)
     raw = (np.abs(q).max(1) > QMAX) | (((y - yh) ** 2).sum(1) > budget)
     if raw.any():

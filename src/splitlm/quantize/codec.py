@@ -263,14 +263,27 @@ def _hadamard(x, block: int, ops):
     return y.reshape(T, d) * float(np.float32(1.0 / np.sqrt(block)))
 
 
-def encode(x: Any, cfg: CodecConfig, backend: str = "numpy") -> bytes:
-    """Encode hidden states x (T, d) into one frame."""
+def frame_kind(cfg: CodecConfig) -> str:
+    """The kind of the frames a codec config writes (tabq with entropy 'ans' writes "ans" frames)."""
+    return "ans" if cfg.kind == "tabq" and cfg.entropy == "ans" else cfg.kind
+
+
+def encode(x: Any, cfg: CodecConfig, backend: str = "numpy", basis: Any = None) -> bytes:
+    """Encode hidden states x (T, d) into one frame. `basis`: the split layer's calibrated basis
+    (quantize.ans.Basis), which entropy 'ans' codes in."""
     ops = get_ops(backend)
     x = ops.asarray(x, ops.f32)
     if len(x.shape) != 2 or x.shape[0] < 1 or not 1 <= x.shape[1] <= MAX_DIM:
         raise CodecError(f"activations must be (rows >= 1, 1 <= dim <= {MAX_DIM}), got shape {tuple(x.shape)}")
     if not ops.isfinite_all(x):
         raise CodecError("activations contain NaN or Inf")
+    if frame_kind(cfg) == "ans":
+        from splitlm.quantize import ans
+
+        if basis is None:
+            raise CodecError("entropy 'ans' codes rows in the split layer's calibrated basis, and none was given "
+                             "(an export carries it in codec_basis.npz)")
+        return ans.encode(ops.numpy(x), basis, cfg.error_budget, cfg.deadzone)
     T, d = x.shape
     if cfg.kind == "fp32":
         return _header("fp32", 0, T, d) + ops.tobytes(x)
@@ -389,11 +402,28 @@ def _assemble(x, x16, mask, chosen, candidates, g: int, G: int, rotate: int, ops
     return b"".join(parts)
 
 
-def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None, max_rows: int | None = None):
+def _decode_ans(buf: bytes, lay: FrameLayout, bases: Any, ops):
+    """An ans frame against the basis of the layer it names: `bases` is one Basis or {layer: Basis}."""
+    from splitlm.quantize import ans
+
+    if bases is None:
+        raise CodecError("an ans frame decodes against its calibrated basis (quantize.ans.decode), not alone")
+    basis = bases if isinstance(bases, ans.Basis) else bases.get(lay.ans.layer)
+    if basis is None:
+        raise CodecError(f"the frame was coded at split layer {lay.ans.layer}, and this side holds codec bases for "
+                         f"{sorted(bases)} only")
+    return ops.asarray(ans.decode(buf, lay.ans, basis), ops.f32)
+
+
+def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None, max_rows: int | None = None,
+           bases: Any = None):
     """Frame -> x̂ (T, d) float32, exactly the encoder's reconstruction. `layout`: the frame
-    already parsed (`parse_frame`), so that it is not parsed again."""
+    already parsed (`parse_frame`), so that it is not parsed again. `bases`: the calibrated basis (or
+    {layer: basis}) that ans frames decode against."""
     ops = get_ops(backend)
     lay = layout or parse_frame(buf, max_rows)
+    if lay.kind == "ans":
+        return _decode_ans(buf, lay, bases, ops)
     if lay.kind != "tabq":
         return _decode_raw(buf, lay, ops)
     return _decode_rows(np.frombuffer(buf, np.uint8), lay.row_offsets[:-1], lay.bits, lay.scales, lay.mins,
@@ -401,7 +431,7 @@ def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None
 
 
 def decode_many(bufs: list[bytes], backend: str = "numpy", layouts: list[FrameLayout] | None = None,
-                max_rows: int | None = None) -> list:
+                max_rows: int | None = None, bases: Any = None) -> list:
     """Frames -> their x̂ (T_i, d_i) float32, each bit-identical to `decode` of that frame: the rows
     of all tabq frames of one shape (dim, group, rotation) are decoded together, as one batch.
     `layouts`: the frames already parsed (`parse_frame`), so that none is parsed again."""
@@ -414,6 +444,8 @@ def decode_many(bufs: list[bytes], backend: str = "numpy", layouts: list[FrameLa
     for i, lay in enumerate(lays):
         if lay.kind == "tabq":
             shapes.setdefault((lay.dim, lay.group, lay.rotate), []).append(i)
+        elif lay.kind == "ans":
+            out[i] = _decode_ans(bufs[i], lay, bases, ops)
         else:
             out[i] = _decode_raw(bufs[i], lay, ops)
     for (d, group, rotate), idx in shapes.items():
@@ -439,8 +471,6 @@ def decode_many(bufs: list[bytes], backend: str = "numpy", layouts: list[FrameLa
 
 
 def _decode_raw(buf: bytes, lay: FrameLayout, ops):
-    if lay.kind == "ans":
-        raise CodecError("an ans frame decodes against its calibrated basis (quantize.ans.decode), not alone")
     """An fp32 or fp16 frame -> (T, d) float32."""
     T, d = lay.rows, lay.dim
     raw = np.frombuffer(buf, "<f4" if lay.kind == "fp32" else "<f2", T * d, lay.payload_offset).reshape(T, d)

@@ -93,6 +93,10 @@ class WeightQuant:
                             f"group_size must be {SOURCE_GROUP} and symmetric false (got {self.group_size}, {self.symmetric})")
 
 
+ENTROPY_CODERS = ("none", "ans")
+"""How tabq rows travel: fixed-width codes, or transform-coded with ANS (CodecConfig.entropy)."""
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """Activation codec at the split (DESIGN.md §4)."""
@@ -115,6 +119,13 @@ class CodecConfig:
     """Walsh-Hadamard rotation of the inliers in blocks of this many channels (power of two; 0 = off)."""
     clip_ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
     """Range shrink factors tried per row and group; the one with the least error is kept."""
+    entropy: str = "none"
+    """tabq only. "none": rows of fixed-width codes as above. "ans": transform coding (quantize/ans.py) — rows
+    centred and rotated into the split layer's calibrated basis (shipped with the export), one uniform step per
+    row that meets ε, ANS under per-component Laplace models. The TS/TAB-Q fields above do not apply to it and
+    must keep their defaults."""
+    deadzone: float = 0.2
+    """entropy "ans": magnitudes round toward zero unless their fraction passes ½ + this (0 = plain rounding)."""
 
     def __post_init__(self) -> None:
         if self.rotate_block < 0 or (self.rotate_block & (self.rotate_block - 1)):
@@ -135,3 +146,18 @@ class CodecConfig:
             raise PlanError(f"codec bit widths {self.bit_widths!r} must be ascending and distinct")
         if self.group_size < 0:
             raise PlanError(f"codec group size must be >= 0, got {self.group_size}")
+        if self.entropy not in ENTROPY_CODERS:
+            raise PlanError(f"codec entropy {self.entropy!r} not in {ENTROPY_CODERS}")
+        if not 0.0 <= self.deadzone < 0.5:
+            raise PlanError(f"codec deadzone must be in [0, 0.5), got {self.deadzone}")
+        if self.entropy == "ans":
+            if self.kind != "tabq":
+                raise PlanError(f"codec entropy 'ans' codes tabq rows; kind {self.kind!r} sends raw values")
+            default = CodecConfig("tabq")
+            changed = [f for f in ("ts_rule", "ts_threshold", "ts_channels", "bit_widths", "group_size", "rotate_block",
+                                   "clip_ratios") if getattr(self, f) != getattr(default, f)]
+            if changed:
+                raise PlanError(f"codec field(s) {', '.join(changed)} do not apply to entropy 'ans' (it codes rows in "
+                                "the split layer's calibrated basis): leave them at their defaults")
+        elif self.deadzone != 0.2:
+            raise PlanError("codec deadzone applies to entropy 'ans' only")
