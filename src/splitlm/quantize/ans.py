@@ -213,6 +213,53 @@ def _code(y: np.ndarray, basis: Basis, k: np.ndarray, deadzone: float):
     return q, gains, _reconstruct(q, _scales(basis, gains, k)) * s
 
 
+def _meets(y: np.ndarray, basis: Basis, k: np.ndarray, budget: np.ndarray, deadzone: float) -> np.ndarray:
+    """Whether each row of y (n, d) coded at step index k (n,) meets its budget (n,)."""
+    _, _, yh = _code(y, basis, k, deadzone)
+    return ((y - yh) ** 2).sum(1) <= budget
+
+
+GRID_ROWS = 8
+"""Frames of up to this many rows (decode steps) search the step on grids (two calls); longer ones bisect (fewer
+row-evaluations in all)."""
+
+
+def _search(y: np.ndarray, basis: Basis, budget: np.ndarray, deadzone: float) -> np.ndarray:
+    """The largest step index that meets each row's budget (the error grows with Δ, nearly monotonically).
+
+    Up to GRID_ROWS rows: two grids evaluated at once for all rows: Δ doubling around the estimate √(12·budget/d) (every component
+    quantized), then the eighth-octave steps below the largest that met it. Rows the grids do not bracket
+    (their best step is off the coarse grid) are bisected over every index."""
+    T, d = y.shape
+    if T > GRID_ROWS:
+        return _bisect(y, basis, budget, deadzone)
+    est = np.floor(8.0 * np.log2(np.sqrt(12.0 * np.maximum(budget, 1e-300) / d))).astype(np.int64) + STEP_BIAS
+    coarse = np.clip(est[:, None] + np.arange(-16, 48, 8)[None], 0, RAW16 - 1)  # (T, 8)
+    n = coarse.shape[1]
+    met = _meets(np.repeat(y, n, 0), basis, coarse.ravel(), np.repeat(budget, n), deadzone).reshape(T, n)
+    best = np.where(met.any(1), n - 1 - np.argmax(met[:, ::-1], 1), -1)
+    k = coarse[np.arange(T), np.maximum(best, 0)]
+    fine = np.clip(k[:, None] + np.arange(1, 8)[None], 0, RAW16 - 1)  # (T, 7)
+    met_f = _meets(np.repeat(y, 7, 0), basis, fine.ravel(), np.repeat(budget, 7), deadzone).reshape(T, 7)
+    k = np.where(met_f.any(1), fine[np.arange(T), 6 - np.argmax(met_f[:, ::-1], 1)], k)
+    loose = (best < 0) | (best == n - 1)  # not bracketed: bisect those rows over every index
+    if loose.any():
+        k[loose] = _bisect(y[loose], basis, budget[loose], deadzone)
+    return k
+
+
+def _bisect(y: np.ndarray, basis: Basis, budget: np.ndarray, deadzone: float) -> np.ndarray:
+    T = len(y)
+    lo, hi = np.zeros(T, np.int64), np.full(T, RAW16 - 1, np.int64)
+    while (lo < hi).any():
+        mid = (lo + hi + 1) // 2
+        good = _meets(y, basis, mid, budget, deadzone)
+        lo, hi = np.where(good, mid, lo), np.where(good, hi, mid - 1)
+    while not (met := _meets(y, basis, lo, budget, deadzone) | (lo == 0)).all():  # not monotonic here: step down
+        lo = np.where(met, lo, lo - 1)
+    return lo
+
+
 def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0.2) -> bytes:
     """Rows x (T, d) -> one frame (module docstring)."""
     from splitlm.quantize import codec
@@ -229,17 +276,7 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
     y = (c @ basis.vectors).astype(np.float64)  # (T, d)
     budget = error_budget * _inlier_energy(c)
 
-    def ok(k):
-        q, gains, yh = _code(y, basis, k, deadzone)
-        return ((y - yh) ** 2).sum(1) <= budget
-
-    lo, hi = np.zeros(T, np.int64), np.full(T, RAW16 - 1, np.int64)
-    while (lo < hi).any():  # the largest k that meets the budget (the error grows with Δ, nearly monotonically)
-        mid = (lo + hi + 1) // 2
-        good = ok(mid)
-        lo, hi = np.where(good, mid, lo), np.where(good, hi, mid - 1)
-    while not (met := ok(lo) | (lo == 0)).all():  # where it is not monotonic, step down until it is met
-        lo = np.where(met, lo, lo - 1)
+    lo = _search(y, basis, budget, deadzone)
     q, gains, yh = _code(y, basis, lo, deadzone)
     steps = lo.astype(np.uint8)
     raw = (np.abs(q).max(1) > QMAX) | (((y - yh) ** 2).sum(1) > budget)
