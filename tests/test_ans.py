@@ -161,3 +161,64 @@ def test_in_process_split_codes_in_the_heads_own_basis(tiny_ckpt):
         out[entropy] = (evaluate.perplexity(runner.forward, wins, False).perplexity, runner.meter.bytes_per_token)
     assert out["ans"][1] < 0.8 * out["none"][1]
     assert torch.isfinite(torch.tensor(out["ans"][0]))
+
+
+@pytest.fixture(scope="module")
+def ans_export(tiny_ckpt, tmp_path_factory):
+    """The tiny model split at 3, moving to 1 at 24 positions and back to 3 at 45, with the ans codec."""
+    from splitlm.export import export_artifacts
+    from splitlm.partition.plan import Plan
+    from splitlm.quantize.config import CodecConfig
+
+    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 3, codec=CodecConfig("tabq", error_budget=0.02, entropy="ans"),
+                max_seq_len=96, prefill_chunk=8, split_moves=((24, 1), (45, 3)))
+    return plan, export_artifacts(tiny_ckpt, plan, tmp_path_factory.mktemp("ans-export"), progress=False)
+
+
+def test_an_export_carries_the_bases_and_a_moving_session_codes_in_each(ans_export, tiny_ckpt):
+    """Both sides load the bases of every split the plan allows; the device codes each frame at its current split
+    and the cloud decodes it there: over gRPC the tokens equal the in-process run's, moves included."""
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.client import RemoteSession, connect
+    from splitlm.device.runtime import HeadSession, generate_split
+    from splitlm.sampling import SamplingParams
+
+    plan, result = ans_export
+    for folder in (result.device_dir, result.cloud_dir):
+        assert set(ans.load_bases(folder / ans.BASIS_FILE)) == {1, 3}
+    prompt = tiny_ckpt.tokenizer().encode("the split moves and the basis follows it " * 2).ids
+    here = generate_split(HeadSession(result.device_dir), TailRunner(result.cloud_dir).new_session(), prompt, 40)
+    assert [m["new"] for m in here.extra["moves"]] == [1, 3]
+    srv, port, _ = start_server(TailRunner(result.cloud_dir), "127.0.0.1:0", ServerConfig(max_sessions=2))
+    try:
+        with RemoteSession(connect(f"127.0.0.1:{port}"), plan.hash, plan.model_id, SamplingParams(), 40) as remote:
+            there = generate_split(HeadSession(result.device_dir), remote, prompt, 40)
+    finally:
+        srv.stop(grace=None)
+    assert there.token_ids == here.token_ids
+
+
+def test_a_frame_at_another_split_or_without_its_basis_is_refused(ans_export):
+    import shutil
+
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.runtime import HeadSession
+    from splitlm.errors import ModelLoadError
+
+    plan, result = ans_export
+    tail = TailRunner(result.cloud_dir).new_session()
+    at_one = ans.encode(activations(2, d=result_dim(result)), ans.load_bases(result.cloud_dir / ans.BASIS_FILE)[1], 0.02)
+    with pytest.raises(CodecError, match="coded at split layer 1, and this session runs from layer 3"):
+        tail.send(at_one, 2)
+    broken = result.device_dir.parent.parent / "no-basis"
+    shutil.copytree(result.device_dir, broken / "device")
+    (broken / "device" / ans.BASIS_FILE).unlink()
+    with pytest.raises(ModelLoadError, match="codec_basis.npz is missing"):
+        HeadSession(broken / "device")
+
+
+def result_dim(result) -> int:
+    import json
+
+    return json.loads((result.cloud_dir / "spec.json").read_text())["hidden_size"]

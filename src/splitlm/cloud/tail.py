@@ -40,12 +40,13 @@ def kernel_impl(impl: str, device: torch.device) -> str:
     return dispatch.choose(impl, device)  # also refuses an unknown name
 
 
-def decode_frames(frames: list[Frame], impl: str, device: torch.device) -> list[torch.Tensor]:
+def decode_frames(frames: list[Frame], impl: str, device: torch.device, bases: dict | None = None) -> list[torch.Tensor]:
     """Parsed frames -> their (T_i, d) float32 hidden states on `device`, decoded as one batch: by
-    the codec's torch decoder ('reference') or the Triton one ('triton'). Nothing is parsed again."""
+    the codec's torch decoder ('reference') or the Triton one ('triton'); ans frames against `bases`
+    (by their layer), on the CPU (the ANS coder). Nothing is parsed again."""
     data, layouts = [f.data for f in frames], [f.layout for f in frames]
-    if impl == "reference":
-        return [x.to(device) for x in codec.decode_many(data, "torch", layouts)]
+    if impl == "reference" or any(lay.kind == "ans" for lay in layouts):
+        return [x.to(device) for x in codec.decode_many(data, "torch", layouts, bases=bases)]
     from splitlm.kernels import frame_decode
 
     return frame_decode.decode_frames(data, device, impl, layouts=layouts)
@@ -69,6 +70,12 @@ class TailRunner:
         except RuntimeError as exc:
             raise ConfigError(f"device {device!r}: {exc}") from None
         self.kernels = kernel_impl(kernels, self.device)
+        self.bases = {}
+        """The entropy 'ans' codec's calibrated basis at each split the plan allows ({} for other codecs)."""
+        if codec.frame_kind(self.plan.codec) == "ans":
+            from splitlm.quantize import ans
+
+            self.bases = ans.load_split_bases(self.dir, self.plan.splits())
         # every torch op of the tail runs on this one thread (the batcher's): a second thread's
         # OpenMP pool makes GNU OpenMP stop spinning when threads outnumber cores (~40 % slower)
         self._worker = TorchThread("splitlm-tail")
@@ -86,17 +93,17 @@ class TailRunner:
         session = self.new_session()
         for rows in (max(1, min(prompt, self.plan.max_seq_len - 1)), 1):
             x = rng.standard_normal((rows, self.spec.hidden_size), dtype=np.float32)
-            session.next_token(codec.encode(x, self.plan.codec), rows)
+            session.next_token(codec.encode(x, self.plan.codec, "numpy", self.bases.get(self.plan.split_layer)), rows)
         session.close()
 
     def parse(self, frame: bytes) -> codec.FrameLayout:
         """The frame's layout, checked against this tail: the plan's codec and the model's hidden size
         (from the header, before the rest is read), at most max_seq_len rows. CodecError otherwise."""
-        return codec.parse_frame(frame, self.plan.max_seq_len, self.plan.codec.kind, self.spec.hidden_size)
+        return codec.parse_frame(frame, self.plan.max_seq_len, codec.frame_kind(self.plan.codec), self.spec.hidden_size)
 
     def _decode(self, frames: list[Frame]) -> list[torch.Tensor]:
         """The batcher's frame decoder (on its thread)."""
-        return decode_frames(frames, self.kernels, self.device)
+        return decode_frames(frames, self.kernels, self.device, self.bases)
 
     def _build(self, dtype: torch.dtype) -> Transformer:
         stage = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
@@ -143,7 +150,10 @@ class TailSession:
         """Top log-probabilities returned with each token (0 = none)."""
 
     def _frame(self, frame: bytes, layout: codec.FrameLayout | None) -> Frame:
-        return Frame(frame, layout if layout is not None else self.runner.parse(frame))
+        lay = layout if layout is not None else self.runner.parse(frame)
+        if lay.ans is not None and lay.ans.layer != self.split:
+            raise CodecError(f"the frame was coded at split layer {lay.ans.layer}, and this session runs from layer {self.split}")
+        return Frame(frame, lay)
 
     def submit(self, frame: bytes, want_token: bool = True, layout: codec.FrameLayout | None = None) -> Future:
         """Decode one frame (T positions) and run the tail on the batcher: a future of the TokenChoice

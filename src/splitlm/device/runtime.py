@@ -125,6 +125,12 @@ class HeadSession:
         if self.plan.kv_bits != 16 and (self.dir / names.KV_SCALES_FILE).exists():
             with np.load(self.dir / names.KV_SCALES_FILE, allow_pickle=False) as scales:
                 self.kv_scales = {k: scales[k] for k in scales.files}
+        self.bases: dict = {}
+        """The entropy 'ans' codec's calibrated basis at each split the head may stop at."""
+        if codec.frame_kind(self.plan.codec) == "ans" and self.plan.split_layer != self.spec.num_layers:
+            from splitlm.quantize import ans
+
+            self.bases = ans.load_split_bases(self.dir, self.plan.splits())
         if self.plan.split_moves:
             missing = [c for c in self.plan.move_cuts if c not in self.cuts]
             if self.kind != "gqa" or missing:
@@ -378,8 +384,8 @@ class DeviceHead:
         return list(self.past)
 
     def encode(self, hidden: np.ndarray) -> bytes:
-        """The activation frame for hidden states (T, d), by the plan's codec (numpy)."""
-        return codec.encode(hidden, self.plan.codec, "numpy")
+        """The activation frame for hidden states (T, d) at the head's current split, by the plan's codec (numpy)."""
+        return codec.encode(hidden, self.plan.codec, "numpy", self.session.bases.get(self.stop))
 
     def kv_bytes(self) -> int:
         """Bytes the KV cache holds between steps (the written positions of the buffers in use)."""

@@ -54,5 +54,7 @@ def segment_file(index: int) -> str:
 
 TAIL_FILE = "tail.safetensors"
 KV_SCALES_FILE = "kv_scales.npz"
+CODEC_BASIS_FILE = "codec_basis.npz"
+"""The entropy 'ans' codec's calibrated bases, one per split a session may run at (quantize.ans.save_bases)."""
 """Beside a head with a quantized KV cache: each layer's per-channel scales, "k.{i}" and "v.{i}", (Hkv, D) float32."""
 """The (quantized) tail stage, in DIR/cloud."""

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from splitlm.errors import CodecError
+from splitlm.model import names
 
 QMAX = 1 << 15
 """Symbols are coded in [-QMAX, QMAX]: a row whose codes leave that range goes raw."""
@@ -57,7 +58,7 @@ MIN_SCALE = 1e-3
 """Laplace scales (in steps) are kept above this: the model must give every symbol a probability."""
 BASIS = struct.Struct("<I4s")
 SEGMENT = struct.Struct("<II")
-BASIS_FILE = "codec_basis.npz"
+BASIS_FILE = names.CODEC_BASIS_FILE
 
 
 def step(k: np.ndarray) -> np.ndarray:
@@ -166,6 +167,24 @@ def load_bases(path: str | Path) -> dict[int, Basis]:
         if (b.vectors.shape != (d, d) or b.std.shape != (d,) or b.weights.shape != (d,) or (b.weights <= 0).any()
                 or not all(np.isfinite(a).all() for a in (b.mean, b.vectors, b.std, b.weights))):
             raise CodecError(f"the codec basis of layer {layer} in {path} is malformed")
+    return bases
+
+
+def load_split_bases(folder: str | Path, splits: list[int]) -> dict[int, Basis]:
+    """The bases an export folder carries for a plan whose sessions may run at `splits`; ModelLoadError saying to
+    export again when the file is missing, malformed or lacks a split."""
+    from splitlm.errors import ModelLoadError
+
+    path = Path(folder) / BASIS_FILE
+    if not path.exists():
+        raise ModelLoadError(f"{folder}: the plan's codec codes in calibrated bases, and {BASIS_FILE} is missing; export again")
+    try:
+        bases = load_bases(path)
+    except CodecError as exc:
+        raise ModelLoadError(f"{folder}: {exc}; export again") from None
+    missing = [layer for layer in splits if layer not in bases]
+    if missing:
+        raise ModelLoadError(f"{path} has no basis for split(s) {missing}; export again")
     return bases
 
 
