@@ -96,12 +96,12 @@ def seed_frames() -> list[bytes]:
     x[:, 5] *= 60  # an outlier channel
     x[1] = 0.0  # an all-zero row
     x[2] *= 1e-6  # a row in fp16's subnormal range: raw fp32 at a tight budget
-    configs = [CodecConfig("fp32"), CodecConfig("fp16"), CodecConfig("tabq", error_budget=0.03),
-               CodecConfig("tabq", error_budget=1e-3, group_size=16, rotate_block=16),
-               CodecConfig("tabq", error_budget=1e-4, bit_widths=(2, 3), rotate_block=0),
-               CodecConfig("tabq", ts_rule="channels", ts_channels=(5, 7), error_budget=0.05, rotate_block=0)]
+    configs = [CodecConfig("fp32"), CodecConfig("fp16"), CodecConfig("tabq", entropy="none", error_budget=0.03),
+               CodecConfig("tabq", entropy="none", error_budget=1e-3, group_size=16, rotate_block=16),
+               CodecConfig("tabq", entropy="none", error_budget=1e-4, bit_widths=(2, 3), rotate_block=0),
+               CodecConfig("tabq", entropy="none", ts_rule="channels", ts_channels=(5, 7), error_budget=0.05, rotate_block=0)]
     frames = [codec.encode(x, cfg) for cfg in configs]
-    frames.append(codec.encode(x[:1, :7], CodecConfig("tabq", ts_rule="none", error_budget=0.1)))
+    frames.append(codec.encode(x[:1, :7], CodecConfig("tabq", entropy="none", ts_rule="none", error_budget=0.1)))
     return frames
 
 

@@ -129,7 +129,7 @@ def main() -> None:
             rows.append(row(f"wq_matmul {name}", bits, t_k, t_b, c_k, c_b, moved, bw))
     for rows_n, d in ((1, 4096), (64, 4096), (512, 4096)):
         x = torch.randn(rows_n, d).numpy()
-        frame = codec.encode(x, CodecConfig("tabq", error_budget=0.035))
+        frame = codec.encode(x, CodecConfig("tabq", entropy="none", error_budget=0.035))
         batch = batch_frames([frame], "cuda")
         t_k, c_k = graph_timed(lambda: decode_rows_triton(batch)), timed(lambda: decode_rows_triton(batch))
         t_b = c_b = timed(lambda: decode_rows_reference(batch))  # the reference syncs with the host: eager only

@@ -156,7 +156,7 @@ def main() -> None:
     ckpt = resolve_model("smollm2-135m")
     spec = ckpt.spec
     still = Plan(ckpt.model_id, ckpt.weights_hash, args.split, device_weights=WeightQuant(8, 32), cloud_weights=WeightQuant(8, 32),
-                 codec=CodecConfig("tabq", error_budget=0.02), max_seq_len=args.positions, prefill_chunk=128)
+                 codec=CodecConfig("tabq", entropy="none", error_budget=0.02), max_seq_len=args.positions, prefill_chunk=128)
     prompt = ckpt.tokenizer().encode(PROMPT * 3).ids
     work = Path(tempfile.mkdtemp())
     kv = 2 * spec.num_kv_heads * spec.head_dim * 4  # float32 K and V per position per layer

@@ -42,17 +42,20 @@ def rows(L: int, quick: bool) -> list[tuple[str, str, dict]]:
     for kv in (8, 4):
         out.append(("kv cache", f"device KV {kv}-bit (split {half})", dict(split=half, kv_bits=kv, codec=EXACT)))
     s = L // 3
+    fixed = dict(entropy="none", ts_rule="none", error_budget=1, **PLAIN)  # one fixed width per token, no TS
     out += [
         ("codec", f"split {s}: fp32 link", dict(split=s, codec=EXACT)),
         ("codec", f"split {s}: fp16", dict(split=s, codec=CodecConfig("fp16"))),
-        ("codec", f"split {s}: per-token int8", dict(split=s, codec=CodecConfig("tabq", ts_rule="none", bit_widths=(8,), error_budget=1, **PLAIN))),
-        ("codec", f"split {s}: per-token int4 (no TS)", dict(split=s, codec=CodecConfig("tabq", ts_rule="none", bit_widths=(4,), error_budget=1, **PLAIN))),
-        ("codec", f"split {s}: per-token int4 + TS", dict(split=s, codec=CodecConfig("tabq", bit_widths=(4,), error_budget=1, **PLAIN))),
-        ("codec", f"split {s}: TS+TAB-Q, no rotation, eps 0.01", dict(split=s, codec=CodecConfig("tabq", error_budget=0.01, **PLAIN))),
+        ("codec", f"split {s}: per-token int8", dict(split=s, codec=CodecConfig("tabq", bit_widths=(8,), **fixed))),
+        ("codec", f"split {s}: per-token int4 (no TS)", dict(split=s, codec=CodecConfig("tabq", bit_widths=(4,), **fixed))),
+        ("codec", f"split {s}: per-token int4 + TS", dict(split=s, codec=CodecConfig("tabq", entropy="none", bit_widths=(4,), error_budget=1, **PLAIN))),
+        ("codec", f"split {s}: TS+TAB-Q, no rotation, eps 0.01", dict(split=s, codec=CodecConfig("tabq", entropy="none", error_budget=0.01, **PLAIN))),
     ]
     for eps in ((0.01, 0.03, 0.035, 0.05) if quick else (0.005, 0.01, 0.02, 0.03, 0.035, 0.04, 0.05, 0.1)):
-        out.append(("codec", f"split {s}: TS+TAB-Q eps {eps}", dict(split=s, codec=CodecConfig("tabq", error_budget=eps))))
-    out.append(("codec", f"split {s}: TS+TAB-Q forced 3-bit", dict(split=s, codec=CodecConfig("tabq", bit_widths=(3,), error_budget=1))))
+        out.append(("codec", f"split {s}: TS+TAB-Q eps {eps}", dict(split=s, codec=CodecConfig("tabq", entropy="none", error_budget=eps))))
+    out.append(("codec", f"split {s}: TS+TAB-Q forced 3-bit", dict(split=s, codec=CodecConfig("tabq", entropy="none", bit_widths=(3,), error_budget=1))))
+    for eps in ((0.03, 0.05) if quick else (0.01, 0.02, 0.03, 0.035, 0.05)):  # the default coder: transform + ANS
+        out.append(("codec", f"split {s}: ans eps {eps}", dict(split=s, codec=CodecConfig("tabq", error_budget=eps))))
     if quick:
         out = [r for r in out if "GPTQ" not in r[1]]
     return out

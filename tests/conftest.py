@@ -89,7 +89,7 @@ def artifacts(tiny_ckpt, tmp_path_factory):
     from splitlm.quantize.config import CodecConfig, WeightQuant
 
     plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, device_weights=WeightQuant(4, 32),
-                cloud_weights=WeightQuant(8, 32), codec=CodecConfig("tabq", error_budget=0.01), max_seq_len=128,
+                cloud_weights=WeightQuant(8, 32), codec=CodecConfig("tabq", entropy="none", error_budget=0.01), max_seq_len=128,
                 prefill_chunk=8)
     return plan, export_artifacts(tiny_ckpt, plan, tmp_path_factory.mktemp("svc"), progress=False, accuracy_level=0)
 

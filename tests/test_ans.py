@@ -119,11 +119,14 @@ def test_the_codec_config_refuses_tabq_fields_that_ans_does_not_use():
     from splitlm.errors import PlanError
     from splitlm.quantize.config import CodecConfig
 
-    assert codec.frame_kind(CodecConfig("tabq", entropy="ans")) == "ans"
+    assert codec.frame_kind(CodecConfig("tabq")) == "ans"  # tabq's default
+    assert codec.frame_kind(CodecConfig("tabq", entropy="none")) == "tabq"
+    with pytest.raises(PlanError, match="entropy applies to tabq rows; kind 'fp16'"):
+        CodecConfig("fp16", entropy="none")
     with pytest.raises(PlanError, match="group_size, rotate_block do not apply to entropy 'ans'"):
         CodecConfig("tabq", entropy="ans", group_size=32, rotate_block=16)
     with pytest.raises(PlanError, match="deadzone applies to entropy 'ans' only"):
-        CodecConfig("tabq", deadzone=0.1)
+        CodecConfig("tabq", entropy="none", deadzone=0.1)
     with pytest.raises(PlanError, match="entropy 'zstd' not in"):
         CodecConfig("tabq", entropy="zstd")
 

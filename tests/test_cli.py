@@ -240,7 +240,7 @@ def test_eval_plan_flags_report_bytes_and_quality(capsys, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("quantized plans cost a little perplexity and save bytes on the wire. " * 40)
     results, outs = {}, {}
-    for name, flags in {"exact": [], "codec": ["--codec", "tabq", "--codec-eps", "0.05"],
+    for name, flags in {"exact": [], "codec": ["--codec", "tabq", "--codec-eps", "0.05", "--codec-entropy", "none"],
                         "w4": ["--device-bits", "4", "--cloud-bits", "8", "--device-group", "32", "--kv-bits", "8"]}.items():
         out_json = tmp_path / f"{name}.json"
         code, out, err = run(capsys, "eval", "--model", "tiny-random", "--split", "2", "--text", str(text), "--windows", "2",

@@ -35,7 +35,8 @@ def rows_strategy(outliers: bool):
 
 
 configs = st.builds(
-    CodecConfig, kind=st.just("tabq"), ts_rule=st.sampled_from(["none", "std"]), ts_threshold=st.sampled_from([3.0, 6.0]),
+    CodecConfig, kind=st.just("tabq"), entropy=st.just("none"), ts_rule=st.sampled_from(["none", "std"]),
+    ts_threshold=st.sampled_from([3.0, 6.0]),
     error_budget=st.sampled_from([1e-4, 1e-3, 1e-2, 5e-2]),
     bit_widths=st.sets(st.sampled_from(CODEC_BITS), min_size=1).map(lambda s: tuple(sorted(s))),
     group_size=st.sampled_from([0, 16, 64]), rotate_block=st.sampled_from([0, 8, 64]),
@@ -52,8 +53,8 @@ SUBNORMAL_ROW = np.array([[2e-6, -7.4e-7]], np.float32)
 
 # Every input a property test ever failed on (flakes included), replayed first on every run.
 FLAKE_EXAMPLES = [
-    dict(x=SUBNORMAL_ROW, cfg=CodecConfig("tabq", error_budget=1e-4)),
-    dict(x=SUBNORMAL_ROW, cfg=CodecConfig("tabq", ts_rule="none", error_budget=1e-4, bit_widths=(2,), rotate_block=0,
+    dict(x=SUBNORMAL_ROW, cfg=CodecConfig("tabq", entropy="none", error_budget=1e-4)),
+    dict(x=SUBNORMAL_ROW, cfg=CodecConfig("tabq", entropy="none", ts_rule="none", error_budget=1e-4, bit_widths=(2,), rotate_block=0,
                                           clip_ratios=(1.0,))),
 ]
 
@@ -99,8 +100,8 @@ def test_outliers_are_sent_exactly_and_shrink_frames():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((32, 576)).astype(np.float32)
     x[:, [3, 400]] = 500.0 + rng.standard_normal((32, 2)).astype(np.float32)
-    with_ts = codec.encode(x, CodecConfig("tabq", ts_rule="std", error_budget=1e-2))
-    without = codec.encode(x, CodecConfig("tabq", ts_rule="none", error_budget=1e-2))
+    with_ts = codec.encode(x, CodecConfig("tabq", entropy="none", ts_rule="std", error_budget=1e-2))
+    without = codec.encode(x, CodecConfig("tabq", entropy="none", ts_rule="none", error_budget=1e-2))
     y = codec.decode(with_ts)
     assert np.array_equal(y[:, [3, 400]], x[:, [3, 400]].astype(np.float16).astype(np.float32))
     assert codec.frame_stats(with_ts).outliers_per_token >= 2
@@ -109,15 +110,15 @@ def test_outliers_are_sent_exactly_and_shrink_frames():
 
 def test_channels_rule():
     x = np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32)
-    frame = codec.encode(x, CodecConfig("tabq", ts_rule="channels", ts_channels=(1, 7)))
+    frame = codec.encode(x, CodecConfig("tabq", entropy="none", ts_rule="channels", ts_channels=(1, 7)))
     assert codec.frame_stats(frame).outliers_per_token == 2
     with pytest.raises(CodecError, match="outlier channel 70 is outside"):
-        codec.encode(x, CodecConfig("tabq", ts_rule="channels", ts_channels=(70,)))
+        codec.encode(x, CodecConfig("tabq", entropy="none", ts_rule="channels", ts_channels=(70,)))
 
 
 def test_subnormal_row_meets_the_budget():
     """Issue 13: the raw fp16 fallback missed ε on this row (2.9e-4 > 1e-4); it goes as raw fp32 now."""
-    cfg = CodecConfig("tabq", error_budget=1e-4)
+    cfg = CodecConfig("tabq", entropy="none", error_budget=1e-4)
     assert rel_err(SUBNORMAL_ROW, SUBNORMAL_ROW.astype(np.float16).astype(np.float32))[0] > 2.8e-4
     frame = codec.encode(SUBNORMAL_ROW, cfg)
     assert rel_err(SUBNORMAL_ROW, codec.decode(frame))[0] <= 1e-4
@@ -132,7 +133,7 @@ def test_raw_rows_meet_the_budget_and_carry_no_outliers(budget, width):
     """fp16 rows where fp16 meets ε, fp32 rows where it does not; neither lists its outliers apart."""
     x = np.random.default_rng(8).standard_normal((3, 100)).astype(np.float32)
     x[:, [4, 50]] *= 200.0  # outliers by the std rule
-    frame = codec.encode(x, CodecConfig("tabq", ts_rule="std", bit_widths=(2,), error_budget=budget))
+    frame = codec.encode(x, CodecConfig("tabq", entropy="none", ts_rule="std", bit_widths=(2,), error_budget=budget))
     lay = codec.parse_frame(frame)
     assert (lay.bits == width).all() and not lay.n_out.any() and len(frame) == lay.payload_offset + 3 * 100 * width // 8
     expected = x.astype(np.float16).astype(np.float32) if width == codec.RAW_ROW else x
@@ -143,7 +144,7 @@ def test_raw_rows_meet_the_budget_and_carry_no_outliers(budget, width):
 def test_rows_fall_back_to_raw_one_by_one():
     """A row whose scale overflows fp16 goes raw alone; before, every row of its frame did."""
     x = np.stack([np.full(64, 60000.0), np.random.default_rng(9).standard_normal(64)]).astype(np.float32)
-    cfg = CodecConfig("tabq", ts_rule="none", bit_widths=(2,), error_budget=1.0, rotate_block=64, clip_ratios=(1.0,))
+    cfg = CodecConfig("tabq", entropy="none", ts_rule="none", bit_widths=(2,), error_budget=1.0, rotate_block=64, clip_ratios=(1.0,))
     frame = codec.encode(x, cfg)  # row 0 rotates to (480000, 0, ...): its 2-bit scale is 160000, inf in fp16
     assert codec.parse_frame(frame).bits.tolist() == [codec.RAW_ROW, 2]
     assert frame == codec.encode(x, cfg, "torch")
@@ -162,9 +163,9 @@ def with_outlier(frame: bytes, channel: int, value: float) -> bytes:
 def test_outliers_on_raw_rows():
     """Rejected on a raw fp32 row; applied on a raw fp16 row (encoders before raw fp32 rows listed them)."""
     with pytest.raises(CodecError, match="raw fp32 row 0 lists 1 outliers, must list 0"):
-        codec.parse_frame(with_outlier(codec.encode(SUBNORMAL_ROW, CodecConfig("tabq", error_budget=1e-4)), 0, 0.0))
+        codec.parse_frame(with_outlier(codec.encode(SUBNORMAL_ROW, CodecConfig("tabq", entropy="none", error_budget=1e-4)), 0, 0.0))
     x = np.array([[1.0, 2.5, -3.0]], np.float32)
-    raw16 = codec.encode(x, CodecConfig("tabq", bit_widths=(2,), error_budget=1e-9, ts_rule="none"))
+    raw16 = codec.encode(x, CodecConfig("tabq", entropy="none", bit_widths=(2,), error_budget=1e-9, ts_rule="none"))
     assert codec.parse_frame(raw16).bits.tolist() == [codec.RAW_ROW]
     legacy = with_outlier(raw16, 1, 2.5)
     assert np.array_equal(codec.decode(legacy), x)
@@ -176,7 +177,7 @@ def test_raw_row_with_nan_rejected_by_the_parser(width):
     x = np.array([[1.0, 2.5], [3.0, -4.0]], np.float32)
     x[1] *= 1e-6 if width == codec.RAW32_ROW else 1.0
     budget = 1e-12 if width == codec.RAW32_ROW else 1e-9
-    frame = bytearray(codec.encode(x, CodecConfig("tabq", bit_widths=(2,), error_budget=budget)))
+    frame = bytearray(codec.encode(x, CodecConfig("tabq", entropy="none", bit_widths=(2,), error_budget=budget)))
     lay = codec.parse_frame(bytes(frame))
     assert lay.bits[1] == width
     struct.pack_into("<e" if width == codec.RAW_ROW else "<f", frame, int(lay.row_offsets[1]) + width // 8, float("nan"))
@@ -186,7 +187,7 @@ def test_raw_row_with_nan_rejected_by_the_parser(width):
 
 def test_budget_beyond_reach_falls_back_to_raw_rows():
     x = np.random.default_rng(3).standard_normal((3, 100)).astype(np.float32)
-    frame = codec.encode(x, CodecConfig("tabq", bit_widths=(2,), error_budget=1e-6))
+    frame = codec.encode(x, CodecConfig("tabq", entropy="none", bit_widths=(2,), error_budget=1e-6))
     lay = codec.parse_frame(frame)
     assert (lay.bits == codec.RAW_ROW).all()
     assert (rel_err(x, codec.decode(frame)) <= 1e-6).all()
@@ -196,7 +197,7 @@ def test_adaptive_bits_follow_difficulty():
     rng = np.random.default_rng(4)
     easy = np.tile(np.linspace(-1, 1, 4).astype(np.float32), 64)  # 4 levels: 2 bits suffice
     hard = rng.standard_normal(256).astype(np.float32)
-    cfg = CodecConfig("tabq", ts_rule="none", error_budget=1e-4, rotate_block=0, clip_ratios=(1.0,))
+    cfg = CodecConfig("tabq", entropy="none", ts_rule="none", error_budget=1e-4, rotate_block=0, clip_ratios=(1.0,))
     lay = codec.parse_frame(codec.encode(np.stack([easy, hard]), cfg))
     assert lay.bits[0] < lay.bits[1]
 
@@ -209,14 +210,14 @@ def test_adaptive_bits_follow_difficulty():
 ])
 def test_encoder_rejects_bad_input(bad, message):
     with pytest.raises(CodecError, match=message):
-        codec.encode(bad, CodecConfig("tabq"))
+        codec.encode(bad, CodecConfig("tabq", entropy="none"))
 
 
 @pytest.fixture
 def good_frame():
     x = np.random.default_rng(5).standard_normal((6, 64)).astype(np.float32)
     x[:, 4] = 90
-    return codec.encode(x, CodecConfig("tabq", error_budget=1e-2))
+    return codec.encode(x, CodecConfig("tabq", entropy="none", error_budget=1e-2))
 
 
 def test_malformed_frames_rejected(good_frame):
@@ -273,8 +274,8 @@ def test_row_limit():
 
 def test_rotation_lowers_error_on_heavy_tailed_rows():
     x = np.random.default_rng(6).laplace(size=(64, 256)).astype(np.float32)
-    plain = CodecConfig("tabq", ts_rule="none", bit_widths=(3,), error_budget=1, rotate_block=0, clip_ratios=(1.0,))
-    rotated = CodecConfig("tabq", ts_rule="none", bit_widths=(3,), error_budget=1, rotate_block=64, clip_ratios=(1.0,))
+    plain = CodecConfig("tabq", entropy="none", ts_rule="none", bit_widths=(3,), error_budget=1, rotate_block=0, clip_ratios=(1.0,))
+    rotated = CodecConfig("tabq", entropy="none", ts_rule="none", bit_widths=(3,), error_budget=1, rotate_block=64, clip_ratios=(1.0,))
     e_plain = rel_err(x, codec.decode(codec.encode(x, plain))).mean()
     e_rot = rel_err(x, codec.decode(codec.encode(x, rotated))).mean()
     assert e_rot < 0.7 * e_plain
@@ -282,7 +283,7 @@ def test_rotation_lowers_error_on_heavy_tailed_rows():
 
 def test_clip_search_never_worse_than_minmax():
     x = np.random.default_rng(7).standard_normal((32, 128)).astype(np.float32)
-    base = dict(kind="tabq", ts_rule="none", bit_widths=(2,), error_budget=1, rotate_block=0)
+    base = dict(kind="tabq", entropy="none", ts_rule="none", bit_widths=(2,), error_budget=1, rotate_block=0)
     e1 = rel_err(x, codec.decode(codec.encode(x, CodecConfig(**base, clip_ratios=(1.0,)))))
     e2 = rel_err(x, codec.decode(codec.encode(x, CodecConfig(**base, clip_ratios=(1.0, 0.8, 0.6)))))
     assert (e2 <= e1 + TOL["codec_error_abs"]).all() and e2.mean() < e1.mean()
@@ -349,12 +350,12 @@ def _mixed_frames() -> list[bytes]:
         a[:, 5] *= 80.0  # outliers by the std rule
         return a
 
-    tabq = CodecConfig("tabq", error_budget=0.01)
+    tabq = CodecConfig("tabq", entropy="none", error_budget=0.01)
     frames = [codec.encode(x(r), tabq) for r in (1, 7, 1, 3)]
-    frames.append(codec.encode(x(2), CodecConfig("tabq", error_budget=1e-12)))  # raw fp32 rows
-    frames.append(codec.encode(x(2), CodecConfig("tabq", error_budget=1e-6, bit_widths=(2,))))  # raw fp16 rows
-    frames.append(codec.encode(x(4), CodecConfig("tabq", error_budget=0.01, group_size=32)))
-    frames.append(codec.encode(x(3), CodecConfig("tabq", error_budget=0.01, rotate_block=0)))
+    frames.append(codec.encode(x(2), CodecConfig("tabq", entropy="none", error_budget=1e-12)))  # raw fp32 rows
+    frames.append(codec.encode(x(2), CodecConfig("tabq", entropy="none", error_budget=1e-6, bit_widths=(2,))))  # raw fp16 rows
+    frames.append(codec.encode(x(4), CodecConfig("tabq", entropy="none", error_budget=0.01, group_size=32)))
+    frames.append(codec.encode(x(3), CodecConfig("tabq", entropy="none", error_budget=0.01, rotate_block=0)))
     frames.append(codec.encode(x(2, 40), tabq))
     frames += [codec.encode(x(2), CodecConfig("fp16")), codec.encode(x(1), CodecConfig("fp32"))]
     return frames
@@ -388,7 +389,7 @@ def test_decode_many_refuses_layouts_that_do_not_match_the_frames():
 
 
 def test_parse_frame_refuses_the_wrong_hidden_size_or_kind_from_the_header():
-    frame = codec.encode(np.ones((2, 64), np.float32), CodecConfig("tabq"))
+    frame = codec.encode(np.ones((2, 64), np.float32), CodecConfig("tabq", entropy="none"))
     truncated = frame[: codec.HEADER.size + 3]
     with pytest.raises(CodecError, match="truncated"):
         codec.parse_frame(truncated)
@@ -426,7 +427,7 @@ def test_concatenated_frames_decode_to_the_concatenated_rows(kind):
     from splitlm.quantize.config import CodecConfig
 
     rng = np.random.default_rng(3)
-    cfg = CodecConfig(kind, error_budget=0.02) if kind == "tabq" else CodecConfig(kind)
+    cfg = CodecConfig(kind, error_budget=0.02, entropy="none") if kind == "tabq" else CodecConfig(kind)
     parts = [rng.standard_normal((t, 64)).astype(np.float32) * rng.uniform(0.1, 30) for t in (5, 1, 1, 9)]
     parts[1][0, 7] = 400.0  # an outlier
     frames = [codec.encode(x, cfg) for x in parts]

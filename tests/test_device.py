@@ -24,7 +24,7 @@ def exports(tiny_ckpt, tmp_path_factory):
     for split in (1, L // 2, L):
         for name, wq in PRECISIONS.items():
             plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, split, device_weights=wq,
-                        cloud_weights=WeightQuant(8, 64), codec=CodecConfig("tabq", error_budget=0.01), max_seq_len=256,
+                        cloud_weights=WeightQuant(8, 64), codec=CodecConfig("tabq", entropy="none", error_budget=0.01), max_seq_len=256,
                         prefill_chunk=16)
             root = tmp_path_factory.mktemp(f"export-{split}-{name}")
             out[split, name] = (plan, export_artifacts(tiny_ckpt, plan, root, progress=False, accuracy_level=0))

@@ -143,9 +143,9 @@ def base_frames(rng: np.random.Generator, d: int) -> list[bytes]:
     return [codec.encode(rng.standard_normal((1, d)).astype(np.float32), TABQ),
             codec.encode(spiky(5), TABQ),
             codec.encode(mixed, TABQ),
-            codec.encode(spiky(4), CodecConfig("tabq", error_budget=0.01, group_size=16)),
-            codec.encode(spiky(3), CodecConfig("tabq", error_budget=1e-7)),  # raw rows with outliers listed
-            codec.encode(spiky(2), CodecConfig("tabq", error_budget=0.01, rotate_block=0)),
+            codec.encode(spiky(4), CodecConfig("tabq", entropy="none", error_budget=0.01, group_size=16)),
+            codec.encode(spiky(3), CodecConfig("tabq", entropy="none", error_budget=1e-7)),  # raw rows with outliers listed
+            codec.encode(spiky(2), CodecConfig("tabq", entropy="none", error_budget=0.01, rotate_block=0)),
             codec.encode(spiky(1), TABQ),  # single rows, for decode steps: outliers, and a raw row
             codec.encode(tiny[:1], TABQ)]
 

@@ -49,9 +49,9 @@ def activations(rows: int, d: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("d,cfg", [
-    (96, CodecConfig("tabq", error_budget=0.02)),  # rotation block 32 (largest power of two dividing 96, <= 64)
-    (130, CodecConfig("tabq", error_budget=0.05, group_size=32)),  # no rotation possible (130 = 2·65), 5 groups
-    (64, CodecConfig("tabq", error_budget=0.0005, rotate_block=1)),  # unrotated, tight budget: 8-bit and raw rows
+    (96, CodecConfig("tabq", entropy="none", error_budget=0.02)),  # rotation block 32 (largest power of two dividing 96, <= 64)
+    (130, CodecConfig("tabq", entropy="none", error_budget=0.05, group_size=32)),  # no rotation possible (130 = 2·65), 5 groups
+    (64, CodecConfig("tabq", entropy="none", error_budget=0.0005, rotate_block=1)),  # unrotated, tight budget: 8-bit and raw rows
 ])
 def test_frame_decode_matches_reference_and_codec(d, cfg):
     frames = [codec.encode(activations(t, d, seed), cfg) for seed, t in enumerate((1, 7, 3))]
@@ -68,7 +68,7 @@ def test_frame_decode_matches_reference_and_codec(d, cfg):
 
 
 def test_frame_decode_mixes_widths_and_raw_rows():
-    cfg = CodecConfig("tabq", error_budget=0.01)
+    cfg = CodecConfig("tabq", entropy="none", error_budget=0.01)
     x = activations(9, 128, 5)
     x[2] = 0.0  # an all-zero row
     frame = codec.encode(x, cfg)
@@ -85,7 +85,7 @@ def test_frame_decode_raw_fp16_and_fp32_rows(rotate):
     x = activations(6, 96, 11)
     x[1] *= 1e-6
     x[4] *= 1e-7
-    frames = [codec.encode(x, CodecConfig("tabq", error_budget=budget, bit_widths=(2, 8), rotate_block=rotate))
+    frames = [codec.encode(x, CodecConfig("tabq", entropy="none", error_budget=budget, bit_widths=(2, 8), rotate_block=rotate))
               for budget in (1e-4, 1e-6)]
     bits = np.concatenate([codec.parse_frame(f).bits for f in frames])
     assert {codec.RAW_ROW, codec.RAW32_ROW} <= set(bits.tolist()) and (bits <= 8).any()
@@ -103,11 +103,11 @@ def test_frame_decode_raw_fp16_and_fp32_rows(rotate):
 def test_frame_decode_outliers_on_raw_fp16_rows_and_nan_raw_rows():
     """Outliers that older encoders listed on raw fp16 rows are applied; a NaN in a raw row is refused."""
     x = np.array([[1.0, 2.5, -3.0]], np.float32)
-    raw16 = codec.encode(x, CodecConfig("tabq", bit_widths=(2,), error_budget=1e-9, ts_rule="none"))
+    raw16 = codec.encode(x, CodecConfig("tabq", entropy="none", bit_widths=(2,), error_budget=1e-9, ts_rule="none"))
     legacy = with_outlier(raw16, 1, 2.5)
     for impl in ("reference", "triton"):
         assert torch.equal(decode_frames([legacy], DEVICE, impl)[0].cpu(), torch.from_numpy(x))
-    raw32 = bytearray(codec.encode(x * 1e-6, CodecConfig("tabq", bit_widths=(2,), error_budget=1e-12)))
+    raw32 = bytearray(codec.encode(x * 1e-6, CodecConfig("tabq", entropy="none", bit_widths=(2,), error_budget=1e-12)))
     assert codec.parse_frame(bytes(raw32)).bits.tolist() == [codec.RAW32_ROW]
     struct.pack_into("<f", raw32, len(raw32) - 4, float("inf"))
     with pytest.raises(CodecError, match="non-finite .* in raw row 0"):
@@ -116,7 +116,7 @@ def test_frame_decode_outliers_on_raw_fp16_rows_and_nan_raw_rows():
 
 def test_frame_decode_large_rotation_blocks_use_the_reference():
     """A frame may name a rotation block up to 2^15; the kernel's block x block tile would not fit."""
-    frame = codec.encode(activations(2, 512, 3), CodecConfig("tabq", error_budget=0.01, rotate_block=512))
+    frame = codec.encode(activations(2, 512, 3), CodecConfig("tabq", entropy="none", error_budget=0.01, rotate_block=512))
     batch = batch_frames([frame], DEVICE)
     assert batch.rotate == 512
     with pytest.raises(CodecError, match="rotation block 512 exceeds the frame kernel's 256"):
@@ -125,8 +125,8 @@ def test_frame_decode_large_rotation_blocks_use_the_reference():
 
 
 def test_frame_decode_batch_errors():
-    a = codec.encode(activations(2, 64, 0), CodecConfig("tabq"))
-    b = codec.encode(activations(2, 96, 0), CodecConfig("tabq"))
+    a = codec.encode(activations(2, 64, 0), CodecConfig("tabq", entropy="none"))
+    b = codec.encode(activations(2, 96, 0), CodecConfig("tabq", entropy="none"))
     with pytest.raises(CodecError, match="frame 1 has"):
         batch_frames([a, b])
     with pytest.raises(CodecError, match="magic"):
@@ -146,8 +146,8 @@ def test_frames_of_several_shapes_decode_in_one_call_without_reparsing(impl, mon
     """Issue 14.4: the frames of a batcher turn may differ in group and rotation; one call decodes
     them (a launch per shape), from the layouts given, each exactly as the codec decodes it alone."""
     frames = [codec.encode(activations(t, 96, seed), cfg) for seed, (t, cfg) in enumerate([
-        (1, CodecConfig("tabq", error_budget=0.02)), (4, CodecConfig("tabq", error_budget=0.02)),
-        (3, CodecConfig("tabq", error_budget=0.05, group_size=32)), (1, CodecConfig("tabq", rotate_block=1)),
+        (1, CodecConfig("tabq", entropy="none", error_budget=0.02)), (4, CodecConfig("tabq", entropy="none", error_budget=0.02)),
+        (3, CodecConfig("tabq", entropy="none", error_budget=0.05, group_size=32)), (1, CodecConfig("tabq", entropy="none", rotate_block=1)),
         (2, CodecConfig("fp16"))])]
     layouts = [codec.parse_frame(f) for f in frames]
     parsed = []
@@ -235,7 +235,7 @@ def test_tail_on_kernels_gives_the_reference_tokens(tiny_ckpt, tmp_path):
 
     L = tiny_ckpt.spec.num_layers
     plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 1, device_weights=WeightQuant(8, 32),
-                cloud_weights=WeightQuant(4, 32), lm_head_bits=8, codec=CodecConfig("tabq", error_budget=0.03),
+                cloud_weights=WeightQuant(4, 32), lm_head_bits=8, codec=CodecConfig("tabq", entropy="none", error_budget=0.03),
                 max_seq_len=64)
     result = export_artifacts(tiny_ckpt, plan, tmp_path / "a", progress=False)
     session = HeadSession(result.device_dir)

@@ -12,11 +12,14 @@ weights = st.one_of(
     st.builds(WeightQuant, bits=st.sampled_from(WEIGHT_BITS), group_size=st.sampled_from(GROUP_SIZES),
               method=st.sampled_from(sorted(set(WEIGHT_METHODS) - {"source"})), symmetric=st.booleans()),
     st.builds(WeightQuant, bits=st.sampled_from(WEIGHT_BITS), group_size=st.just(SOURCE_GROUP), method=st.just("source")))
-codecs = st.builds(
-    CodecConfig, kind=st.sampled_from(["fp32", "fp16", "tabq"]), ts_rule=st.sampled_from(["none", "std", "channels"]),
-    ts_threshold=st.floats(0.5, 20), ts_channels=st.lists(st.integers(0, 4095), max_size=8).map(tuple),
-    error_budget=st.floats(1e-6, 1.0), bit_widths=st.sets(st.sampled_from(CODEC_BITS), min_size=1).map(lambda s: tuple(sorted(s))),
-    group_size=st.sampled_from([0, 32, 64, 128]))
+codecs = st.one_of(
+    st.builds(CodecConfig, kind=st.sampled_from(["fp32", "fp16"])),
+    st.builds(CodecConfig, kind=st.just("tabq"), error_budget=st.floats(1e-6, 1.0), deadzone=st.floats(0.0, 0.49)),  # ans
+    st.builds(
+        CodecConfig, kind=st.just("tabq"), entropy=st.just("none"), ts_rule=st.sampled_from(["none", "std", "channels"]),
+        ts_threshold=st.floats(0.5, 20), ts_channels=st.lists(st.integers(0, 4095), max_size=8).map(tuple),
+        error_budget=st.floats(1e-6, 1.0), bit_widths=st.sets(st.sampled_from(CODEC_BITS), min_size=1).map(lambda s: tuple(sorted(s))),
+        group_size=st.sampled_from([0, 32, 64, 128])))
 plans = st.builds(
     Plan, model_id=st.text(min_size=1, max_size=20), weights_hash=st.text("0123456789abcdef", min_size=16, max_size=16),
     split_layer=st.integers(0, 80), device_weights=weights, cloud_weights=weights, kv_bits=st.sampled_from(KV_BITS),

@@ -133,7 +133,7 @@ def test_quantized_kv_cache_decoding_stays_close(tiny_ckpt):
 
 def test_codec_on_the_link_counts_bytes(tiny_ckpt):
     ids = torch.randint(3, 250, (1, 20), generator=torch.Generator().manual_seed(5))
-    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, codec=CodecConfig("tabq", error_budget=0.01))
+    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, codec=CodecConfig("tabq", entropy="none", error_budget=0.01))
     runner = LocalSplit(tiny_ckpt, plan=plan)
     runner.forward(ids)
     d = tiny_ckpt.spec.hidden_size

@@ -107,7 +107,7 @@ def test_batched_decode_equals_one_by_one(tiny_ckpt, artifacts):
     assert [c.length for c in caches] == [p.shape[0] + 1 for p in prompts]
 
 
-TABQ = CodecConfig("tabq", error_budget=0.01)  # the artifacts' plan codec
+TABQ = CodecConfig("tabq", entropy="none", error_budget=0.01)  # the artifacts' plan codec
 
 
 def _bad_frames(d):

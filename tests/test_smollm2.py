@@ -76,14 +76,15 @@ def test_codec_is_4x_smaller_than_fp16_within_1pct(smollm_ckpt):
         return evaluate.evaluate_plan(smollm_ckpt, plan, wins, progress=False)
 
     exact = quality(CodecConfig("fp32"))
-    coded = quality(CodecConfig("tabq", error_budget=0.035))
+    coded = quality(CodecConfig("tabq", entropy="none", error_budget=0.035))
     assert coded.bytes_per_token <= 2 * smollm_ckpt.spec.hidden_size / 4
     assert coded.perplexity <= 1.01 * exact.perplexity
 
 
 def test_ans_codec_is_6x_smaller_than_fp16_within_1pct(smollm_ckpt):
-    """Issue 18 acceptance (the activation half): transform coding with ANS at ε 0.035 is at least 6x smaller than
-    fp16, every byte counted, at most 1 % perplexity on the protocol text (8 windows); measured 6.51x, +0.13 %."""
+    """Issue 18 acceptance (the activation half): the default tabq codec (transform coding with ANS, ε 0.03) is at
+    least 6x smaller than fp16, every byte counted, at most 1 % perplexity on the protocol text (8 windows); measured
+    6.19x, +0.50 %."""
     from splitlm import evaluate
     from splitlm.partition.plan import Plan
     from splitlm.quantize.config import CodecConfig
@@ -95,7 +96,7 @@ def test_ans_codec_is_6x_smaller_than_fp16_within_1pct(smollm_ckpt):
         return evaluate.evaluate_plan(smollm_ckpt, plan, wins, progress=False)
 
     exact = quality(CodecConfig("fp32"))
-    coded = quality(CodecConfig("tabq", error_budget=0.035, entropy="ans"))
+    coded = quality(CodecConfig("tabq"))
     assert coded.bytes_per_token <= 2 * smollm_ckpt.spec.hidden_size / 6
     assert coded.perplexity <= 1.01 * exact.perplexity
 

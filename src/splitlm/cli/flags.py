@@ -79,9 +79,9 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ts-rule", default=dataclass_default(CodecConfig, "ts_rule"), choices=TS_RULES, help="threshold-splitting rule")
     g.add_argument("--ts-k", type=float, default=dataclass_default(CodecConfig, "ts_threshold"), help="outlier threshold in row standard deviations")
     g.add_argument("--codec-group", type=int, default=dataclass_default(CodecConfig, "group_size"), help="channels per codec scale (0 = per row)")
-    g.add_argument("--codec-entropy", default=dataclass_default(CodecConfig, "entropy"), choices=ENTROPY_CODERS,
-                   help="how tabq rows travel: none (fixed-width codes) or ans (transform coding in the split layer's "
-                        f"calibrated basis with ANS; default {dataclass_default(CodecConfig, 'entropy')})")
+    g.add_argument("--codec-entropy", default=None, choices=ENTROPY_CODERS,
+                   help="how tabq rows travel: ans (the default: transform coding in the split layer's calibrated basis "
+                        "with ANS) or none (fixed-width TS + TAB-Q codes)")
     g.add_argument("--codec-deadzone", type=float, default=dataclass_default(CodecConfig, "deadzone"),
                    help="--codec-entropy ans: rounding dead zone toward zero, in [0, 0.5)")
     g.add_argument("--prefill-chunk", type=int, default=dataclass_default(Plan, "prefill_chunk"), help="positions per prefill step")

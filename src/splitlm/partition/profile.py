@@ -95,6 +95,8 @@ class CodecPoint:
     """Device time per position when a whole prefill chunk is encoded at once (None: encode_ms)."""
     prefill_decode_ms_per_token: float | None = None
     """Cloud time per position for a whole prefill chunk (None: decode_ms)."""
+    entropy: str = "none"
+    """tabq: how its rows travel (CodecConfig.entropy): fixed-width codes, or "ans"."""
 
     @property
     def prefill_encode(self) -> float:

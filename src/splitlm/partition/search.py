@@ -290,7 +290,7 @@ def to_plan(c: Candidate, p: Profile, b: Budgets):
     from splitlm.quantize.config import DEFAULT_GROUP, CodecConfig, WeightQuant
 
     if c.codec.kind == "tabq":
-        codec = CodecConfig("tabq", error_budget=c.codec.error_budget)
+        codec = CodecConfig("tabq", error_budget=c.codec.error_budget, entropy=c.codec.entropy)  # the point as measured
     else:
         codec = CodecConfig(c.codec.kind if c.codec.kind in ("fp16", "fp32") else "fp16")
     return Plan(p.model_id, p.weights_hash, c.split,

@@ -13,7 +13,7 @@ from splitlm.model.spec import ModelSpec
 from splitlm.partition.profile import CloudProfile, CodecPoint, SideProfile
 from splitlm.profiler.calibration import calibrate_cloud
 from splitlm.profiler.config import Bench
-from splitlm.profiler.kit import CODEC_POINTS, Kit
+from splitlm.profiler.kit import CODEC_POINTS, MEASURED_ROWS, Kit, codec_basis
 from splitlm.profiler.quality import cached_quality
 from splitlm.profiler.report import Report
 from splitlm.profiler.timing import line, median_ms
@@ -87,17 +87,20 @@ def measure_cloud_head(bench: Bench) -> float:
         return median_ms(lambda: final(x), bench.config.reps)
 
 
-def _codec_point(name: str, cfg: CodecConfig, h: np.ndarray, chunk: int, reps: int) -> CodecPoint:
-    """One codec point on activations `h` (T, hidden): a position's frame size and encode/decode ms,
-    and per position of a prefill chunk."""
-    frames = [codec_mod.encode(h[i:i + 1], cfg) for i in range(64)]
-    enc = median_ms(lambda: codec_mod.encode(h[:1], cfg), reps)
-    dec = median_ms(lambda: codec_mod.decode(frames[0], "torch"), reps)
+def _codec_point(name: str, cfg: CodecConfig, acts: np.ndarray, chunk: int, reps: int) -> CodecPoint:
+    """One codec point on the kit's activations (N, hidden): a decode step's frame size (one position, header
+    included) and encode/decode ms, and per position of a prefill chunk."""
+    basis = codec_basis(acts, cfg)
+    h = acts[:MEASURED_ROWS]
+    one = codec_mod.encode(h[:1], cfg, "numpy", basis)
+    enc = median_ms(lambda: codec_mod.encode(h[:1], cfg, "numpy", basis), reps)
+    dec = median_ms(lambda: codec_mod.decode(one, "torch", bases=basis), reps)
     rows = h[:chunk]
-    rows_frame = codec_mod.encode(rows, cfg)
-    enc_chunk = median_ms(lambda: codec_mod.encode(rows, cfg), max(1, reps // 2)) / len(rows)
-    dec_chunk = median_ms(lambda: codec_mod.decode(rows_frame, "torch"), max(1, reps // 2)) / len(rows)
-    return CodecPoint(name, float(np.mean([len(f) for f in frames])), enc, dec, cfg.kind, cfg.error_budget, enc_chunk, dec_chunk)
+    rows_frame = codec_mod.encode(rows, cfg, "numpy", basis)
+    size = np.mean([len(codec_mod.encode(h[i:i + 1], cfg, "numpy", basis)) for i in range(64)])
+    enc_chunk = median_ms(lambda: codec_mod.encode(rows, cfg, "numpy", basis), max(1, reps // 2)) / len(rows)
+    dec_chunk = median_ms(lambda: codec_mod.decode(rows_frame, "torch", bases=basis), max(1, reps // 2)) / len(rows)
+    return CodecPoint(name, float(size), enc, dec, cfg.kind, cfg.error_budget, enc_chunk, dec_chunk, cfg.coder if cfg.kind == "tabq" else "none")
 
 
 def measure_codecs(kit: Kit) -> tuple[CodecPoint, ...]:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from splitlm.partition.profile import DeviceProfile, LinkProfile, MemoryProfile, SideProfile
-from splitlm.profiler.kit import CODEC_POINTS, SHORT_PREFILL, Kit
+from splitlm.profiler.kit import CODEC_POINTS, SHORT_PREFILL, Kit, codec_basis
 from splitlm.profiler.probes import first_call_ms, graph_peak_rss, measure_peak_rss, runtime_baseline_bytes
 from splitlm.profiler.report import Report
 from splitlm.profiler.timing import fit, line, median_ms, scaled, time_device_head, time_graph
@@ -303,12 +303,13 @@ def measure_encoders(kit: Kit) -> dict[str, tuple[float, float]]:
     prefill chunk)."""
     from splitlm.quantize import codec
 
-    h = kit.activations
-    rows = h[:kit.prefill]
+    acts = kit.activations
+    rows = acts[:kit.prefill]
     out = {}
     for name, cfg in CODEC_POINTS.items():
-        row = median_ms(lambda: codec.encode(h[:1], cfg), kit.reps)
-        chunk = median_ms(lambda: codec.encode(rows, cfg), max(1, kit.reps // 2)) / len(rows)
+        basis = codec_basis(acts, cfg)
+        row = median_ms(lambda: codec.encode(acts[:1], cfg, "numpy", basis), kit.reps)
+        chunk = median_ms(lambda: codec.encode(rows, cfg, "numpy", basis), max(1, kit.reps // 2)) / len(rows)
         out[name] = (row, chunk)
     return out
 

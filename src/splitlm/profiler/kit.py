@@ -30,10 +30,24 @@ SHORT_PREFILL = 16
 """The small prefill call that, with the plan's chunk, gives each layer's fixed and per-token prefill cost."""
 CODEC_POINTS: dict[str, CodecConfig] = {
     "fp16": CodecConfig("fp16"),
-    "tabq eps=0.02": CodecConfig("tabq", error_budget=0.02),
-    "tabq eps=0.035": CodecConfig("tabq", error_budget=0.035),
-    "tabq eps=0.05": CodecConfig("tabq", error_budget=0.05),
+    "tabq eps=0.02": CodecConfig("tabq", error_budget=0.02, entropy="none"),
+    "tabq eps=0.035": CodecConfig("tabq", error_budget=0.035, entropy="none"),
+    "ans eps=0.02": CodecConfig("tabq", error_budget=0.02, entropy="ans"),
+    "ans eps=0.035": CodecConfig("tabq", error_budget=0.035, entropy="ans"),
+    "ans eps=0.05": CodecConfig("tabq", error_budget=0.05, entropy="ans"),
 }
+MEASURED_ROWS = 256
+"""The kit's activations: the first MEASURED_ROWS are what the codec points are timed and sized on, the rest
+what the ans points' basis is fitted on (as an export fits it on calibration text)."""
+
+
+def codec_basis(activations: np.ndarray, cfg: CodecConfig):
+    """The basis an ans codec point codes the kit's measured rows in (None for the other points)."""
+    from splitlm.quantize import ans, codec
+
+    if codec.frame_kind(cfg) != "ans":
+        return None
+    return ans.Basis.fit(0, activations[MEASURED_ROWS:])
 
 
 @dataclass(frozen=True)

@@ -265,7 +265,7 @@ def _hadamard(x, block: int, ops):
 
 def frame_kind(cfg: CodecConfig) -> str:
     """The kind of the frames a codec config writes (tabq with entropy 'ans' writes "ans" frames)."""
-    return "ans" if cfg.kind == "tabq" and cfg.entropy == "ans" else cfg.kind
+    return "ans" if cfg.coder == "ans" else cfg.kind
 
 
 def encode(x: Any, cfg: CodecConfig, backend: str = "numpy", basis: Any = None) -> bytes:

@@ -7,6 +7,7 @@ plan check and a test read the same source.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -119,11 +120,11 @@ class CodecConfig:
     """Walsh-Hadamard rotation of the inliers in blocks of this many channels (power of two; 0 = off)."""
     clip_ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
     """Range shrink factors tried per row and group; the one with the least error is kept."""
-    entropy: str = "none"
-    """tabq only. "none": rows of fixed-width codes as above. "ans": transform coding (quantize/ans.py) — rows
-    centred and rotated into the split layer's calibrated basis (shipped with the export), one uniform step per
-    row that meets ε, ANS under per-component Laplace models. The TS/TAB-Q fields above do not apply to it and
-    must keep their defaults."""
+    entropy: str | None = None
+    """tabq only. "ans" (tabq's default, None): transform coding (quantize/ans.py) — rows centred and rotated into
+    the split layer's calibrated basis (shipped with the export), one uniform step per row that meets ε, ANS under
+    per-component Laplace models; the TS/TAB-Q fields above do not apply to it and must keep their defaults.
+    "none": rows of fixed-width codes as above (TS + TAB-Q)."""
     deadzone: float = 0.2
     """entropy "ans": magnitudes round toward zero unless their fraction passes ½ + this (0 = plain rounding)."""
 
@@ -146,18 +147,24 @@ class CodecConfig:
             raise PlanError(f"codec bit widths {self.bit_widths!r} must be ascending and distinct")
         if self.group_size < 0:
             raise PlanError(f"codec group size must be >= 0, got {self.group_size}")
-        if self.entropy not in ENTROPY_CODERS:
+        if self.entropy is not None and self.entropy not in ENTROPY_CODERS:
             raise PlanError(f"codec entropy {self.entropy!r} not in {ENTROPY_CODERS}")
         if not 0.0 <= self.deadzone < 0.5:
             raise PlanError(f"codec deadzone must be in [0, 0.5), got {self.deadzone}")
-        if self.entropy == "ans":
-            if self.kind != "tabq":
-                raise PlanError(f"codec entropy 'ans' codes tabq rows; kind {self.kind!r} sends raw values")
-            default = CodecConfig("tabq")
-            changed = [f for f in ("ts_rule", "ts_threshold", "ts_channels", "bit_widths", "group_size", "rotate_block",
-                                   "clip_ratios") if getattr(self, f) != getattr(default, f)]
+        if self.kind != "tabq" and self.entropy is not None:
+            raise PlanError(f"codec entropy applies to tabq rows; kind {self.kind!r} sends raw values")
+        if self.coder == "ans":
+            changed = [f.name for f in dataclasses.fields(self) if f.name in ("ts_rule", "ts_threshold", "ts_channels",
+                       "bit_widths", "group_size", "rotate_block", "clip_ratios") and getattr(self, f.name) != f.default]
             if changed:
                 raise PlanError(f"codec field(s) {', '.join(changed)} do not apply to entropy 'ans' (it codes rows in "
                                 "the split layer's calibrated basis): leave them at their defaults")
         elif self.deadzone != 0.2:
             raise PlanError("codec deadzone applies to entropy 'ans' only")
+
+    @property
+    def coder(self) -> str:
+        """How the rows travel: "ans" (tabq's default), "none" (fixed-width tabq codes), or the raw kind's name."""
+        if self.kind != "tabq":
+            return self.kind
+        return self.entropy or "ans"
