@@ -19,7 +19,7 @@ from splitlm.quantize.config import CodecConfig, WeightQuant
 
 
 def default_plan(ckpt: Checkpoint) -> Plan:
-    """Half the layers on the device at 8 bits, the rest on the cloud at 8 bits, TS+TAB-Q link (ε 0.02)."""
+    """Half the layers on the device at 8 bits, the rest on the cloud at 8 bits, the tabq link (ε 0.02: transform coding + ANS)."""
     return Plan(ckpt.model_id, ckpt.weights_hash, ckpt.spec.num_layers // 2, device_weights=WeightQuant(8, 32),
                 cloud_weights=WeightQuant(8, 32), codec=CodecConfig("tabq", error_budget=0.02),
                 max_seq_len=min(2048, ckpt.spec.max_position), prefill_chunk=128)

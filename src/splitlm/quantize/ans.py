@@ -61,9 +61,13 @@ SEGMENT = struct.Struct("<II")
 BASIS_FILE = names.CODEC_BASIS_FILE
 
 
+_STEPS = np.exp2((np.arange(256, dtype=np.float64) - STEP_BIAS) / 8.0)
+_GAINS = np.exp2((np.arange(256, dtype=np.float64) - 128.0) / 8.0)
+
+
 def step(k: np.ndarray) -> np.ndarray:
     """Δ of step index k (float64)."""
-    return np.exp2((np.asarray(k, np.float64) - STEP_BIAS) / 8.0)
+    return _STEPS[np.asarray(k, np.int64)]
 
 
 def _bands(d: int) -> np.ndarray:
@@ -95,9 +99,19 @@ class Basis:
     def dim(self) -> int:
         return int(self.mean.shape[0])
 
-    @property
+    @functools.cached_property
     def bands(self) -> np.ndarray:
         return _bands(self.dim)
+
+    @functools.cached_property
+    def _derived(self) -> tuple[np.ndarray, ...]:
+        """(weights, 1 / std, Laplace scale per unit step and gain: std / weight / √2, band of each component,
+        band starts, band sizes), float64, computed once."""
+        w = self.weights.astype(np.float64)
+        std = self.std.astype(np.float64)
+        edges = self.bands
+        return (w, 1.0 / np.maximum(std, 1e-30), std / w / np.sqrt(2.0), np.repeat(np.arange(len(edges) - 1), np.diff(edges)),
+                edges[:-1], np.diff(edges).astype(np.float64))
 
     @functools.cached_property
     def digest(self) -> bytes:
@@ -196,11 +210,9 @@ def _model():
 
 def _scales(basis: Basis, gains: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """Laplace scales in steps (n, d) of rows with band gains (n, B) and steps (n,): std·g/Δ/√2."""
-    edges = basis.bands
-    g = np.exp2((gains.astype(np.float64) - 128.0) / 8.0)
-    per = np.repeat(g, np.diff(edges), axis=1)  # (n, d)
-    scale = basis.std.astype(np.float64) / basis.weights.astype(np.float64)
-    return np.maximum(scale[None] * per / step(steps)[:, None] / np.sqrt(2.0), MIN_SCALE)
+    _, _, unit, band_of, _, _ = basis._derived
+    per = _GAINS[gains][:, band_of]  # (n, d)
+    return np.maximum(unit * per / step(steps)[:, None], MIN_SCALE)
 
 
 def _inlier_energy(c: np.ndarray, k: float = 4.0) -> np.ndarray:
@@ -222,12 +234,11 @@ def _reconstruct(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def _code(y: np.ndarray, basis: Basis, k: np.ndarray, deadzone: float):
     """Rows y (n, d) in the basis at step indices k (n,): (symbols, band gains, reconstruction of y). Magnitudes
     round toward zero unless their fraction passes ½ + deadzone (a dead-zone quantizer)."""
-    w = basis.weights.astype(np.float64)
+    w, inv_std, _, _, starts, sizes = basis._derived
     s = step(k)[:, None] * w
     v = y / s
     q = np.sign(v) * np.floor(np.abs(v) + 0.5 - deadzone)
-    edges = basis.bands
-    rms = np.sqrt(np.add.reduceat((q * s / np.maximum(basis.std, 1e-30)) ** 2, edges[:-1], axis=1) / np.diff(edges))
+    rms = np.sqrt(np.add.reduceat(np.square(q * s * inv_std), starts, axis=1) / sizes)
     gains = np.clip(np.rint(8.0 * np.log2(np.maximum(rms, 1e-30))) + 128.0, 0, 255).astype(np.uint8)
     return q, gains, _reconstruct(q, _scales(basis, gains, k)) * s
 
