@@ -68,7 +68,7 @@ def test_frames_join_without_re_encoding(basis):
     joined = codec.concat_frames(parts)
     whole = ans.decode(joined, codec.parse_frame(joined).ans, basis)
     each = np.concatenate([ans.decode(p, codec.parse_frame(p).ans, basis) for p in parts])
-    assert np.array_equal(whole, each)
+    assert np.allclose(whole, each, rtol=1e-6, atol=1e-6)  # the same symbols; the basis product rounds by batch
 
 
 def test_a_frame_of_another_basis_or_read_alone_is_refused(basis):
@@ -140,8 +140,8 @@ def test_codec_encode_and_decode_take_the_basis_by_layer(basis):
         codec.encode(x, cfg)
     frame = codec.encode(x, cfg, "numpy", basis)
     assert np.array_equal(codec.decode(frame, bases={5: basis}), codec.decode(frame, bases=basis))
-    torch_x = codec.decode_many([frame, frame], "torch", bases={5: basis})
-    assert all(np.array_equal(t.numpy(), codec.decode(frame, bases=basis)) for t in torch_x)
+    torch_x = codec.decode_many([frame, frame], "torch", bases={5: basis})  # the basis product in torch: float rounding
+    assert all(np.allclose(t.numpy(), codec.decode(frame, bases=basis), rtol=1e-6, atol=1e-6) for t in torch_x)
     with pytest.raises(CodecError, match="coded at split layer 5, and this side holds codec bases for \\[3\\] only"):
         codec.decode(frame, bases={3: basis})
 

@@ -412,7 +412,7 @@ def _decode_ans(buf: bytes, lay: FrameLayout, bases: Any, ops):
     if basis is None:
         raise CodecError(f"the frame was coded at split layer {lay.ans.layer}, and this side holds codec bases for "
                          f"{sorted(bases)} only")
-    return ops.asarray(ans.decode(buf, lay.ans, basis), ops.f32)
+    return ops.asarray(ans.decode(buf, lay.ans, basis, getattr(ops, "rotate_back", None)), ops.f32)
 
 
 def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None, max_rows: int | None = None,
