@@ -8,18 +8,18 @@ out. Each row is then
 
 1. centred and rotated: y = Uᵀ (x − μ);
 2. quantized with one uniform step Δ (a power of 2^(1/8), its index sent as a byte), the largest whose
-   error meets the row's budget: ‖x − x̂‖² ≤ ε ‖x − μ‖² (the same error in either basis: U is
-   orthonormal), found by bisection over all rows at once;
-   Magnitudes round toward zero unless their fraction passes ½ + a dead zone (0.2 by default), and the
-   decoder reconstructs each symbol at its bin's centroid under the model: at the same error this spends
-   fewer bits on the many low-variance components, and it costs the model far less perplexity (SmolLM2,
-   split 10, ε 0.035: +0.13 % against +1.6 % with plain rounding).
+   error meets the row's budget: ‖x − x̂‖² ≤ ε times the row's inlier energy (‖x − μ‖² without its
+   outlier channels; the same error in either basis: U is orthonormal), searched for all rows at once
+   (`_search`). Magnitudes round toward zero unless their fraction passes ½ + a dead zone (0.2 by default),
+   and the decoder shrinks each symbol toward zero by the Laplace model's centroid offset: this costs the
+   model far less perplexity than plain rounding at the same ε (SmolLM2, split 10, ε 0.035: +0.13 %
+   against +1.6 %).
 3. entropy coded with ANS (`constriction`) under a quantized Laplace model per component whose scale is
    the component's calibrated standard deviation times a per-row gain of its band of components (one
    byte per band, so that a row unlike the calibration text is still modelled well).
 
 A row whose codes would leave the coder's symbol range goes raw (fp16 when that meets ε, else fp32).
-The decoder reads the side information, decodes the symbols, and returns x̂ = μ + U (q Δ).
+The decoder reads the side information, decodes the symbols, and returns x̂ = μ + U ŷ.
 
 Frame (little endian; the codec frame header of `codec.HEADER`, kind "ans"):
 
