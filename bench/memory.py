@@ -33,13 +33,9 @@ DECODE = 32
 """Decode steps after the prompt of a prompt-heavy run."""
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", required=True)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default="bench/results/memory.json")
-    args = ap.parse_args()
-    profile = Profile.load(args.profile)
+def sweep(profile: Profile, threads: int | None = None) -> list[dict]:
+    """Each of HEADS run to each of LENGTHS, prompt-heavy and decode-heavy: predicted and measured peak RSS
+    (printed as a table while it runs; also what bench/partition.py runs)."""
     ckpt = resolve_model(profile.model_id)
     text = ckpt.tokenizer().encode(evaluate.protocol_text()[:60000]).ids
     budgets = Budgets(1e18, 1e9, max_seq_len=max(LENGTHS), prefill_chunk=128)
@@ -53,13 +49,23 @@ def main() -> None:
         for n in LENGTHS:
             predicted = price(profile, split, bits, 16, kv, codec, n, budgets).memory_bytes
             for way, prompt in (("prompt-heavy", n - DECODE), ("decode-heavy", None)):
-                measured = measure_peak_rss(device_dir, n, args.threads, text, prompt)
+                measured = measure_peak_rss(device_dir, n, threads, text, prompt)
                 rows.append({"plan": describe(cand, profile.num_layers).rsplit(", max_seq_len", 1)[0], "split": split,
                              "kv_bits": kv, "positions": n, "run": way, "predicted_bytes": predicted,
                              "measured_bytes": measured, "error": measured / predicted - 1})
                 r = rows[-1]
                 print(f"{r['plan']:<48}{n:>6}  {way:<13}{predicted / MiB:>10.1f}{measured / MiB:>10.1f}{r['error']:>+9.1%}",
                       flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default="bench/results/memory.json")
+    args = ap.parse_args()
+    rows = sweep(Profile.load(args.profile), args.threads)
     worst = max(abs(r["error"]) for r in rows)
     print(f"worst |measured / predicted - 1|: {worst:.1%} (target 15 %)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ bench/e2e.py: median per-token latency and TTFT against the prediction for that 
 prompt length and that context. The link is measured the way a user would measure theirs:
 `splitlm profile --link-only PROFILE --server ADDR --bandwidth MBIT` from the device's namespace
 against the running server probes the RTT through the emulated link (its nominal RTT is printed
-beside it). Without root it says so and skips (2).
+beside it). Without root it says so and skips (2). (3) Memory of prompt-heavy and decode-heavy runs at
+1,024 and 2,048 positions, for heads at four splits and device-only (bench/memory.py's sweep; --no-sweep
+skips it). Target: memory within 15 %.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default="bench/results/partition.json")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the prompt-/decode-heavy memory runs at 1k and 2k positions")
     args = ap.parse_args()
     profile = Profile.load(args.profile)
     ckpt = resolve_model(profile.model_id)
@@ -96,6 +99,14 @@ def main() -> None:
         print(f"{label:<24}{describe(cand, L):<62}{predicted / MiB:>14.1f}{measured / MiB:>14.1f}{err:>+8.1%}")
         rows.append({"budget": label, "plan": plan.to_dict(), "search_s": seconds, "predicted_bytes": predicted,
                      "measured_peak_bytes": measured, "memory_error": err, "latency": []})
+    sweep = []
+    if not args.no_sweep:  # prompt-heavy and decode-heavy runs at 1k and 2k positions: bench/memory.py's heads
+        import memory
+
+        print("\nmemory at 1,024 and 2,048 positions, prompt-heavy (a prompt of N - 32, then decode) and decode-heavy "
+              "(one chunk, then decode to N): peak RSS of a fresh device process against the prediction")
+        sweep = memory.sweep(profile)
+        print(f"worst |measured / predicted - 1|: {max(abs(r['error']) for r in sweep):.1%} (target 15 %)")
     netns = e2e.make_namespaces()
     if not netns:
         print("\nlatency: needs root for network namespaces (ip netns, tc): skipped")
@@ -151,7 +162,7 @@ def main() -> None:
                       f"{r['predicted_ttft_ms']:>10.0f}{r['measured_ttft_ms']:>10.0f}"
                       f"{r['measured_ttft_ms'] / r['predicted_ttft_ms'] - 1:>+8.1%}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"profile": args.profile, "rows": rows}, indent=2))
+    Path(args.json).write_text(json.dumps({"profile": args.profile, "rows": rows, "memory_sweep": sweep}, indent=2))
 
 
 if __name__ == "__main__":
