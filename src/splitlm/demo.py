@@ -82,7 +82,7 @@ def run_demo(model: str, prompt: str, max_tokens: int, emit: Callable[[str], Non
     d = ckpt.spec.hidden_size
     rows = [
         ("plan", f"{plan.hash}: device W{plan.device_weights.bits}, cloud W{plan.cloud_weights.bits}, "
-                 f"codec {plan.codec.kind} ε={plan.codec.error_budget}"),
+                 f"codec {plan.codec.kind}" + (f" ({plan.codec.coder})" if plan.codec.kind == "tabq" else "") + f" ε={plan.codec.error_budget}"),
         ("export (cached)", f"{prepare_s:.1f} s"),
         ("prompt tokens", str(len(ids))),
         ("generated tokens", f"{len(result.token_ids)} ({result.stop_reason})"),
