@@ -225,3 +225,38 @@ def result_dim(result) -> int:
     import json
 
     return json.loads((result.cloud_dir / "spec.json").read_text())["hidden_size"]
+
+
+def test_bad_ans_frames_over_grpc_fail_only_their_session(ans_export, tiny_ckpt):
+    """Over the service: an ans frame of another basis, one cut short and one coded at another split each end only
+    their own session, with INVALID_ARGUMENT naming what is wrong; a healthy session beside them runs on."""
+    from splitlm.cloud.service import ServerConfig, start_server
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.client import RemoteSession, connect
+    from splitlm.device.runtime import HeadSession, generate_split
+    from splitlm.errors import RemoteError
+    from splitlm.sampling import SamplingParams
+
+    plan, result = ans_export
+    d = result_dim(result)
+    bases = ans.load_bases(result.cloud_dir / ans.BASIS_FILE)
+    x = activations(1, d=d, seed=3)
+    good = ans.encode(x, bases[3], 0.02)
+    bad = {"another basis": (ans.encode(x, ans.Basis.fit(3, activations(300, d=d, seed=4)), 0.02), "coded with basis 3/"),
+           "cut short": (good[:-3], "must be"),
+           "another split": (ans.encode(x, bases[1], 0.02), "coded at split layer 1, and this session runs from layer 3")}
+    srv, port, _ = start_server(TailRunner(result.cloud_dir), "127.0.0.1:0", ServerConfig(max_sessions=4))
+    channel = connect(f"127.0.0.1:{port}")
+    try:
+        healthy = RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), 8)
+        for name, (frame, message) in bad.items():
+            session = RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), 8)
+            with pytest.raises(RemoteError, match=message) as info:
+                session.send(frame, 1)
+            assert info.value.code == "INVALID_ARGUMENT", name
+        prompt = tiny_ckpt.tokenizer().encode("a healthy neighbour").ids
+        assert len(generate_split(HeadSession(result.device_dir), healthy, prompt, 8).token_ids) == 8
+        healthy.close()
+    finally:
+        channel.close()
+        srv.stop(grace=None)
