@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,6 +30,7 @@ from splitlm import corpus, evaluate  # noqa: E402
 from splitlm.demo import cached_export  # noqa: E402
 from splitlm.model.registry import resolve_model  # noqa: E402
 from splitlm.partition.plan import Plan  # noqa: E402
+from splitlm.profiler.timing import median_ms  # noqa: E402
 from splitlm.quantize import codec  # noqa: E402
 from splitlm.quantize.config import CodecConfig, WeightQuant  # noqa: E402
 
@@ -64,16 +64,6 @@ def quality(ckpt, windows: int) -> list[dict]:
             print(f"  {text:<9}{name:<34}{q.bytes_per_token:>8.1f}{rows[-1]['x_vs_fp16']:>7.2f}x{q.perplexity:>9.3f}"
                   f"{rows[-1]['delta_pct']:>+8.2f}%", file=sys.stderr, flush=True)
     return rows
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def speed(ckpt) -> list[dict]:

@@ -149,12 +149,17 @@ class Basis:
                             f["std"].astype(np.float32), f["weights"].astype(np.float32))
         except (OSError, KeyError, ValueError) as exc:
             raise CodecError(f"cannot read the codec basis {path}: {exc}") from None
-        d = basis.dim
-        if basis.vectors.shape != (d, d) or basis.std.shape != basis.weights.shape != (d,) or not all(
-                np.isfinite(a).all() for a in (basis.mean, basis.vectors, basis.std, basis.weights)) or (basis.weights <= 0).any():
-            raise CodecError(f"the codec basis {path} is malformed (shapes {basis.mean.shape}, {basis.vectors.shape}, "
-                             f"{basis.std.shape}, or non-finite values)")
-        return basis
+        return basis.checked(path)
+
+    def checked(self, path: str | Path) -> "Basis":
+        """This basis, when its shapes agree and its values are finite (and weights positive); else CodecError
+        naming the file it was read from."""
+        d = self.dim
+        if (self.vectors.shape != (d, d) or self.std.shape != (d,) or self.weights.shape != (d,) or (self.weights <= 0).any()
+                or not all(np.isfinite(a).all() for a in (self.mean, self.vectors, self.std, self.weights))):
+            raise CodecError(f"the codec basis of layer {self.layer} in {path} is malformed (shapes {self.mean.shape}, "
+                             f"{self.vectors.shape}, {self.std.shape}, {self.weights.shape}, or non-finite values)")
+        return self
 
 
 def save_bases(bases: dict[int, Basis], path: str | Path) -> None:
@@ -176,12 +181,7 @@ def load_bases(path: str | Path) -> dict[int, Basis]:
             bases[layer] = Basis(layer, *(arrays[f"{layer}.{n}"].astype(np.float32) for n in ("mean", "vectors", "std", "weights")))
     except (KeyError, ValueError) as exc:
         raise CodecError(f"the codec bases {path} are malformed ({exc})") from None
-    for layer, b in bases.items():
-        d = b.dim
-        if (b.vectors.shape != (d, d) or b.std.shape != (d,) or b.weights.shape != (d,) or (b.weights <= 0).any()
-                or not all(np.isfinite(a).all() for a in (b.mean, b.vectors, b.std, b.weights))):
-            raise CodecError(f"the codec basis of layer {layer} in {path} is malformed")
-    return bases
+    return {layer: b.checked(path) for layer, b in bases.items()}
 
 
 def load_split_bases(folder: str | Path, splits: list[int]) -> dict[int, Basis]:
@@ -292,11 +292,16 @@ def _grid_best(y, w, budget, deadzone, cands: np.ndarray):
 
 
 def _plain_bisect(y: np.ndarray, w: np.ndarray, budget: np.ndarray, deadzone: float) -> np.ndarray:
-    T = len(y)
+    return _largest(len(y), lambda k: _plain_error(y, w, k, deadzone) <= budget)
+
+
+def _largest(T: int, meets) -> np.ndarray:
+    """For T rows, the largest step index k with meets(k) true, by bisection over every index (meets(k) (T,) bool
+    for indices k (T,); the error grows with the step nearly monotonically)."""
     lo, hi = np.zeros(T, np.int64), np.full(T, RAW16 - 1, np.int64)
     while (lo < hi).any():
         mid = (lo + hi + 1) // 2
-        good = _plain_error(y, w, mid, deadzone) <= budget
+        good = meets(mid)
         lo, hi = np.where(good, mid, lo), np.where(good, hi, mid - 1)
     return lo
 
@@ -324,12 +329,7 @@ def _search(y: np.ndarray, basis: Basis, budget: np.ndarray, deadzone: float):
 
 
 def _bisect(y: np.ndarray, basis: Basis, budget: np.ndarray, deadzone: float) -> np.ndarray:
-    T = len(y)
-    lo, hi = np.zeros(T, np.int64), np.full(T, RAW16 - 1, np.int64)
-    while (lo < hi).any():
-        mid = (lo + hi + 1) // 2
-        good = _meets(y, basis, mid, budget, deadzone)
-        lo, hi = np.where(good, mid, lo), np.where(good, hi, mid - 1)
+    lo = _largest(len(y), lambda k: _meets(y, basis, k, budget, deadzone))
     while not (met := _meets(y, basis, lo, budget, deadzone) | (lo == 0)).all():  # not monotonic here: step down
         lo = np.where(met, lo, lo - 1)
     return lo
