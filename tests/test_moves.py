@@ -25,15 +25,16 @@ SEEDED = SamplingParams(temperature=1.0, seed=99)
 def _export(ckpt, tmp_path_factory, name, **changes):
     from splitlm.export import export_artifacts
     from splitlm.partition.plan import Plan
-    from splitlm.quantize.config import CodecConfig
+    from splitlm.quantize.config import CodecConfig, MoveCodec
 
-    plan = Plan(ckpt.model_id, ckpt.weights_hash, 3, codec=CodecConfig("fp32"), prefill_chunk=8, max_seq_len=128).replace(**changes)
+    plan = Plan(ckpt.model_id, ckpt.weights_hash, 3, codec=CodecConfig("fp32"), prefill_chunk=8, max_seq_len=128,
+                move_codec=MoveCodec("exact")).replace(**changes)
     return plan, export_artifacts(ckpt, plan, tmp_path_factory.mktemp(name), progress=False)
 
 
 @pytest.fixture(scope="module")
 def exports(tiny_ckpt, tmp_path_factory):
-    """{"still": the exact plan, "moving": the same with MOVES, "kv8": moving with an 8-bit device cache}."""
+    """{"still": the exact plan, "moving": the same with MOVES (K/V moved exactly), "kv8": moving with an 8-bit device cache}."""
     return {"still": _export(tiny_ckpt, tmp_path_factory, "still"),
             "moving": _export(tiny_ckpt, tmp_path_factory, "moving", split_moves=MOVES),
             "kv8": _export(tiny_ckpt, tmp_path_factory, "kv8", split_moves=MOVES, kv_bits=8)}

@@ -17,10 +17,10 @@ from splitlm.generation import GenerationResult, generate_tokens
 from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.llama import KVCache
 from splitlm.partition.plan import Plan
-from splitlm.quantize import codec
+from splitlm.quantize import codec, kv_wire
 from splitlm.quantize.config import CodecConfig
 from splitlm.sampling import Sampler, SamplingParams
-from splitlm.stages import build_stages, codec_bases
+from splitlm.stages import build_stages, codec_bases, move_energies
 
 
 @dataclass
@@ -75,6 +75,8 @@ class LocalSplit:
         self.head, self.tail = build_stages(ckpt, plan, calib_ids, dtype=dtype, progress=progress)
         self.bases = codec_bases(ckpt, plan, self.head)
         """The entropy 'ans' codec's calibrated basis at each split the plan may run at ({} for other codecs)."""
+        self.kv_energies = move_energies(ckpt, plan, self.head)
+        """The query energies the K/V codec steps moved keys by ({} unless the plan's moves are coded)."""
 
     def link(self, h: torch.Tensor, split: int | None = None) -> torch.Tensor:
         """Encode h_ℓ (B, T, d) at split `split` (default the plan's) into frames and decode them, as the wire
@@ -91,16 +93,25 @@ class LocalSplit:
     def new_caches(self) -> "SplitCaches":
         return SplitCaches(KVCache(), KVCache(), self.split, list(self.plan.split_moves))
 
-    @staticmethod
-    def _move(caches: "SplitCaches", layer: int) -> None:
+    def _move(self, caches: "SplitCaches", layer: int) -> None:
         """Move the split: the K/V of the layers between the old and the new split change sides, as the wire moves them
-        (the head's cache holds what the device's holds: a quantized cache's values, already rounded)."""
-        if layer < caches.split:
-            for i in range(layer, caches.split):
-                caches.tail.install(i, *caches.head.remove(i))
+        (the head's cache holds what the device's holds: a quantized cache's values, already rounded), through the
+        K/V codec under the plan's move codec "ans"."""
+        src, dst = (caches.head, caches.tail) if layer < caches.split else (caches.tail, caches.head)
+        layers = range(layer, caches.split) if layer < caches.split else range(caches.split, layer)
+        if self.plan.move_codec.coder == "ans":
+            assembler = kv_wire.Assembler(layers, src.length, self.spec.num_kv_heads, self.spec.head_dim)
+            for i in layers:
+                k, v = (t[0].float().numpy() for t in src.read(i))
+                for item in kv_wire.move_chunks(i, k, v, self.plan.move_codec, self.kv_energies):
+                    assembler.add(item)
+            for i, (k, v) in assembler.result().items():
+                dtype = src.read(i)[0].dtype
+                src.remove(i)
+                dst.install(i, *(torch.from_numpy(t)[None].to(dtype) for t in (k, v)))
         else:
-            for i in range(caches.split, layer):
-                caches.head.install(i, *caches.tail.remove(i))
+            for i in layers:
+                dst.install(i, *src.remove(i))
         caches.split = layer
 
     @torch.inference_mode()

@@ -81,3 +81,16 @@ def codec_bases(ckpt: Checkpoint, plan: Plan, head: Transformer) -> dict:
             h = np.concatenate([head(torch.tensor([w]), stop=layer)[0].float().numpy() for w in windows])
             bases[layer] = ans.Basis.fit(layer, h)
     return bases
+
+
+def move_energies(ckpt: Checkpoint, plan: Plan, head: Transformer) -> dict:
+    """The query energies (quantize.kv.query_energies) that the K/V codec steps keys by, for every layer a move of
+    `plan` may carry, [cloud_start, split_layer), through `head` on the KV calibration windows. {} when the plan
+    moves nothing or moves K/V exactly."""
+    from splitlm.quantize.kv import query_energies
+
+    if not plan.split_moves or plan.move_codec.coder != "ans":
+        return {}
+    size = min(corpus.WINDOW, ckpt.spec.max_position)
+    windows = corpus.calibration_windows(ckpt.tokenizer(), KV_CALIBRATION_WINDOWS, size)
+    return query_energies(head, range(plan.cloud_start, plan.split_layer), windows)

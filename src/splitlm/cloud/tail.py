@@ -21,7 +21,7 @@ from splitlm.errors import CodecError, ConfigError, ModelLoadError, MoveError, R
 from splitlm.model import names
 from splitlm.model.llama import KVCache, Transformer
 from splitlm.proto import splitlm_pb2 as pb
-from splitlm.quantize import codec, kv_wire
+from splitlm.quantize import codec, kv_codec, kv_wire
 from splitlm.quantize.apply import load_stage
 from splitlm.sampling import Sampler, SamplingParams, top_logprobs
 
@@ -76,6 +76,8 @@ class TailRunner:
             from splitlm.quantize import ans
 
             self.bases = ans.load_split_bases(self.dir, self.plan.splits())
+        self.kv_energies = kv_codec.energies_for(self.dir, self.plan, self.spec.num_kv_heads, self.spec.head_dim)
+        """The query energies the K/V codec steps keys by, per movable layer ({} unless moves are coded)."""
         # every torch op of the tail runs on this one thread (the batcher's): a second thread's
         # OpenMP pool makes GNU OpenMP stop spinning when threads outnumber cores (~40 % slower)
         self._worker = TorchThread("splitlm-tail")
@@ -242,7 +244,8 @@ class TailSession:
             if missing:
                 raise MoveError(f"the session holds no K/V of layers {missing}")
             items = [c for i in layers if cache.read(i) is not None
-                     for c in kv_wire.chunks(i, *(t[0].float().cpu().numpy() for t in cache.read(i)), 32, max_bytes=message_bytes)]
+                     for c in kv_wire.move_chunks(i, *(t[0].float().cpu().numpy() for t in cache.read(i)), runner.plan.move_codec,
+                                                  runner.kv_energies, message_bytes)]
             for i in layers:
                 if cache.read(i) is not None:
                     cache.remove(i)

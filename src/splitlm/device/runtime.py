@@ -19,7 +19,7 @@ from splitlm.artifacts import read_folder, read_manifest
 from splitlm.errors import ConfigError, ModelLoadError
 from splitlm.generation import GenerationResult, generate_tokens
 from splitlm.model import names
-from splitlm.quantize import codec
+from splitlm.quantize import codec, kv_codec
 from splitlm.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,8 @@ class HeadSession:
             from splitlm.quantize import ans
 
             self.bases = ans.load_split_bases(self.dir, self.plan.splits())
+        self.kv_energies = kv_codec.energies_for(self.dir, self.plan, self.spec.num_kv_heads, self.spec.head_dim)
+        """The query energies the K/V codec steps moved keys by, per movable layer ({} unless moves are coded)."""
         if self.plan.split_moves:
             missing = [c for c in self.plan.move_cuts if c not in self.cuts]
             if self.kind != "gqa" or missing:
@@ -269,11 +271,13 @@ class DeviceHead:
         self.stop = layer
 
     def kv_chunks(self, layers: range, max_bytes: int = 1 << 20) -> Iterator:
-        """The K/V of `layers` (in use) for every position so far, as kv_wire LayerKV chunks: float32 values
-        for a float cache (exact), the cache's own codes and scales for a quantized one."""
+        """The K/V of `layers` (in use) for every position so far, as kv_wire LayerKV chunks: with the plan's move
+        codec "ans", K/V codec payloads of the cache's values; with "exact", float32 values for a float cache, the
+        cache's own codes and scales for a quantized one."""
         from splitlm.quantize import kv_wire
 
         bits = 32 if self.plan.kv_bits == 16 else self.plan.kv_bits
+        move = self.plan.move_codec
         by_layer = {}
         for bound in self.bound or []:
             for j, i in enumerate(bound.seg.layers):
@@ -283,7 +287,12 @@ class DeviceHead:
                 raise ConfigError(f"the head does not hold the K/V of layer {i} (it runs layers [0, {self.stop}))")
             k, v = (b[0, :, :self.length] for b in by_layer[i])
             scales = (self._scales(i, "k"), self._scales(i, "v")) if bits != 32 else (None, None)
-            yield from kv_wire.chunks(i, k, v, bits, *scales, max_bytes=max_bytes)
+            if move.coder == "ans" and bits != 32:
+                k, v = kv_wire.dequantize(k, bits, scales[0]), kv_wire.dequantize(v, bits, scales[1])
+            if move.coder == "ans" or bits == 32:
+                yield from kv_wire.move_chunks(i, k, v, move, self.session.kv_energies, max_bytes)
+            else:
+                yield from kv_wire.chunks(i, k, v, bits, *scales, max_bytes=max_bytes)
 
     def _scales(self, layer: int, which: str) -> np.ndarray:
         try:

@@ -34,12 +34,13 @@ from splitlm.model.checkpoint import Checkpoint
 from splitlm.model.llama import Transformer
 from splitlm.model.modules import swap_module
 from splitlm.partition.plan import Plan
+from splitlm.quantize import kv_codec
 from splitlm.quantize.ans import save_bases
 from splitlm.quantize.apply import LINEARS, save_stage
 from splitlm.quantize.config import ACCURACY_LEVEL, ACCURACY_LEVELS
 from splitlm.quantize.kv import save_kv_scales
 from splitlm.quantize.weights import QuantLinear
-from splitlm.stages import build_stages, codec_bases
+from splitlm.stages import build_stages, codec_bases, move_energies
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +235,13 @@ def export_artifacts(ckpt: Checkpoint, plan: Plan, out: Path, calib_ids: list[li
     if plan.kv_bits != 16:  # the cache's scales, for the device to quantize K/V the cloud moves down (numpy)
         save_kv_scales(head, device / names.KV_SCALES_FILE)
     bases = codec_bases(ckpt, plan, head)  # the ans codec's basis per split, for both sides ({} otherwise)
+    energies = move_energies(ckpt, plan, head)  # what the K/V codec steps keys by, for both sides ({} otherwise)
     for folder in [device] + ([cloud] if tail is not None else []):
         folder.mkdir(parents=True, exist_ok=True)
         if bases:
             save_bases(bases, folder / names.CODEC_BASIS_FILE)
+        if energies:
+            kv_codec.save_energies(energies, folder / names.KV_CODEC_FILE)
         plan.save(folder / "plan.json")
         (folder / "spec.json").write_text(ckpt.spec.to_json())
         shutil.copyfile(ckpt.path / "tokenizer.json", folder / "tokenizer.json")

@@ -53,8 +53,11 @@ def segment_file(index: int) -> str:
     return HEAD_FILE if index == 0 else f"head.{index}.onnx"
 
 TAIL_FILE = "tail.safetensors"
+"""The (quantized) tail stage, in DIR/cloud."""
 KV_SCALES_FILE = "kv_scales.npz"
+"""Beside a head with a quantized KV cache: each layer's per-channel scales, "k.{i}" and "v.{i}", (Hkv, D) float32."""
+KV_CODEC_FILE = "kv_codec.npz"
+"""Beside both halves of a plan that moves K/V with the codec: each movable layer's query energies "q.{i}", (Hkv, D)
+float32, that the K/V codec steps keys by (quantize.kv.query_energies)."""
 CODEC_BASIS_FILE = "codec_basis.npz"
 """The entropy 'ans' codec's calibrated bases, one per split a session may run at (quantize.ans.save_bases)."""
-"""Beside a head with a quantized KV cache: each layer's per-channel scales, "k.{i}" and "v.{i}", (Hkv, D) float32."""
-"""The (quantized) tail stage, in DIR/cloud."""

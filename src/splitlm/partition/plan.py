@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from splitlm.errors import PlanError
 from splitlm.partition.fields import MissingField, from_fields
-from splitlm.quantize.config import KV_BITS, LM_HEAD_BITS, CodecConfig, WeightQuant
+from splitlm.quantize.config import KV_BITS, LM_HEAD_BITS, CodecConfig, MoveCodec, WeightQuant
 
 PLAN_VERSION = 1
 
@@ -62,6 +62,8 @@ class Plan:
     """(sequence length, layer) pairs: when a session reaches the length, the device moves the split to the layer
     (DESIGN.md §6), shallower to free the device's KV memory, or back deeper (the device keeps the weights of
     [0, split_layer)). The cloud holds the weights from the shallowest of them (`cloud_start`)."""
+    move_codec: MoveCodec = field(default_factory=MoveCodec)
+    """How the K/V of a move travel (lossy "ans" by default; "exact" keeps the output of an exact plan unchanged)."""
     predictions: Predictions = field(default_factory=Predictions)
     """The partitioner's predictions (not part of the hash)."""
 

@@ -69,7 +69,7 @@ class MoveSplit(_message.Message):
     def __init__(self, new_split: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerKV, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class LayerKV(_message.Message):
-    __slots__ = ("layer", "bits", "keys", "values", "start_position", "positions", "key_scales", "value_scales")
+    __slots__ = ("layer", "bits", "keys", "values", "start_position", "positions", "key_scales", "value_scales", "encoding")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class LayerKV(_message.Message):
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     KEY_SCALES_FIELD_NUMBER: _ClassVar[int]
     VALUE_SCALES_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     layer: int
     bits: int
     keys: bytes
@@ -86,7 +87,8 @@ class LayerKV(_message.Message):
     positions: int
     key_scales: bytes
     value_scales: bytes
-    def __init__(self, layer: _Optional[int] = ..., bits: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., start_position: _Optional[int] = ..., positions: _Optional[int] = ..., key_scales: _Optional[bytes] = ..., value_scales: _Optional[bytes] = ...) -> None: ...
+    encoding: int
+    def __init__(self, layer: _Optional[int] = ..., bits: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., start_position: _Optional[int] = ..., positions: _Optional[int] = ..., key_scales: _Optional[bytes] = ..., value_scales: _Optional[bytes] = ..., encoding: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("reason",)

@@ -168,3 +168,32 @@ class CodecConfig:
         if self.kind != "tabq":
             return self.kind
         return self.entropy or "ans"
+
+
+MOVE_CODERS = ("ans", "exact")
+"""How K/V travel when a session moves its split (MoveCodec.coder)."""
+
+
+@dataclass(frozen=True)
+class MoveCodec:
+    """How the K/V of the layers that change sides travel when a session moves its split (DESIGN.md §6)."""
+
+    coder: str = "ans"
+    """"ans" (the default): the K/V codec (quantize/kv_codec.py), per-channel steps and ANS, about 3.7 bits per
+    element on SmolLM2, each payload one layer's keys or values for a group of positions. "exact": float32
+    values, or a quantized device cache's own codes, as they lie."""
+    key_error: float = 0.15
+    """ans: τ, each key channel adds about τ²/head_dim to the variance of an attention logit (steps from the
+    query energies calibrated at export)."""
+    value_error: float = 0.01
+    """ans: ε, each value channel's squared error is about ε times its variance over the group."""
+
+    def __post_init__(self) -> None:
+        if self.coder not in MOVE_CODERS:
+            raise PlanError(f"move codec {self.coder!r} not in {MOVE_CODERS}")
+        if not 0 < self.key_error < 10:
+            raise PlanError(f"move codec key_error must be in (0, 10), got {self.key_error}")
+        if not 0 < self.value_error < 1:
+            raise PlanError(f"move codec value_error must be in (0, 1), got {self.value_error}")
+        if self.coder == "exact" and (self.key_error, self.value_error) != (0.15, 0.01):
+            raise PlanError("move codec key_error and value_error apply to coder 'ans' only")

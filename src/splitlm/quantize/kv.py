@@ -99,3 +99,37 @@ def save_kv_scales(stage: Transformer, path) -> None:
             arrays[f"{name}.{i}"] = scale.detach().float().numpy().reshape(spec.num_kv_heads, spec.head_dim)
     with open(path, "wb") as f:
         np.savez(f, **arrays)
+
+
+@torch.inference_mode()
+def query_energies(stage: Transformer, layers: range, calib_ids: list[list[int]]) -> dict[int, "np.ndarray"]:
+    """Each layer's query energy per key channel, E[q²] after rotary over `calib_ids` and over the query heads
+    that read the key head: {layer: (Hkv, D) float32}. The K/V codec steps keys by it (kv_codec.logit_steps)."""
+    import numpy as np
+
+    from splitlm.model.rope import apply_rotary
+
+    s = stage.spec
+    sums: dict[int, torch.Tensor] = {}
+    count = [0]
+    hooks = []
+    for i in layers:
+        attn = stage.model.layers[i].self_attn
+
+        def hook(mod, args, _out, i=i):
+            x, cos, sin = args[:3]
+            b, t, _ = x.shape
+            q = apply_rotary(mod.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2), cos, sin)
+            e = q.float().square().sum(dim=(0, 2)).view(s.num_kv_heads, -1, s.head_dim).mean(1)  # (Hkv, D)
+            sums[i] = e if i not in sums else sums[i] + e
+            if i == layers.start:
+                count[0] += b * t
+
+        hooks.append(attn.register_forward_hook(hook))
+    try:
+        for ids in calib_ids:
+            stage(torch.tensor([ids]), stop=layers.stop)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: (sums[i] / count[0]).numpy().astype(np.float32) for i in layers}

@@ -1,7 +1,9 @@
 """KV state on the wire, for moving the split during a session (DESIGN.md §6). numpy only.
 
-A layer's keys and values (Hkv, T, D) travel as `LayerKV` chunks of consecutive positions, in
-one of four encodings (`LayerKV.bits`):
+A layer's keys and values (Hkv, T, D) travel as `LayerKV` chunks of consecutive positions. With
+`LayerKV.encoding` 1 (a plan's MoveCodec "ans", the default) each chunk's keys and values are K/V codec
+payloads (quantize/kv_codec.py: lossy, about 3.7 bits per element), `coded_chunks`. With encoding 0
+(MoveCodec "exact") they are values in one of four encodings (`LayerKV.bits`):
 
 * 32: float32 values (exact: what a device cache of kv_bits 16 holds, and the cloud's fp32 cache);
 * 16: float16 values;
@@ -22,8 +24,14 @@ import numpy as np
 
 from splitlm.errors import CodecError
 from splitlm.proto import splitlm_pb2 as pb
+from splitlm.quantize import kv_codec
 
 WIRE_BITS = (32, 16, 8, 4)
+ENCODINGS = (0, 1)
+"""LayerKV.encoding: 0 values as `bits` says, 1 K/V codec payloads."""
+CODED = 1
+GROUP = 256
+"""Most positions per coded chunk: each payload's channel statistics are the group's."""
 _FLOAT = {32: np.dtype("<f4"), 16: np.dtype("<f2")}
 
 
@@ -83,6 +91,30 @@ def chunks(layer: int, keys: np.ndarray, values: np.ndarray, bits: int, key_scal
                          values=np.ascontiguousarray(values[:, start:stop]).tobytes(), **scales)
 
 
+def coded_chunks(layer: int, keys: np.ndarray, values: np.ndarray, key_steps: np.ndarray, value_error: float,
+                 group: int = GROUP) -> Iterator[pb.LayerKV]:
+    """One layer's float K/V (Hkv, T, D) for positions [0, T) as LayerKV chunks of K/V codec payloads (encoding 1),
+    groups of at most `group` positions of about equal size; keys at the target steps `key_steps` (Hkv·D,), values
+    at relative error `value_error`. The session's first position (the attention sink) goes raw."""
+    total = keys.shape[1]
+    n = max(1, -(-total // group))
+    bounds = np.linspace(0, total, n + 1).round().astype(int)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        k, v = keys[:, start:stop], values[:, start:stop]
+        raw = 1 if start == 0 else 0
+        yield pb.LayerKV(layer=layer, encoding=CODED, start_position=int(start), positions=int(stop - start),
+                         keys=kv_codec.encode(k, key_steps, raw),
+                         values=kv_codec.encode(v, kv_codec.relative_steps(v, value_error, raw), raw))
+
+
+def move_chunks(layer: int, keys: np.ndarray, values: np.ndarray, move, energies: dict, max_bytes: int = 1 << 20) -> Iterator[pb.LayerKV]:
+    """One layer's float K/V (Hkv, T, D) as a move sends them under the plan's MoveCodec `move`: K/V codec
+    payloads ("ans", keys stepped by the layer's query energies in `energies`), or float32 values ("exact")."""
+    if move.coder == "ans":
+        return coded_chunks(layer, keys, values, kv_codec.logit_steps(energies[layer], move.key_error), move.value_error)
+    return chunks(layer, keys, values, 32, max_bytes=max_bytes)
+
+
 def batches(items: Iterable[pb.LayerKV], max_bytes: int) -> Iterator[list[pb.LayerKV]]:
     """Group chunks into messages of at most about `max_bytes` each (a chunk never splits)."""
     batch: list[pb.LayerKV] = []
@@ -101,8 +133,10 @@ def batches(items: Iterable[pb.LayerKV], max_bytes: int) -> Iterator[list[pb.Lay
 @dataclass
 class _Layer:
     bits: int
-    keys: list[bytes]
-    values: list[bytes]
+    encoding: int
+    keys: list
+    values: list
+    """Chunks as sent (encoding 0) or decoded float32 (Hkv, positions, D) arrays (encoding 1)."""
     key_scales: bytes
     value_scales: bytes
     positions: int = 0
@@ -124,6 +158,10 @@ class Assembler:
         i, bits = item.layer, item.bits
         if i not in self.layers:
             raise CodecError(f"KV for layer {i}: the move carries layers [{self.layers.start}, {self.layers.stop})")
+        if item.encoding not in ENCODINGS:
+            raise CodecError(f"KV of layer {i}: encoding {item.encoding} not in {ENCODINGS}")
+        if item.encoding == CODED:
+            return self._add_coded(item)
         if bits not in WIRE_BITS:
             raise CodecError(f"KV of layer {i}: bits {bits} not in {WIRE_BITS}")
         if bits == 4 and self.head_dim % 2:
@@ -140,27 +178,59 @@ class Assembler:
                 scales = np.frombuffer(getattr(item, name), "<f4")
                 if not (np.isfinite(scales).all() and (scales > 0).all()):
                     raise CodecError(f"KV of layer {i}: {name} are not all finite and > 0")
-            got = self._got[i] = _Layer(bits, [], [], item.key_scales, item.value_scales)
+            got = self._got[i] = _Layer(bits, 0, [], [], item.key_scales, item.value_scales)
+        elif got.encoding != 0:
+            raise CodecError(f"KV of layer {i}: a chunk of encoding 0 after coded chunks")
         elif bits != got.bits:
             raise CodecError(f"KV of layer {i}: a chunk of {bits} bits after chunks of {got.bits}")
         elif item.key_scales != got.key_scales or item.value_scales != got.value_scales:
             raise CodecError(f"KV of layer {i}: a chunk with other scales than the layer's first")
+        self._check_positions(item, got)
+        need = item.positions * _row_bytes(bits, self.kv_heads, self.head_dim)
+        for name in ("keys", "values"):
+            if len(getattr(item, name)) != need:
+                raise CodecError(f"KV of layer {i}: {name} of {len(getattr(item, name))} bytes for {item.positions} positions, "
+                                 f"expected {need} ({self.kv_heads} heads x {self.head_dim} dims at {bits} bits)")
+        self._count(item)
+        got.keys.append(item.keys)
+        got.values.append(item.values)
+        got.positions += item.positions
+
+    def _check_positions(self, item: pb.LayerKV, got: _Layer) -> None:
+        i = item.layer
         if item.positions == 0 and self.positions:
             raise CodecError(f"KV of layer {i}: a chunk of 0 positions")
         if item.start_position != got.positions:
             raise CodecError(f"KV of layer {i}: chunk starts at position {item.start_position}, expected {got.positions}")
         if got.positions + item.positions > self.positions:
             raise CodecError(f"KV of layer {i}: positions up to {got.positions + item.positions}, the session holds {self.positions}")
-        need = item.positions * _row_bytes(bits, self.kv_heads, self.head_dim)
-        for name in ("keys", "values"):
-            if len(getattr(item, name)) != need:
-                raise CodecError(f"KV of layer {i}: {name} of {len(getattr(item, name))} bytes for {item.positions} positions, "
-                                 f"expected {need} ({self.kv_heads} heads x {self.head_dim} dims at {bits} bits)")
+
+    def _count(self, item: pb.LayerKV) -> None:
         self.bytes += item.ByteSize()
         if self.max_bytes is not None and self.bytes > self.max_bytes:
             raise CodecError(f"the move's KV passes {self.max_bytes} bytes, more than its layers and positions need")
-        got.keys.append(item.keys)
-        got.values.append(item.values)
+
+    def _add_coded(self, item: pb.LayerKV) -> None:
+        """A chunk of K/V codec payloads: decoded as it arrives (CodecError naming the layer for a bad payload)."""
+        i = item.layer
+        if item.bits or item.key_scales or item.value_scales:
+            raise CodecError(f"KV of layer {i}: a coded chunk (encoding 1) carries bits {item.bits} or scales; it has neither")
+        got = self._got.get(i)
+        if got is None:
+            got = self._got[i] = _Layer(0, CODED, [], [], b"", b"")
+        elif got.encoding != CODED:
+            raise CodecError(f"KV of layer {i}: a coded chunk after chunks of encoding 0")
+        self._check_positions(item, got)
+        self._count(item)
+        pair = []
+        for name in ("keys", "values"):
+            try:
+                pair.append(kv_codec.decode(getattr(item, name), self.kv_heads, item.positions, self.head_dim))
+            except CodecError as exc:
+                raise CodecError(f"KV of layer {i}, positions [{item.start_position}, {item.start_position + item.positions}), "
+                                 f"{name}: {exc}") from None
+        got.keys.append(pair[0])
+        got.values.append(pair[1])
         got.positions += item.positions
 
     def result(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -171,6 +241,10 @@ class Assembler:
             if got is None or got.positions != self.positions:
                 have = 0 if got is None else got.positions
                 raise CodecError(f"the move lacks KV of layer {i} (positions {have} of {self.positions})")
+            if got.encoding == CODED:
+                out[i] = tuple(np.concatenate(parts, axis=1) if parts else np.zeros((self.kv_heads, 0, self.head_dim), np.float32)
+                               for parts in (got.keys, got.values))
+                continue
             dtype = _FLOAT.get(got.bits, np.dtype(np.uint8))
             width = self.head_dim if got.bits != 4 else self.head_dim // 2
             pair = []
