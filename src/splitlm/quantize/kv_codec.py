@@ -170,7 +170,8 @@ def decode(buf: bytes, heads: int, positions: int, dim: int) -> np.ndarray:
         y[~raw] = mean + symbols.reshape(coded, C).astype(np.float64) * _STEPS[k]
     if n_raw:
         y[raw] = np.frombuffer(buf, "<f2", n_raw * C, off + words_bytes).reshape(n_raw, C)
-    out = y.reshape(T, H, D).transpose(1, 0, 2).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = y.reshape(T, H, D).transpose(1, 0, 2).astype(np.float32)
     if not np.isfinite(out).all():
         raise CodecError("K/V payload decodes to values that are not finite: corrupt")
     return np.ascontiguousarray(out)
