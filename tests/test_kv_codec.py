@@ -129,9 +129,8 @@ def coded_export(tiny_ckpt, tmp_path_factory):
 
 
 def test_coded_moves_over_grpc_and_after_a_failover_equal_the_in_process_run(coded_export, tiny_ckpt):
-    from tests.test_moves import SEEDED, _in_process, _prompt, _remote_run, _serve
-
     from splitlm.local import LocalSplit
+    from tests.test_moves import SEEDED, _in_process, _prompt, _remote_run, _serve
 
     plan, result = coded_export
     assert (result.device_dir / "kv_codec.npz").exists() and (result.cloud_dir / "kv_codec.npz").exists()

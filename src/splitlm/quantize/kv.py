@@ -102,7 +102,7 @@ def save_kv_scales(stage: Transformer, path) -> None:
 
 
 @torch.inference_mode()
-def query_energies(stage: Transformer, layers: range, calib_ids: list[list[int]]) -> dict[int, "np.ndarray"]:
+def query_energies(stage: Transformer, layers: range, calib_ids: list[list[int]]) -> dict:
     """Each layer's query energy per key channel, E[q²] after rotary over `calib_ids` and over the query heads
     that read the key head: {layer: (Hkv, D) float32}. The K/V codec steps keys by it (kv_codec.logit_steps)."""
     import numpy as np
