@@ -80,6 +80,17 @@ def test_a_frame_of_another_basis_or_read_alone_is_refused(basis):
         codec.decode(frame)
 
 
+def test_a_frame_whose_header_names_another_dim_than_its_basis_is_refused(basis):
+    """Found by bench/fuzz_frames.py: a frame of dim 64 relabelled 60 (the same bands, so it parses) reshaped its
+    symbols into the wrong width and raised ValueError."""
+    frame = bytearray(ans.encode(activations(4, seed=6), basis, 0.035))
+    fields = list(codec.HEADER.unpack_from(frame, 0))
+    fields[-1] = 60
+    codec.HEADER.pack_into(frame, 0, *fields)
+    with pytest.raises(CodecError, match="rows of dim 60, its basis 5/.* codes dim 64"):
+        codec.decode(bytes(frame), bases=basis)
+
+
 def test_the_basis_round_trips_through_its_file(basis, tmp_path):
     basis.save(tmp_path / ans.BASIS_FILE)
     again = ans.Basis.load(tmp_path / ans.BASIS_FILE)

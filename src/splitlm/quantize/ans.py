@@ -433,6 +433,8 @@ def decode(buf: bytes, lay: Layout, basis: Basis, rotate=None) -> np.ndarray:
     if (lay.layer, lay.digest) != (basis.layer, basis.digest):
         raise CodecError(f"the frame was coded with basis {lay.layer}/{lay.digest.hex()}, this side holds "
                          f"{basis.layer}/{basis.digest.hex()}: the two sides do not run the same plan")
+    if lay.dim != basis.dim:
+        raise CodecError(f"the frame holds rows of dim {lay.dim}, its basis {basis.layer}/{basis.digest.hex()} codes dim {basis.dim}")
     import constriction
 
     T, d = lay.rows, lay.dim

@@ -15,7 +15,7 @@ One payload codes one tensor, the keys or the values of one layer for a group of
    RMS of the channel's symbols (a byte per channel). On SmolLM2's K/V this costs 0.4 bits per element
    less than one histogram for the whole group, and 0.07 less than a Laplace model.
 
-The first position of a session (the attention sink: every later query reads it) goes raw (float16), as
+The first position of a session (the attention sink: every later query reads it) goes raw (float32), as
 does any position whose symbols would leave [-QMAX, QMAX]; with it coded, a move cost 2.2 % perplexity
 instead of 0.5 % (ε 0.005 on every channel). Coding across positions (the difference to the previous
 position, closed loop) costs 0.1 to 0.6 bits more on values and saves under 0.1 on keys; a per-head PCA
@@ -29,7 +29,7 @@ Payload (little endian):
     scales u8[C]        model index j: the Gaussian's scale is max(2^((j − 128)/8), 0.2) steps
     raw    u32[n]       the raw positions, ascending
     words  u32[...]     the ANS stream of the other positions' symbols, position-major
-    values f16[n·C]     the raw positions' values
+    values f32[n·C]     the raw positions' values
 
 Every field is checked before anything is decoded (CodecError naming it); a corrupt stream decodes to
 symbols that fail a check after it (a stream not used up exactly, values not finite), never a crash.
@@ -116,7 +116,7 @@ def encode(x: np.ndarray, steps: np.ndarray, raw_rows: int = 0) -> bytes:
         words = coder.get_compressed()
     rows = np.nonzero(raw)[0].astype("<u4")
     return b"".join([HEADER.pack(MAGIC, VERSION, H, T, D, len(rows)), mean.astype("<f4").tobytes(), k.tobytes(), j.tobytes(),
-                     rows.tobytes(), words.astype("<u4").tobytes(), x.transpose(1, 0, 2).reshape(T, C)[raw].astype("<f2").tobytes()])
+                     rows.tobytes(), words.astype("<u4").tobytes(), x.transpose(1, 0, 2).reshape(T, C)[raw].astype("<f4").tobytes()])
 
 
 def decode(buf: bytes, heads: int, positions: int, dim: int) -> np.ndarray:
@@ -138,7 +138,8 @@ def decode(buf: bytes, heads: int, positions: int, dim: int) -> np.ndarray:
     C = H * D
     off = HEADER.size
     need(off + 6 * C + 4 * n_raw, "means, steps, scales and raw positions")
-    mean = np.frombuffer(buf, "<f4", C, off).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN, refused below
+        mean = np.frombuffer(buf, "<f4", C, off).astype(np.float64)
     k = np.frombuffer(buf, np.uint8, C, off + 4 * C)
     j = np.frombuffer(buf, np.uint8, C, off + 5 * C)
     rows = np.frombuffer(buf, "<u4", n_raw, off + 6 * C)
@@ -150,7 +151,7 @@ def decode(buf: bytes, heads: int, positions: int, dim: int) -> np.ndarray:
     raw = np.zeros(T, bool)
     raw[rows] = True
     coded = T - n_raw
-    words_bytes = len(buf) - off - 2 * C * n_raw
+    words_bytes = len(buf) - off - 4 * C * n_raw
     if words_bytes < 0 or words_bytes % 4 or (coded and not words_bytes) or (not coded and words_bytes):
         raise CodecError(f"K/V payload of shape ({H}, {T}, {D}) with {n_raw} raw positions has {len(buf) - off} bytes "
                          "after its model: not one ANS stream for the others and the raw values")
@@ -169,7 +170,8 @@ def decode(buf: bytes, heads: int, positions: int, dim: int) -> np.ndarray:
             raise CodecError("K/V payload's ANS stream has data left after its symbols: corrupt")
         y[~raw] = mean + symbols.reshape(coded, C).astype(np.float64) * _STEPS[k]
     if n_raw:
-        y[raw] = np.frombuffer(buf, "<f2", n_raw * C, off + words_bytes).reshape(n_raw, C)
+        with np.errstate(invalid="ignore"):  # a signalling NaN, refused below
+            y[raw] = np.frombuffer(buf, "<f4", n_raw * C, off + words_bytes).reshape(n_raw, C)
     with np.errstate(over="ignore", invalid="ignore"):
         out = y.reshape(T, H, D).transpose(1, 0, 2).astype(np.float32)
     if not np.isfinite(out).all():
