@@ -52,10 +52,6 @@ STEP_BIAS = 24 * 8
 SCALE_BIAS = 128
 MIN_SCALE = 0.2
 """Gaussian scales (in steps) are kept above this: the model must give every symbol a probability."""
-KEY_ERROR = 0.15
-"""Default key error: each key channel adds about KEY_ERROR² / D to the variance of an attention logit."""
-VALUE_ERROR = 0.01
-"""Default value error: each value channel's squared error is about VALUE_ERROR times its variance."""
 
 _STEPS = np.exp2((np.arange(256, dtype=np.float64) - STEP_BIAS) / 8.0)
 _SCALES = np.maximum(np.exp2((np.arange(256, dtype=np.float64) - SCALE_BIAS) / 8.0), MIN_SCALE)
