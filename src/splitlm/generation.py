@@ -35,10 +35,11 @@ def _next_rung(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def generate_tokens(advance: Callable[[list[int]], int], prompt_ids: list[int], max_tokens: int,
+def generate_tokens(advance: Callable[[list[int]], "int | list[int]"], prompt_ids: list[int], max_tokens: int,
                     eos_ids: Iterable[int], max_seq_len: int, decode: Callable[[list[int]], str],
                     on_token: Callable[[int], "bool | None"] | None = None) -> GenerationResult:
-    """Feed the prompt, then each sampled token, to `advance` (which returns the next token id).
+    """Feed the prompt, then each sampled token, to `advance` (which returns the next token id, or several: a
+    speculative step's accepted drafts and the token after them; the last is fed back next).
     on_token(id) sees each token as it comes; returning True ends the generation there (a stop string)."""
     if not prompt_ids:
         raise ConfigError("the prompt is empty")
@@ -50,23 +51,24 @@ def generate_tokens(advance: Callable[[list[int]], int], prompt_ids: list[int], 
                           "(within the model's trained length) and export again")
     eos = set(eos_ids)
     t0 = time.perf_counter()
-    token = advance(list(prompt_ids))
+    tokens = advance(list(prompt_ids))
     ttft = time.perf_counter() - t0
     t1 = time.perf_counter()
     out: list[int] = []
-    stop = "max_tokens"
-    while True:
-        out.append(token)
-        if on_token is not None and on_token(token):
-            stop = "stop"
-            break
-        if token in eos:
-            stop = "eos"
-            break
-        if len(out) >= max_tokens:
-            break
-        if len(prompt_ids) + len(out) >= max_seq_len:
-            stop = "max_seq_len"
-            break
-        token = advance([token])
+    stop = None
+    while stop is None:
+        for token in tokens if isinstance(tokens, list) else [tokens]:
+            out.append(token)
+            if on_token is not None and on_token(token):
+                stop = "stop"
+            elif token in eos:
+                stop = "eos"
+            elif len(out) >= max_tokens:
+                stop = "max_tokens"
+            elif len(prompt_ids) + len(out) >= max_seq_len:
+                stop = "max_seq_len"
+            if stop is not None:
+                break
+        else:
+            tokens = advance([out[-1]])
     return GenerationResult(list(prompt_ids), out, decode(out), ttft, time.perf_counter() - t1, stop)

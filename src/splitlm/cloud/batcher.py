@@ -424,7 +424,7 @@ class Batcher:
         last = stop == work.hidden.shape[0]
         before = work.cache.nbytes()
         try:
-            out = self.stage(work.hidden[None, start:stop], cache=work.cache, last_only=work.last_only or not last,
+            out = self.stage(work.hidden[None, start:stop], cache=work.cache, last_only=work.last_only,
                              start=work.start)[0]
         except Exception as exc:  # noqa: BLE001 - the session's stream reports it
             self._unreserve(work)

@@ -6,11 +6,12 @@ by the service or by `TailSession.submit`) and its layout travels with it to the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -135,6 +136,8 @@ class TokenChoice:
     """log p(id) under the model's distribution (before temperature, top-k and top-p)."""
     top: tuple[tuple[int, float], ...] = ()
     """The most likely (id, logprob) pairs, best first."""
+    accepted: int = 0
+    """Speculation (`TailSession.submit_verify`): the drafts kept before `id`."""
 
 
 class TailSession:
@@ -176,6 +179,73 @@ class TailSession:
             return TokenChoice(token)
         logprob, top = top_logprobs(row, token, self.logprobs)
         return TokenChoice(token, logprob, top)
+
+    def submit_verify(self, frame: bytes, drafts: list[int], layout: codec.FrameLayout | None = None) -> Future:
+        """Speculation (DESIGN.md §11): `frame` holds k + 1 rows, the last accepted token's and those of the k tokens
+        the device drafted (`drafts`). The tail runs them in one step and draws its own token for each position in
+        turn, as decoding one at a time would (the same sampler, the same position keys); the drafts up to the
+        first it does not draw are kept. A future of the TokenChoice after them, with `accepted` set; the KV of
+        the rejected drafts is dropped (on the batcher thread, counted against the budget). With a draft that
+        is a single token, drawing p and keeping the draft when the draw equals it is speculative sampling's
+        rule (keep with probability p(draft), else draw from p without the draft): the output's distribution,
+        and a seeded draw's every token, are those of decoding one token at a time."""
+        hidden = self._frame(frame, layout)
+        k = len(drafts)
+        if hidden.layout.rows != k + 1:
+            raise CodecError(f"a verify frame holds the last token's row and one per draft: {k + 1} rows for {k} drafts, "
+                             f"got {hidden.layout.rows}")
+        start = self.position
+        self.position += k + 1
+
+        def choose(logits: torch.Tensor) -> TokenChoice:
+            for i in range(k + 1):
+                choice = self._choose(logits[i:i + 1], start + i + 1)
+                if i == k or choice.id != drafts[i]:
+                    return dataclasses.replace(choice, accepted=i)
+            raise AssertionError("unreachable")
+
+        return self._then_crop(self.runner.batcher.submit(self.cache, hidden, False, choose, start=self.split),
+                               lambda choice: start + 1 + choice.accepted)
+
+    def replay_verified(self, frame: bytes, keep: int, layout: codec.FrameLayout | None = None) -> Future:
+        """A replay of a verified frame: run its rows, keep the KV of the first `keep` (a future of None)."""
+        hidden = self._frame(frame, layout)
+        if not 1 <= keep <= hidden.layout.rows:
+            raise CodecError(f"keep_rows {keep} is not within the frame's 1 to {hidden.layout.rows} rows")
+        start = self.position
+        self.position += hidden.layout.rows
+        return self._then_crop(self.runner.batcher.submit(self.cache, hidden, True, lambda _: None, start=self.split),
+                               lambda _: start + keep)
+
+    def _then_crop(self, step: Future, length: Callable[[Any], int]) -> Future:
+        """A future of `step`'s result once the cache is cropped to length(result) positions (on the batcher thread,
+        between turns, so that the budget counts what the crop frees); the session's position follows."""
+        out: Future = Future()
+
+        def cropped(done: Future, result: Any) -> None:
+            if done.exception() is not None:
+                out.set_exception(done.exception())
+            else:
+                out.set_result(result)
+
+        def ran(done: Future) -> None:
+            if done.exception() is not None:
+                out.set_exception(done.exception())
+                return
+            result = done.result()
+            keep = length(result)
+            self.position = keep
+            self.runner.batcher.call(self.cache, lambda: self.cache.crop(keep)).add_done_callback(lambda d: cropped(d, result))
+
+        step.add_done_callback(ran)
+        return out
+
+    def verify(self, frame: bytes, rows: int, drafts: list[int]) -> tuple[int, int]:
+        """`RemoteSession.verify` in process: (drafts accepted, the token after them)."""
+        if rows != len(drafts) + 1:
+            raise CodecError(f"a verify frame of {rows} rows for {len(drafts)} drafts: it holds one row more than drafts")
+        choice = self.submit_verify(frame, list(drafts)).result()
+        return choice.accepted, choice.id
 
     def logits(self, frame: bytes, last_only: bool = False) -> torch.Tensor:
         """Decode one frame (T positions) and run the tail -> logits (T, V), or (1, V) with last_only

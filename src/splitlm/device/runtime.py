@@ -502,33 +502,68 @@ class _SendOnly:
 
 def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, bool], int | None]", prompt_ids: list[int], max_tokens: int,
                    on_token: Callable[[int], None] | None = None, tokenizer=None, stream_prefill: bool = True,
-                   on_move: Callable[[Move], None] | None = None, on_prefill: Progress | None = None) -> GenerationResult:
+                   on_move: Callable[[Move], None] | None = None, on_prefill: Progress | None = None,
+                   speculate: bool = False, drafter=None) -> GenerationResult:
     """Generation with a cloud: each step's hidden states go out as frames through `link` (a session, or
     just its send function when the plan does not move its split). With
     stream_prefill, a prompt's frames go out chunk by chunk as the head computes them (the cloud's
     prefill of one chunk overlaps the head's next); without, the whole prompt goes as one frame.
     The plan's split_moves run when the session reaches their lengths (between prefill chunks or
-    decode steps); each is passed to `on_move` and listed in the result's extra["moves"]."""
+    decode steps); each is passed to `on_move` and listed in the result's extra["moves"].
+
+    With `speculate` (DESIGN.md §11), each decode step drafts tokens on the device (`drafter`, by default
+    draft.PromptLookup over the session's history, as many as draft.DraftLength says), runs the last token and
+    the drafts through the head in one call, and sends their rows in one frame for the cloud to verify
+    (`link.verify`): the drafts the cloud's own choices agree with are kept, with its token after them, and
+    the head forgets the rest (a length change). The output is the one of decoding a token at a time. The
+    result's extra["round_trips"] counts decode steps and extra["tokens_per_round_trip"] the tokens each gave."""
+    from splitlm.draft import DraftLength, PromptLookup
+
     if not hasattr(link, "send"):
         link = _SendOnly(link)
+    if speculate and not hasattr(link, "verify"):
+        raise ConfigError("speculation needs a session that verifies drafts (RemoteSession, ReplayingSession or "
+                          "TailSession), not a send function")
     head = DeviceHead(session)
     sent = [0]
     moves = list(session.plan.split_moves)
     done: list[Move] = []
+    history: list[int] = []
+    drafter = drafter or PromptLookup()
+    lengths = DraftLength()
+    rounds = [0]
 
-    def advance(ids: list[int]) -> int:
+    def moved() -> None:
+        while moves and head.length >= moves[0][0]:
+            move = move_split(head, link, moves.pop(0)[1])
+            done.append(move)
+            if on_move is not None:
+                on_move(move)
+
+    def advance(ids: list[int]) -> "int | list[int]":
         start = head.length
+        history.extend(ids)
+        if start:
+            rounds[0] += 1
+        if speculate and start:
+            room = min(lengths.k, max_tokens - (len(history) - len(prompt_ids)) - 1, session.plan.max_seq_len - start - 2)
+            draft = drafter.propose(history, room) if room > 0 else []
+            if draft:
+                frame = head.encode(head.step([ids[-1], *draft]))
+                sent[0] += len(frame)
+                accepted, token = link.verify(frame, len(draft) + 1, draft)
+                head.rewind(start + 1 + accepted)
+                lengths.update(len(draft), accepted)
+                history.extend(draft[:accepted])
+                moved()
+                return [*draft[:accepted], token]
         for hidden, last in head.chunks(ids) if stream_prefill else [(head.step(ids), True)]:
             frame = head.encode(hidden)
             sent[0] += len(frame)
             token = link.send(frame, hidden.shape[0], last)
             if on_prefill is not None and len(ids) > 1:
                 on_prefill(head.length - start, len(ids))
-            while moves and head.length >= moves[0][0]:
-                move = move_split(head, link, moves.pop(0)[1])
-                done.append(move)
-                if on_move is not None:
-                    on_move(move)
+            moved()
         return token
 
     tok = tokenizer or load_tokenizer(session.dir)
@@ -536,4 +571,8 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
                              tok.decode, on_token)
     result.link_bytes = sent[0]
     result.extra["moves"] = [dataclasses.asdict(m) for m in done]
+    result.extra["round_trips"] = rounds[0]
+    result.extra["tokens_per_round_trip"] = (len(result.token_ids) - 1) / rounds[0] if rounds[0] else None
+    if speculate:
+        result.extra["drafted"], result.extra["accepted"] = sum(lengths.drafted), sum(lengths.kept)
     return result

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitlm/proto/splitlm.proto\x12\nsplitlm.v1\"\xbc\x01\n\rDeviceMessage\x12 \n\x04open\x18\x01 \x01(\x0b\x32\x10.splitlm.v1.OpenH\x00\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x17.splitlm.v1.ActivationsH\x00\x12+\n\nmove_split\x18\x03 \x01(\x0b\x32\x15.splitlm.v1.MoveSplitH\x00\x12$\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x12.splitlm.v1.CancelH\x00\x42\x06\n\x04kind\"\x7f\n\x04Open\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12&\n\x08sampling\x18\x03 \x01(\x0b\x32\x14.splitlm.v1.Sampling\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0eresume_session\x18\x05 \x01(\t\"o\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x10\n\x08logprobs\x18\x06 \x01(\r\"H\n\x0b\x41\x63tivations\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\x12\x12\n\nwant_token\x18\x03 \x01(\x08\"Q\n\tMoveSplit\x12\x11\n\tnew_split\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.splitlm.v1.LayerKV\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xab\x01\n\x07LayerKV\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x16\n\x0estart_position\x18\x05 \x01(\r\x12\x11\n\tpositions\x18\x06 \x01(\r\x12\x12\n\nkey_scales\x18\x07 \x01(\x0c\x12\x14\n\x0cvalue_scales\x18\x08 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\t \x01(\r\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb3\x01\n\x0c\x43loudMessage\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.splitlm.v1.OpenedH\x00\x12\"\n\x05token\x18\x02 \x01(\x0b\x32\x11.splitlm.v1.TokenH\x00\x12-\n\x0bsplit_moved\x18\x03 \x01(\x0b\x32\x16.splitlm.v1.SplitMovedH\x00\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.splitlm.v1.ErrorH\x00\x42\x06\n\x04kind\"^\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x17\n\x0fmax_frame_bytes\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"o\n\x05Token\x12\x10\n\x08position\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.splitlm.v1.TopLogprob\x12\x12\n\ncompute_us\x18\x05 \x01(\r\")\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"N\n\nSplitMoved\x12\r\n\x05split\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.splitlm.v1.LayerKV\x12\x0c\n\x04more\x18\x03 \x01(\x08\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t2U\n\x0eSplitInference\x12\x43\n\x08Generate\x12\x19.splitlm.v1.DeviceMessage\x1a\x18.splitlm.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitlm/proto/splitlm.proto\x12\nsplitlm.v1\"\xbc\x01\n\rDeviceMessage\x12 \n\x04open\x18\x01 \x01(\x0b\x32\x10.splitlm.v1.OpenH\x00\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x17.splitlm.v1.ActivationsH\x00\x12+\n\nmove_split\x18\x03 \x01(\x0b\x32\x15.splitlm.v1.MoveSplitH\x00\x12$\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x12.splitlm.v1.CancelH\x00\x42\x06\n\x04kind\"\x7f\n\x04Open\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12&\n\x08sampling\x18\x03 \x01(\x0b\x32\x14.splitlm.v1.Sampling\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0eresume_session\x18\x05 \x01(\t\"o\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x10\n\x08logprobs\x18\x06 \x01(\r\"n\n\x0b\x41\x63tivations\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\x12\x12\n\nwant_token\x18\x03 \x01(\x08\x12\x11\n\tdraft_ids\x18\x04 \x03(\r\x12\x11\n\tkeep_rows\x18\x05 \x01(\r\"Q\n\tMoveSplit\x12\x11\n\tnew_split\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.splitlm.v1.LayerKV\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xab\x01\n\x07LayerKV\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x16\n\x0estart_position\x18\x05 \x01(\r\x12\x11\n\tpositions\x18\x06 \x01(\r\x12\x12\n\nkey_scales\x18\x07 \x01(\x0c\x12\x14\n\x0cvalue_scales\x18\x08 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\t \x01(\r\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb3\x01\n\x0c\x43loudMessage\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.splitlm.v1.OpenedH\x00\x12\"\n\x05token\x18\x02 \x01(\x0b\x32\x11.splitlm.v1.TokenH\x00\x12-\n\x0bsplit_moved\x18\x03 \x01(\x0b\x32\x16.splitlm.v1.SplitMovedH\x00\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.splitlm.v1.ErrorH\x00\x42\x06\n\x04kind\"^\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x17\n\x0fmax_frame_bytes\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"\x81\x01\n\x05Token\x12\x10\n\x08position\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.splitlm.v1.TopLogprob\x12\x12\n\ncompute_us\x18\x05 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\r\")\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"N\n\nSplitMoved\x12\r\n\x05split\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.splitlm.v1.LayerKV\x12\x0c\n\x04more\x18\x03 \x01(\x08\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t2U\n\x0eSplitInference\x12\x43\n\x08Generate\x12\x19.splitlm.v1.DeviceMessage\x1a\x18.splitlm.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING']._serialized_start=363
   _globals['_SAMPLING']._serialized_end=474
   _globals['_ACTIVATIONS']._serialized_start=476
-  _globals['_ACTIVATIONS']._serialized_end=548
-  _globals['_MOVESPLIT']._serialized_start=550
-  _globals['_MOVESPLIT']._serialized_end=631
-  _globals['_LAYERKV']._serialized_start=634
-  _globals['_LAYERKV']._serialized_end=805
-  _globals['_CANCEL']._serialized_start=807
-  _globals['_CANCEL']._serialized_end=831
-  _globals['_CLOUDMESSAGE']._serialized_start=834
-  _globals['_CLOUDMESSAGE']._serialized_end=1013
-  _globals['_OPENED']._serialized_start=1015
-  _globals['_OPENED']._serialized_end=1109
-  _globals['_TOKEN']._serialized_start=1111
-  _globals['_TOKEN']._serialized_end=1222
-  _globals['_TOPLOGPROB']._serialized_start=1224
-  _globals['_TOPLOGPROB']._serialized_end=1265
-  _globals['_SPLITMOVED']._serialized_start=1267
-  _globals['_SPLITMOVED']._serialized_end=1345
-  _globals['_ERROR']._serialized_start=1347
-  _globals['_ERROR']._serialized_end=1385
-  _globals['_SPLITINFERENCE']._serialized_start=1387
-  _globals['_SPLITINFERENCE']._serialized_end=1472
+  _globals['_ACTIVATIONS']._serialized_end=586
+  _globals['_MOVESPLIT']._serialized_start=588
+  _globals['_MOVESPLIT']._serialized_end=669
+  _globals['_LAYERKV']._serialized_start=672
+  _globals['_LAYERKV']._serialized_end=843
+  _globals['_CANCEL']._serialized_start=845
+  _globals['_CANCEL']._serialized_end=869
+  _globals['_CLOUDMESSAGE']._serialized_start=872
+  _globals['_CLOUDMESSAGE']._serialized_end=1051
+  _globals['_OPENED']._serialized_start=1053
+  _globals['_OPENED']._serialized_end=1147
+  _globals['_TOKEN']._serialized_start=1150
+  _globals['_TOKEN']._serialized_end=1279
+  _globals['_TOPLOGPROB']._serialized_start=1281
+  _globals['_TOPLOGPROB']._serialized_end=1322
+  _globals['_SPLITMOVED']._serialized_start=1324
+  _globals['_SPLITMOVED']._serialized_end=1402
+  _globals['_ERROR']._serialized_start=1404
+  _globals['_ERROR']._serialized_end=1442
+  _globals['_SPLITINFERENCE']._serialized_start=1444
+  _globals['_SPLITINFERENCE']._serialized_end=1529
 # @@protoc_insertion_point(module_scope)

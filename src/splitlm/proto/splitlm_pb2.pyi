@@ -49,14 +49,18 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class Activations(_message.Message):
-    __slots__ = ("start_position", "frame", "want_token")
+    __slots__ = ("start_position", "frame", "want_token", "draft_ids", "keep_rows")
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     WANT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ROWS_FIELD_NUMBER: _ClassVar[int]
     start_position: int
     frame: bytes
     want_token: bool
-    def __init__(self, start_position: _Optional[int] = ..., frame: _Optional[bytes] = ..., want_token: _Optional[bool] = ...) -> None: ...
+    draft_ids: _containers.RepeatedScalarFieldContainer[int]
+    keep_rows: int
+    def __init__(self, start_position: _Optional[int] = ..., frame: _Optional[bytes] = ..., want_token: _Optional[bool] = ..., draft_ids: _Optional[_Iterable[int]] = ..., keep_rows: _Optional[int] = ...) -> None: ...
 
 class MoveSplit(_message.Message):
     __slots__ = ("new_split", "layers", "more")
@@ -121,18 +125,20 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class Token(_message.Message):
-    __slots__ = ("position", "id", "logprob", "top", "compute_us")
+    __slots__ = ("position", "id", "logprob", "top", "compute_us", "accepted")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     position: int
     id: int
     logprob: float
     top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
     compute_us: int
-    def __init__(self, position: _Optional[int] = ..., id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., compute_us: _Optional[int] = ...) -> None: ...
+    accepted: int
+    def __init__(self, position: _Optional[int] = ..., id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., compute_us: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("id", "logprob")
