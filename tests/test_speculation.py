@@ -92,3 +92,89 @@ def test_a_send_function_cannot_speculate(export, tiny_ckpt):
 
     with pytest.raises(ConfigError, match="speculation needs a session that verifies drafts"):
         generate_split(HeadSession(export[1].device_dir), lambda frame, rows, want: 0, _prompt(tiny_ckpt), 4, speculate=True)
+
+
+def _remote(address, export, prompt, sampling, drafter, kill=None):
+    """A speculative generation over gRPC through a ReplayingSession: (result, replays). kill(session_id) runs after
+    the third verified step (the serving replica dies then)."""
+    from splitlm.device.client import FailoverConfig, ReplayingSession, connect
+    from splitlm.device.runtime import HeadSession, generate_split
+
+    plan, result = export
+    with connect(address) as channel, ReplayingSession(channel, plan.hash, plan.model_id, sampling, N,
+                                                       failover=FailoverConfig(deadline_s=20)) as remote:
+        class Link:
+            verified = 0
+
+            def send(self, frame, rows, want_token):
+                return remote.send(frame, rows, want_token)
+
+            def verify(self, frame, rows, drafts):
+                answer = remote.verify(frame, rows, drafts)
+                self.verified += 1
+                if kill is not None and self.verified == 3:
+                    kill(remote.remote.info.session_id)
+                return answer
+
+        out = generate_split(HeadSession(result.device_dir), Link(), prompt, N, speculate=True, drafter=drafter)
+    return out, remote.replays
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SEEDED], ids=["greedy", "seeded"])
+def test_speculation_over_grpc_and_after_a_failover_equals_one_token_at_a_time(export, tiny_ckpt, sampling):
+    from tests.test_moves import _serve
+
+    prompt = _prompt(tiny_ckpt)
+    plain = _run(export, prompt, sampling)
+    servers = [_serve(export) for _ in range(2)]
+    try:
+        out, replays = _remote(servers[0][1], export, prompt, sampling, Oracle(prompt, plain.token_ids, "mixed"))
+        assert out.token_ids == plain.token_ids and not replays and out.extra["accepted"] > 0
+
+        def kill(session_id):
+            [s for s in servers if session_id in s[2].sessions][0][0].stop(grace=None)
+
+        out, replays = _remote(",".join(s[1] for s in servers), export, prompt, sampling,
+                               Oracle(prompt, plain.token_ids, "mixed"), kill=kill)
+        assert out.token_ids == plain.token_ids and len(replays) == 1
+    finally:
+        for server, _, _ in servers:
+            server.stop(grace=None)
+
+
+def test_bad_verify_messages_are_refused_and_end_only_their_session(export, tiny_ckpt):
+    """draft_ids without want_token, a frame whose rows are not drafts + 1, keep_rows past the frame: INVALID_ARGUMENT
+    on that session, while another session on the same server runs on."""
+    import grpc
+
+    from splitlm.device.client import RemoteError, RemoteSession, connect
+    from splitlm.device.runtime import DeviceHead, HeadSession
+    from splitlm.proto import splitlm_pb2 as pb
+    from tests.test_moves import _serve
+
+    plan, result = export
+    server, address, _ = _serve(export)
+    prompt = _prompt(tiny_ckpt)
+    try:
+        with connect(address) as channel:
+            healthy = RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), N)
+            head = DeviceHead(HeadSession(result.device_dir))
+            healthy.send(head.encode(head.step(prompt)), len(prompt))
+            bad_cases = [
+                (dict(want_token=False, draft_ids=[1, 2]), 3, "draft_ids is verified"),
+                (dict(want_token=True, draft_ids=[1, 2]), 2, "2 rows with 2 draft_ids"),
+                (dict(want_token=False, keep_rows=5), 3, "keep_rows 5 passes the frame's 3 rows"),
+                (dict(want_token=True, keep_rows=1), 3, "keep_rows replays a verified frame"),
+            ]
+            for fields, rows, message in bad_cases:
+                session = RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), N)
+                other = DeviceHead(HeadSession(result.device_dir))
+                frame = other.encode(other.step(prompt[:rows]))
+                session._requests.put(pb.DeviceMessage(activations=pb.Activations(start_position=0, frame=frame, **fields)))
+                with pytest.raises(RemoteError, match=message) as info:
+                    session._receive("answer", 10, "test")
+                assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT.name
+            assert isinstance(healthy.send(head.encode(head.step([5])), 1), int)
+            healthy.close()
+    finally:
+        server.stop(grace=None)

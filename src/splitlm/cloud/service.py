@@ -214,14 +214,37 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         if session.position + layout.rows > plan.max_seq_len:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"sequence would reach {session.position + layout.rows} "
                                                                   f"positions, the limit is {plan.max_seq_len}")
-        choice = await asyncio.wrap_future(session.tail.submit(act.frame, act.want_token, layout))
-        session.position += layout.rows
+        drafts = list(act.draft_ids)
+        if drafts or act.keep_rows:
+            if drafts and (act.keep_rows or not act.want_token):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "a frame with draft_ids is verified: it wants its token "
+                                                                     "and keeps what the cloud accepts (no keep_rows)")
+            if act.keep_rows and act.want_token:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "keep_rows replays a verified frame: it wants no token")
+            rows = len(drafts) + 1 if drafts else act.keep_rows
+            if (layout.rows != rows) if drafts else (act.keep_rows > layout.rows):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"frame of {layout.rows} rows with {len(drafts)} draft_ids (a verified frame holds one row "
+                                   "more than its drafts)" if drafts else
+                                   f"keep_rows {act.keep_rows} passes the frame's {layout.rows} rows")
+            if drafts and session.produced + len(drafts) + 1 > session.max_tokens:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(drafts)} drafts would pass the session's "
+                                                                       f"{session.max_tokens} tokens ({session.produced} made)")
+            future = (session.tail.submit_verify(act.frame, drafts, layout) if drafts
+                      else session.tail.replay_verified(act.frame, act.keep_rows, layout))
+        else:
+            future = session.tail.submit(act.frame, act.want_token, layout)
+        start = session.position
+        choice = await asyncio.wrap_future(future)
+        session.position = start + (layout.rows if not (drafts or act.keep_rows) else
+                                    act.keep_rows or 1 + choice.accepted)
         if choice is None:
             return None
-        session.produced += 1
+        session.produced += 1 + choice.accepted
         if session.first_token_at is None:
             session.first_token_at = time.monotonic()
-        token = pb.Token(position=session.position, id=choice.id, compute_us=int((time.perf_counter() - t0) * 1e6))
+        token = pb.Token(position=session.position, id=choice.id, compute_us=int((time.perf_counter() - t0) * 1e6),
+                         accepted=choice.accepted)
         if choice.logprob is not None:
             token.logprob = choice.logprob
             token.top.extend(pb.TopLogprob(id=i, logprob=lp) for i, lp in choice.top)

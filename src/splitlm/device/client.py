@@ -331,6 +331,22 @@ class RemoteSession:
         """Send a frame of the next positions; with want_token, wait for the cloud's next token.
         `rows`: the positions the caller encoded into the frame (the device does not parse its own
         frames; the server checks the count)."""
+        token = self._send(frame, rows, want_token)
+        return None if token is None else token.id
+
+    def verify(self, frame: bytes, rows: int, drafts: list[int]) -> tuple[int, int]:
+        """Speculation (DESIGN.md §11): send a frame of the last token's row and one per draft (`rows` = drafts + 1)
+        with the drafts; the cloud keeps those it agrees with. (drafts accepted, the token after them)."""
+        if rows != len(drafts) + 1:
+            raise ConfigError(f"a verified frame holds one row more than its drafts: {rows} rows for {len(drafts)} drafts")
+        token = self._send(frame, rows, True, list(drafts))
+        return token.accepted, token.id
+
+    def replay_verified(self, frame: bytes, rows: int, keep: int) -> None:
+        """Re-send a verified frame of `rows` positions whose first `keep` the cloud kept (a replay)."""
+        self._send(frame, rows, False, keep=keep)
+
+    def _send(self, frame: bytes, rows: int, want_token: bool, drafts: list[int] | None = None, keep: int = 0) -> "pb.Token | None":
         if self._error is not None:
             raise self._error
         if self._ended:
@@ -340,9 +356,11 @@ class RemoteSession:
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise ConfigError(f"rows must be the positions in the frame (an integer >= 1), got {rows!r}")
         rows = int(rows)
-        msg = pb.DeviceMessage(activations=pb.Activations(start_position=self.position, frame=frame, want_token=want_token))
+        msg = pb.DeviceMessage(activations=pb.Activations(start_position=self.position, frame=frame, want_token=want_token,
+                                                          draft_ids=drafts or (), keep_rows=keep))
         self._requests.put(msg)
-        self.position += rows
+        start = self.position
+        self.position += keep or rows
         self._pending_rows += rows
         self.bytes_up += msg.ByteSize()
         if not want_token:
@@ -353,7 +371,11 @@ class RemoteSession:
         self._pending_rows = 0
         self.last_token = token
         self.last_compute_us = token.compute_us
-        return token.id
+        if drafts:
+            if token.accepted > len(drafts):
+                self._fail(RemoteError(f"{self.address} accepted {token.accepted} of {len(drafts)} drafts"))
+            self.position = start + 1 + token.accepted
+        return token
 
     def next_token(self, frame: bytes, rows: int) -> int:
         """Send a frame of `rows` positions and wait for the cloud's token for the position after them."""
@@ -477,6 +499,16 @@ class FailoverConfig:
 
 
 @dataclass(frozen=True)
+class _Verified:
+    """A verified frame in a ReplayingSession's history (speculation): `rows` positions sent, the first `keep`
+    kept by the cloud. A replay re-sends it alone, with keep_rows."""
+
+    frame: bytes
+    rows: int
+    keep: int
+
+
+@dataclass(frozen=True)
 class _SpilledMove:
     """A split move in a ReplayingSession's history: its LayerKV chunks, each serialized after its 4-byte
     length, in `size` bytes from `offset` of the spill file (none for a deeper move)."""
@@ -516,8 +548,8 @@ class ReplayingSession:
         self._kwargs = dict(token=token, link=link, logprobs=logprobs)
         self.max_tokens = _check_max_tokens(max_tokens)
         self.failover = failover
-        self.history: list[tuple[bytes, int] | _SpilledMove] = []
-        """Frames sent (frame, rows) and split moves made, in order: what a replay re-sends."""
+        self.history: list[tuple[bytes, int] | _SpilledMove | _Verified] = []
+        """Frames sent (frame, rows), verified frames and split moves made, in order: what a replay re-sends."""
         self._spill = None  # a temporary file holding the moves' KV
         self.tokens = 0
         self.replays: list[Replay] = []
@@ -556,6 +588,22 @@ class ReplayingSession:
 
     def next_token(self, frame: bytes, rows: int) -> int:
         return self.send(frame, rows)
+
+    def verify(self, frame: bytes, rows: int, drafts: list[int]) -> tuple[int, int]:
+        """RemoteSession.verify, kept for a replay with the rows the cloud kept."""
+        failed_at = None
+        while True:
+            try:
+                accepted, token = self.remote.verify(frame, rows, drafts)
+                break
+            except (RemoteError, TransportError) as exc:
+                if not _retryable(exc):
+                    raise
+                failed_at = failed_at or time.monotonic()
+                self._rebuild(exc, failed_at)
+        self.history.append(_Verified(frame, int(rows), 1 + accepted))
+        self.tokens += 1 + accepted
+        return accepted, token
 
     @property
     def move_message_bytes(self) -> int:
@@ -632,6 +680,9 @@ class ReplayingSession:
                     if isinstance(item, _SpilledMove):
                         remote.move_split(item.new_split, self._unspill(item))
                         sent += item.size
+                    elif isinstance(item, _Verified):
+                        remote.replay_verified(item.frame, item.rows, item.keep)
+                        sent += len(item.frame)
                     else:
                         remote.send(*item, want_token=False)
                         sent += len(item[0])
@@ -650,20 +701,22 @@ class ReplayingSession:
             time.sleep(wait)
             wait = min(wait * 2, cfg.backoff_max_s)
 
-    def _merged(self, max_bytes: int) -> Iterator["tuple[bytes, int] | _SpilledMove"]:
+    def _merged(self, max_bytes: int) -> Iterator["tuple[bytes, int] | _SpilledMove | _Verified"]:
         """The history as few frames as the server's frame limit allows (rows byte for byte, codec.concat_frames),
-        with its moves in place: the new replica prefills them in chunks instead of one step per decoded token."""
+        with its moves and verified frames in place: the new replica prefills them in chunks instead of one step
+        per decoded token."""
         from splitlm.quantize import codec
 
         limit = min(max_bytes or REPLAY_FRAME_BYTES, REPLAY_FRAME_BYTES)
         batch: list[bytes] = []
         size = rows = 0
         for entry in self.history:
-            if isinstance(entry, _SpilledMove) or (batch and size + len(entry[0]) > limit):
+            alone = isinstance(entry, (_SpilledMove, _Verified))
+            if alone or (batch and size + len(entry[0]) > limit):
                 if batch:
                     yield (batch[0] if len(batch) == 1 else codec.concat_frames(batch)), rows
                 batch, size, rows = [], 0, 0
-                if isinstance(entry, _SpilledMove):
+                if alone:
                     yield entry
                     continue
             frame, n = entry
