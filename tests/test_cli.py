@@ -85,6 +85,7 @@ def assert_one_line_error(capsys, argv, message, code=2):
     (("generate", "--model", "tiny-random", "--server", "127.0.0.1:1", "--prompt", "x"), "--server needs --artifacts"),
     (("generate", "--model", "tiny-random", "--threads", "0", "--prompt", "x"), "--threads must be >= 1, got 0"),
     (("generate", "--model", "tiny-random", "--verify", "--prompt", "x"), "--verify needs --artifacts"),
+    (("generate", "--model", "tiny-random", "--speculate", "--prompt", "x"), "--speculate needs --artifacts"),
     (("generate", "--artifacts", "art", "--token", "t", "--prompt", "x"), "--token needs --server"),
     (("generate", "--artifacts", "art", "--tls-ca", "ca.pem", "--prompt", "x"), "--tls-ca needs --server"),
     (("generate", "--model", "tiny-random", "--prompt", "x", "--top-k", "5", "--seed", "1"),

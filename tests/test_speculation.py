@@ -178,3 +178,32 @@ def test_bad_verify_messages_are_refused_and_end_only_their_session(export, tiny
             healthy.close()
     finally:
         server.stop(grace=None)
+
+
+def test_generate_speculate_reports_tokens_per_round_trip(export, tmp_path, capsys):
+    import json
+
+    from splitlm.cli import main
+
+    root = export[1].device_dir.parent
+    outs = {}
+    for flags in ([], ["--speculate"]):
+        path = tmp_path / f"g{len(flags)}.json"
+        assert main(["generate", "--artifacts", str(root), "--prompt", "a b c d a b c d a b c d a b c d a b",
+                     "--max-tokens", "24", "--json", str(path), *flags]) == 0
+        outs[bool(flags)] = json.loads(path.read_text())
+    err = capsys.readouterr().err
+    assert outs[True]["tokens"] == outs[False]["tokens"]
+    assert outs[True]["tokens_per_round_trip"] >= 1 and outs[False]["tokens_per_round_trip"] == 1
+    assert "tokens per round trip" in err
+
+
+def test_device_only_exports_refuse_speculate(tiny_ckpt, tmp_path, capsys):
+    from splitlm.cli import main
+    from splitlm.export import export_artifacts
+    from splitlm.partition.plan import Plan
+
+    L = tiny_ckpt.spec.num_layers
+    export_artifacts(tiny_ckpt, Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, L, max_seq_len=64), tmp_path / "art", progress=False)
+    assert main(["generate", "--artifacts", str(tmp_path / "art"), "--prompt", "x", "--speculate"]) == 2
+    assert "device-only" in capsys.readouterr().err

@@ -230,7 +230,7 @@ def check_generate_flags(args) -> None:
     at_least(args.threads, 1, "--threads")
     check_output(args.json, "--json")
     if not args.artifacts:
-        for flag, value in (("--server", args.server), ("--verify", args.verify)):
+        for flag, value in (("--server", args.server), ("--verify", args.verify), ("--speculate", args.speculate)):
             if value:
                 raise ConfigError(f"{flag} needs --artifacts (an export): without it the model runs in-process in torch")
     for flag, value in (("--token", args.token), ("--tls-ca", args.tls_ca), ("--step-timeout", args.step_timeout),

@@ -43,6 +43,10 @@ def add_generate(sub) -> None:
     g.add_argument("--tls-ca", default=None, help="PEM root certificate(s): connect to the server over TLS")
     g.add_argument("--step-timeout", type=float, default=None,
                    help="with --server: seconds to wait for each token (default 15; prefill frames get 0.02 s more per row)")
+    g.add_argument("--speculate", action="store_true",
+                   help="with --artifacts, a split export: draft tokens on the device from the session's own text (prompt "
+                        "lookup) and have the cloud verify them in one step, several tokens per round trip with the same "
+                        "output; --json reports tokens_per_round_trip")
     g.add_argument("--json", default=None, help="also write timings and bytes as JSON here")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -133,6 +137,9 @@ def cmd_generate(args) -> int:
     link = f", {result.link_bytes / max(1, len(ids) + len(result.token_ids) - 1):.0f} B/token on the link" if result.link_bytes else ""
     if "bytes_up" in result.extra:
         link += f" (wire: {result.extra['bytes_up']} B up, {result.extra['bytes_down']} B down)"
+    if result.extra.get("drafted") is not None:
+        link += (f"; speculation: {result.extra['tokens_per_round_trip'] or 0:.2f} tokens per round trip, "
+                 f"{result.extra['accepted']} of {result.extra['drafted']} drafts kept")
     print(f"[split {split}/{L}] {len(ids)} prompt tokens, {len(result.token_ids)} generated "
           f"({result.stop_reason}); TTFT {result.ttft_s * 1e3:.0f} ms, {result.tokens_per_s:.1f} tokens/s{link}",
           file=sys.stderr)
@@ -213,6 +220,9 @@ def _generate_from_artifacts(args, sampling):
     if session.device_only and args.server:
         raise ConfigError(f"--server: the export in {root} is device-only (split {L}/{L}), there is no cloud part to "
                           "run on a server; drop --server")
+    if session.device_only and args.speculate:
+        raise ConfigError(f"--speculate hides the round trips to the cloud, and the export in {root} is device-only "
+                          f"(split {L}/{L}): drop --speculate")
     if session.device_only:
         run = lambda ids, show: generate_device_only(session, ids, args.max_tokens, sampling, show, tok,  # noqa: E731
                                                      on_prefill=_prefill_progress)
@@ -228,7 +238,7 @@ def _generate_from_artifacts(args, sampling):
                 with ReplayingSession(channel, session.plan.hash, session.plan.model_id,
                                       sampling, args.max_tokens, args.token, failover=failover) as remote:
                     result = generate_split(session, remote, ids, args.max_tokens, show, tok, on_move=_print_move,
-                                            on_prefill=_prefill_progress)
+                                            on_prefill=_prefill_progress, speculate=args.speculate)
                 result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down,
                                     replays=[dataclasses.asdict(r) for r in remote.replays])
                 for r in remote.replays:
@@ -243,7 +253,7 @@ def _generate_from_artifacts(args, sampling):
                 raise ConfigError(f"device plan {session.plan.hash} and cloud plan {tail.plan.hash} differ")
             tail_session = tail.new_session(sampling)
             run = lambda ids, show: generate_split(session, tail_session, ids, args.max_tokens, show, tok,  # noqa: E731
-                                                   on_move=_print_move, on_prefill=_prefill_progress)
+                                                   on_move=_print_move, on_prefill=_prefill_progress, speculate=args.speculate)
     return run, tok, session.plan.split_layer, L, session.plan, (load_template(session.dir), session.spec)
 
 
