@@ -4,6 +4,12 @@ veth pair shaped with netem (delay, rate), for a split plan, cloud-only (ℓ = 0
 it says so and runs over loopback, unshaped.
 
     sudo .venv/bin/python bench/e2e.py [--tokens 32] [--json bench/results/e2e.json]
+    sudo .venv/bin/python bench/e2e.py --speculate [--tokens 64] [--json bench/results/speculation.json]
+
+With --speculate: the split plan on the 20 ms / 50 Mbit/s link only, each prompt generated with and without
+`--speculate`, alternating, median of --reps: tokens/s, TTFT, tokens per round trip, drafts kept, and whether
+the two outputs are equal. The prompts are lookup-friendly (summarize or edit a given text, continue code) and
+open chat (SPECULATION_PROMPTS).
 
 Both namespaces share this machine's cores: the device's onnxruntime and the cloud's torch
 compete for them, which a real deployment would not.
@@ -30,6 +36,18 @@ DEV_IP, CLOUD_IP = "10.213.7.1", "10.213.7.2"
 LINKS = [("20 ms RTT, 50 Mbit/s", 10.0, 50), ("5 ms RTT, 200 Mbit/s", 2.5, 200)]
 SPLITLM = str(Path(sys.executable).with_name("splitlm"))
 PROMPT = "Explain in a few sentences why the sky is blue."
+_TEXT = ("The city council met on Tuesday to discuss the new park. The park will have a playground, a pond and a "
+         "walking trail. Construction will start in the spring and should finish by the end of the year. The council "
+         "said the park will be open to everyone and free to visit.")
+_CODE = ("def mean(values):\n    total = 0\n    for value in values:\n        total += value\n    return total / len(values)\n\n\n"
+         "def variance(values):\n    m = mean(values)\n    total = 0\n    for value in values:\n")
+SPECULATION_PROMPTS = {
+    "summarize (lookup)": f"Summarize this text in two sentences:\n\n{_TEXT}",
+    "edit (lookup)": f"Rewrite this text, changing 'park' to 'garden' and nothing else:\n\n{_TEXT}",
+    "code (lookup)": f"Continue this Python code:\n\n{_CODE}",
+    "chat: tips (open)": "What are three tips for staying healthy?",
+    "chat: poem (open)": "Write a short poem about the sea.",
+}
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -90,10 +108,11 @@ def in_ns(ns: str | None, *cmd: str) -> list[str]:
     return (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
 
 
-def run_generate(artifacts: Path, tokens: int, server: str | None, ns: str | None) -> dict:
+def run_generate(artifacts: Path, tokens: int, server: str | None, ns: str | None, prompt: str = PROMPT,
+                 extra: tuple[str, ...] = ()) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [SPLITLM, "generate", "--artifacts", str(artifacts), "--prompt", PROMPT, "--chat",
-               "--max-tokens", str(tokens), "--json", out.name]
+        cmd = [SPLITLM, "generate", "--artifacts", str(artifacts), "--prompt", prompt, "--chat",
+               "--max-tokens", str(tokens), "--json", out.name, *extra]
         if server:
             cmd += ["--server", server]
         proc = subprocess.run(in_ns(ns, *cmd), capture_output=True, text=True, timeout=600)
@@ -116,13 +135,72 @@ def serve(artifacts: Path, ns: str | None, host: str) -> subprocess.Popen:
     return proc
 
 
+def speculation(args, ckpt) -> None:
+    """The split plan on the 20 ms link, each prompt with and without --speculate (module docstring)."""
+    root = cached_export(ckpt, default_plan(ckpt))
+    netns = make_namespaces()
+    link, one_way, mbit = LINKS[0] if netns else ("loopback (no namespaces)", 0.0, 0)
+    relay, how, rows = None, "loopback", []
+    try:
+        if netns:
+            how = shape(one_way, mbit)
+            if how == "tbf+relay":
+                relay = start_relay(one_way)
+        server_proc = serve(root, CLOUD_NS if netns else None, CLOUD_IP if netns else "127.0.0.1")
+        target = "127.0.0.1:50552" if relay else f"{CLOUD_IP if netns else '127.0.0.1'}:50551"
+        try:
+            for name, prompt in SPECULATION_PROMPTS.items():
+                runs: dict[bool, list[dict]] = {False: [], True: []}
+                for _ in range(args.reps):
+                    for spec in (False, True):
+                        runs[spec].append(run_generate(root, args.tokens, target, DEV_NS if netns else None, prompt,
+                                                       ("--speculate",) if spec else ()))
+                row = {"prompt": name, "equal": all(a["tokens"] == b["tokens"] for a, b in zip(runs[False], runs[True]))}
+                for spec, key in ((False, "plain"), (True, "speculative")):
+                    row[key] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs[spec]),
+                                "ttft_ms": statistics.median(r["ttft_s"] for r in runs[spec]) * 1e3,
+                                "tokens_per_round_trip": statistics.median(r["tokens_per_round_trip"] for r in runs[spec]),
+                                "tokens": len(runs[spec][0]["tokens"])}
+                row["speculative"]["drafts_kept"] = f"{runs[True][0]['accepted']}/{runs[True][0]['drafted']}"
+                row["speedup"] = row["speculative"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
+                rows.append(row)
+                print(f"  {name:<22} {row['plain']['tokens_per_s']:6.1f} -> {row['speculative']['tokens_per_s']:6.1f} tok/s "
+                      f"({row['speedup']:.2f}x), {row['speculative']['tokens_per_round_trip']:.2f} tokens/round trip, "
+                      f"equal {row['equal']}", file=sys.stderr, flush=True)
+        finally:
+            server_proc.terminate()
+            server_proc.wait(10)
+    finally:
+        if relay:
+            relay.terminate()
+        if netns:
+            teardown()
+    print(f"SmolLM2 split {default_plan(ckpt).split_layer}, {link}, {args.tokens} tokens (chat), median of {args.reps}, "
+          f"plain and speculative alternating; link shaping: {how}")
+    print(f"{'prompt':<22}{'plain tok/s':>12}{'spec tok/s':>12}{'speedup':>9}{'tok/RT':>8}{'kept':>9}{'TTFT plain':>12}"
+          f"{'TTFT spec':>11}{'equal':>7}")
+    for r in rows:
+        p, q = r["plain"], r["speculative"]
+        print(f"{r['prompt']:<22}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>12.1f}{r['speedup']:>8.2f}x"
+              f"{q['tokens_per_round_trip']:>8.2f}{q['drafts_kept']:>9}{p['ttft_ms']:>12.0f}{q['ttft_ms']:>11.0f}{str(r['equal']):>7}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"netns": netns, "shaping": how, "link": link, "rows": rows}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per generation (default 32; 64 with --speculate)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", default="bench/results/e2e.json")
+    ap.add_argument("--speculate", action="store_true", help="speculative against plain decoding (module docstring)")
+    ap.add_argument("--json", default=None, help="default bench/results/e2e.json (speculation.json with --speculate)")
     args = ap.parse_args()
     ckpt = resolve_model("smollm2-135m")
+    if args.speculate:
+        args.tokens = args.tokens or 64
+        args.json = args.json or "bench/results/speculation.json"
+        return speculation(args, ckpt)
+    args.tokens = args.tokens or 32
+    args.json = args.json or "bench/results/e2e.json"
     L = ckpt.spec.num_layers
     split = default_plan(ckpt)
     plans = {
