@@ -341,6 +341,14 @@ class DeviceHead:
         self.bound = self.bound + added
         self.stop = layer
 
+    def step_each(self, ids: list[int]) -> np.ndarray:
+        """Run new token ids one at a time -> outputs (T, d or V): each row as a one-token step computes it. A step of
+        several rows computes the same numbers differently: onnxruntime's MatMulNBits at accuracy level 4 (int8
+        compute) quantizes the activations of one row in another way than of several (SmolLM2's head at split 15:
+        rows 0.5 apart of 81, against 1e-5 at accuracy level 0), so a speculative step that ran its rows together
+        would not give the tokens of decoding one at a time."""
+        return np.concatenate([self.step([i]) for i in ids], axis=0)
+
     def step(self, ids: list[int], last_only: bool = False) -> np.ndarray:
         """Run new token ids through the head in prefill chunks -> outputs (T, d or V); with
         last_only, a device-only head computes the logits of the last position only (1, V)."""
@@ -513,7 +521,7 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
 
     With `speculate` (DESIGN.md §11), each decode step drafts tokens on the device (`drafter`, by default
     draft.PromptLookup over the session's history, as many as draft.DraftLength says), runs the last token and
-    the drafts through the head in one call, and sends their rows in one frame for the cloud to verify
+    the drafts through the head (one at a time: `DeviceHead.step_each`), and sends their rows in one frame for the cloud to verify
     (`link.verify`): the drafts the cloud's own choices agree with are kept, with its token after them, and
     the head forgets the rest (a length change). The output is the one of decoding a token at a time. The
     result's extra["round_trips"] counts decode steps and extra["tokens_per_round_trip"] the tokens each gave."""
@@ -549,7 +557,7 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
             room = min(lengths.k, max_tokens - (len(history) - len(prompt_ids)) - 1, session.plan.max_seq_len - start - 2)
             draft = drafter.propose(history, room) if room > 0 else []
             if draft:
-                frame = head.encode(head.step([ids[-1], *draft]))
+                frame = head.encode(head.step_each([ids[-1], *draft]))
                 sent[0] += len(frame)
                 accepted, token = link.verify(frame, len(draft) + 1, draft)
                 head.rewind(start + 1 + accepted)

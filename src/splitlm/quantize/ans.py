@@ -265,37 +265,6 @@ def _plain_error(y: np.ndarray, w: np.ndarray, k: np.ndarray, deadzone: float) -
     return np.square(y - np.sign(v) * np.floor(np.abs(v) + 0.5 - deadzone) * s).sum(1)
 
 
-GRID_ROWS = 4
-"""Frames of up to this many rows (decode steps) search on a grid; longer ones bisect."""
-PLAIN_GRID = np.arange(-4, 6)
-"""Step indices around the estimate √(12·budget/d) that the plain search tries, in one array: on SmolLM2's layer
-10 (protocol text and GPL-3, ε 0.01 to 0.05, 6,144 rows) the answer was always 3 below to 5 above it."""
-
-
-def _plain_search(y: np.ndarray, w: np.ndarray, budget: np.ndarray, deadzone: float) -> np.ndarray:
-    """The largest step index whose plain (mid-bin) reconstruction meets each row's budget: the PLAIN_GRID around
-    the estimate √(12·budget/d) (every component quantized) at once, for frames of up to GRID_ROWS rows; rows whose
-    answer is off the grid, and longer frames, are bisected over every index."""
-    T, d = y.shape
-    if T > GRID_ROWS:  # a prefill chunk: eight rounds over T rows beat one round over 10 T rows (memory-bound)
-        return _plain_bisect(y, w, budget, deadzone)
-    est = np.floor(4.0 * np.log2(np.maximum(12.0 * budget / d, 1e-300))).astype(np.int64) + STEP_BIAS  # 8·log2 √(12b/d)
-    cands = np.minimum(np.maximum(est[:, None] + PLAIN_GRID[None], 0), RAW16 - 1)
-    k, first, last = _grid_best(y, w, budget, deadzone, cands)
-    off = ~first | last  # the grid's lowest index misses the budget, or its highest still meets it
-    if off.any():
-        k[off] = _plain_bisect(y[off], w, budget[off], deadzone)
-    return k
-
-
-def _grid_best(y, w, budget, deadzone, cands: np.ndarray):
-    """For rows y (T, d) and candidate indices (T, G) ascending: (the largest whose plain reconstruction meets the
-    budget, whether the first meets, whether the last does)."""
-    T, G = cands.shape
-    met = (_plain_error(np.repeat(y, G, 0), w, cands.ravel(), deadzone) <= np.repeat(budget, G)).reshape(T, G)
-    return cands[np.arange(T), G - 1 - np.argmax(met[:, ::-1], 1)], met[:, 0], met[:, -1]
-
-
 def _plain_bisect(y: np.ndarray, w: np.ndarray, budget: np.ndarray, deadzone: float) -> np.ndarray:
     return _largest(len(y), lambda k: _plain_error(y, w, k, deadzone) <= budget)
 
@@ -312,34 +281,33 @@ def _largest(T: int, meets) -> np.ndarray:
 
 
 FULL_GRID = np.arange(-4, 0)
-"""Step indices around the estimate √(12·budget/d) that a frame of up to GRID_ROWS rows tries with the full
-reconstruction, in one array: on SmolLM2's layer 10 (protocol text and GPL-3, 2,048 rows, ε 0.01 to 0.05) the
-answer was 4 to 2 below it in 97 to 99.8 % of rows (the grid must also see the index above the answer fail);
-the others take the two-step search."""
+"""Step indices around the estimate √(12·budget/d) that every row tries first with the full reconstruction, in
+one array: on SmolLM2's layer 10 (protocol text and GPL-3, 2,048 rows, ε 0.01 to 0.05) the answer was 4 to 2
+below it in 97 to 99.8 % of rows (the grid must also see the index above the answer fail); the others take the
+two-step search."""
 
 
 def _search(y: np.ndarray, basis: Basis, budget: np.ndarray, deadzone: float):
     """The largest step index that meets each row's budget with the centroid reconstruction, and the row coded
     there: (k, symbols, band gains, reconstruction of y, Laplace scales, squared error).
 
-    A frame of up to GRID_ROWS rows (a decode step) codes FULL_GRID's indices around the estimate at once. Other
-    frames, and rows whose answer is off that grid, search with the plain reconstruction first (a few cheap
-    operations per try), which lands at the answer or just above it (measured on 128 rows of SmolLM2's layer 10:
-    40 at it, 84 one above, 4 two above), so the REFINE indices at and below it are coded at once with the full
-    reconstruction. Rows where none of those meet are bisected with the full reconstruction."""
+    Every row codes FULL_GRID's indices around the estimate at once. Rows whose answer is off that grid search
+    with the plain reconstruction first (bisection, a few cheap operations per try), which lands at the answer or
+    just above it (measured on 128 rows of SmolLM2's layer 10: 40 at it, 84 one above, 4 two above), so the
+    REFINE indices at and below it are coded at once with the full reconstruction; rows where none of those meet
+    are bisected with the full reconstruction. Each step is row by row, so that a row is coded the same in a
+    frame of any size (a speculative step's rows equal one-token steps')."""
     T, d = y.shape
-    if T <= GRID_ROWS:
-        est = np.floor(4.0 * np.log2(np.maximum(12.0 * budget / d, 1e-300))).astype(np.int64) + STEP_BIAS
-        cands = np.minimum(np.maximum(est[:, None] + FULL_GRID[None], 0), RAW16 - 1).ravel()
-        k, coded, met = _pick(y, basis, budget, deadzone, cands, len(FULL_GRID))
-        off = ~met[:, 0] | met[:, -1]  # the grid's lowest index misses the budget, or its highest still meets it
-        if off.any():
-            sub = _search_long(y[off], basis, budget[off], deadzone)
-            k[off] = sub[0]
-            for a, b in zip(coded, sub[1:]):
-                a[off] = b
-        return (k, *coded)
-    return _search_long(y, basis, budget, deadzone)
+    est = np.floor(4.0 * np.log2(np.maximum(12.0 * budget / d, 1e-300))).astype(np.int64) + STEP_BIAS
+    cands = np.minimum(np.maximum(est[:, None] + FULL_GRID[None], 0), RAW16 - 1).ravel()
+    k, coded, met = _pick(y, basis, budget, deadzone, cands, len(FULL_GRID))
+    off = ~met[:, 0] | met[:, -1]  # the grid's lowest index misses the budget, or its highest still meets it
+    if off.any():
+        sub = _search_long(y[off], basis, budget[off], deadzone)
+        k[off] = sub[0]
+        for a, b in zip(coded, sub[1:]):
+            a[off] = b
+    return (k, *coded)
 
 
 def _pick(y, basis, budget, deadzone, cands: np.ndarray, G: int):
@@ -357,7 +325,7 @@ def _pick(y, basis, budget, deadzone, cands: np.ndarray, G: int):
 
 def _search_long(y: np.ndarray, basis: Basis, budget: np.ndarray, deadzone: float):
     """`_search` by the plain search, then REFINE indices with the full reconstruction, then bisection."""
-    lo = _plain_search(y, basis._derived[0], budget, deadzone)
+    lo = _plain_bisect(y, basis._derived[0], budget, deadzone)
     cands = np.maximum(lo[:, None] - np.arange(REFINE)[None, ::-1], 0).ravel()  # lo - 2, lo - 1, lo per row
     k, coded, met = _pick(y, basis, budget, deadzone, cands, REFINE)
     lost = ~met.any(1)
@@ -389,7 +357,8 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
     if not np.isfinite(x).all():
         raise CodecError("activations contain NaN or Inf")
     c = x - basis.mean
-    y = (c @ basis.vectors).astype(np.float64)  # (T, d)
+    # row by row: a matrix product sums in another order than a vector one, and a row must code the same in any frame
+    y = np.stack([row @ basis.vectors for row in c]).astype(np.float64)  # (T, d)
     budget = error_budget * _inlier_energy(c)
 
     lo, q, gains, _, scales, err = _search(y, basis, budget, deadzone)
