@@ -207,3 +207,33 @@ def test_device_only_exports_refuse_speculate(tiny_ckpt, tmp_path, capsys):
     export_artifacts(tiny_ckpt, Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, L, max_seq_len=64), tmp_path / "art", progress=False)
     assert main(["generate", "--artifacts", str(tmp_path / "art"), "--prompt", "x", "--speculate"]) == 2
     assert "device-only" in capsys.readouterr().err
+
+
+LOOKUP_TEXT = ("The city council met on Tuesday to discuss the new park. The park will have a playground, a pond and a walking "
+               "trail. Construction will start in the spring and should finish by the end of the year.")
+
+
+@pytest.fixture(scope="module")
+def smollm_export(smollm_ckpt, tmp_path_factory):
+    from splitlm.demo import default_plan
+    from splitlm.export import export_artifacts
+
+    return export_artifacts(smollm_ckpt, default_plan(smollm_ckpt), tmp_path_factory.mktemp("smol-spec"), progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", [f"Rewrite this text, changing 'park' to 'garden':\n\n{LOOKUP_TEXT}",
+                                    "Write a short poem about the sea."], ids=["edit", "poem"])
+def test_speculation_on_smollm2_equals_one_token_at_a_time(smollm_ckpt, smollm_export, prompt):
+    """The default plan's export (4-bit source head, int8 compute, the ans codec), 64 greedy tokens: drafts always
+    wrong, always right, mixed, and prompt lookup all give the tokens of decoding one at a time."""
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.runtime import HeadSession, generate_split
+
+    session, runner = HeadSession(smollm_export.device_dir), TailRunner(smollm_export.cloud_dir)
+    ids = smollm_ckpt.tokenizer().encode(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n").ids
+    plain = generate_split(session, runner.new_session(), ids, 64).token_ids
+    for mode in ("wrong", "right", "mixed", "lookup"):
+        drafter = PromptLookup() if mode == "lookup" else Oracle(ids, plain, mode)
+        spec = generate_split(session, runner.new_session(), ids, 64, speculate=True, drafter=drafter)
+        assert spec.token_ids == plain, mode
