@@ -237,3 +237,46 @@ def test_speculation_on_smollm2_equals_one_token_at_a_time(smollm_ckpt, smollm_e
         drafter = PromptLookup() if mode == "lookup" else Oracle(ids, plain, mode)
         spec = generate_split(session, runner.new_session(), ids, 64, speculate=True, drafter=drafter)
         assert spec.token_ids == plain, mode
+
+
+class FixedDraft:
+    """Drafts the same two tokens at every step: right sometimes, wrong other times."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def propose(self, history, k):
+        return self.tokens[:k]
+
+
+def test_sampled_tokens_follow_the_same_distribution_with_and_without_speculation(export, tiny_ckpt):
+    """The acceptance rule at work: 200 sampled runs with drafts (seeds 0..199) against 200 without (seeds
+    1000..1199), temperature 1.5; the distribution of each of the first three generated tokens agrees within a
+    chi-square bound (p > 0.001), and drafts were both kept and rejected."""
+    import numpy as np
+
+    prompt = _prompt(tiny_ckpt)[:6]
+    first = _run(export, prompt, SamplingParams(temperature=1.5, seed=0), n=3).token_ids
+    runs = 200
+    kept = drafted = 0
+    samples = {True: [], False: []}
+    for spec in (True, False):
+        for i in range(runs):
+            sampling = SamplingParams(temperature=1.5, seed=i if spec else 1000 + i)
+            out = _run(export, prompt, sampling, speculate=spec, drafter=FixedDraft(first[1:]), n=3)
+            samples[spec].append(out.token_ids[:3])
+            if spec:
+                kept, drafted = kept + out.extra["accepted"], drafted + out.extra["drafted"]
+    assert 0 < kept < drafted
+    for pos in range(3):
+        a = np.array([s[pos] for s in samples[True]])
+        b = np.array([s[pos] for s in samples[False]])
+        values = np.unique(np.concatenate([a, b]))
+        table = np.array([[np.sum(a == v) for v in values], [np.sum(b == v) for v in values]], float)
+        table = table[:, table.sum(0) >= 10]  # pool rare tokens out: the chi-square needs counts
+        expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+        chi2 = float(((table - expected) ** 2 / expected).sum())
+        dof = table.shape[1] - 1
+        # p > 0.001: chi2 below the 99.9 % quantile, by the Wilson-Hilferty approximation
+        bound = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3 if dof else 0.0
+        assert chi2 <= bound, (pos, chi2, bound, table)
