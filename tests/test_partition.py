@@ -13,7 +13,7 @@ from splitlm.partition.profile import (
     QualityTable,
     SideProfile,
 )
-from splitlm.partition.search import Budgets, price, search
+from splitlm.partition.search import Budgets, price, search, to_plan
 
 MB = 2**20
 
@@ -97,6 +97,21 @@ def test_costs_add_up():
     assert c.bytes_per_token == 512
     full = price(p, 12, 8, 16, 16, p.codecs[0], 1024, b)
     assert full.bytes_per_token == 0 and full.memory_bytes > c.memory_bytes
+
+
+def test_speculation_divides_the_link_and_cloud_share_and_the_plan_speculates():
+    p = synthetic()
+    plain = price(p, 4, 8, 16, 16, p.codecs[0], 1024, Budgets(1e12, 1e6))
+    spec = price(p, 4, 8, 16, 16, p.codecs[0], 1024, Budgets(1e12, 1e6, tokens_per_round_trip=2.0))
+    device = 0.5 + 0.05 + 4 * (1.0 + 0.3 * (1024 - 256) / 3840) + 0.01
+    assert spec.token_latency_ms == pytest.approx(device + (plain.token_latency_ms - device) / 2)
+    assert spec.ttft_ms == plain.ttft_ms
+    b = Budgets(1e12, 1e6, max_seq_len=1024, tokens_per_round_trip=2.0)
+    split = to_plan(spec, p, b)
+    assert split.speculate
+    assert not to_plan(price(p, 12, 8, 16, 16, p.codecs[0], 1024, b), p, b).speculate  # device-only: nothing to hide
+    with pytest.raises(ConfigError, match="tokens per round trip must be >= 1"):
+        Budgets(1e12, 1e6, tokens_per_round_trip=0.5)
 
 
 def test_nothing_fits_names_the_binding_constraint():

@@ -68,6 +68,8 @@ def test_hand_edited_plan_with_stale_hash_is_refused(tmp_path):
     (dict(split_moves=[[100, 6]]), "the split is already there"),
     (dict(split_moves=[[100]]), "expected a list of 2 items"),
     (dict(split_moves=[[5000, 2]]), "within max_seq_len"),
+    (dict(speculate="yes"), "speculate must be true or false"),
+    (dict(move_codec=dict(coder="zip")), "move codec 'zip' not in"),
 ])
 def test_invalid_fields_are_named(kwargs, message):
     data = json.loads(Plan("m", "0" * 16, 6).to_json())
@@ -146,3 +148,19 @@ def test_plan_module_is_torch_free():
     code = "import sys, splitlm.partition.plan, splitlm.sampling, splitlm.model.spec, splitlm.model.names; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_a_device_only_plan_cannot_speculate():
+    with pytest.raises(PlanError, match="cannot speculate"):
+        Plan("m", "0" * 16, 6, speculate=True).check_model(6)
+
+
+def test_fields_added_within_the_version_keep_older_plans_hashes():
+    """A plan made before move_codec and speculate existed (this hash is the landed version's) still loads: those
+    fields count in the hash only when set."""
+    from splitlm.quantize.config import MoveCodec
+
+    old = Plan("m", "0" * 16, 6)
+    assert old.hash == "a2b785ef2b0120f1"
+    assert Plan.from_json(old.to_json()).hash == old.hash
+    assert len({old.hash, old.replace(speculate=True).hash, old.replace(move_codec=MoveCodec("exact")).hash}) == 3

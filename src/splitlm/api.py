@@ -143,12 +143,13 @@ class Device:
         if session.device_only:
             return generate_device_only(session, ids, max_tokens, sampling, on_token, tok)
         if self._tail is not None:
-            return generate_split(session, self._tail.new_session(sampling), ids, max_tokens, on_token, tok)
+            return generate_split(session, self._tail.new_session(sampling), ids, max_tokens, on_token, tok,
+                                  speculate=session.plan.speculate)
         from splitlm.device.client import FailoverConfig, ReplayingSession
 
         with ReplayingSession(self._channel, session.plan.hash, session.plan.model_id, sampling, max_tokens, self._token,
                               failover=FailoverConfig(deadline_s=self._failover_deadline_s)) as remote:
-            result = generate_split(session, remote, ids, max_tokens, on_token, tok)
+            result = generate_split(session, remote, ids, max_tokens, on_token, tok, speculate=session.plan.speculate)
         result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down, replays=len(remote.replays))
         return result
 

@@ -220,6 +220,7 @@ def _generate_from_artifacts(args, sampling):
     if session.device_only and args.server:
         raise ConfigError(f"--server: the export in {root} is device-only (split {L}/{L}), there is no cloud part to "
                           "run on a server; drop --server")
+    args.speculate = args.speculate or session.plan.speculate
     if session.device_only and args.speculate:
         raise ConfigError(f"--speculate hides the round trips to the cloud, and the export in {root} is device-only "
                           f"(split {L}/{L}): drop --speculate")

@@ -119,6 +119,10 @@ def add_partition(sub) -> None:
     pt.add_argument("--quality-tolerance", type=float, default=tolerance,
                     help="quality objective: perplexities within this fraction of the best count as equal and the "
                          f"fastest of them wins (default {tolerance})")
+    pt.add_argument("--speculate", type=float, default=None, metavar="TOKENS_PER_ROUND_TRIP",
+                    help="plan for speculation (split plans speculate): the decode tokens a round trip is expected to give, "
+                         ">= 1 (`generate --speculate --json` reports it; 1.5 to 3.4 on lookup-friendly prompts, 1.0 to 1.9 "
+                         "on open chat in bench/e2e.py --speculate)")
     pt.add_argument("--out", required=True, help="where to write the chosen plan")
     pt.add_argument("--top", type=int, default=10, help="Pareto candidates to print")
     pt.add_argument("--plot", default=None, help="write a Pareto plot (PNG/SVG/PDF) of the feasible plans here")
@@ -329,7 +333,7 @@ def cmd_partition(args) -> int:
         token_latency_ms=quantity(args.token_latency, ("ms", "s"), "--token-latency"),
         ttft_ms=quantity(args.ttft, ("ms", "s"), "--ttft") if args.ttft else None,
         max_seq_len=args.max_seq_len, prompt_tokens=args.prompt_tokens, objective=args.objective,
-        quality_tolerance=args.quality_tolerance)
+        quality_tolerance=args.quality_tolerance, tokens_per_round_trip=args.speculate)
     t0 = time.perf_counter()
     result = search(profile, budgets)
     seconds = time.perf_counter() - t0

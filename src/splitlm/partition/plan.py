@@ -14,6 +14,8 @@ from splitlm.partition.fields import MissingField, from_fields
 from splitlm.quantize.config import KV_BITS, LM_HEAD_BITS, CodecConfig, MoveCodec, WeightQuant
 
 PLAN_VERSION = 1
+ADDED_FIELDS = ("move_codec", "speculate")
+"""Plan fields added within PLAN_VERSION: hashed only when set to something else than their default."""
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,17 @@ class Plan:
     [0, split_layer)). The cloud holds the weights from the shallowest of them (`cloud_start`)."""
     move_codec: MoveCodec = field(default_factory=MoveCodec)
     """How the K/V of a move travel (lossy "ans" by default; "exact" keeps the output of an exact plan unchanged)."""
+    speculate: bool = False
+    """Sessions draft tokens on the device and the cloud verifies them, several tokens per round trip with the same
+    output (DESIGN.md §11; `generate` speculates when this is set or --speculate is given)."""
     predictions: Predictions = field(default_factory=Predictions)
     """The partitioner's predictions (not part of the hash)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.split_layer, int) or self.split_layer < 0:
             raise PlanError(f"split_layer must be a non-negative integer, got {self.split_layer!r}")
+        if not isinstance(self.speculate, bool):
+            raise PlanError(f"speculate must be true or false, got {self.speculate!r}")
         if self.lm_head_bits not in LM_HEAD_BITS:
             raise PlanError(f"lm_head_bits {self.lm_head_bits!r} not in {LM_HEAD_BITS}")
         if self.kv_bits not in KV_BITS:
@@ -110,6 +117,8 @@ class Plan:
         """Raise PlanError if this plan cannot run on a model with `num_layers` layers / these weights."""
         if not 0 <= self.split_layer <= num_layers:
             raise PlanError(f"split layer {self.split_layer} is outside [0, {num_layers}] for {self.model_id}")
+        if self.speculate and self.split_layer == num_layers:
+            raise PlanError(f"a device-only plan (split {num_layers}) cannot speculate: it has no round trips to hide")
         if self.split_moves and self.split_layer == num_layers:
             raise PlanError(f"a device-only plan (split {num_layers}) cannot move its split: it has no cloud; "
                             "partition with a split below the last layer")
@@ -134,9 +143,15 @@ class Plan:
 
     @property
     def hash(self) -> str:
-        """sha256 (16 hex digits) of everything but the predictions: device and cloud must agree on it."""
+        """sha256 (16 hex digits) of everything but the predictions: device and cloud must agree on it. Fields added
+        after a version (ADDED_FIELDS) count only when they differ from their default, so that the plans and exports
+        made before them keep their hash."""
         data = dataclasses.asdict(self)
         data.pop("predictions")
+        for f in dataclasses.fields(self):
+            if f.name in ADDED_FIELDS and getattr(self, f.name) == (f.default if f.default_factory is dataclasses.MISSING
+                                                                    else f.default_factory()):
+                data.pop(f.name)
         canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(f"v{PLAN_VERSION}:{canon}".encode()).hexdigest()[:16]
 

@@ -45,8 +45,14 @@ class Budgets:
     KV cache measures a few 0.0001 either side of full precision), and the fastest of them wins."""
     lm_head_bits: int = 8
     """LM-head precision of device-only plans."""
+    tokens_per_round_trip: float | None = None
+    """Speculation (DESIGN.md §11): the tokens a split plan's decode round trip is expected to give (measured by
+    `generate --speculate --json`); the link's and the cloud's share of a token's latency is divided by it, and the
+    plan sessions speculate. None: no speculation."""
 
     def __post_init__(self) -> None:
+        if self.tokens_per_round_trip is not None and not self.tokens_per_round_trip >= 1:
+            raise ConfigError(f"tokens per round trip must be >= 1, got {self.tokens_per_round_trip}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective {self.objective!r} not in {OBJECTIVES}")
         if not self.device_memory_bytes > 0 or not self.token_latency_ms > 0:
@@ -98,7 +104,8 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
 
     Decode step: device (overhead + embedding + ℓ layers at the context with their KV cache's
     quantization + encode) + link (RTT + transfer) + cloud (overhead + frame decode + L − ℓ layers
-    + final norm and LM head). TTFT: the device runs the prompt in prefill chunks, sends one
+    + final norm and LM head); with speculation, link and cloud divided by the tokens per round trip.
+    TTFT: the device runs the prompt in prefill chunks, sends one
     frame, the cloud runs it in one call.
     """
     L = p.num_layers
@@ -126,7 +133,8 @@ def price(p: Profile, split: int, dev_bits: int, cloud_bits: int, kv_bits: int, 
         link_ms = link.rtt_ms + link.transfer_ms(bytes_up + 16)
         cloud_ms = (cloud.step_overhead_ms + codec.decode_ms + (L - split) * cloud.decode(cloud_bits, seq)
                     + cloud.head_ms.get(16, 0.0))
-        token_ms = device_ms + link_ms + cloud_ms
+        # speculation: every token still runs through the head, the round trip and the cloud's step serve several
+        token_ms = device_ms + (link_ms + cloud_ms) / (b.tokens_per_round_trip or 1.0)
         ttft += (b.prompt_tokens * codec.prefill_encode + link.rtt_ms + link.transfer_ms(b.prompt_tokens * bytes_up)
                  + cloud.prefill_overhead_ms + b.prompt_tokens * codec.prefill_decode
                  + (L - split) * cloud.prefill(cloud_bits, b.prompt_tokens) + cloud.head_ms.get(16, 0.0))
@@ -298,5 +306,6 @@ def to_plan(c: Candidate, p: Profile, b: Budgets):
                 cloud_weights=WeightQuant(c.cloud_bits, DEFAULT_GROUP),
                 kv_bits=c.kv_bits, lm_head_bits=b.lm_head_bits if c.split == p.num_layers else 16, codec=codec,
                 max_seq_len=c.max_seq_len, prefill_chunk=b.prefill_chunk, split_moves=c.moves,
+                speculate=b.tokens_per_round_trip is not None and c.split < p.num_layers,
                 predictions=Predictions(c.memory_bytes, c.token_latency_ms, c.ttft_ms, b.prompt_tokens, c.bytes_per_token,
                                             c.perplexity))
