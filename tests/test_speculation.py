@@ -280,3 +280,32 @@ def test_sampled_tokens_follow_the_same_distribution_with_and_without_speculatio
         # p > 0.001: chi2 below the 99.9 % quantile, by the Wilson-Hilferty approximation
         bound = dof * (1 - 2 / (9 * dof) + 3.09 * (2 / (9 * dof)) ** 0.5) ** 3 if dof else 0.0
         assert chi2 <= bound, (pos, chi2, bound, table)
+
+
+def test_sessions_speculating_and_decoding_side_by_side_on_one_server(export, tiny_ckpt):
+    """Three sessions on one server at once, two verifying drafts (right, mixed) and one decoding a token at a time:
+    the batcher runs their steps in shared turns, and each gives its one-token-at-a-time output."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from splitlm.device.client import RemoteSession, connect
+    from splitlm.device.runtime import HeadSession, generate_split
+    from tests.test_moves import _serve
+
+    plan, result = export
+    prompt = _prompt(tiny_ckpt)
+    plain = _run(export, prompt, SamplingParams()).token_ids
+    server, address, service = _serve(export)
+    try:
+        def one(mode):
+            with connect(address) as channel:
+                remote = RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), N)
+                out = generate_split(HeadSession(result.device_dir), remote, prompt, N, speculate=mode is not None,
+                                     drafter=Oracle(prompt, plain, mode) if mode else None)
+                remote.close()
+                return out.token_ids
+
+        with ThreadPoolExecutor(3) as pool:
+            outs = list(pool.map(one, ["right", None, "mixed"]))
+        assert outs == [plain] * 3
+    finally:
+        server.stop(grace=None)

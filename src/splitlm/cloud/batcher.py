@@ -237,6 +237,7 @@ class Batcher:
     def _loop(self) -> None:
         prefills: deque[_Work] = deque()
         decodes: list[_Work] = []
+        verifies: list[_Work] = []
         while True:
             block = not prefills and not decodes
             arrived: list[_Work] = []
@@ -273,13 +274,24 @@ class Batcher:
             except queue.Empty:
                 pass
             for w in self._make_hidden(arrived):
-                (decodes if w.hidden.shape[0] == 1 and w.cache.length > 0 else prefills).append(w)
+                if w.cache.length > 0 and w.hidden.shape[0] == 1:
+                    decodes.append(w)
+                elif w.cache.length > 0 and not w.last_only and w.hidden.shape[0] <= self.chunk:
+                    verifies.append(w)  # a speculative step's few rows, all logits wanted: this turn, not behind prefills
+                else:
+                    prefills.append(w)
             if decodes:
                 batch, decodes = decodes[: self.max_batch], decodes[self.max_batch:]
                 for w in batch:
                     if w.future.cancelled():  # its waiter went away: give its KV reservation back
                         self._unreserve(w)
                 self._decode([w for w in batch if not w.future.cancelled()])
+            for w in verifies:
+                if w.future.cancelled():
+                    self._unreserve(w)
+                else:
+                    self._chunk(w)
+            verifies = []
             while prefills and prefills[0].future.cancelled():
                 self._unreserve(prefills.popleft())
             if prefills and self._chunk(prefills[0]):
