@@ -21,7 +21,7 @@ class Oracle:
     def __init__(self, prompt: list[int], reference: list[int], mode: str) -> None:
         self.full, self.prompt, self.mode, self.calls = prompt + reference, len(prompt), mode, 0
 
-    def propose(self, history: list[int], k: int) -> list[int]:
+    def propose(self, history: list[int], k: int, min_match: int = 1) -> list[int]:
         self.calls += 1
         right = self.full[len(history):len(history) + k]
         if self.mode == "right" or (self.mode == "mixed" and self.calls % 2):
@@ -73,6 +73,8 @@ def test_prompt_lookup_drafts_what_followed_the_last_occurrence():
     assert d.propose([1, 2, 3, 9, 1, 2, 3, 9, 7], 2) == []  # (9, 7) and (7,) are new; (3, 9, 7) too
     assert d.propose([5, 6], 4) == []
     assert d.propose([5, 6], 0) == []
+    assert PromptLookup().propose([1, 2, 3, 9, 4, 3], 2) == [9, 4]  # (3,) matches
+    assert PromptLookup().propose([1, 2, 3, 9, 4, 3], 2, min_match=2) == []  # (4, 3) does not
 
 
 def test_the_draft_length_follows_acceptance():
@@ -82,7 +84,12 @@ def test_the_draft_length_follows_acceptance():
     n.update(5, 1)
     assert n.k == 2
     n.update(2, 0)
-    assert n.k == 1
+    n.update(1, 0)
+    assert n.k == 1 and n.min_match == 1
+    n.update(1, 0)
+    assert n.min_match == 2  # three misses in a row: drafts need a two-token match
+    n.update(1, 1)
+    assert n.min_match == 1 and n.k == 2
     with pytest.raises(ConfigError, match="1 <= k <= max_k"):
         DraftLength(k=0)
 
@@ -245,7 +252,7 @@ class FixedDraft:
     def __init__(self, tokens):
         self.tokens = tokens
 
-    def propose(self, history, k):
+    def propose(self, history, k, min_match=1):
         return self.tokens[:k]
 
 

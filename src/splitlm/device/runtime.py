@@ -555,7 +555,7 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
             rounds[0] += 1
         if speculate and start:
             room = min(lengths.k, max_tokens - (len(history) - len(prompt_ids)) - 1, session.plan.max_seq_len - start - 2)
-            draft = drafter.propose(history, room) if room > 0 else []
+            draft = drafter.propose(history, room, lengths.min_match) if room > 0 else []
             if draft:
                 frame = head.encode(head.step_each([ids[-1], *draft]))
                 sent[0] += len(frame)
