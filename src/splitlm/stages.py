@@ -45,8 +45,7 @@ def build_stages(ckpt: Checkpoint, plan: Plan, calib_ids: list[list[int]] | None
     head = quantize_embedding(quantize_lm_head(weights(head, plan.device_weights, calib), plan.lm_head_bits, source),
                               plan.device_weights, source)
     if plan.kv_bits != 16:
-        size = min(corpus.WINDOW, ckpt.spec.max_position)
-        head = quantize_kv_cache(head, plan.kv_bits, corpus.calibration_windows(ckpt.tokenizer(), KV_CALIBRATION_WINDOWS, size))
+        head = quantize_kv_cache(head, plan.kv_bits, _windows(ckpt, KV_CALIBRATION_WINDOWS))
     if split == L or not tail:
         return head, None
     start = plan.cloud_start  # a plan whose split moves shallower has the cloud hold those layers too
@@ -73,8 +72,7 @@ def codec_bases(ckpt: Checkpoint, plan: Plan, head: Transformer) -> dict:
 
     if codec.frame_kind(plan.codec) != "ans" or plan.split_layer == ckpt.spec.num_layers:
         return {}
-    size = min(corpus.WINDOW, ckpt.spec.max_position)
-    windows = corpus.calibration_windows(ckpt.tokenizer(), CODEC_CALIBRATION_WINDOWS, size)
+    windows = _windows(ckpt, CODEC_CALIBRATION_WINDOWS)
     bases = {}
     with torch.inference_mode():
         for layer in plan.splits():
@@ -91,6 +89,9 @@ def move_energies(ckpt: Checkpoint, plan: Plan, head: Transformer) -> dict:
 
     if not plan.split_moves or plan.move_codec.coder != "ans":
         return {}
-    size = min(corpus.WINDOW, ckpt.spec.max_position)
-    windows = corpus.calibration_windows(ckpt.tokenizer(), KV_CALIBRATION_WINDOWS, size)
-    return query_energies(head, range(plan.cloud_start, plan.split_layer), windows)
+    return query_energies(head, range(plan.cloud_start, plan.split_layer), _windows(ckpt, KV_CALIBRATION_WINDOWS))
+
+
+def _windows(ckpt: Checkpoint, count: int) -> list[list[int]]:
+    """`count` calibration windows of the protocol text, each as long as the model allows up to corpus.WINDOW."""
+    return corpus.calibration_windows(ckpt.tokenizer(), count, min(corpus.WINDOW, ckpt.spec.max_position))

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NoReturn
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import grpc
 import numpy as np
@@ -569,18 +569,22 @@ class ReplayingSession:
     def last_token(self) -> pb.Token | None:
         return self.remote.last_token
 
-    def send(self, frame: bytes, rows: int, want_token: bool = True) -> int | None:
-        """RemoteSession.send, rebuilt by replay when the link or the server fails."""
+    def _step(self, call: Callable[[], Any]) -> Any:
+        """call() on the current remote session; when the link or the server fails, the session is rebuilt by replay
+        and the call repeated. Other errors pass through."""
         failed_at = None
         while True:
             try:
-                answer = self.remote.send(frame, rows, want_token)
-                break
+                return call()
             except (RemoteError, TransportError) as exc:
                 if not _retryable(exc):
                     raise
                 failed_at = failed_at or time.monotonic()
                 self._rebuild(exc, failed_at)
+
+    def send(self, frame: bytes, rows: int, want_token: bool = True) -> int | None:
+        """RemoteSession.send, rebuilt by replay when the link or the server fails."""
+        answer = self._step(lambda: self.remote.send(frame, rows, want_token))
         self.history.append((frame, int(rows)))
         if want_token:
             self.tokens += 1
@@ -591,16 +595,7 @@ class ReplayingSession:
 
     def verify(self, frame: bytes, rows: int, drafts: list[int]) -> tuple[int, int]:
         """RemoteSession.verify, kept for a replay with the rows the cloud kept."""
-        failed_at = None
-        while True:
-            try:
-                accepted, token = self.remote.verify(frame, rows, drafts)
-                break
-            except (RemoteError, TransportError) as exc:
-                if not _retryable(exc):
-                    raise
-                failed_at = failed_at or time.monotonic()
-                self._rebuild(exc, failed_at)
+        accepted, token = self._step(lambda: self.remote.verify(frame, rows, drafts))
         self.history.append(_Verified(frame, int(rows), 1 + accepted))
         self.tokens += 1 + accepted
         return accepted, token

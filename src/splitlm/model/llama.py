@@ -63,6 +63,12 @@ class Attention(nn.Module):
         """(k, v) -> (k̂, v̂) of the new positions, after rotary and before attention: what a quantized
         KV cache holds (the device's), set by the quantize package; None keeps them exact."""
 
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The queries of x (B, T, d) after rotary: (B, H, T, D)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.spec.num_heads, self.spec.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -74,10 +80,10 @@ class Attention(nn.Module):
         """Returns the output and the keys/values of the T new positions (B, Hkv, T, D)."""
         s = self.spec
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q = self.queries(x, cos, sin)
         k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
         if self.kv_quant is not None:
             k, v = self.kv_quant(k, v)
         k_all, v_all = k, v

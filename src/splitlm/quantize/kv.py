@@ -107,8 +107,6 @@ def query_energies(stage: Transformer, layers: range, calib_ids: list[list[int]]
     that read the key head: {layer: (Hkv, D) float32}. The K/V codec steps keys by it (kv_codec.logit_steps)."""
     import numpy as np
 
-    from splitlm.model.rope import apply_rotary
-
     s = stage.spec
     sums: dict[int, torch.Tensor] = {}
     count = [0]
@@ -117,9 +115,8 @@ def query_energies(stage: Transformer, layers: range, calib_ids: list[list[int]]
         attn = stage.model.layers[i].self_attn
 
         def hook(mod, args, _out, i=i):
-            x, cos, sin = args[:3]
-            b, t, _ = x.shape
-            q = apply_rotary(mod.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2), cos, sin)
+            q = mod.queries(*args[:3])  # (B, H, T, D)
+            b, _, t, _ = q.shape
             e = q.float().square().sum(dim=(0, 2)).view(s.num_kv_heads, -1, s.head_dim).mean(1)  # (Hkv, D)
             sums[i] = e if i not in sums else sums[i] + e
             if i == layers.start:
