@@ -149,6 +149,58 @@ def test_speculation_over_grpc_and_after_a_failover_equals_one_token_at_a_time(e
             server.stop(grace=None)
 
 
+def _logprobs_run(address, export, prompt, drafter=None):
+    """A generation over gRPC asking 3 logprobs: (tokens, (logprob, top ids) of each generated token), with
+    speculation when a drafter is given (the kept drafts' logprobs come in their step's Token.kept)."""
+    from splitlm.device.client import RemoteSession, connect
+    from splitlm.device.runtime import HeadSession, generate_split
+
+    plan, result = export
+    got = []
+
+    def note(lp):
+        got.append((lp.logprob, [t.id for t in lp.top]))
+
+    with connect(address) as channel, RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), N, logprobs=3) as remote:
+        class Link:
+            def send(self, frame, rows, want_token):
+                token = remote.send(frame, rows, want_token)
+                if want_token:
+                    note(remote.last_token)
+                return token
+
+            def verify(self, frame, rows, drafts):
+                answer = remote.verify(frame, rows, drafts)
+                assert len(remote.last_token.kept) == answer[0]
+                for kept in remote.last_token.kept:
+                    note(kept)
+                note(remote.last_token)
+                return answer
+
+        out = generate_split(HeadSession(result.device_dir), Link(), prompt, N, speculate=drafter is not None,
+                             drafter=drafter)
+    return out, got
+
+
+def test_kept_drafts_carry_their_logprobs(export, tiny_ckpt):
+    from tests.test_moves import _serve
+    from tests.tolerances import TOL
+
+    prompt = _prompt(tiny_ckpt)
+    plain = _run(export, prompt, SamplingParams())
+    server, address, _ = _serve(export)
+    try:
+        base, want = _logprobs_run(address, export, prompt)
+        spec, got = _logprobs_run(address, export, prompt, Oracle(prompt, plain.token_ids, "mixed"))
+    finally:
+        server.stop(grace=None)
+    assert spec.token_ids == base.token_ids == plain.token_ids and spec.extra["accepted"] > 0
+    # one (logprob, top) per generated token but the last (generate_tokens stops at max_tokens before asking again)
+    assert len(got) == len(want) == len(plain.token_ids)
+    assert [ids for _, ids in got] == [ids for _, ids in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=TOL["wire_logprob_abs"])
+
+
 def test_bad_verify_messages_are_refused_and_end_only_their_session(export, tiny_ckpt):
     """draft_ids without want_token, a frame whose rows are not drafts + 1, keep_rows past the frame: INVALID_ARGUMENT
     on that session, while another session on the same server runs on."""

@@ -248,6 +248,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         if choice.logprob is not None:
             token.logprob = choice.logprob
             token.top.extend(pb.TopLogprob(id=i, logprob=lp) for i, lp in choice.top)
+            token.kept.extend(pb.DraftLogprobs(logprob=c.logprob, top=[pb.TopLogprob(id=i, logprob=lp) for i, lp in c.top])
+                              for c in choice.kept)
         return pb.CloudMessage(token=token)
 
     async def _move(self, sid: str, session: _Session, first: pb.MoveSplit, context: grpc.aio.ServicerContext,

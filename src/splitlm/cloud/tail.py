@@ -138,6 +138,8 @@ class TokenChoice:
     """The most likely (id, logprob) pairs, best first."""
     accepted: int = 0
     """Speculation (`TailSession.submit_verify`): the drafts kept before `id`."""
+    kept: tuple["TokenChoice", ...] = ()
+    """Speculation with logprobs: the kept drafts' own choices (their logprob and top), in order."""
 
 
 class TailSession:
@@ -198,10 +200,12 @@ class TailSession:
         self.position += k + 1
 
         def choose(logits: torch.Tensor) -> TokenChoice:
+            kept = []
             for i in range(k + 1):
                 choice = self._choose(logits[i:i + 1], start + i + 1)
                 if i == k or choice.id != drafts[i]:
-                    return dataclasses.replace(choice, accepted=i)
+                    return dataclasses.replace(choice, accepted=i, kept=tuple(kept) if self.logprobs else ())
+                kept.append(choice)
             raise AssertionError("unreachable")
 
         return self._then_crop(self.runner.batcher.submit(self.cache, hidden, False, choose, start=self.split),

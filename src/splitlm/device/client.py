@@ -198,7 +198,8 @@ class RemoteSession:
                  max_tokens: int, token: str | None = None, resume_session: str = "",
                  link: LinkConfig | None = None, logprobs: int = 0) -> None:
         """`link` defaults to the one `connect` gave the channel (else LinkConfig()). `logprobs`: the
-        cloud returns this many top log-probabilities with each token (`last_token`)."""
+        cloud returns this many top log-probabilities with each token (`last_token`; a verified step's kept drafts have
+        theirs in its `kept`)."""
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= _UINT32_MAX:
             raise ConfigError(f"logprobs must be an integer >= 0, got {logprobs!r}")
         wire_sampling = _sampling_message(sampling)

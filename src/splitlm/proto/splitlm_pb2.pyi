@@ -125,20 +125,30 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class Token(_message.Message):
-    __slots__ = ("position", "id", "logprob", "top", "compute_us", "accepted")
+    __slots__ = ("position", "id", "logprob", "top", "compute_us", "accepted", "kept")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
     position: int
     id: int
     logprob: float
     top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
     compute_us: int
     accepted: int
-    def __init__(self, position: _Optional[int] = ..., id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., compute_us: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
+    kept: _containers.RepeatedCompositeFieldContainer[DraftLogprobs]
+    def __init__(self, position: _Optional[int] = ..., id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., compute_us: _Optional[int] = ..., accepted: _Optional[int] = ..., kept: _Optional[_Iterable[_Union[DraftLogprobs, _Mapping]]] = ...) -> None: ...
+
+class DraftLogprobs(_message.Message):
+    __slots__ = ("logprob", "top")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("id", "logprob")
