@@ -71,6 +71,25 @@ def test_frames_join_without_re_encoding(basis):
     assert np.allclose(whole, each, rtol=1e-6, atol=1e-6)  # the same symbols; the basis product rounds by batch
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_frames_of_one_layer_decode_as_one_batch(basis, backend):
+    xs = [activations(t, seed=10 + t) for t in (1, 1, 3, 1, 7)]
+    xs[2][1, 5] = 1e7  # a raw row (beyond fp16) inside the batch
+    frames = [ans.encode(x, basis, 0.03) for x in xs]
+    lays = [codec.parse_frame(f) for f in frames]
+    assert lays[2].ans.steps[1] == ans.RAW32
+    batched = codec.decode_many(frames, backend, lays, bases={5: basis})
+    for frame, lay, got in zip(frames, lays, batched):
+        alone = codec.decode(frame, backend, lay, bases={5: basis})
+        assert np.asarray(got).shape == np.asarray(alone).shape
+        assert np.allclose(np.asarray(got), np.asarray(alone), rtol=1e-6, atol=1e-6)
+    # a frame the batch cannot decode is a CodecError naming it (the batcher then decodes the frames one by one)
+    bad = ans.encode(xs[3], ans.Basis.fit(5, activations(500, seed=3)), 0.03)
+    lays[3] = codec.parse_frame(bad)
+    with pytest.raises(CodecError, match="frame 3 of the batch: the frame was coded with basis 5/"):
+        codec.decode_many([*frames[:3], bad, frames[4]], backend, lays, bases={5: basis})
+
+
 def test_a_frame_of_another_basis_or_read_alone_is_refused(basis):
     frame = ans.encode(activations(3, seed=5), basis, 0.035)
     other = ans.Basis.fit(5, activations(500, seed=9))

@@ -114,6 +114,11 @@ class Basis:
                 edges[:-1], np.diff(edges).astype(np.float64))
 
     @functools.cached_property
+    def _vectors_t64(self) -> np.ndarray:
+        """Uᵀ as float64, for the decoder's μ + U y (made once, not per frame)."""
+        return np.ascontiguousarray(self.vectors.T, np.float64)
+
+    @functools.cached_property
     def _unweighted(self) -> bool:
         """Whether every component has weight 1 (alpha 0, the default): a row's steps are then one number."""
         return bool((self.weights == 1).all())
@@ -433,20 +438,59 @@ def parse(buf: bytes, T: int, d: int, offset: int) -> Layout:
 
 def _rotate_back(y: np.ndarray, basis: Basis) -> np.ndarray:
     """x̂ = μ + U y for coefficients y (T, d): float32 (T, d)."""
-    return (y @ basis.vectors.T.astype(np.float64) + basis.mean).astype(np.float32)
+    return (y @ basis._vectors_t64 + basis.mean).astype(np.float32)
 
 
 def decode(buf: bytes, lay: Layout, basis: Basis, rotate=None) -> np.ndarray:
     """x̂ (T, d) float32 of a parsed frame, against the basis it names (CodecError for any other). `rotate(y, basis)`:
     the product μ + U y, by another library than numpy where one runs beside (the cloud's torch: numpy's BLAS
     threads would fight torch's for the cores)."""
-    if (lay.layer, lay.digest) != (basis.layer, basis.digest):
-        raise CodecError(f"the frame was coded with basis {lay.layer}/{lay.digest.hex()}, this side holds "
-                         f"{basis.layer}/{basis.digest.hex()}: the two sides do not run the same plan")
-    if lay.dim != basis.dim:
-        raise CodecError(f"the frame holds rows of dim {lay.dim}, its basis {basis.layer}/{basis.digest.hex()} codes dim {basis.dim}")
+    return decode_batch([buf], [lay], basis, rotate)[0]
+
+
+def decode_batch(bufs: list[bytes], lays: list[Layout], basis: Basis, rotate=None) -> list[np.ndarray]:
+    """`decode` of several frames of one basis: each frame's ANS streams on their own, then the reconstruction and
+    μ + U y of all their rows at once (one product with U for the batch: on the cloud, one frame of one row spent
+    most of its decode reading U). A row decoded in a batch equals the row decoded alone to float64 rounding (the
+    product's summation order may differ with the batch's size). CodecError names the frame at fault."""
+    for i, lay in enumerate(lays):
+        where = f"frame {i} of the batch: " if len(lays) > 1 else ""
+        if (lay.layer, lay.digest) != (basis.layer, basis.digest):
+            raise CodecError(f"{where}the frame was coded with basis {lay.layer}/{lay.digest.hex()}, this side holds "
+                             f"{basis.layer}/{basis.digest.hex()}: the two sides do not run the same plan")
+        if lay.dim != basis.dim:
+            raise CodecError(f"{where}the frame holds rows of dim {lay.dim}, its basis {basis.layer}/{basis.digest.hex()} "
+                             f"codes dim {basis.dim}")
+    d = basis.dim
+    q = np.concatenate([_symbols(buf, lay, basis, i if len(lays) > 1 else None) for i, (buf, lay) in enumerate(zip(bufs, lays))])
+    steps, gains = np.concatenate([lay.steps for lay in lays]), np.concatenate([lay.gains for lay in lays])
+    coded = steps < RAW16
+    y = np.zeros((len(steps), d))
+    if coded.any():
+        y[coded] = _reconstruct(q[coded], _scales(basis, gains[coded], steps[coded])) * (
+            step(steps[coded])[:, None] * basis.weights.astype(np.float64))
+    x = (rotate or _rotate_back)(y, basis)
+    out, row = [], 0
+    for i, (buf, lay) in enumerate(zip(bufs, lays)):
+        xi = x[row:row + lay.rows]
+        off = lay.raw_offset
+        for r in np.nonzero(lay.steps >= RAW16)[0]:
+            dtype, width = ("<f2", 2) if lay.steps[r] == RAW16 else ("<f4", 4)
+            xi[r] = np.frombuffer(buf, dtype, d, off)
+            off += width * d
+        if not np.isfinite(xi).all():
+            raise CodecError(f"{f'frame {i} of the batch: ' if len(lays) > 1 else ''}ans frame decodes to non-finite "
+                             "values: corrupt")
+        out.append(xi)
+        row += lay.rows
+    return out
+
+
+def _symbols(buf: bytes, lay: Layout, basis: Basis, index: int | None) -> np.ndarray:
+    """The symbols (T, d) float64 of a parsed frame's ANS streams (0 on raw rows)."""
     import constriction
 
+    where = f"frame {index} of the batch: " if index is not None else ""
     T, d = lay.rows, lay.dim
     raw = lay.steps >= RAW16
     q = np.zeros((T, d), np.float64)
@@ -462,27 +506,14 @@ def decode(buf: bytes, lay: Layout, basis: Basis, rotate=None) -> np.ndarray:
                 coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(stream, np.uint32))
                 symbols = coder.decode(_model(), np.zeros_like(scales), scales)
             except (ValueError, AssertionError, RuntimeError) as exc:  # a corrupt stream
-                raise CodecError(f"ans stream of rows [{row}, {row + rows}) is corrupt: {exc}") from None
+                raise CodecError(f"{where}ans stream of rows [{row}, {row + rows}) is corrupt: {exc}") from None
             if not coder.is_empty():
-                raise CodecError(f"ans stream of rows [{row}, {row + rows}) has data left after its {len(sel)} rows: corrupt")
+                raise CodecError(f"{where}ans stream of rows [{row}, {row + rows}) has data left after its {len(sel)} rows: corrupt")
             q[sel] = symbols.reshape(len(sel), d)
         elif n:
-            raise CodecError(f"ans segment of rows [{row}, {row + rows}) is all raw but carries {n} stream words")
+            raise CodecError(f"{where}ans segment of rows [{row}, {row + rows}) is all raw but carries {n} stream words")
         row, word = row + rows, word + n
-    coded = ~raw
-    y = np.zeros((T, d))
-    if coded.any():
-        y[coded] = _reconstruct(q[coded], _scales(basis, lay.gains[coded], lay.steps[coded])) * (
-            step(lay.steps[coded])[:, None] * basis.weights.astype(np.float64))
-    x = (rotate or _rotate_back)(y, basis)
-    off = lay.raw_offset
-    for i in np.nonzero(raw)[0]:
-        dtype, width = ("<f2", 2) if lay.steps[i] == RAW16 else ("<f4", 4)
-        x[i] = np.frombuffer(buf, dtype, d, off)
-        off += width * d
-    if not np.isfinite(x).all():
-        raise CodecError("ans frame decodes to non-finite values: corrupt")
-    return x
+    return q
 
 
 def concat(bufs: list[bytes], lays: list[Layout]) -> bytes:

@@ -402,17 +402,20 @@ def _assemble(x, x16, mask, chosen, candidates, g: int, G: int, rotate: int, ops
     return b"".join(parts)
 
 
-def _decode_ans(buf: bytes, lay: FrameLayout, bases: Any, ops):
-    """An ans frame against the basis of the layer it names: `bases` is one Basis or {layer: Basis}."""
+def _decode_ans(bufs: list[bytes], lays: list[FrameLayout], bases: Any, ops) -> list:
+    """ans frames coded at one split layer, decoded as one batch against its basis: `bases` is one Basis or
+    {layer: Basis}."""
     from splitlm.quantize import ans
 
     if bases is None:
         raise CodecError("an ans frame decodes against its calibrated basis (quantize.ans.decode), not alone")
-    basis = bases if isinstance(bases, ans.Basis) else bases.get(lay.ans.layer)
+    layer = lays[0].ans.layer
+    basis = bases if isinstance(bases, ans.Basis) else bases.get(layer)
     if basis is None:
-        raise CodecError(f"the frame was coded at split layer {lay.ans.layer}, and this side holds codec bases for "
+        raise CodecError(f"the frame was coded at split layer {layer}, and this side holds codec bases for "
                          f"{sorted(bases)} only")
-    return ops.asarray(ans.decode(buf, lay.ans, basis, getattr(ops, "rotate_back", None)), ops.f32)
+    xs = ans.decode_batch(bufs, [lay.ans for lay in lays], basis, getattr(ops, "rotate_back", None))
+    return [ops.asarray(x, ops.f32) for x in xs]
 
 
 def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None, max_rows: int | None = None,
@@ -423,7 +426,7 @@ def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None
     ops = get_ops(backend)
     lay = layout or parse_frame(buf, max_rows)
     if lay.kind == "ans":
-        return _decode_ans(buf, lay, bases, ops)
+        return _decode_ans([buf], [lay], bases, ops)[0]
     if lay.kind != "tabq":
         return _decode_raw(buf, lay, ops)
     return _decode_rows(np.frombuffer(buf, np.uint8), lay.row_offsets[:-1], lay.bits, lay.scales, lay.mins,
@@ -432,8 +435,9 @@ def decode(buf: bytes, backend: str = "numpy", layout: FrameLayout | None = None
 
 def decode_many(bufs: list[bytes], backend: str = "numpy", layouts: list[FrameLayout] | None = None,
                 max_rows: int | None = None, bases: Any = None) -> list:
-    """Frames -> their x̂ (T_i, d_i) float32, each bit-identical to `decode` of that frame: the rows
-    of all tabq frames of one shape (dim, group, rotation) are decoded together, as one batch.
+    """Frames -> their x̂ (T_i, d_i) float32: the rows of all tabq frames of one shape (dim, group, rotation)
+    are decoded together, as one batch, each bit-identical to `decode` of that frame; so are the ans frames
+    of one split layer (`ans.decode_batch`: equal to `decode` to float64 rounding).
     `layouts`: the frames already parsed (`parse_frame`), so that none is parsed again."""
     ops = get_ops(backend)
     lays = layouts if layouts is not None else [parse_frame(buf, max_rows) for buf in bufs]
@@ -441,13 +445,17 @@ def decode_many(bufs: list[bytes], backend: str = "numpy", layouts: list[FrameLa
         raise CodecError(f"{len(bufs)} frames come with {len(lays)} layouts")
     out: list = [None] * len(bufs)
     shapes: dict[tuple[int, int, int], list[int]] = {}
+    layers: dict[int, list[int]] = {}
     for i, lay in enumerate(lays):
         if lay.kind == "tabq":
             shapes.setdefault((lay.dim, lay.group, lay.rotate), []).append(i)
         elif lay.kind == "ans":
-            out[i] = _decode_ans(bufs[i], lay, bases, ops)
+            layers.setdefault(lay.ans.layer, []).append(i)
         else:
             out[i] = _decode_raw(bufs[i], lay, ops)
+    for idx in layers.values():
+        for i, x in zip(idx, _decode_ans([bufs[i] for i in idx], [lays[i] for i in idx], bases, ops)):
+            out[i] = x
     for (d, group, rotate), idx in shapes.items():
         if len(idx) == 1:
             out[idx[0]] = decode(bufs[idx[0]], backend, lays[idx[0]])
