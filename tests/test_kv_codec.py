@@ -53,7 +53,8 @@ def test_coded_chunks_are_smaller_than_8bit_codes_and_assemble_in_order():
 @pytest.mark.parametrize("change, message", [
     (dict(bits=8), "carries bits 8 or scales"),
     (dict(key_scales=b"\0" * 8), "carries bits 0 or scales"),
-    (dict(encoding=2), r"encoding 2 not in \(0, 1\)"),
+    (dict(encoding=3), r"encoding 3 not in \(0, 1, 2\)"),
+    (dict(encoding=2), r"this side takes K/V, not hidden states"),
     (dict(keys=b"XYZ" + b"\0" * 40), "not a K/V codec payload"),
     (dict(positions=5), r"payload of shape \(3, 10, 64\) where the chunk needs \(3, 5, 64\)"),
 ])

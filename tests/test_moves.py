@@ -370,3 +370,106 @@ def test_the_in_process_split_makes_the_same_moves(exports, tiny_ckpt, name):
     local.forward(__import__("torch").tensor([prompt]), caches)
     assert caches.split == 1 and sorted(caches.tail.layers) == [1, 2, 3] and sorted(caches.head.layers) == [0]
     assert local.generate(prompt, 40, SEEDED).token_ids == _in_process(exports[name], prompt, 40, SEEDED).token_ids
+
+
+def test_recompute_moves_send_hidden_states_and_equal_the_unmoved_output(exports, tiny_ckpt, tmp_path_factory):
+    """MoveCodec "recompute": a shallower move sends the hidden states entering the new split, the cloud recomputes
+    the K/V from them; a deeper one brings float32 K/V back. In process, over gRPC, after a failover that replays
+    the moves, and in the torch reference, the output is the unmoved one."""
+    from splitlm.local import LocalSplit
+    from splitlm.quantize.config import MoveCodec
+
+    plan, result = rec = _export(tiny_ckpt, tmp_path_factory, "recompute", split_moves=MOVES, move_codec=MoveCodec("recompute"))
+    prompt = _prompt(tiny_ckpt)
+    still = _in_process(exports["still"], prompt, 40, SEEDED).token_ids
+    local = _in_process(rec, prompt, 40, SEEDED)
+    assert local.token_ids == still
+    spec = tiny_ckpt.spec
+    moves = [(m["old"], m["new"], m["position"], m["bytes"]) for m in local.extra["moves"]]
+    assert [m[:3] for m in moves] == [(3, 1, 24), (1, 3, 45), (3, 2, 60)]
+    per_layer = 2 * spec.num_kv_heads * spec.head_dim * 4  # float32 K and V of a layer, per position
+    hidden = 24 * spec.hidden_size * 4  # float32 rows entering layer 1: half the K/V of layers 1 and 2
+    assert hidden <= moves[0][3] < 1.1 * hidden < 2 * 24 * per_layer
+    assert 2 * 45 * per_layer <= moves[1][3] < 1.1 * 2 * 45 * per_layer  # deeper: float32 K/V of layers 1 and 2
+    # to 2, which the head did not run while its split was 1: float32 K/V of layer 2 (as "exact")
+    assert 60 * per_layer <= moves[2][3] < 1.1 * 60 * per_layer
+    assert LocalSplit(tiny_ckpt, plan=plan).generate(prompt, 40, SEEDED).token_ids == still
+    servers = [_serve(rec) for _ in range(2)]
+    try:
+        tokens, _, replays, got = _remote_run(servers[0][1], rec, prompt, 40, SEEDED)
+        assert tokens == still and [m["bytes"] for m in got] == [m[3] for m in moves] and not replays
+
+        def kill(session_id):
+            [s for s in servers if session_id in s[2].sessions][0][0].stop(grace=None)
+
+        tokens, _, replays, _ = _remote_run(",".join(s[1] for s in servers), rec, prompt, 40, SEEDED, kill=kill)
+        assert tokens == still and len(replays) == 1
+    finally:
+        for server, _, _ in servers:
+            server.stop(grace=None)
+
+
+def test_a_recompute_head_keeps_the_rows_of_the_cuts_it_runs(tiny_ckpt, tmp_path_factory):
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.runtime import DeviceHead, HeadSession, move_split
+    from splitlm.quantize import kv_wire
+    from splitlm.quantize.config import MoveCodec
+
+    _, result = _export(tiny_ckpt, tmp_path_factory, "recompute-head", split_moves=MOVES, move_codec=MoveCodec("recompute"))
+    head = DeviceHead(HeadSession(result.device_dir))
+    tail = TailRunner(result.cloud_dir).new_session()
+    assert sorted(head.kept) == [1, 2, 3]
+    out = head.step(_prompt(tiny_ckpt))
+    assert np.array_equal(head.kept[3][:head.length], out)  # the head's output at its split, as sent
+    assert [c.encoding for c in head.kv_chunks(range(1, 3))] == [kv_wire.HIDDEN]
+    tail.send(head.encode(out), None)
+    move_split(head, tail, 1)
+    assert sorted(head.kept) == [1] and sorted(tail.cache.layers) == [1, 2, 3]
+    move_split(head, tail, 3)  # back deeper: the head runs layers 1 and 2 again, without rows of the past at 2
+    assert sorted(head.kept) == [1]
+    assert {c.encoding for c in head.kv_chunks(range(2, 3))} == {0} and [c.encoding for c in head.kv_chunks(range(1, 3))] == [2]
+
+
+def _hidden_chunk(layer=1, start=0, positions=4, d=8, **changes):
+    rows = np.random.default_rng(start).standard_normal((positions, d)).astype(np.float32)
+    item = next(kv_wire.hidden_chunks(layer, rows))
+    item.start_position = start
+    for name, value in changes.items():
+        setattr(item, name, value)
+    return item
+
+
+@pytest.mark.parametrize("items, hidden_size, message", [
+    ([_hidden_chunk()], None, "this side takes K/V, not hidden states"),
+    ([_hidden_chunk(layer=2)], 8, "the move's new split is 1, the hidden states must enter it"),
+    ([_hidden_chunk(bits=16)], 8, "carries float32 rows in keys \\(bits 32\\), no values and no scales"),
+    ([_hidden_chunk(values=b"x")], 8, "no values and no scales"),
+    ([_hidden_chunk(d=6)], 8, "96 bytes for 4 positions, expected 128"),
+    ([_hidden_chunk(keys=np.full((4, 8), np.nan, np.float32).tobytes())], 8, "values that are not finite"),
+    ([_hidden_chunk(), _hidden_chunk(start=5)], 8, "chunk starts at position 5, expected 4"),
+    ([_hidden_chunk(), _hidden_chunk(start=4, positions=5)], 8, "positions up to 9, the session holds 8"),
+    ([next(kv_wire.chunks(1, np.zeros((2, 8, 4), np.float32), np.zeros((2, 8, 4), np.float32), 32)), _hidden_chunk()], 8,
+     "in a move that carries K/V"),
+    ([_hidden_chunk(), next(kv_wire.chunks(1, np.zeros((2, 8, 4), np.float32), np.zeros((2, 8, 4), np.float32), 32))], 8,
+     "KV of layer 1 in a move that carries hidden states"),
+])
+def test_bad_hidden_state_chunks_are_codec_errors(items, hidden_size, message):
+    assembler = kv_wire.Assembler(range(1, 3), 8, 2, 4, hidden_size=hidden_size)
+    with pytest.raises(CodecError, match=message):
+        for item in items:
+            assembler.add(item)
+
+
+def test_hidden_state_chunks_assemble_and_a_short_move_is_refused():
+    rows = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    assembler = kv_wire.Assembler(range(1, 3), 8, 2, 4, hidden_size=8)
+    for item in kv_wire.hidden_chunks(1, rows, max_bytes=100):  # three positions a chunk
+        assembler.add(item)
+    assert np.array_equal(assembler.hidden(), rows)
+    with pytest.raises(CodecError, match="carried hidden states at layer 1, not K/V"):
+        assembler.result()
+    short = kv_wire.Assembler(range(1, 3), 9, 2, 4, hidden_size=8)
+    for item in kv_wire.hidden_chunks(1, rows):
+        short.add(item)
+    with pytest.raises(CodecError, match="lacks hidden states at layer 1 \\(positions 8 of 9\\)"):
+        short.hidden()

@@ -7,7 +7,8 @@ weight precision, the device KV precision and the activation codec on the link.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -44,6 +45,8 @@ class SplitCaches:
     tail: KVCache
     split: int
     moves: list
+    kept: dict = field(default_factory=dict)
+    """MoveCodec "recompute": cut -> the head's hidden states entering it, one (1, T, d) tensor per forward."""
 
 
 def exact_plan(ckpt: Checkpoint, split: int, **kw) -> Plan:
@@ -99,7 +102,19 @@ class LocalSplit:
         K/V codec under the plan's move codec "ans"."""
         src, dst = (caches.head, caches.tail) if layer < caches.split else (caches.tail, caches.head)
         layers = range(layer, caches.split) if layer < caches.split else range(caches.split, layer)
-        if self.plan.move_codec.coder == "ans":
+        kept = torch.cat(caches.kept[layer], 1)[0].float() if caches.kept.get(layer) else torch.zeros(0, self.spec.hidden_size)
+        if self.plan.move_codec.coder == "recompute" and layer < caches.split and len(kept) == src.length:
+            # (a cut the head did not run since the session began has no complete rows: its K/V go as "exact")
+            assembler = kv_wire.Assembler(layers, src.length, self.spec.num_kv_heads, self.spec.head_dim,
+                                          hidden_size=self.spec.hidden_size)
+            for item in kv_wire.hidden_chunks(layer, kept.numpy()):
+                assembler.add(item)
+            dtype = src.read(layers.start)[0].dtype
+            fresh = self.tail.recompute_kv(torch.from_numpy(assembler.hidden())[None].to(dtype), layers, self.prefill_chunk)
+            for i in layers:
+                src.remove(i)
+                dst.install(i, *fresh.remove(i))
+        elif self.plan.move_codec.coder == "ans":
             assembler = kv_wire.Assembler(layers, src.length, self.spec.num_kv_heads, self.spec.head_dim)
             for i in layers:
                 k, v = (t[0].float().numpy() for t in src.read(i))
@@ -114,6 +129,22 @@ class LocalSplit:
                 dst.install(i, *src.remove(i))
         caches.split = layer
 
+    def _keeping(self, caches: "SplitCaches | None", split: int):
+        """Under MoveCodec "recompute", while the head runs: keep its hidden states entering each layer a move may go
+        back to (the device keeps them as it computes them, DeviceHead.kept)."""
+        if caches is None or self.plan.move_codec.coder != "recompute":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for cut in self.plan.splits():
+            if cut < split:
+                module = self.head.model.embed_tokens if cut == 0 else self.head.model.layers[cut - 1]
+
+                def keep(_module, _inputs, out, cut=cut):
+                    caches.kept.setdefault(cut, []).append((out[0] if isinstance(out, tuple) else out).detach())
+
+                stack.callback(module.register_forward_hook(keep).remove)
+        return stack
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, caches: "SplitCaches | None" = None,
                 on_prefill: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -126,7 +157,8 @@ class LocalSplit:
         for start in range(0, ids.shape[1], self.prefill_chunk):
             chunk = ids[:, start:start + self.prefill_chunk]
             split = self.split if caches is None else caches.split
-            h = self.head(chunk, cache=caches and caches.head, stop=split)
+            with self._keeping(caches, split):
+                h = self.head(chunk, cache=caches and caches.head, stop=split)
             if self.tail is not None:
                 h = self.tail(self.link(h, split), cache=caches and caches.tail, start=split)
             outs.append(h)

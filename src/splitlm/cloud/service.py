@@ -260,15 +260,16 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         `left`: seconds to the session's total deadline."""
         t0, tail, spec = time.perf_counter(), session.tail, self.runner.spec
         old, new = tail.split, first.new_split
-        # no move of this session carries more: every layer the cloud may take, float32, every position, and headers
-        cap = (spec.num_layers * session.position * 2 * spec.num_kv_heads * spec.head_dim * 4 + (1 << 20))
+        # no move of this session carries more: every layer the cloud may take (or the hidden states), float32, every
+        # position, and headers
+        cap = (max(spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim, spec.hidden_size) * 4 * session.position + (1 << 20))
         error: Exception | None = None
         assembler = None
         try:
             layers = tail.check_move(new)
             if new > old and (first.layers or first.more):
                 raise CodecError(f"a move deeper (to {new}) carries no KV: the cloud sends it")
-            assembler = kv_wire.Assembler(layers, session.position, spec.num_kv_heads, spec.head_dim, max_bytes=cap)
+            assembler = tail.assembler(layers, max_bytes=cap)
         except (MoveError, CodecError) as exc:
             error = exc
         msg, received, deadline = first, first.ByteSize(), time.monotonic() + left

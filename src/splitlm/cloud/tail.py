@@ -298,10 +298,20 @@ class TailSession:
         def shallower() -> None:
             done = []
             try:
-                arrays = kv.result()  # float32 (Hkv, T, D) per layer; CodecError for anything missing or not finite
+                hidden = kv.hidden()  # a "recompute" move's rows; CodecError for anything missing
+                if hidden is not None:
+                    fresh = runner.stage.recompute_kv(torch.from_numpy(np.ascontiguousarray(hidden))[None].to(runner.device, dtype),
+                                                      layers, runner.plan.prefill_chunk)
+
+                    def take(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        return fresh.remove(i)
+                else:
+                    arrays = kv.result()  # float32 (Hkv, T, D) per layer; CodecError for anything missing or not finite
+
+                    def take(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        return tuple(torch.from_numpy(np.ascontiguousarray(a))[None].to(runner.device, dtype) for a in arrays.pop(i))
                 for i in layers:
-                    k, v = (torch.from_numpy(np.ascontiguousarray(a))[None].to(runner.device, dtype) for a in arrays.pop(i))
-                    cache.install(i, k, v)
+                    cache.install(i, *take(i))
                     done.append(i)
             except BaseException as exc:
                 for i in done:
@@ -334,12 +344,18 @@ class TailSession:
             return runner.batcher.call(cache, shallower, int(grows))
         return runner.batcher.call(cache, deeper)
 
+    def assembler(self, layers: range, max_bytes: int | None = None) -> kv_wire.Assembler:
+        """What checks the chunks of a shallower move of `layers` to this session: K/V, or under the plan's move codec
+        "recompute" the hidden states entering layers.start."""
+        spec, plan = self.runner.spec, self.runner.plan
+        return kv_wire.Assembler(layers, self.cache.length, spec.num_kv_heads, spec.head_dim, max_bytes=max_bytes,
+                                 hidden_size=spec.hidden_size if plan.move_codec.coder == "recompute" else None)
+
     def move_split(self, new_split: int, layers: Iterable[pb.LayerKV]) -> list[pb.LayerKV]:
         """`RemoteSession.move_split` in process: the same chunks, checked by the same Assembler."""
         assembler = None
         if new_split < self.split:
-            spec = self.runner.spec
-            assembler = kv_wire.Assembler(self.check_move(new_split), self.cache.length, spec.num_kv_heads, spec.head_dim)
+            assembler = self.assembler(self.check_move(new_split))
             for item in layers:
                 assembler.add(item)
         elif any(True for _ in layers):

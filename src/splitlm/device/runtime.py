@@ -244,10 +244,17 @@ class DeviceHead:
 
     def reset(self) -> None:
         self.length = 0
+        self.kept: dict[int, np.ndarray] = {}
+        """MoveCodec "recompute": the hidden states (max_seq_len, d) float32 at each cut of the head up to its split, as
+        computed (rows [0, length) written): a shallower move sends those at its new split instead of K/V."""
         if self.session.kind == "gqa":
             self.past = []
             if self.bound is None:
                 self.bound = [_BoundSegment(seg) for seg in self.session.segments]
+            if self.plan.move_codec.coder == "recompute":
+                spec = self.session.spec
+                self.kept = {c: _zeros_mapped([self.plan.max_seq_len, spec.hidden_size], np.float32)
+                             for c in self.session.cuts if c <= self.stop < spec.num_layers}
             return
         self.past = self.session.empty_past(1)
 
@@ -269,15 +276,20 @@ class DeviceHead:
             raise ConfigError(f"the head can stop at layers {cuts}, not {layer}")
         self.bound = [b for b in self.bound if b.seg.stop <= layer]
         self.stop = layer
+        self.kept = {c: rows for c, rows in self.kept.items() if c <= layer}  # cuts past it are not run again from 0
 
     def kv_chunks(self, layers: range, max_bytes: int = 1 << 20) -> Iterator:
         """The K/V of `layers` (in use) for every position so far, as kv_wire LayerKV chunks: with the plan's move
         codec "ans", K/V codec payloads of the cache's values; with "exact", float32 values for a float cache, the
-        cache's own codes and scales for a quantized one."""
+        cache's own codes and scales for a quantized one; with "recompute", no K/V but the hidden states entering
+        layers.start (or, at a cut the head ran only after a move back, as "exact")."""
         from splitlm.quantize import kv_wire
 
         bits = 32 if self.plan.kv_bits == 16 else self.plan.kv_bits
         move = self.plan.move_codec
+        if move.coder == "recompute" and layers.start in self.kept:
+            yield from kv_wire.hidden_chunks(layers.start, self.kept[layers.start][:self.length], max_bytes)
+            return
         by_layer = {}
         for bound in self.bound or []:
             for j, i in enumerate(bound.seg.layers):
@@ -376,6 +388,9 @@ class DeviceHead:
             ends = self.device_only and bound is self.bound[-1]
             rows = np.arange(t - 1 if last_only else 0, t, dtype=np.int64) if ends else None
             x = bound.run(x, self.length, rows, spec.vocab_size if ends else spec.hidden_size)
+            kept = self.kept.get(bound.seg.stop)
+            if kept is not None:
+                kept[self.length:self.length + t] = x[0]
         return x[0]
 
     def _run_traced(self, part: np.ndarray, last_only: bool) -> np.ndarray:

@@ -323,6 +323,18 @@ class Transformer(nn.Module):
             cache.length = past + x.shape[1]
         return self.finish(x, last_only) if layers.stop == self.stop else x
 
+    @torch.inference_mode()
+    def recompute_kv(self, hidden: torch.Tensor, layers: range, chunk: int) -> KVCache:
+        """The keys and values of owned `layers` for positions [0, T), computed from the hidden states (1, T, d) that
+        entered layers.start, `chunk` positions at a time (a "recompute" split move): a cache that holds them."""
+        fresh = KVCache()
+        for start in range(0, hidden.shape[1], max(1, chunk)):
+            self(hidden[:, start:start + chunk], cache=fresh, start=layers.start, stop=layers.stop)
+        if not hidden.shape[1]:  # no positions yet
+            for i in layers:
+                fresh.install(i, *(hidden.new_zeros(1, self.spec.num_kv_heads, 0, self.spec.head_dim) for _ in range(2)))
+        return fresh
+
     def forward_explicit(self, inputs: torch.Tensor, positions: torch.Tensor, past: list[torch.Tensor],
                          mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The same step in past-in/present-out form (what the exported graph computes): `past` holds

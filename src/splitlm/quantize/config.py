@@ -170,7 +170,7 @@ class CodecConfig:
         return self.entropy or "ans"
 
 
-MOVE_CODERS = ("ans", "exact")
+MOVE_CODERS = ("ans", "exact", "recompute")
 """How K/V travel when a session moves its split (MoveCodec.coder)."""
 
 
@@ -181,7 +181,14 @@ class MoveCodec:
     coder: str = "ans"
     """"ans" (the default): the K/V codec (quantize/kv_codec.py), per-channel steps and ANS, each payload one
     layer's keys or values for a group of positions. "exact": float32 values, or a quantized device cache's own
-    codes, as they lie."""
+    codes, as they lie. "recompute": a shallower move sends no K/V but the hidden states entering the new split
+    (float32, one row per position: the device keeps them as it computes them) and the cloud recomputes the K/V
+    of the layers it takes by running them over those rows, so the moved K/V are what the cloud's own weights
+    give for the same inputs; 4·hidden bytes per position whatever the layers moved (SmolLM2: 2,304, against
+    1,536 per layer for float32 K/V and 387 for 8-bit codes), so it pays from two layers moved against float32 K/V.
+    A deeper move, and a shallower one to a cut the head has not run since the session began (it moved back
+    deeper past it), carry float32 K/V as "exact" does. The device keeps the rows at every cut up to its split:
+    4·hidden bytes per position per cut."""
     key_error: float = 0.05
     """ans: τ, each key channel adds about τ²/head_dim to the variance of an attention logit (steps from the
     query energies calibrated at export)."""
@@ -201,5 +208,5 @@ class MoveCodec:
         if not 0 < self.value_error < 1:
             raise PlanError(f"move codec value_error must be in (0, 1), got {self.value_error}")
         defaults = tuple(f.default for f in dataclasses.fields(self) if f.name in ("key_error", "value_error"))
-        if self.coder == "exact" and (self.key_error, self.value_error) != defaults:
+        if self.coder != "ans" and (self.key_error, self.value_error) != defaults:
             raise PlanError("move codec key_error and value_error apply to coder 'ans' only")

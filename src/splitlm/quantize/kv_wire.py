@@ -27,9 +27,11 @@ from splitlm.proto import splitlm_pb2 as pb
 from splitlm.quantize import kv_codec
 
 WIRE_BITS = (32, 16, 8, 4)
-ENCODINGS = (0, 1)
-"""LayerKV.encoding: 0 values as `bits` says, 1 K/V codec payloads."""
+ENCODINGS = (0, 1, 2)
+"""LayerKV.encoding: 0 values as `bits` says, 1 K/V codec payloads, 2 the hidden states entering the move's new split
+(MoveCodec "recompute": the receiver recomputes the K/V from them)."""
 CODED = 1
+HIDDEN = 2
 GROUP = 256
 """Most positions per coded chunk: each payload's channel statistics are the group's."""
 _FLOAT = {32: np.dtype("<f4"), 16: np.dtype("<f2")}
@@ -107,9 +109,22 @@ def coded_chunks(layer: int, keys: np.ndarray, values: np.ndarray, key_steps: np
                          values=kv_codec.encode(v, kv_codec.relative_steps(v, value_error, raw), raw))
 
 
+def hidden_chunks(layer: int, hidden: np.ndarray, max_bytes: int = 1 << 20) -> Iterator[pb.LayerKV]:
+    """The hidden states (T, d) entering `layer`, for positions [0, T), as LayerKV chunks of encoding 2 (float32 rows
+    in `keys`) of at most `max_bytes` each: a "recompute" move's payload."""
+    hidden = np.ascontiguousarray(hidden, "<f4")
+    total = hidden.shape[0]
+    step = max(1, max_bytes // max(hidden.shape[1] * 4, 1))
+    for start in range(0, max(total, 1), step):
+        stop = min(start + step, total)
+        yield pb.LayerKV(layer=layer, bits=32, encoding=HIDDEN, start_position=start, positions=stop - start,
+                         keys=hidden[start:stop].tobytes())
+
+
 def move_chunks(layer: int, keys: np.ndarray, values: np.ndarray, move, energies: dict, max_bytes: int = 1 << 20) -> Iterator[pb.LayerKV]:
     """One layer's float K/V (Hkv, T, D) as a move sends them under the plan's MoveCodec `move`: K/V codec
-    payloads ("ans", keys stepped by the layer's query energies in `energies`), or float32 values ("exact")."""
+    payloads ("ans", keys stepped by the layer's query energies in `energies`), or float32 values ("exact", and
+    "recompute"'s deeper moves)."""
     if move.coder == "ans":
         return coded_chunks(layer, keys, values, kv_codec.logit_steps(energies[layer], move.key_error), move.value_error)
     return chunks(layer, keys, values, 32, max_bytes=max_bytes)
@@ -148,18 +163,26 @@ class Assembler:
     of another layer, out of order, of the wrong size or encoding; nothing is kept from a move
     that failed."""
 
-    def __init__(self, layers: range, positions: int, kv_heads: int, head_dim: int, max_bytes: int | None = None) -> None:
+    def __init__(self, layers: range, positions: int, kv_heads: int, head_dim: int, max_bytes: int | None = None,
+                 hidden_size: int | None = None) -> None:
+        """hidden_size: the model's, when the move may carry hidden states instead (encoding 2, "recompute");
+        None refuses them."""
         self.layers, self.positions, self.kv_heads, self.head_dim = layers, positions, kv_heads, head_dim
-        self.max_bytes = max_bytes
+        self.max_bytes, self.hidden_size = max_bytes, hidden_size
         self._got: dict[int, _Layer] = {}
+        self._hidden: _Layer | None = None
         self.bytes = 0
 
     def add(self, item: pb.LayerKV) -> None:
         i, bits = item.layer, item.bits
+        if item.encoding == HIDDEN:
+            return self._add_hidden(item)
         if i not in self.layers:
             raise CodecError(f"KV for layer {i}: the move carries layers [{self.layers.start}, {self.layers.stop})")
         if item.encoding not in ENCODINGS:
             raise CodecError(f"KV of layer {i}: encoding {item.encoding} not in {ENCODINGS}")
+        if self._hidden is not None:
+            raise CodecError(f"KV of layer {i} in a move that carries hidden states (encoding 2)")
         if item.encoding == CODED:
             return self._add_coded(item)
         if bits not in WIRE_BITS:
@@ -196,14 +219,14 @@ class Assembler:
         got.values.append(item.values)
         got.positions += item.positions
 
-    def _check_positions(self, item: pb.LayerKV, got: _Layer) -> None:
-        i = item.layer
+    def _check_positions(self, item: pb.LayerKV, got: _Layer, what: str = "KV") -> None:
+        where = f"{what} of layer {item.layer}"
         if item.positions == 0 and self.positions:
-            raise CodecError(f"KV of layer {i}: a chunk of 0 positions")
+            raise CodecError(f"{where}: a chunk of 0 positions")
         if item.start_position != got.positions:
-            raise CodecError(f"KV of layer {i}: chunk starts at position {item.start_position}, expected {got.positions}")
+            raise CodecError(f"{where}: chunk starts at position {item.start_position}, expected {got.positions}")
         if got.positions + item.positions > self.positions:
-            raise CodecError(f"KV of layer {i}: positions up to {got.positions + item.positions}, the session holds {self.positions}")
+            raise CodecError(f"{where}: positions up to {got.positions + item.positions}, the session holds {self.positions}")
 
     def _count(self, item: pb.LayerKV) -> None:
         self.bytes += item.ByteSize()
@@ -233,8 +256,44 @@ class Assembler:
         got.values.append(pair[1])
         got.positions += item.positions
 
+    def _add_hidden(self, item: pb.LayerKV) -> None:
+        """A chunk of the hidden states entering the new split (encoding 2): float32 rows, checked as they arrive."""
+        where = f"hidden states at layer {item.layer}"
+        if self.hidden_size is None:
+            raise CodecError(f"{where}: this side takes K/V, not hidden states, for a move (encoding 2)")
+        if item.layer != self.layers.start:
+            raise CodecError(f"{where}: the move's new split is {self.layers.start}, the hidden states must enter it")
+        if self._got:
+            raise CodecError(f"{where} in a move that carries K/V")
+        if item.bits != 32 or item.values or item.key_scales or item.value_scales:
+            raise CodecError(f"{where}: a chunk of encoding 2 carries float32 rows in keys (bits 32), no values and no scales")
+        got = self._hidden = self._hidden or _Layer(32, HIDDEN, [], [], b"", b"")
+        self._check_positions(item, got, "hidden states")
+        need = item.positions * self.hidden_size * 4
+        if len(item.keys) != need:
+            raise CodecError(f"{where}: {len(item.keys)} bytes for {item.positions} positions, expected {need} "
+                             f"({self.hidden_size} float32 each)")
+        rows = np.frombuffer(item.keys, "<f4").reshape(item.positions, self.hidden_size)
+        if not np.isfinite(rows).all():
+            raise CodecError(f"{where}, positions [{item.start_position}, {item.start_position + item.positions}): values that are not finite")
+        self._count(item)
+        got.keys.append(rows)
+        got.positions += item.positions
+
+    def hidden(self) -> np.ndarray | None:
+        """The hidden states (positions, hidden) float32 a "recompute" move carried, None for a move of K/V;
+        CodecError when positions are missing."""
+        if self._hidden is None:
+            return None
+        if self._hidden.positions != self.positions:
+            raise CodecError(f"the move lacks hidden states at layer {self.layers.start} "
+                             f"(positions {self._hidden.positions} of {self.positions})")
+        return np.concatenate(self._hidden.keys) if self._hidden.keys else np.zeros((0, self.hidden_size), np.float32)
+
     def result(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """layer -> float32 keys and values (Hkv, positions, D); CodecError when a layer or position is missing."""
+        if self._hidden is not None:
+            raise CodecError(f"the move carried hidden states at layer {self.layers.start}, not K/V: the receiver recomputes them")
         out = {}
         for i in self.layers:
             got = self._got.get(i)
