@@ -22,7 +22,6 @@ from splitlm.cloud.tail import TailRunner, TailSession
 from splitlm.errors import CodecError, ConfigError, MoveError, PlanError, ResourceExhausted, SplitLMError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
-from splitlm.quantize import kv_wire
 from splitlm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
