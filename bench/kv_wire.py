@@ -7,8 +7,10 @@ so that everything measured is the move's K/V:
 
 1. Size: bytes per position per layer of the moved K/V (keys and values, every byte counted) for 512
    positions of the protocol text, for float32 (the "exact" move of a float cache), float16, 8-bit and 4-bit
-   codes with per-channel scales (what the device's quantized caches send), and the K/V codec ("ans") at
-   several points (τ keys, ε values; the plan's MoveCodec).
+   codes with per-channel scales (what the device's quantized caches send), the K/V codec ("ans") at
+   several points (τ keys, ε values; the plan's MoveCodec), and "recompute" (the float32 hidden states
+   entering layer 6, from which the cloud recomputes the K/V: their bytes over the 18 layers, and the
+   cloud's time to recompute them here).
 2. Perplexity after a move: windows of 512 tokens, moved at 256; perplexity of the last 256 tokens against
    the exact move on the same windows.
 3. Greedy output after a move: five chat prompts, the move at the end of the prompt, then 64 greedy tokens;
@@ -97,6 +99,14 @@ def sizes(ckpt, runner) -> list[dict]:
             total += sum(c.ByteSize() for c in items)
         rows.append({"encoding": name + (" (default)" if point == DEFAULT else ""), "bytes_per_position_layer": per(total),
                      "encode_us_per_position_layer": 1e6 * enc / (T * n)})
+    # "recompute": the hidden states entering layer TO instead of K/V; the cloud runs layers [TO, SPLIT) over them
+    with torch.inference_mode():
+        hidden = runner.head(torch.tensor([ids]), stop=TO)
+    items = list(kv_wire.hidden_chunks(TO, hidden[0].numpy()))
+    t0 = time.perf_counter()
+    runner.tail.recompute_kv(hidden, range(TO, SPLIT), 128)
+    rows.append({"encoding": "recompute (hidden states, float32)", "bytes_per_position_layer": per(sum(c.ByteSize() for c in items)),
+                 "recompute_ms": 1e3 * (time.perf_counter() - t0)})
     items = [c for i, (k, v) in kv.items() for c in kv_wire.move_chunks(i, k, v, DEFAULT, runner.kv_energies)]
     times = []
     for _ in range(5):
@@ -118,7 +128,8 @@ def sizes(ckpt, runner) -> list[dict]:
 def perplexity(ckpt, windows: int) -> list[dict]:
     wins = corpus.windows(ckpt.tokenizer(), corpus.protocol_text(), windows)
     rows, base = [], None
-    for name, point in {"exact": MoveCodec("exact"), "8-bit codes": 8, "4-bit codes": 4, **POINTS}.items():
+    for name, point in {"exact": MoveCodec("exact"), "8-bit codes": 8, "4-bit codes": 4, "recompute": MoveCodec("recompute"),
+                        **POINTS}.items():
         runner = _runner(ckpt, point, prefill_chunk=256, max_seq_len=512, split_moves=((256, TO),))
         nll = n = 0
         with torch.inference_mode():
@@ -144,7 +155,8 @@ def greedy(ckpt) -> list[dict]:
 
     ref = run(MoveCodec("exact"), moves=False)
     rows = []
-    for name, point in {"exact": MoveCodec("exact"), "8-bit codes": 8, "4-bit codes": 4, **POINTS}.items():
+    for name, point in {"exact": MoveCodec("exact"), "8-bit codes": 8, "4-bit codes": 4, "recompute": MoveCodec("recompute"),
+                        **POINTS}.items():
         got = run(point)
         first = [next((j for j, (a, b) in enumerate(zip(r, g)) if a != b), min(len(r), len(g))) for r, g in zip(ref, got)]
         rows.append({"move": name, "first_divergence": first, "prompts_equal_64": sum(f >= 64 for f in first)})
@@ -164,7 +176,8 @@ def main() -> None:
     print(f"{'encoding':32s} {'B/pos/layer':>12s} {'vs 8-bit':>9s} {'vs 4-bit':>9s} {'enc µs':>8s} {'dec µs':>8s}")
     for r in size_rows:
         print(f"{r['encoding']:32s} {r['bytes_per_position_layer']:12.1f} {r['vs_8bit']:8.2f}x {r['vs_4bit']:8.2f}x "
-              f"{r.get('encode_us_per_position_layer', float('nan')):8.1f} {r.get('decode_us_per_position_layer', float('nan')):8.1f}")
+              f"{r.get('encode_us_per_position_layer', float('nan')):8.1f} {r.get('decode_us_per_position_layer', float('nan')):8.1f}"
+              + (f"  (recompute of 18 layers x 512 positions: {r['recompute_ms']:.0f} ms)" if "recompute_ms" in r else ""))
     print("perplexity after a move ...", file=sys.stderr)
     ppl_rows = perplexity(ckpt, args.windows)
     print("greedy output after a move ...", file=sys.stderr)
