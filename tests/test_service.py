@@ -107,6 +107,43 @@ def test_batched_decode_equals_one_by_one(tiny_ckpt, artifacts):
     assert [c.length for c in caches] == [p.shape[0] + 1 for p in prompts]
 
 
+def test_steps_of_several_rows_share_the_batched_forward(tiny_ckpt, artifacts):
+    """Speculative steps (a few rows, all logits) and one-row decode steps of sessions of different lengths run in one
+    padded forward; each session's logits and K/V are those of its step run alone."""
+    import torch
+
+    from splitlm.cloud.batcher import Batcher
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.model.llama import KVCache
+
+    runner = TailRunner(artifacts[1].cloud_dir)
+    d = tiny_ckpt.spec.hidden_size
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(n, d, generator=g).to(runner.device) for n in (3, 9, 5, 2)]
+    steps = [torch.randn(n, d, generator=g).to(runner.device) for n in (1, 4, 6, 2)]
+    alone, kv = [], []
+    with torch.inference_mode():
+        for p, x in zip(prompts, steps):
+            cache = KVCache()
+            runner.stage(p[None], cache=cache)
+            alone.append(runner.stage(x[None], cache=cache)[0])
+            kv.append(cache.read(runner.stage.start))
+    batcher = Batcher(runner.stage)
+    caches = [KVCache() for _ in prompts]
+    for c, p in zip(caches, prompts):
+        batcher.run(c, p)
+    futures = in_one_turn(batcher, list(zip(caches, steps)))
+    batcher.close()
+    assert batcher.batches == 1 and batcher.batched_steps == len(steps)
+    for a, f, c, (k, v) in zip(alone, futures, caches, kv):
+        got = f.result()
+        assert got.shape == a.shape
+        assert torch.allclose(a, got, atol=TOL["fp32_batched"], rtol=TOL["fp32_batched"])
+        ck, cv = c.read(runner.stage.start)
+        assert ck.shape == k.shape and torch.allclose(ck, k, atol=TOL["fp32_batched"], rtol=TOL["fp32_batched"])
+    assert [c.length for c in caches] == [p.shape[0] + x.shape[0] for p, x in zip(prompts, steps)]
+
+
 TABQ = CodecConfig("tabq", entropy="none", error_budget=0.01)  # the artifacts' plan codec
 
 

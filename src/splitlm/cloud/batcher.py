@@ -122,12 +122,17 @@ class TorchThread:
                 future.set_exception(exc)
 
 
+VERIFY_ROWS = 16
+"""The most rows a step may have to share a turn's batched forward (a verified step's k + 1; draft.DraftLength caps k
+at 8), and at most the batcher's chunk: longer ones run as prefill chunks."""
+
+
 class _BatchedCaches:
     """The K/V of several sessions seen as one batch: right-padded to the longest on read,
-    each session's new K/V appended back to its own cache."""
+    each session's new K/V (its own `rows` of the step's, the others are padding) appended back to its own cache."""
 
-    def __init__(self, caches: list[Cache]) -> None:
-        self.caches = caches
+    def __init__(self, caches: list[Cache], rows: list[int]) -> None:
+        self.caches, self.rows = caches, rows
         self.length = max(c.length for c in caches)
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -142,8 +147,8 @@ class _BatchedCaches:
         return torch.cat(ks), torch.cat(vs)  # (B, Hkv, S, D)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        for b, c in enumerate(self.caches):
-            c.append(layer, k[b:b + 1], v[b:b + 1])
+        for b, (c, n) in enumerate(zip(self.caches, self.rows)):
+            c.append(layer, k[b:b + 1, :, :n], v[b:b + 1, :, :n])
 
     def crop(self, length: int) -> None:
         """Take back a failed step: each cache returns to its own committed length."""
@@ -237,7 +242,6 @@ class Batcher:
     def _loop(self) -> None:
         prefills: deque[_Work] = deque()
         decodes: list[_Work] = []
-        verifies: list[_Work] = []
         while True:
             block = not prefills and not decodes
             arrived: list[_Work] = []
@@ -274,10 +278,8 @@ class Batcher:
             except queue.Empty:
                 pass
             for w in self._make_hidden(arrived):
-                if w.cache.length > 0 and w.hidden.shape[0] == 1:
-                    decodes.append(w)
-                elif w.cache.length > 0 and not w.last_only and w.hidden.shape[0] <= self.chunk:
-                    verifies.append(w)  # a speculative step's few rows, all logits wanted: this turn, not behind prefills
+                if w.cache.length > 0 and (w.hidden.shape[0] == 1 or (not w.last_only and w.hidden.shape[0] <= min(VERIFY_ROWS, self.chunk))):
+                    decodes.append(w)  # a decode step, or a speculative step's few rows (all logits wanted): this turn's batch
                 else:
                     prefills.append(w)
             if decodes:
@@ -286,12 +288,6 @@ class Batcher:
                     if w.future.cancelled():  # its waiter went away: give its KV reservation back
                         self._unreserve(w)
                 self._decode([w for w in batch if not w.future.cancelled()])
-            for w in verifies:
-                if w.future.cancelled():
-                    self._unreserve(w)
-                else:
-                    self._chunk(w)
-            verifies = []
             while prefills and prefills[0].future.cancelled():
                 self._unreserve(prefills.popleft())
             if prefills and self._chunk(prefills[0]):
@@ -460,32 +456,39 @@ class Batcher:
 
     @torch.inference_mode()
     def _decode_group(self, batch: list[_Work]) -> None:
+        """One forward for the steps of several sessions: each session's rows (one for a decode step, k + 1 for a
+        verified one) right-padded to the most, its K/V right-padded to the longest, a mask keeping each row to its
+        own session's positions and the rows before it; the padding's K/V are not kept and its logits not read."""
         if len(batch) == 1:
             self._chunk(batch[0])
             return
         if not batch:
             return
         caches = [w.cache for w in batch]
+        rows = [w.hidden.shape[0] for w in batch]
         before = [c.nbytes() for c in caches]
         try:
-            view = _BatchedCaches(caches)
+            view = _BatchedCaches(caches, rows)
             dev = batch[0].hidden.device
             lengths = torch.tensor([c.length for c in caches], device=dev)
-            s = view.length
-            mask = torch.zeros(len(batch), 1, 1, s + 1, dtype=torch.bool, device=dev)  # (B, 1, T=1, S+1)
-            mask[:, 0, 0, :s] = torch.arange(s, device=dev)[None, :] < lengths[:, None]
-            mask[:, 0, 0, s] = True
-            x = torch.stack([w.hidden for w in batch])  # (B, 1, d)
-            logits = self.stage(x, positions=lengths[:, None], cache=view, mask=mask, start=batch[0].start)  # (B, 1, V)
+            s, t = view.length, max(rows)
+            mask = torch.zeros(len(batch), 1, t, s + t, dtype=torch.bool, device=dev)  # (B, 1, T, S+T)
+            mask[:, 0, :, :s] = (torch.arange(s, device=dev)[None, :] < lengths[:, None])[:, None, :]
+            mask[:, 0, :, s:] = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+            x = torch.stack([torch.nn.functional.pad(w.hidden, (0, 0, 0, t - n)) for w, n in zip(batch, rows)])  # (B, T, d)
+            # a padding row repeats its session's last position: no position beyond the real ones (dynamic rotary)
+            last = torch.tensor(rows, device=dev)[:, None] - 1
+            positions = lengths[:, None] + torch.minimum(torch.arange(t, device=dev)[None, :], last)
+            logits = self.stage(x, positions=positions, cache=view, mask=mask, start=batch[0].start)  # (B, T, V)
         except Exception:  # noqa: BLE001 - the forward took its K/V back: run one by one, each gets its own error
             log.exception("batched decode failed; running its %d steps one by one", len(batch))
             for w in batch:
                 self._chunk(w)
             return
-        for c in caches:
-            c.length += 1
+        for c, n in zip(caches, rows):
+            c.length += n
         self.batches += 1
         self.batched_steps += len(batch)
-        for b, w in enumerate(batch):
-            self._ran(w, 1, before[b])
-            self._complete(w, logits[b])
+        for b, (w, n) in enumerate(zip(batch, rows)):
+            self._ran(w, n, before[b])
+            self._complete(w, logits[b, n - 1:n] if w.last_only else logits[b, :n])
