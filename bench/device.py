@@ -63,7 +63,6 @@ def with_accuracy_level(device_dir: Path, level: int) -> Path:
 
     from splitlm.artifacts import MANIFEST_FILE, check_manifest
     from splitlm.errors import ModelLoadError
-    from splitlm.model.checkpoint import sha256_file
 
     out = device_dir.parent / f"device-acc{level}"
     try:
@@ -80,11 +79,60 @@ def with_accuracy_level(device_dir: Path, level: int) -> Path:
                 if attr.name == "accuracy_level":
                     attr.i = level
     onnx.save(model, str(out / "head.onnx"), save_as_external_data=True, location="head.onnx.data")
+    _rewrite_manifest(device_dir, out)
+    return out
+
+
+def without_block_mins(device_dir: Path) -> Path:
+    """A copy of a "source" head with the Q4_1 block-min terms taken out (each `add_mins` node's output replaced by its
+    matmul's, the nodes only it fed dropped): NOT the model any more, only the speed its exact form would have without
+    the extra nodes that carry the mins (ReduceSum, MatMul, Add per linear)."""
+    import onnx
+
+    from splitlm.artifacts import MANIFEST_FILE, check_manifest
+    from splitlm.errors import ModelLoadError
+
+    out = device_dir.parent / "device-no-mins"
+    try:
+        check_manifest(out)
+        return out
+    except ModelLoadError:
+        shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(device_dir, out, ignore=shutil.ignore_patterns("head.onnx*", MANIFEST_FILE))
+    model = onnx.load(str(device_dir / "head.onnx"))
+    graph, renamed = model.graph, {}
+    for node in graph.node:
+        if node.name.endswith("/add_mins"):
+            renamed[node.output[0]] = node.input[0]
+    nodes = [n for n in graph.node if not n.name.endswith("/add_mins")]
+    for node in nodes:
+        for j, name in enumerate(node.input):
+            node.input[j] = renamed.get(name, name)
+    for o in graph.output:
+        o.name = renamed.get(o.name, o.name)
+    used, alive = {o.name for o in graph.output}, []
+    for node in reversed(nodes):  # drop what no output needs any more
+        if any(o in used for o in node.output):
+            alive.append(node)
+            used.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(alive))
+    inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    onnx.save(model, str(out / "head.onnx"), save_as_external_data=True, location="head.onnx.data")
+    _rewrite_manifest(device_dir, out)
+    return out
+
+
+def _rewrite_manifest(device_dir: Path, out: Path) -> None:
+    from splitlm.artifacts import MANIFEST_FILE
+    from splitlm.model.checkpoint import sha256_file
+
     manifest = json.loads((device_dir / MANIFEST_FILE).read_text())
     for name in ("head.onnx", "head.onnx.data"):
         manifest["files"][name] = {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    return out
 
 
 def measure(reset, feed, greedy_next, prompt: list[int], decode_prompt: list[int], decode_n: int,
@@ -159,6 +207,8 @@ def engines(ckpt) -> tuple[list[Row], list[str]]:
                             headline=False))
         if name == "int4":  # what the 8-bit LM head costs against genai's 4-bit one
             rows.append(Row(f"{label}, LM head 4-bit", "ours", export_cached(ckpt, plan.replace(lm_head_bits=4)), headline=False))
+        if name == "int4" and method == "source":  # what carrying the Q4_1 mins exactly costs (not a valid model)
+            rows.append(Row(f"{label}, mins dropped (speed only)", "ours", without_block_mins(device_dir), headline=False))
         if name == "int4" and method != "rtn":
             rtn = export_cached(ckpt, plan.replace(device_weights=WeightQuant(4, 32)))
             rows.append(Row("ours int4 (rtn, re-quantized)", "ours", rtn, headline=True))

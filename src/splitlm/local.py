@@ -102,9 +102,10 @@ class LocalSplit:
         K/V codec under the plan's move codec "ans"."""
         src, dst = (caches.head, caches.tail) if layer < caches.split else (caches.tail, caches.head)
         layers = range(layer, caches.split) if layer < caches.split else range(caches.split, layer)
-        kept = torch.cat(caches.kept[layer], 1)[0].float() if caches.kept.get(layer) else torch.zeros(0, self.spec.hidden_size)
-        if self.plan.move_codec.coder == "recompute" and layer < caches.split and len(kept) == src.length:
+        rows = sum(t.shape[1] for t in caches.kept.get(layer, ()))
+        if self.plan.move_codec.coder == "recompute" and layer < caches.split and rows == src.length:
             # (a cut the head did not run since the session began has no complete rows: its K/V go as "exact")
+            kept = torch.cat(caches.kept[layer], 1)[0].float() if rows else torch.zeros(0, self.spec.hidden_size)
             assembler = kv_wire.Assembler(layers, src.length, self.spec.num_kv_heads, self.spec.head_dim,
                                           hidden_size=self.spec.hidden_size)
             for item in kv_wire.hidden_chunks(layer, kept.numpy()):

@@ -245,7 +245,7 @@ class DeviceHead:
     def reset(self) -> None:
         self.length = 0
         self.kept: dict[int, np.ndarray] = {}
-        """MoveCodec "recompute": the hidden states (max_seq_len, d) float32 at each cut of the head up to its split, as
+        """MoveCodec "recompute": the hidden states (max_seq_len, d) float32 at each cut of the head below its split, as
         computed (rows [0, length) written): a shallower move sends those at its new split instead of K/V."""
         if self.session.kind == "gqa":
             self.past = []
@@ -254,7 +254,7 @@ class DeviceHead:
             if self.plan.move_codec.coder == "recompute":
                 spec = self.session.spec
                 self.kept = {c: _zeros_mapped([self.plan.max_seq_len, spec.hidden_size], np.float32)
-                             for c in self.session.cuts if c <= self.stop < spec.num_layers}
+                             for c in self.session.cuts if c < self.stop}
             return
         self.past = self.session.empty_past(1)
 
@@ -276,7 +276,9 @@ class DeviceHead:
             raise ConfigError(f"the head can stop at layers {cuts}, not {layer}")
         self.bound = [b for b in self.bound if b.seg.stop <= layer]
         self.stop = layer
-        self.kept = {c: rows for c, rows in self.kept.items() if c <= layer}  # cuts past it are not run again from 0
+        # the cut it stops at stays (its rows go on being written: a move back deeper and shallower again needs them);
+        # cuts past it are not run from 0 again
+        self.kept = {c: rows for c, rows in self.kept.items() if c <= layer}
 
     def kv_chunks(self, layers: range, max_bytes: int = 1 << 20) -> Iterator:
         """The K/V of `layers` (in use) for every position so far, as kv_wire LayerKV chunks: with the plan's move
