@@ -24,19 +24,22 @@ from splitlm.model.registry import resolve_model
 from splitlm.quantize import codec
 
 
-def frames_for(ckpt, plan, prompt_len: int, steps: int, sessions: int) -> list[tuple[bytes, list[bytes]]]:
-    """Per session: one prefill frame and `steps` decode frames of real activations at the split."""
+def frames_for(ckpt, plan, prompt_len: int, steps: int, sessions: int, rows: int = 1) -> list[tuple[bytes, list[bytes]]]:
+    """Per session: one prefill frame and `steps` frames of real activations at the split, of `rows` consecutive
+    positions each (one: decode steps), step i starting at prompt_len + i; coded as the plan's codec codes them
+    (an ans codec in the split layer's calibrated basis)."""
     from splitlm.local import LocalSplit
 
-    head = LocalSplit(ckpt, plan=plan).head
+    split = LocalSplit(ckpt, plan=plan)
+    basis = split.bases.get(plan.split_layer)
     wins = evaluate.windows(ckpt.tokenizer(), evaluate.protocol_text(), 1)[0]
     out = []
     with torch.inference_mode():
         for s in range(sessions):
-            ids = wins[(s * 7) % 256:(s * 7) % 256 + prompt_len + steps]
-            h = head(torch.tensor([ids]))[0].numpy()
-            out.append((codec.encode(h[:prompt_len], plan.codec),
-                        [codec.encode(h[i:i + 1], plan.codec) for i in range(prompt_len, prompt_len + steps)]))
+            ids = wins[(s * 7) % 128:(s * 7) % 128 + prompt_len + steps + rows - 1]
+            h = split.head(torch.tensor([ids]))[0].numpy()
+            out.append((codec.encode(h[:prompt_len], plan.codec, "numpy", basis),
+                        [codec.encode(h[i:i + rows], plan.codec, "numpy", basis) for i in range(prompt_len, prompt_len + steps)]))
     return out
 
 

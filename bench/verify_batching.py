@@ -19,28 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-import torch
+from cloud import frames_for
 
-from splitlm import evaluate
 from splitlm.demo import cached_export, default_plan
 from splitlm.model.registry import resolve_model
-from splitlm.quantize import codec
-
-
-def frames_for(ckpt, plan, prompt_len: int, steps: int, rows: int, sessions: int) -> list[tuple[bytes, list[bytes]]]:
-    """Per session: a prefill frame and `steps` frames of `rows` consecutive positions, step i starting at prompt + i."""
-    from splitlm.local import LocalSplit
-
-    head = LocalSplit(ckpt, plan=plan).head
-    text = evaluate.windows(ckpt.tokenizer(), evaluate.protocol_text(), 1)[0]
-    out = []
-    with torch.inference_mode():
-        for s in range(sessions):
-            ids = text[(s * 7) % 128:(s * 7) % 128 + prompt_len + steps + rows]
-            h = head(torch.tensor([ids]))[0].numpy()
-            out.append((codec.encode(h[:prompt_len], plan.codec),
-                        [codec.encode(h[prompt_len + i:prompt_len + i + rows], plan.codec) for i in range(steps)]))
-    return out
 
 
 def run(address: str, plan, frames, prompt_len: int, drafts: list[int]) -> float:
@@ -55,7 +37,7 @@ def run(address: str, plan, frames, prompt_len: int, drafts: list[int]) -> float
 
     def one(prefill, steps):
         try:
-            with RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), len(steps) + 1) as remote:
+            with RemoteSession(channel, plan.hash, plan.model_id, SamplingParams(), len(steps) + 1 + len(drafts)) as remote:
                 remote.next_token(prefill, prompt_len)
                 barrier.wait()
                 t0 = time.perf_counter()
@@ -100,8 +82,8 @@ def main() -> None:
     plan = default_plan(ckpt)
     root = cached_export(ckpt, plan)
     k = args.drafts
-    verify_frames = frames_for(ckpt, plan, args.prompt, args.steps, k + 1, max(args.sessions))
-    decode_frames = frames_for(ckpt, plan, args.prompt, args.steps, 1, max(args.sessions))
+    verify_frames = frames_for(ckpt, plan, args.prompt, args.steps, max(args.sessions), rows=k + 1)
+    decode_frames = frames_for(ckpt, plan, args.prompt, args.steps, max(args.sessions))
     drafts = [ckpt.spec.vocab_size - 1] * k
     server, port, service = start_server(TailRunner(root / "cloud"), "127.0.0.1:0", ServerConfig(max_sessions=max(args.sessions)))
     address = f"127.0.0.1:{port}"
