@@ -144,11 +144,11 @@ class NoTail(torch.nn.Module):
     """Stands in for the tail stage: zero logits, the cache only counts positions. Serving with it
     leaves the protocol path alone: client, gRPC, service, frame checks and decode, the batcher hop."""
 
-    def __init__(self, vocab: int) -> None:
+    def __init__(self, stage) -> None:
         super().__init__()
-        self.vocab = vocab
+        self.vocab, self.spec, self.start, self.stop = stage.spec.vocab_size, stage.spec, stage.start, stage.stop
 
-    def forward(self, x, positions=None, cache=None, mask=None, last_only=False):
+    def forward(self, x, positions=None, cache=None, mask=None, last_only=False, start=None):
         if cache is not None:
             cache.length += x.shape[1]
         return torch.zeros(x.shape[0], 1 if last_only else x.shape[1], self.vocab)
@@ -184,7 +184,7 @@ def main() -> None:
                          "median_overhead_ms": 1e3 * statistics.median(overhead),
                          "mean_batch": batched / batches if batches else 1.0})
         tail = service.runner.batcher.stage
-        service.runner.batcher.stage = NoTail(ckpt.spec.vocab_size)  # the batcher is idle between runs
+        service.runner.batcher.stage = NoTail(tail)  # the batcher is idle between runs
         _, steps, server_t = run_sessions(address, plan, frames[:1], args.prompt)
         no_tail = {"median_step_ms": 1e3 * statistics.median(steps), "median_server_ms": 1e3 * statistics.median(server_t),
                    "median_overhead_ms": 1e3 * statistics.median([c - s for c, s in zip(steps, server_t)])}
