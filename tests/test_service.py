@@ -108,8 +108,8 @@ def test_batched_decode_equals_one_by_one(tiny_ckpt, artifacts):
 
 
 def test_steps_of_several_rows_share_the_batched_forward(tiny_ckpt, artifacts):
-    """Speculative steps (a few rows, all logits) and one-row decode steps of sessions of different lengths run in one
-    padded forward; each session's logits and K/V are those of its step run alone."""
+    """Speculative steps (a few rows, all logits) of sessions of different lengths run in one padded forward, the
+    one-row decode steps of the same turn in another; each session's logits and K/V are those of its step run alone."""
     import torch
 
     from splitlm.cloud.batcher import Batcher
@@ -119,8 +119,8 @@ def test_steps_of_several_rows_share_the_batched_forward(tiny_ckpt, artifacts):
     runner = TailRunner(artifacts[1].cloud_dir)
     d = tiny_ckpt.spec.hidden_size
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randn(n, d, generator=g).to(runner.device) for n in (3, 9, 5, 2)]
-    steps = [torch.randn(n, d, generator=g).to(runner.device) for n in (1, 4, 6, 2)]
+    prompts = [torch.randn(n, d, generator=g).to(runner.device) for n in (3, 9, 5, 2, 7)]
+    steps = [torch.randn(n, d, generator=g).to(runner.device) for n in (1, 4, 6, 1, 2)]
     alone, kv = [], []
     with torch.inference_mode():
         for p, x in zip(prompts, steps):
@@ -134,7 +134,7 @@ def test_steps_of_several_rows_share_the_batched_forward(tiny_ckpt, artifacts):
         batcher.run(c, p)
     futures = in_one_turn(batcher, list(zip(caches, steps)))
     batcher.close()
-    assert batcher.batches == 1 and batcher.batched_steps == len(steps)
+    assert batcher.batches == 2 and batcher.batched_steps == len(steps)  # the two decode steps, the three speculative ones
     for a, f, c, (k, v) in zip(alone, futures, caches, kv):
         got = f.result()
         assert got.shape == a.shape

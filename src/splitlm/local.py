@@ -102,6 +102,9 @@ class LocalSplit:
         K/V codec under the plan's move codec "ans"."""
         src, dst = (caches.head, caches.tail) if layer < caches.split else (caches.tail, caches.head)
         layers = range(layer, caches.split) if layer < caches.split else range(caches.split, layer)
+        held = src.read(layers.start)
+        if held is not None and held[0].shape[0] != 1 and self.plan.move_codec.coder != "exact":
+            raise ConfigError(f"a {self.plan.move_codec.coder!r} move codes one sequence: these caches hold {held[0].shape[0]}")
         rows = sum(t.shape[1] for t in caches.kept.get(layer, ()))
         if self.plan.move_codec.coder == "recompute" and layer < caches.split and rows == src.length:
             # (a cut the head did not run since the session began has no complete rows: its K/V go as "exact")
@@ -137,7 +140,7 @@ class LocalSplit:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         for cut in self.plan.splits():
-            if cut < split:
+            if cut <= split:  # (the split itself too: after a move shallower to it, its rows go on as DeviceHead's do)
                 module = self.head.model.embed_tokens if cut == 0 else self.head.model.layers[cut - 1]
 
                 def keep(_module, _inputs, out, cut=cut):

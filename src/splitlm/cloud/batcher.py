@@ -1,9 +1,11 @@
 """Continuous batching of the tail: one thread runs the model for every session.
 
 Each turn takes every pending decode step (one position per session) as one batched
-forward — sessions of different lengths share it through right-padded K/V and a mask —
-and one prefill chunk of at most `chunk` positions, so a long prompt, however the client
-framed it, interleaves with other sessions' decoding and its memory is bounded per chunk.
+forward — sessions of different lengths share it through right-padded K/V and a mask —,
+the pending speculative steps (a few positions per session, all their logits) as another, their
+rows right-padded too, and one prefill chunk of at most `chunk` positions, so a long prompt,
+however the client framed it, interleaves with other sessions' decoding and its memory is
+bounded per chunk.
 
 The activation frames that arrive in one turn are decoded together, by one call of the
 batcher's frame decoder (`FrameDecoder`); a frame that fails to decode fails its own session only.
@@ -123,8 +125,8 @@ class TorchThread:
 
 
 VERIFY_ROWS = 16
-"""The most rows a step may have to share a turn's batched forward (a verified step's k + 1; draft.DraftLength caps k
-at 8), and at most the batcher's chunk: longer ones run as prefill chunks."""
+"""The most rows a speculative step (a verified step's k + 1; draft.DraftLength caps k at 8 by default) may have to share
+a batched forward with other sessions' speculative steps; a longer one runs alone in its turn."""
 
 
 class _BatchedCaches:
@@ -188,9 +190,9 @@ class Batcher:
         self._done: Future | None = None
         self._thread = None if worker else threading.Thread(target=self._loop, name="splitlm-batcher", daemon=True)
         self.batches = 0
-        """Batched decode forwards run so far (for tests and metrics)."""
+        """Batched forwards of decode or speculative steps run so far (for tests and metrics)."""
         self.batched_steps = 0
-        """Decode steps served by those forwards."""
+        """Steps served by those forwards."""
         self.frame_decodes = 0
         """Calls of `decode` so far (one per turn that brought frames, unless a frame failed)."""
         if self._thread is not None:
@@ -278,8 +280,8 @@ class Batcher:
             except queue.Empty:
                 pass
             for w in self._make_hidden(arrived):
-                if w.cache.length > 0 and (w.hidden.shape[0] == 1 or (not w.last_only and w.hidden.shape[0] <= min(VERIFY_ROWS, self.chunk))):
-                    decodes.append(w)  # a decode step, or a speculative step's few rows (all logits wanted): this turn's batch
+                if w.cache.length > 0 and (w.hidden.shape[0] == 1 or (not w.last_only and w.hidden.shape[0] <= self.chunk)):
+                    decodes.append(w)  # a decode step, or a speculative step's few rows (all logits wanted): this turn
                 else:
                     prefills.append(w)
             if decodes:
@@ -447,10 +449,16 @@ class Batcher:
         return True
 
     def _decode(self, batch: list[_Work]) -> None:
-        """One batched forward per start layer among `batch`'s sessions."""
-        groups: dict[int | None, list[_Work]] = {}
+        """One batched forward per start layer among `batch`'s decode steps, another for its speculative steps of up
+        to VERIFY_ROWS rows (apart: a decode step padded to a verified step's rows would cost as much as it); a longer
+        speculative step runs alone."""
+        groups: dict[tuple[int | None, bool], list[_Work]] = {}
         for w in batch:
-            groups.setdefault(w.start, []).append(w)
+            rows = w.hidden.shape[0]
+            if rows > VERIFY_ROWS:
+                self._chunk(w)
+            else:
+                groups.setdefault((w.start, rows == 1), []).append(w)
         for group in groups.values():
             self._decode_group(group)
 

@@ -287,7 +287,10 @@ class TailSession:
     def move(self, new_split: int, kv: "kv_wire.Assembler | None" = None, message_bytes: int = 1 << 20) -> Future:
         """Move this session's split, on the batcher thread between steps. Shallower: `kv` holds the chunks of
         layers [new_split, split) (checked as they arrived); they are assembled and installed into the
-        cache, their bytes checked against the KV budget first. Deeper: a future of the K/V of layers
+        cache, their bytes checked against the KV budget first. Under MoveCodec "recompute" it holds the hidden
+        states entering new_split instead, and the tail computes those layers' K/V from them, in prefill chunks
+        but in one call: the other sessions' steps wait for it (0.6 s for 18 layers x 512 positions of SmolLM2 on
+        a 2-core CPU). Deeper: a future of the K/V of layers
         [split, new_split) as batches of float32 LayerKV chunks of at most `message_bytes`, which leave the
         cache. Refusals: MoveError (a split not allowed), CodecError (bad K/V), ResourceExhausted (the
         budget, or memory); the session is unchanged then."""

@@ -187,7 +187,8 @@ class MoveCodec:
     give for the same inputs; 4·hidden bytes per position whatever the layers moved (SmolLM2: 2,304, against
     1,536 per layer for float32 K/V and 387 for 8-bit codes), so it pays from two layers moved against float32 K/V.
     A deeper move, and a shallower one to a cut the head has not run since the session began (it moved back
-    deeper past it), carry float32 K/V as "exact" does. The device keeps the rows at every cut up to its split:
+    deeper past it), carry K/V as "exact" does (float32, or a quantized device cache's codes). The cloud
+    recomputes between turns: other sessions wait for it. The device keeps the rows at every cut up to its split:
     4·hidden bytes per position per cut."""
     key_error: float = 0.05
     """ans: τ, each key channel adds about τ²/head_dim to the variance of an attention logit (steps from the
