@@ -316,11 +316,15 @@ class Batcher:
         item.future.set_result(result)
 
     def _awaited(self, prefills: deque[_Work], decodes: list[_Work], arrived: list[_Work]) -> bool:
-        """Whether this turn should wait (up to gather_s) for more steps: a decode step is ready
-        to batch and a session that has run before has sent nothing yet."""
-        if self.gather_s <= 0 or not any(
-                w.cache.length > 0 and (w.rows == 1 if w.rows is not None else w.hidden.shape[0] == 1)
-                for w in (*decodes, *arrived)):
+        """Whether this turn should wait (up to gather_s) for more steps: a decode or speculative step is
+        ready to batch and a session that has run before has sent nothing yet."""
+        def batchable(w: _Work) -> bool:
+            if w.cache.length == 0 or (w.rows is None and callable(w.hidden)):  # a prefill, or rows not known yet
+                return False
+            rows = w.rows if w.rows is not None else w.hidden.shape[0]
+            return rows == 1 or (not w.last_only and rows <= VERIFY_ROWS)
+
+        if self.gather_s <= 0 or not any(batchable(w) for w in (*decodes, *arrived)):
             return False
         pending = {id(w.cache) for w in (*prefills, *decodes, *arrived)}
         return any(key not in pending for key in self._active)
