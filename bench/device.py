@@ -56,15 +56,16 @@ def export_cached(ckpt, plan: Plan) -> Path:
     return root / "device"
 
 
-def with_accuracy_level(device_dir: Path, level: int) -> Path:
-    """A copy of the head whose MatMulNBits nodes use another accuracy_level (4 = int8 compute),
-    with its manifest updated to the rewritten files."""
+def _rewritten(device_dir: Path, name: str, edit) -> Path:
+    """A copy of the head in `device_dir`'s sibling `name` whose graph `edit(model)` changed in place, with its
+    manifest updated to the rewritten files (kept for the next run while its files match the manifest)."""
     import onnx
 
     from splitlm.artifacts import MANIFEST_FILE, check_manifest
     from splitlm.errors import ModelLoadError
+    from splitlm.model.checkpoint import sha256_file
 
-    out = device_dir.parent / f"device-acc{level}"
+    out = device_dir.parent / name
     try:
         check_manifest(out)
         return out
@@ -73,66 +74,54 @@ def with_accuracy_level(device_dir: Path, level: int) -> Path:
     # onnx.save appends to an existing external-data file: leave the head's files out of the copy
     shutil.copytree(device_dir, out, ignore=shutil.ignore_patterns("head.onnx*", MANIFEST_FILE))
     model = onnx.load(str(device_dir / "head.onnx"))
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for attr in node.attribute:
-                if attr.name == "accuracy_level":
-                    attr.i = level
+    edit(model)
     onnx.save(model, str(out / "head.onnx"), save_as_external_data=True, location="head.onnx.data")
-    _rewrite_manifest(device_dir, out)
+    manifest = json.loads((device_dir / MANIFEST_FILE).read_text())
+    for file in ("head.onnx", "head.onnx.data"):
+        manifest["files"][file] = {"size": (out / file).stat().st_size, "sha256": sha256_file(out / file)}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def with_accuracy_level(device_dir: Path, level: int) -> Path:
+    """A copy of the head whose MatMulNBits nodes use another accuracy_level (4 = int8 compute)."""
+
+    def edit(model) -> None:
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits":
+                for attr in node.attribute:
+                    if attr.name == "accuracy_level":
+                        attr.i = level
+
+    return _rewritten(device_dir, f"device-acc{level}", edit)
 
 
 def without_block_mins(device_dir: Path) -> Path:
     """A copy of a "source" head with the Q4_1 block-min terms taken out (each `add_mins` node's output replaced by its
     matmul's, the nodes only it fed dropped): NOT the model any more, only the speed its exact form would have without
     the extra nodes that carry the mins (ReduceSum, MatMul, Add per linear)."""
-    import onnx
 
-    from splitlm.artifacts import MANIFEST_FILE, check_manifest
-    from splitlm.errors import ModelLoadError
+    def edit(model) -> None:
+        graph = model.graph
+        renamed = {n.output[0]: n.input[0] for n in graph.node if n.name.endswith("/add_mins")}
+        nodes = [n for n in graph.node if not n.name.endswith("/add_mins")]
+        for node in nodes:
+            for j, name in enumerate(node.input):
+                node.input[j] = renamed.get(name, name)
+        for o in graph.output:
+            o.name = renamed.get(o.name, o.name)
+        used, alive = {o.name for o in graph.output}, []
+        for node in reversed(nodes):  # drop what no output needs any more
+            if any(o in used for o in node.output):
+                alive.append(node)
+                used.update(node.input)
+        del graph.node[:]
+        graph.node.extend(reversed(alive))
+        inits = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
 
-    out = device_dir.parent / "device-no-mins"
-    try:
-        check_manifest(out)
-        return out
-    except ModelLoadError:
-        shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(device_dir, out, ignore=shutil.ignore_patterns("head.onnx*", MANIFEST_FILE))
-    model = onnx.load(str(device_dir / "head.onnx"))
-    graph, renamed = model.graph, {}
-    for node in graph.node:
-        if node.name.endswith("/add_mins"):
-            renamed[node.output[0]] = node.input[0]
-    nodes = [n for n in graph.node if not n.name.endswith("/add_mins")]
-    for node in nodes:
-        for j, name in enumerate(node.input):
-            node.input[j] = renamed.get(name, name)
-    for o in graph.output:
-        o.name = renamed.get(o.name, o.name)
-    used, alive = {o.name for o in graph.output}, []
-    for node in reversed(nodes):  # drop what no output needs any more
-        if any(o in used for o in node.output):
-            alive.append(node)
-            used.update(node.input)
-    del graph.node[:]
-    graph.node.extend(reversed(alive))
-    inits = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    onnx.save(model, str(out / "head.onnx"), save_as_external_data=True, location="head.onnx.data")
-    _rewrite_manifest(device_dir, out)
-    return out
-
-
-def _rewrite_manifest(device_dir: Path, out: Path) -> None:
-    from splitlm.artifacts import MANIFEST_FILE
-    from splitlm.model.checkpoint import sha256_file
-
-    manifest = json.loads((device_dir / MANIFEST_FILE).read_text())
-    for name in ("head.onnx", "head.onnx.data"):
-        manifest["files"][name] = {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return _rewritten(device_dir, "device-no-mins", edit)
 
 
 def measure(reset, feed, greedy_next, prompt: list[int], decode_prompt: list[int], decode_n: int,

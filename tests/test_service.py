@@ -80,31 +80,41 @@ def test_eight_concurrent_sessions_get_what_each_gets_alone(tiny_ckpt, artifacts
 def test_batched_decode_equals_one_by_one(tiny_ckpt, artifacts):
     import torch
 
-    from splitlm.cloud.batcher import Batcher
     from splitlm.cloud.tail import TailRunner
-    from splitlm.model.llama import KVCache
 
     runner = TailRunner(artifacts[1].cloud_dir)
     d = tiny_ckpt.spec.hidden_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randn(n, d, generator=g).to(runner.device) for n in (3, 9, 5, 1)]  # CUDA where there is one
     steps = torch.randn(len(prompts), 1, d, generator=g).to(runner.device)
+    alone, batcher, caches, futures = _alone_and_batched(runner.stage, prompts, steps)
+    assert batcher.batches == 1 and batcher.batched_steps == len(prompts)
+    for (a, _), f in zip(alone, futures):
+        assert torch.allclose(a[-1], f.result()[-1], atol=TOL["fp32_batched"], rtol=TOL["fp32_batched"])
+    assert [c.length for c in caches] == [p.shape[0] + 1 for p in prompts]
+
+
+def _alone_and_batched(stage, prompts, steps):
+    """Each session's prompt then step run alone: ([(its step's logits, its cache)]); and the same prompts run on a
+    Batcher with all the steps in one turn: (batcher, the caches, the steps' futures)."""
+    import torch
+
+    from splitlm.cloud.batcher import Batcher
+    from splitlm.model.llama import KVCache
+
     alone = []
     with torch.inference_mode():
         for p, x in zip(prompts, steps):
             cache = KVCache()
-            runner.stage(p[None], cache=cache)
-            alone.append(runner.stage(x[None], cache=cache)[0, -1])
-    batcher = Batcher(runner.stage)
+            stage(p[None], cache=cache)
+            alone.append((stage(x[None], cache=cache)[0], cache))
+    batcher = Batcher(stage)
     caches = [KVCache() for _ in prompts]
     for c, p in zip(caches, prompts):
         batcher.run(c, p)
     futures = in_one_turn(batcher, list(zip(caches, steps)))
     batcher.close()
-    assert batcher.batches == 1 and batcher.batched_steps == len(prompts)
-    for a, f in zip(alone, futures):
-        assert torch.allclose(a, f.result()[-1], atol=TOL["fp32_batched"], rtol=TOL["fp32_batched"])
-    assert [c.length for c in caches] == [p.shape[0] + 1 for p in prompts]
+    return alone, batcher, caches, futures
 
 
 def test_steps_of_several_rows_share_the_batched_forward(tiny_ckpt, artifacts):
@@ -112,28 +122,16 @@ def test_steps_of_several_rows_share_the_batched_forward(tiny_ckpt, artifacts):
     one-row decode steps of the same turn in another; each session's logits and K/V are those of its step run alone."""
     import torch
 
-    from splitlm.cloud.batcher import Batcher
     from splitlm.cloud.tail import TailRunner
-    from splitlm.model.llama import KVCache
 
     runner = TailRunner(artifacts[1].cloud_dir)
     d = tiny_ckpt.spec.hidden_size
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randn(n, d, generator=g).to(runner.device) for n in (3, 9, 5, 2, 7)]
     steps = [torch.randn(n, d, generator=g).to(runner.device) for n in (1, 4, 6, 1, 2)]
-    alone, kv = [], []
-    with torch.inference_mode():
-        for p, x in zip(prompts, steps):
-            cache = KVCache()
-            runner.stage(p[None], cache=cache)
-            alone.append(runner.stage(x[None], cache=cache)[0])
-            kv.append(cache.read(runner.stage.start))
-    batcher = Batcher(runner.stage)
-    caches = [KVCache() for _ in prompts]
-    for c, p in zip(caches, prompts):
-        batcher.run(c, p)
-    futures = in_one_turn(batcher, list(zip(caches, steps)))
-    batcher.close()
+    results, batcher, caches, futures = _alone_and_batched(runner.stage, prompts, steps)
+    alone = [a for a, _ in results]
+    kv = [cache.read(runner.stage.start) for _, cache in results]
     assert batcher.batches == 2 and batcher.batched_steps == len(steps)  # the two decode steps, the three speculative ones
     for a, f, c, (k, v) in zip(alone, futures, caches, kv):
         got = f.result()

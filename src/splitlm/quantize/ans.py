@@ -453,8 +453,8 @@ def decode_batch(bufs: list[bytes], lays: list[Layout], basis: Basis, rotate=Non
     μ + U y of all their rows at once (one product with U for the batch: on the cloud, one frame of one row spent
     most of its decode reading U). A row decoded in a batch equals the row decoded alone to float64 rounding (the
     product's summation order may differ with the batch's size). CodecError names the frame at fault."""
-    for i, lay in enumerate(lays):
-        where = f"frame {i} of the batch: " if len(lays) > 1 else ""
+    wheres = [f"frame {i} of the batch: " if len(lays) > 1 else "" for i in range(len(lays))]  # what errors name
+    for where, lay in zip(wheres, lays):
         if (lay.layer, lay.digest) != (basis.layer, basis.digest):
             raise CodecError(f"{where}the frame was coded with basis {lay.layer}/{lay.digest.hex()}, this side holds "
                              f"{basis.layer}/{basis.digest.hex()}: the two sides do not run the same plan")
@@ -462,7 +462,7 @@ def decode_batch(bufs: list[bytes], lays: list[Layout], basis: Basis, rotate=Non
             raise CodecError(f"{where}the frame holds rows of dim {lay.dim}, its basis {basis.layer}/{basis.digest.hex()} "
                              f"codes dim {basis.dim}")
     d = basis.dim
-    q = np.concatenate([_symbols(buf, lay, basis, i if len(lays) > 1 else None) for i, (buf, lay) in enumerate(zip(bufs, lays))])
+    q = np.concatenate([_symbols(buf, lay, basis, where) for buf, lay, where in zip(bufs, lays, wheres)])
     steps, gains = np.concatenate([lay.steps for lay in lays]), np.concatenate([lay.gains for lay in lays])
     coded = steps < RAW16
     y = np.zeros((len(steps), d))
@@ -471,7 +471,7 @@ def decode_batch(bufs: list[bytes], lays: list[Layout], basis: Basis, rotate=Non
             step(steps[coded])[:, None] * basis.weights.astype(np.float64))
     x = (rotate or _rotate_back)(y, basis)
     out, row = [], 0
-    for i, (buf, lay) in enumerate(zip(bufs, lays)):
+    for buf, lay, where in zip(bufs, lays, wheres):
         xi = x[row:row + lay.rows]
         off = lay.raw_offset
         for r in np.nonzero(lay.steps >= RAW16)[0]:
@@ -479,18 +479,16 @@ def decode_batch(bufs: list[bytes], lays: list[Layout], basis: Basis, rotate=Non
             xi[r] = np.frombuffer(buf, dtype, d, off)
             off += width * d
         if not np.isfinite(xi).all():
-            raise CodecError(f"{f'frame {i} of the batch: ' if len(lays) > 1 else ''}ans frame decodes to non-finite "
-                             "values: corrupt")
+            raise CodecError(f"{where}ans frame decodes to non-finite values: corrupt")
         out.append(xi)
         row += lay.rows
     return out
 
 
-def _symbols(buf: bytes, lay: Layout, basis: Basis, index: int | None) -> np.ndarray:
-    """The symbols (T, d) float64 of a parsed frame's ANS streams (0 on raw rows)."""
+def _symbols(buf: bytes, lay: Layout, basis: Basis, where: str) -> np.ndarray:
+    """The symbols (T, d) float64 of a parsed frame's ANS streams (0 on raw rows); `where` starts its errors."""
     import constriction
 
-    where = f"frame {index} of the batch: " if index is not None else ""
     T, d = lay.rows, lay.dim
     raw = lay.steps >= RAW16
     q = np.zeros((T, d), np.float64)
