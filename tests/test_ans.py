@@ -37,6 +37,27 @@ def test_every_row_meets_its_budget_and_the_frame_is_small(basis, eps):
     assert (lay.ans.steps < ans.RAW16).all()
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_the_float32_search_measures_the_error_the_decoder_makes(alpha):
+    """The encoder's search (`_grid`, float32, its own formulas) gives the error and gains of `_code` (float64, the
+    decoder's reconstruction) at every step it tries, weighted basis or not; a row codes the same alone as in a
+    frame of any size."""
+    b = ans.Basis.fit(5, activations(2000), alpha=alpha)
+    x = activations(32, seed=7)
+    y = np.stack([row @ b.vectors for row in x - b.mean])
+    k = np.arange(len(y)) % 24 + ans.STEP_BIAS - 40  # coarse to fine steps
+    _, gains, err = ans._grid(y, b, k, 0.2)
+    q, gains64, yh, _ = ans._code(y.astype(np.float64), b, k, 0.2)
+    err64 = np.square(y.astype(np.float64) - yh).sum(1)
+    assert np.allclose(err, err64, rtol=1e-4, atol=0)  # within the search's margin (ans.MARGIN, 1e-3)
+    assert (np.abs(gains.astype(int) - gains64) <= 1).all() and (gains == gains64).mean() > 0.95  # ties may round apart
+    frame = ans.encode(x, b, 0.02)
+    rows = codec.parse_frame(frame).ans
+    for i in range(len(x)):
+        alone = codec.parse_frame(ans.encode(x[i:i + 1], b, 0.02)).ans
+        assert (alone.steps[0], bytes(alone.gains[0])) == (rows.steps[i], bytes(rows.gains[i]))
+
+
 def test_a_tighter_budget_costs_more_bytes(basis):
     x = activations(64, seed=2)
     sizes = [len(ans.encode(x, basis, eps)) for eps in (0.1, 0.035, 0.01, 0.001)]

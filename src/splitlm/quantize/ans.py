@@ -63,6 +63,10 @@ BASIS_FILE = names.CODEC_BASIS_FILE
 
 _STEPS = np.exp2((np.arange(256, dtype=np.float64) - STEP_BIAS) / 8.0)
 _GAINS = np.exp2((np.arange(256, dtype=np.float64) - 128.0) / 8.0)
+_STEPS32, _GAINS32 = _STEPS.astype(np.float32), _GAINS.astype(np.float32)
+"""The same in float32, for the encoder's search (`_grid`)."""
+_GAIN_EDGES = np.exp2((np.arange(1, 256, dtype=np.float64) - 128.5) / 4.0).astype(np.float32)
+"""Mean squares where the band gain index steps up: index j = rint(8·log2 rms) + 128, clipped to [0, 255]."""
 
 
 def step(k: np.ndarray) -> np.ndarray:
@@ -112,6 +116,18 @@ class Basis:
         edges = self.bands
         return (w, 1.0 / np.maximum(std, 1e-30), std / w / np.sqrt(2.0), np.repeat(np.arange(len(edges) - 1), np.diff(edges)),
                 edges[:-1], np.diff(edges).astype(np.float64))
+
+    @functools.cached_property
+    def _derived32(self) -> tuple[np.ndarray, ...]:
+        """For the encoder's search, float32: (weights, weight / std, 1 / the Laplace scale per unit step and gain,
+        band sizes)."""
+        w, inv_std, unit, _, _, sizes = self._derived
+        return (w.astype(np.float32), (w * inv_std).astype(np.float32), (1.0 / unit).astype(np.float32),
+                sizes.astype(np.float32))
+
+    @functools.cached_property
+    def _band_sizes(self) -> np.ndarray:
+        return np.diff(self.bands)
 
     @functools.cached_property
     def _vectors_t64(self) -> np.ndarray:
@@ -292,27 +308,66 @@ below it in 97 to 99.8 % of rows (the grid must also see the index above the ans
 two-step search."""
 
 
+MARGIN = 1.0 - 1e-3
+"""The search's float32 error must meet this fraction of a row's budget, so that the decoder's float64
+reconstruction meets the whole budget (the two errors differed by at most 3e-5 of their size on tests/test_ans.py's
+rows; the margin moved 0.02 % of SmolLM2's bytes)."""
+
+
+def _grid(y: np.ndarray, basis: Basis, k: np.ndarray, deadzone: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows y (n, d) float32 coded at step indices k (n,), in float32 and without signs, for the search: (symbol
+    magnitudes (n, d), band gains (n, B) uint8, squared error of the centroid reconstruction (n,)). `_code`'s
+    quantizer, gains and reconstruction in fewer numpy calls (a decode row's search is their overhead): a symbol of
+    magnitude a > 0 stands for (a − δ)·s, so a component's error is ((|y|/s − a + δ)·s)², and y² where a = 0; the
+    band gain is the nearest index to 4·log2 of its mean square (`_GAIN_EDGES`)."""
+    w, w_inv_std, inv_unit, sizes = basis._derived32
+    delta_k = _STEPS32[k][:, None]
+    v = np.abs(y) / (delta_k if basis._unweighted else delta_k * w)
+    a = np.floor(v + np.float32(0.5 - deadzone))
+    band_ms = np.add.reduceat(np.square(a * w_inv_std), basis._derived[4], axis=1) * (np.square(delta_k) / sizes)
+    gains = np.searchsorted(_GAIN_EDGES, band_ms).astype(np.uint8)
+    u = np.minimum(inv_unit * np.repeat(delta_k / _GAINS32[gains], basis._band_sizes, axis=1), np.float32(1.0 / MIN_SCALE))
+    shrink = 0.5 - 1.0 / u + 1.0 / np.expm1(np.minimum(u, np.float32(80.0)))  # u = 1/b, b the Laplace scale; e^80 is finite
+    r = v - a + shrink * (a > 0)
+    if not basis._unweighted:
+        r *= w
+    return a, gains, np.einsum("ij,ij->i", r, r) * np.square(delta_k[:, 0])
+
+
 def _search(y: np.ndarray, basis: Basis, budget: np.ndarray, deadzone: float):
     """The largest step index that meets each row's budget with the centroid reconstruction, and the row coded
-    there: (k, symbols, band gains, reconstruction of y, Laplace scales, squared error).
+    there: (k, symbols (float64), band gains, squared error). y (T, d) float32.
 
-    Every row codes FULL_GRID's indices around the estimate at once. Rows whose answer is off that grid search
-    with the plain reconstruction first (bisection, a few cheap operations per try), which lands at the answer or
-    just above it (measured on 128 rows of SmolLM2's layer 10: 40 at it, 84 one above, 4 two above), so the
-    REFINE indices at and below it are coded at once with the full reconstruction; rows where none of those meet
-    are bisected with the full reconstruction. Each step is row by row, so that a row is coded the same in a
-    frame of any size (a speculative step's rows equal one-token steps')."""
+    Every row codes FULL_GRID's indices around the estimate at once, in float32 (`_grid`; about half the time of
+    float64 on a decode row). Rows whose answer is off that grid search in float64 with the plain reconstruction
+    first (bisection, a few cheap operations per try), which lands at the answer or just above it (measured on 128
+    rows of SmolLM2's layer 10: 40 at it, 84 one above, 4 two above), so the REFINE indices at and below it are coded
+    at once with the full reconstruction; rows where none of those meet are bisected with the full reconstruction.
+    Each step is row by row, so that a row is coded the same in a frame of any size (a speculative step's rows
+    equal one-token steps')."""
     T, d = y.shape
+    G = len(FULL_GRID)
     est = np.floor(4.0 * np.log2(np.maximum(12.0 * budget / d, 1e-300))).astype(np.int64) + STEP_BIAS
+    if T == 1:  # a decode row, the hot case: the same search with its bookkeeping on Python scalars
+        cands = np.minimum(np.maximum(est[0] + FULL_GRID, 0), RAW16 - 1)  # (np.clip costs 10x more on 4 values)
+        a, gains, err = _grid(y, basis, cands, deadzone)
+        met = (err <= budget[0] * MARGIN).tolist()
+        if met[0] and not met[-1]:
+            i = G - 1 - met[::-1].index(True)
+            return cands[i:i + 1], np.copysign(a[i:i + 1], y).astype(np.float64), gains[i:i + 1], err[i:i + 1].astype(np.float64)
+        sub = _search_long(y.astype(np.float64), basis, budget, deadzone)
+        return sub[0], sub[1], sub[2], sub[5]
     cands = np.minimum(np.maximum(est[:, None] + FULL_GRID[None], 0), RAW16 - 1).ravel()
-    k, coded, met = _pick(y, basis, budget, deadzone, cands, len(FULL_GRID))
+    ys = np.repeat(y, G, 0)
+    a, gains, err = _grid(ys, basis, cands, deadzone)
+    met = (err <= np.repeat(budget * MARGIN, G)).reshape(T, G)
+    pick = np.arange(T) * G + G - 1 - np.argmax(met[:, ::-1], 1)
+    k, q, gains, err = cands[pick], np.copysign(a[pick], ys[pick]).astype(np.float64), gains[pick], err[pick].astype(np.float64)
     off = ~met[:, 0] | met[:, -1]  # the grid's lowest index misses the budget, or its highest still meets it
     if off.any():
-        sub = _search_long(y[off], basis, budget[off], deadzone)
-        k[off] = sub[0]
-        for a, b in zip(coded, sub[1:]):
-            a[off] = b
-    return (k, *coded)
+        sub = _search_long(y[off].astype(np.float64), basis, budget[off], deadzone)
+        k[off], q[off], gains[off], err[off] = sub[0], sub[1], sub[2], sub[5]
+    return k, q, gains, err
 
 
 def _pick(y, basis, budget, deadzone, cands: np.ndarray, G: int):
@@ -363,10 +418,10 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
         raise CodecError("activations contain NaN or Inf")
     c = x - basis.mean
     # row by row: a matrix product sums in another order than a vector one, and a row must code the same in any frame
-    y = np.stack([row @ basis.vectors for row in c]).astype(np.float64)  # (T, d)
+    y = (c[0] @ basis.vectors)[None] if T == 1 else np.stack([row @ basis.vectors for row in c])  # (T, d) float32
     budget = error_budget * _inlier_energy(c)
 
-    lo, q, gains, _, scales, err = _search(y, basis, budget, deadzone)
+    lo, q, gains, err = _search(y, basis, budget, deadzone)
     steps = lo.astype(np.uint8)
     raw = (np.abs(q).max(1) > QMAX) | (err > budget)
     if raw.any():
@@ -382,7 +437,7 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
 
         coder = constriction.stream.stack.AnsCoder()
         sel = np.nonzero(coded)[0]
-        scales = scales[sel].ravel()
+        scales = _scales(basis, gains[sel], lo[sel]).ravel()  # float64, as the decoder computes them
         coder.encode_reverse(q[sel].astype(np.int32).ravel(), _model(), np.zeros_like(scales), scales)
         words = coder.get_compressed()
     raw_bytes = b"".join(x[i].astype("<f2" if s == RAW16 else "<f4").tobytes() for i, s in enumerate(steps) if s >= RAW16)
