@@ -8,8 +8,8 @@ it says so and runs over loopback, unshaped.
 
 With --speculate: the split plan on the 20 ms / 50 Mbit/s link only, each prompt generated with and without
 `--speculate`, alternating, median of --reps: tokens/s, TTFT, tokens per round trip, drafts kept, and whether
-the two outputs are equal. The prompts are lookup-friendly (summarize or edit a given text, continue code) and
-open chat (SPECULATION_PROMPTS).
+the two outputs are equal. The prompts are lookup-friendly (summarize or edit a given text, continue code: asked in
+chat, and as raw code completion) and open chat (SPECULATION_PROMPTS).
 
 Both namespaces share this machine's cores: the device's onnxruntime and the cloud's torch
 compete for them, which a real deployment would not.
@@ -44,10 +44,16 @@ _CODE = ("def mean(values):\n    total = 0\n    for value in values:\n        to
 SPECULATION_PROMPTS = {
     "summarize (lookup)": f"Summarize this text in two sentences:\n\n{_TEXT}",
     "edit (lookup)": f"Rewrite this text, changing 'park' to 'garden' and nothing else:\n\n{_TEXT}",
-    "code (lookup)": f"Continue this Python code:\n\n{_CODE}",
+    "code, chat (lookup)": f"Continue this Python code:\n\n{_CODE}",
+    "code completion (lookup)": _CODE.rstrip("\n"),
     "chat: tips (open)": "What are three tips for staying healthy?",
     "chat: poem (open)": "Write a short poem about the sea.",
 }
+RAW_PROMPTS = {"code completion (lookup)"}
+"""Prompts generated as raw text, not in the chat template: code completion as an editor asks for it (the chat
+model, asked in chat to continue code, rewrites it instead: "code, chat"). The completion's prompt ends at the end
+of a line, not after its newline: the tokenizer merges a newline with the next line's indent, so a prompt cut
+after the newline leaves the model a token boundary it never saw (SmolLM2 then starts its answer with "#")."""
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -109,9 +115,9 @@ def in_ns(ns: str | None, *cmd: str) -> list[str]:
 
 
 def run_generate(artifacts: Path, tokens: int, server: str | None, ns: str | None, prompt: str = PROMPT,
-                 extra: tuple[str, ...] = ()) -> dict:
+                 extra: tuple[str, ...] = (), chat: bool = True) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [SPLITLM, "generate", "--artifacts", str(artifacts), "--prompt", prompt, "--chat",
+        cmd = [SPLITLM, "generate", "--artifacts", str(artifacts), "--prompt", prompt, *(["--chat"] if chat else []),
                "--max-tokens", str(tokens), "--json", out.name, *extra]
         if server:
             cmd += ["--server", server]
@@ -154,7 +160,7 @@ def speculation(args, ckpt) -> None:
                 for _ in range(args.reps):
                     for spec in (False, True):
                         runs[spec].append(run_generate(root, args.tokens, target, DEV_NS if netns else None, prompt,
-                                                       ("--speculate",) if spec else ()))
+                                                       ("--speculate",) if spec else (), chat=name not in RAW_PROMPTS))
                 row = {"prompt": name, "equal": all(a["tokens"] == b["tokens"] for a, b in zip(runs[False], runs[True]))}
                 for spec, key in ((False, "plain"), (True, "speculative")):
                     row[key] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs[spec]),
@@ -164,7 +170,7 @@ def speculation(args, ckpt) -> None:
                 row["speculative"]["drafts_kept"] = f"{runs[True][0]['accepted']}/{runs[True][0]['drafted']}"
                 row["speedup"] = row["speculative"]["tokens_per_s"] / row["plain"]["tokens_per_s"]
                 rows.append(row)
-                print(f"  {name:<22} {row['plain']['tokens_per_s']:6.1f} -> {row['speculative']['tokens_per_s']:6.1f} tok/s "
+                print(f"  {name:<26} {row['plain']['tokens_per_s']:6.1f} -> {row['speculative']['tokens_per_s']:6.1f} tok/s "
                       f"({row['speedup']:.2f}x), {row['speculative']['tokens_per_round_trip']:.2f} tokens/round trip, "
                       f"equal {row['equal']}", file=sys.stderr, flush=True)
         finally:
@@ -175,13 +181,14 @@ def speculation(args, ckpt) -> None:
             relay.terminate()
         if netns:
             teardown()
-    print(f"SmolLM2 split {default_plan(ckpt).split_layer}, {link}, {args.tokens} tokens (chat), median of {args.reps}, "
-          f"plain and speculative alternating; link shaping: {how}")
-    print(f"{'prompt':<22}{'plain tok/s':>12}{'spec tok/s':>12}{'speedup':>9}{'tok/RT':>8}{'kept':>9}{'TTFT plain':>12}"
+    raw = ", ".join(sorted(RAW_PROMPTS))
+    print(f"SmolLM2 split {default_plan(ckpt).split_layer}, {link}, {args.tokens} tokens (chat template but for {raw}), "
+          f"median of {args.reps}, plain and speculative alternating; link shaping: {how}")
+    print(f"{'prompt':<26}{'plain tok/s':>12}{'spec tok/s':>12}{'speedup':>9}{'tok/RT':>8}{'kept':>9}{'TTFT plain':>12}"
           f"{'TTFT spec':>11}{'equal':>7}")
     for r in rows:
         p, q = r["plain"], r["speculative"]
-        print(f"{r['prompt']:<22}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>12.1f}{r['speedup']:>8.2f}x"
+        print(f"{r['prompt']:<26}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>12.1f}{r['speedup']:>8.2f}x"
               f"{q['tokens_per_round_trip']:>8.2f}{q['drafts_kept']:>9}{p['ttft_ms']:>12.0f}{q['ttft_ms']:>11.0f}{str(r['equal']):>7}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"netns": netns, "shaping": how, "link": link, "rows": rows}, indent=2))

@@ -137,6 +137,10 @@ def cmd_generate(args) -> int:
     link = f", {result.link_bytes / max(1, len(ids) + len(result.token_ids) - 1):.0f} B/token on the link" if result.link_bytes else ""
     if "bytes_up" in result.extra:
         link += f" (wire: {result.extra['bytes_up']} B up, {result.extra['bytes_down']} B down)"
+    up = result.extra.get("uplink")
+    if up and up["prefill_errors"] and plan is not None and max(up["prefill_errors"]) > plan.codec.error_budget:
+        link += (f"; uplink {8e-6 * up['bytes_per_s']:.2f} Mbit/s: prompt frames at ε {min(up['prefill_errors']):.3g} to "
+                 f"{max(up['prefill_errors']):.3g} (the plan's {plan.codec.error_budget:.3g}, at most {plan.prefill_max_error:.3g})")
     if result.extra.get("drafted") is not None:
         link += (f"; speculation: {result.extra['tokens_per_round_trip'] or 0:.2f} tokens per round trip, "
                  f"{result.extra['accepted']} of {result.extra['drafted']} drafts kept")
@@ -230,14 +234,15 @@ def _generate_from_artifacts(args, sampling):
     else:
         if args.server:
             from splitlm.device.client import FailoverConfig, LinkConfig, ReplayingSession, connect
+            from splitlm.device.uplink import adapts
 
             link = LinkConfig() if args.step_timeout is None else LinkConfig(step_timeout_s=args.step_timeout)
             channel = connect(args.server, args.tls_ca, link)  # a bad address or certificate file fails here
             failover = FailoverConfig() if args.failover_deadline is None else FailoverConfig(deadline_s=args.failover_deadline)
 
             def run(ids, show):
-                with ReplayingSession(channel, session.plan.hash, session.plan.model_id,
-                                      sampling, args.max_tokens, args.token, failover=failover) as remote:
+                with ReplayingSession(channel, session.plan.hash, session.plan.model_id, sampling, args.max_tokens,
+                                      args.token, failover=failover, uplink=adapts(session.plan)) as remote:
                     result = generate_split(session, remote, ids, args.max_tokens, show, tok, on_move=_print_move,
                                             on_prefill=_prefill_progress, speculate=args.speculate)
                 result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down,

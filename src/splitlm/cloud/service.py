@@ -55,6 +55,90 @@ ECHO_CHARS = 80
 """A client's string is echoed into errors and logs up to this many characters."""
 MOVE_MESSAGE_BYTES = 3 << 20
 """Largest SplitMoved message the server sends (a gRPC client takes 4 MiB by default)."""
+READ_AHEAD_BYTES = 8 << 20
+"""Bytes of a stream's messages the server reads ahead of the session's compute (at least one message). Past that
+it stops reading, and gRPC's flow control holds the client back."""
+
+
+async def _read(context: grpc.aio.ServicerContext, timeout: float, waiting_for: str) -> pb.DeviceMessage | None:
+    """The next message, None at the end of the stream; DEADLINE_EXCEEDED after `timeout` s of silence."""
+    try:
+        async with _timeout(timeout):
+            msg = await context.read()
+    except asyncio.TimeoutError:
+        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {waiting_for} within {timeout:.3g} s") from None
+    except DecodeError as exc:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable DeviceMessage: {_clip(str(exc))}") from None
+    return None if msg is grpc.aio.EOF else msg
+
+
+class _Stream:
+    """A session's stream once it is open. A task reads its messages as they arrive, ahead of the session's compute
+    (up to READ_AHEAD_BYTES), and, when the device asked for them (Open.uplink_receipts), answers each prefill
+    frame with a Received at the time it is read: the device measures its uplink from those times, and they would
+    follow the cloud's compute, not the link, if frames were read only when the session is ready for them.
+    Writes go one at a time (the reader's receipts and the session's answers)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, receipts: bool) -> None:
+        self.context = context
+        self.receipts = receipts
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._held = 0
+        self._room = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def write(self, msg: pb.CloudMessage) -> None:
+        async with self._lock:
+            await self.context.write(msg)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                while self._held >= READ_AHEAD_BYTES:
+                    self._room.clear()
+                    await self._room.wait()
+                try:
+                    msg = await self.context.read()
+                except DecodeError as exc:
+                    self._queue.put_nowait(RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                                        f"undecodable DeviceMessage: {_clip(str(exc))}"))
+                    return
+                if msg is grpc.aio.EOF:
+                    self._queue.put_nowait(None)
+                    return
+                if self.receipts and msg.WhichOneof("kind") == "activations" and not msg.activations.want_token:
+                    await self.write(pb.CloudMessage(received=pb.Received(
+                        start_position=msg.activations.start_position, bytes=len(msg.activations.frame),
+                        server_us=time.monotonic_ns() // 1000)))
+                size = msg.ByteSize()
+                self._held += size
+                self._queue.put_nowait((msg, size))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the stream broke: the session meets it at its next read
+            self._queue.put_nowait(exc)
+
+    async def read(self, timeout: float, waiting_for: str) -> pb.DeviceMessage | None:
+        """The next message, None at the end of the stream; DEADLINE_EXCEEDED after `timeout` s of silence, and
+        what broke the stream, in order, when it broke."""
+        try:
+            async with _timeout(timeout):
+                item = await self._queue.get()
+        except asyncio.TimeoutError:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {waiting_for} within {timeout:.3g} s") from None
+        if item is None or isinstance(item, Exception):
+            self._queue.put_nowait(item)  # every later read meets it too
+            if item is None:
+                return None
+            raise item
+        msg, size = item
+        self._held -= size
+        self._room.set()
+        return msg
+
+    def close(self) -> None:
+        self._task.cancel()
 
 
 @dataclass(frozen=True)
@@ -251,7 +335,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                               for c in choice.kept)
         return pb.CloudMessage(token=token)
 
-    async def _move(self, sid: str, session: _Session, first: pb.MoveSplit, context: grpc.aio.ServicerContext,
+    async def _move(self, sid: str, session: _Session, first: pb.MoveSplit, stream: _Stream,
                     left: float) -> pb.CloudMessage:
         """Serve one split move (all its messages): SplitMoved, or an Error message for a move refused, after
         which the session goes on at its old split, untouched. A message that is not part of the move, or
@@ -290,7 +374,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             if wait <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                    f"session passed its total deadline of {self.config.total_timeout_s:.3g} s")
-            nxt = await self._read(context, wait, "rest of the split move")
+            nxt = await stream.read(wait, "rest of the split move")
             if nxt is None or nxt.WhichOneof("kind") != "move_split" or nxt.move_split.new_split != new:
                 got = "the end of the stream" if nxt is None else (nxt.WhichOneof("kind") if nxt.WhichOneof("kind") != "move_split"
                                                                    else f"a move to {nxt.move_split.new_split}")
@@ -305,7 +389,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 else:
                     batches = await asyncio.wrap_future(tail.move(new, message_bytes=MOVE_MESSAGE_BYTES)) or [[]]
                     for batch in batches[:-1]:
-                        await context.write(pb.CloudMessage(split_moved=pb.SplitMoved(split=new, layers=batch, more=True)))
+                        await stream.write(pb.CloudMessage(split_moved=pb.SplitMoved(split=new, layers=batch, more=True)))
                     reply = pb.SplitMoved(split=new, layers=batches[-1])
                     received = sum(item.ByteSize() for batch in batches for item in batch)
             except (MoveError, CodecError, ResourceExhausted) as exc:
@@ -319,20 +403,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                  received, (time.perf_counter() - t0) * 1e3)
         return pb.CloudMessage(split_moved=reply)
 
-    async def _read(self, context: grpc.aio.ServicerContext, timeout: float, waiting_for: str) -> pb.DeviceMessage | None:
-        """The next message, None at the end of the stream; DEADLINE_EXCEEDED after `timeout` s of silence."""
-        try:
-            async with _timeout(timeout):
-                msg = await context.read()
-        except asyncio.TimeoutError:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {waiting_for} within {timeout:.3g} s") from None
-        except DecodeError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable DeviceMessage: {_clip(str(exc))}") from None
-        return None if msg is grpc.aio.EOF else msg
-
     # -- the RPC ------------------------------------------------------
     async def Generate(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        sid, session = None, None
+        sid, session, stream = None, None, None
         t0 = time.monotonic()
         pending = False
         try:
@@ -342,7 +415,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                                    f"server is at its limit of {self.config.max_pending_streams} streams waiting to open")
             self.pending_streams += 1
             pending = True
-            first = await self._read(context, self.config.open_timeout_s, "Open message")
+            first = await _read(context, self.config.open_timeout_s, "Open message")
             self.pending_streams -= 1
             pending = False
             if first is None:
@@ -352,6 +425,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             await context.write(pb.CloudMessage(opened=pb.Opened(
                 session_id=sid, max_seq_len=self.runner.plan.max_seq_len, max_frame_bytes=self.config.max_frame_bytes,
                 max_tokens=session.max_tokens)))
+            stream = _Stream(context, first.open.uplink_receipts)
             while True:
                 if self.draining:  # the session moves: the device replays it on another replica (DESIGN.md §7)
                     self.drained += 1
@@ -361,7 +435,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"session passed its total deadline of {self.config.total_timeout_s:.3g} s")
                 idle = self.config.idle_timeout_s
-                msg = await self._read(context, min(idle, left), "message" if idle <= left else "message before the "
+                msg = await stream.read(min(idle, left), "message" if idle <= left else "message before the "
                                        "session's total deadline")
                 if msg is None:
                     log.info("event=session_end session=%s reason=client_closed", sid)
@@ -371,14 +445,14 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     log.info("event=session_cancel session=%s reason=%r", sid, _clip(msg.cancel.reason))
                     return
                 if kind == "move_split":
-                    await context.write(await self._move(sid, session, msg.move_split, context,
+                    await stream.write(await self._move(sid, session, msg.move_split, stream,
                                                          self.config.total_timeout_s - (time.monotonic() - t0)))
                     continue
                 if kind != "activations":
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"message {kind!r} is not valid after Open")
                 out = await self._activations(session, msg.activations)
                 if out is not None:
-                    await context.write(out)
+                    await stream.write(out)
         except asyncio.CancelledError:
             log.info("event=session_end session=%s reason=client_gone", sid)
             raise
@@ -393,6 +467,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 log.info("event=session_error session=%s code=%s message=%r", sid, code.name, message)
             await context.abort(code, message)
         finally:
+            if stream is not None:
+                stream.close()
             if pending:
                 self.pending_streams -= 1
             if sid is not None:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, NoReturn
 import grpc
 import numpy as np
 
+from splitlm.device.uplink import UplinkMeter
 from splitlm.errors import ConfigError, RemoteError, TransportError
 from splitlm.proto import splitlm_pb2 as pb
 from splitlm.proto import splitlm_pb2_grpc as pb_grpc
@@ -144,68 +145,25 @@ class CloudChannel(grpc.Channel):
         return False
 
 
-class _Deadline:
-    """One thread per session that calls `expire` when an armed wait passes its deadline."""
-
-    def __init__(self, expire: Callable[[], None]) -> None:
-        self._expire = expire
-        self._cond = threading.Condition()
-        self._at: float | None = None  # monotonic time of the armed deadline
-        self._sleeping_until: float | None = None  # what the thread waits for (None: until notified)
-        self._stopped = False
-        self.fired = False
-        self._thread = threading.Thread(target=self._run, name="splitlm-step-deadline", daemon=True)
-        self._thread.start()
-
-    def arm(self, seconds: float) -> None:
-        with self._cond:
-            self._at = time.monotonic() + seconds
-            if self._sleeping_until is None or self._at < self._sleeping_until:
-                self._cond.notify()  # otherwise the thread wakes at its old deadline and sleeps on
-
-    def disarm(self) -> bool:
-        """Stop waiting; True when the deadline had fired."""
-        with self._cond:
-            self._at = None
-            return self.fired
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopped:
-                now = time.monotonic()
-                if self._at is not None and now >= self._at:
-                    self._at, self.fired = None, True
-                    break
-                self._sleeping_until = self._at
-                self._cond.wait(None if self._at is None else self._at - now)
-            self._sleeping_until = None
-        if self.fired and not self._stopped:
-            self._expire()
-
-
 class RemoteSession:
     """One generation session on the cloud. Every wait has a deadline (`LinkConfig`); `cancel()`
     ends the session from any thread."""
 
     def __init__(self, channel: grpc.Channel, plan_hash: str, model_id: str, sampling: SamplingParams,
                  max_tokens: int, token: str | None = None, resume_session: str = "",
-                 link: LinkConfig | None = None, logprobs: int = 0) -> None:
+                 link: LinkConfig | None = None, logprobs: int = 0, uplink: UplinkMeter | None = None) -> None:
         """`link` defaults to the one `connect` gave the channel (else LinkConfig()). `logprobs`: the
         cloud returns this many top log-probabilities with each token (`last_token`; a verified step's kept drafts have
-        theirs in its `kept`)."""
+        theirs in its `kept`). `uplink`: the session asks the cloud for a receipt of each prefill frame
+        (Open.uplink_receipts) and hands them to this meter as they arrive."""
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= _UINT32_MAX:
             raise ConfigError(f"logprobs must be an integer >= 0, got {logprobs!r}")
         wire_sampling = _sampling_message(sampling)
         wire_sampling.logprobs = logprobs
         opening = pb.DeviceMessage(open=pb.Open(plan_hash=plan_hash, model_id=model_id, sampling=wire_sampling,
-                                                max_tokens=_check_max_tokens(max_tokens), resume_session=resume_session))
+                                                max_tokens=_check_max_tokens(max_tokens), resume_session=resume_session,
+                                                uplink_receipts=uplink is not None))
+        self.uplink = uplink
         metadata = [("authorization", f"Bearer {_check_token(token)}")] if token else None
         self.address = getattr(channel, "address", None) or "the server"
         self.link = link or getattr(channel, "link", None) or LinkConfig()
@@ -230,7 +188,9 @@ class RemoteSession:
         self._responses = pb_grpc.SplitInferenceStub(channel).Generate(self._request_iter(), metadata=metadata)
         # when the call ends for any reason, release grpc's thread that reads our requests
         self._responses.add_done_callback(lambda _: self._requests.put(_CLOSE))
-        self._deadline = _Deadline(self._responses.cancel)
+        self._inbox: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read_responses, name="splitlm-responses", daemon=True)
+        self._reader.start()
         opened = self._receive("answer to Open", self.link.open_timeout_s, "the open deadline")
         if opened.WhichOneof("kind") != "opened":
             self._fail(RemoteError(f"{self.address} answered Open with {opened.WhichOneof('kind')}, not Opened"))
@@ -265,26 +225,38 @@ class RemoteSession:
         if self.ended:
             self._fail(TransportError(f"the stream with {self.address} ended during a split move"))
 
+    def _read_responses(self) -> None:
+        """The reader thread: every message the cloud sends, as it arrives, into the inbox that `_receive` takes
+        from; receipts of prefill frames go to the uplink meter at once (they tell when frames arrived). The end of
+        the stream, or what broke it, comes last."""
+        try:
+            for msg in self._responses:
+                self.bytes_down += msg.ByteSize()
+                if msg.WhichOneof("kind") == "received":
+                    if self.uplink is not None:
+                        self.uplink.received(msg.received.start_position, msg.received.bytes, msg.received.server_us)
+                    continue
+                self._inbox.put(msg)
+            self._inbox.put(_CLOSE)
+        except grpc.RpcError as exc:
+            self._inbox.put(exc)
+
     def _receive(self, what: str, timeout: float, deadline_name: str, refusal: bool = False) -> pb.CloudMessage:
-        """The next message from the cloud, within `timeout` seconds. An Error message ends the session, or
-        with `refusal` (a split move's answer) raises MoveRefused and leaves the session open."""
+        """The next message from the cloud, within `timeout` seconds (else the call is cancelled and LinkError).
+        An Error message ends the session, or with `refusal` (a split move's answer) raises MoveRefused and leaves
+        the session open."""
         if self._error is not None:
             raise self._error
-        self._deadline.arm(timeout)
         try:
-            msg = next(self._responses)
-        except grpc.RpcError as exc:
-            fired = self._deadline.disarm()
-            self._fail(self._deadline_error(what, timeout, deadline_name) if fired else self._error_for(exc, what))
-        except StopIteration:
-            self._deadline.disarm()
-            self._fail(TransportError(f"{self.address} ended the stream while the device waited for the {what}"))
-        except BaseException:  # e.g. KeyboardInterrupt: the caller decides; the deadline must not fire later
-            self._deadline.disarm()
-            raise
-        if self._deadline.disarm():  # fired as the message arrived: the call is cancelled all the same
+            msg = self._inbox.get(timeout=timeout)
+        except queue.Empty:
             self._fail(self._deadline_error(what, timeout, deadline_name))
-        self.bytes_down += msg.ByteSize()
+        if isinstance(msg, grpc.RpcError):
+            self._inbox.put(msg)  # later waits meet it too
+            self._fail(self._error_for(msg, what))
+        if msg is _CLOSE:
+            self._inbox.put(msg)
+            self._fail(TransportError(f"{self.address} ended the stream while the device waited for the {what}"))
         if msg.WhichOneof("kind") == "error":
             code = _STATUS_NAMES.get(msg.error.code, str(msg.error.code))
             if refusal:
@@ -324,9 +296,10 @@ class RemoteSession:
             if self._ended:
                 return
             self._ended = True
-        self._deadline.stop()
         self._requests.put(_CLOSE)
         self._responses.cancel()  # a no-op when the call has already finished
+        if threading.current_thread() is not self._reader:
+            self._reader.join(5)
 
     def send(self, frame: bytes, rows: int, want_token: bool = True) -> int | None:
         """Send a frame of the next positions; with want_token, wait for the cloud's next token.
@@ -443,15 +416,15 @@ class RemoteSession:
             return
         self._requests.put(pb.DeviceMessage(cancel=pb.Cancel(reason=reason)))
         self._requests.put(_CLOSE)
-        self._deadline.arm(self.link.open_timeout_s)
+        deadline = time.monotonic() + self.link.open_timeout_s
         try:
-            for _ in self._responses:
-                pass
-        except grpc.RpcError:
-            pass
+            while True:  # until the cloud ends the stream
+                msg = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                if msg is _CLOSE or isinstance(msg, grpc.RpcError):
+                    break
+        except queue.Empty:
+            log.info("event=close_timeout address=%s timeout_s=%.1f", self.address, self.link.open_timeout_s)
         finally:
-            if self._deadline.disarm():
-                log.info("event=close_timeout address=%s timeout_s=%.1f", self.address, self.link.open_timeout_s)
             self._end()
 
     def __enter__(self) -> "RemoteSession":
@@ -544,9 +517,14 @@ class ReplayingSession:
 
     def __init__(self, channel: grpc.Channel, plan_hash: str, model_id: str, sampling: SamplingParams,
                  max_tokens: int, token: str | None = None, link: LinkConfig | None = None,
-                 failover: FailoverConfig = FailoverConfig(), logprobs: int = 0) -> None:
+                 failover: FailoverConfig = FailoverConfig(), logprobs: int = 0,
+                 uplink: UplinkMeter | bool = False) -> None:
+        """`uplink`: measure the uplink from the cloud's receipts of prefill frames, for rate adaptation
+        (device/uplink.py; `adapts(plan)` says whether a plan has any): True, with a new UplinkMeter, or with this one
+        (a client's, so that a prompt starts from what the last measured). Every session of a rebuild shares it."""
         self._open_args = (channel, plan_hash, model_id, sampling)
-        self._kwargs = dict(token=token, link=link, logprobs=logprobs)
+        self.uplink = uplink if isinstance(uplink, UplinkMeter) else UplinkMeter() if uplink else None
+        self._kwargs = dict(token=token, link=link, logprobs=logprobs, uplink=self.uplink)
         self.max_tokens = _check_max_tokens(max_tokens)
         self.failover = failover
         self.history: list[tuple[bytes, int] | _SpilledMove | _Verified] = []

@@ -417,9 +417,11 @@ class DeviceHead:
             return [b[:, :, :self.length] for b in self.buffers]
         return list(self.past)
 
-    def encode(self, hidden: np.ndarray) -> bytes:
-        """The activation frame for hidden states (T, d) at the head's current split, by the plan's codec (numpy)."""
-        return codec.encode(hidden, self.plan.codec, "numpy", self.session.bases.get(self.stop))
+    def encode(self, hidden: np.ndarray, error_budget: float | None = None) -> bytes:
+        """The activation frame for hidden states (T, d) at the head's current split, by the plan's codec (numpy), at
+        the codec's error budget ε or `error_budget` (rate adaptation: device/uplink.py)."""
+        cfg = self.plan.codec if error_budget is None else dataclasses.replace(self.plan.codec, error_budget=error_budget)
+        return codec.encode(hidden, cfg, "numpy", self.session.bases.get(self.stop))
 
     def kv_bytes(self) -> int:
         """Bytes the KV cache holds between steps (the written positions of the buffers in use)."""
@@ -542,6 +544,7 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
     (`link.verify`): the drafts the cloud's own choices agree with are kept, with its token after them, and
     the head forgets the rest (a length change). The output is the one of decoding a token at a time. The
     result's extra["round_trips"] counts decode steps and extra["tokens_per_round_trip"] the tokens each gave."""
+    from splitlm.device.uplink import PrefillBudget
     from splitlm.draft import DraftLength, PromptLookup
 
     if not hasattr(link, "send"):
@@ -551,6 +554,8 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
                           "TailSession), not a send function")
     head = DeviceHead(session)
     sent = [0]
+    ceiling = session.plan.prefill_error_ceiling
+    budget = None if ceiling is None else PrefillBudget(session.plan.codec.error_budget, ceiling, getattr(link, "uplink", None))
     moves = list(session.plan.split_moves)
     done: list[Move] = []
     history: list[int] = []
@@ -583,9 +588,13 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
                 moved()
                 return [*draft[:accepted], token]
         for hidden, last in head.chunks(ids) if stream_prefill else [(head.step(ids), True)]:
-            frame = head.encode(hidden)
+            at, rows = head.length - hidden.shape[0], hidden.shape[0]
+            error = budget.next() if budget is not None and rows > 1 else None
+            frame = head.encode(hidden, error)
             sent[0] += len(frame)
-            token = link.send(frame, hidden.shape[0], last)
+            token = link.send(frame, rows, last)
+            if error is not None and not last:
+                budget.sent(at, rows, len(frame), error)
             if on_prefill is not None and len(ids) > 1:
                 on_prefill(head.length - start, len(ids))
             moved()
@@ -600,4 +609,8 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
     result.extra["tokens_per_round_trip"] = (len(result.token_ids) - 1) / rounds[0] if rounds[0] else None
     if speculate:
         result.extra["drafted"], result.extra["accepted"] = sum(lengths.drafted), sum(lengths.kept)
+    if budget is not None and budget.meter is not None:
+        meter = budget.meter
+        result.extra["uplink"] = {"bytes_per_s": meter.rate, "link_bound_samples": meter.link_bound,
+                                  "device_bound_samples": meter.device_bound, "prefill_errors": budget.used}
     return result

@@ -14,7 +14,9 @@ from splitlm.partition.fields import MissingField, from_fields
 from splitlm.quantize.config import KV_BITS, LM_HEAD_BITS, CodecConfig, MoveCodec, WeightQuant
 
 PLAN_VERSION = 1
-ADDED_FIELDS = ("move_codec", "speculate")
+PREFILL_MAX_ERROR = 0.05
+"""Plan.prefill_max_error's default."""
+ADDED_FIELDS = ("move_codec", "speculate", "prefill_max_error")
 """Plan fields added within PLAN_VERSION: hashed only when set to something else than their default."""
 
 
@@ -69,6 +71,11 @@ class Plan:
     speculate: bool = False
     """Sessions draft tokens on the device and the cloud verifies them, several tokens per round trip with the same
     output (DESIGN.md §11; `generate` speculates when this is set or --speculate is given)."""
+    prefill_max_error: float = PREFILL_MAX_ERROR
+    """Rate adaptation (device/uplink.py): the codec error ε up to which the device raises its prompt's frames while
+    its uplink carries bytes more slowly than the head makes them. The codec's ε is the default; decode rows always
+    keep it. A ceiling at the codec's ε turns adaptation off; the raw fp16/fp32 codecs have no ε to raise. 0.05 cost
+    SmolLM2 +1.5 % perplexity at split 10 where every frame had it (+0.5 % at the default 0.03; bench/wire.py)."""
     predictions: Predictions = field(default_factory=Predictions)
     """The partitioner's predictions (not part of the hash)."""
 
@@ -85,6 +92,16 @@ class Plan:
             raise PlanError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
         if self.prefill_chunk < 1:
             raise PlanError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        ceiling = self.prefill_max_error
+        if isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or not 0 < ceiling <= 1:
+            raise PlanError(f"prefill_max_error must be a codec error in (0, 1], got {ceiling!r}")
+        if ceiling != PREFILL_MAX_ERROR:
+            if self.codec.kind != "tabq":
+                raise PlanError(f"prefill_max_error raises the codec's error ε on a slow uplink, and codec {self.codec.kind!r} "
+                                "sends raw values: leave it at its default, or pick the tabq codec")
+            if ceiling < self.codec.error_budget:
+                raise PlanError(f"prefill_max_error {ceiling} is below the codec's error budget {self.codec.error_budget}: "
+                                "set it to the budget to send every frame at the codec's ε")
         last_len, last_layer = 0, self.split_layer
         for move in self.split_moves:
             if not (isinstance(move, (tuple, list)) and len(move) == 2 and all(isinstance(v, int) for v in move)):
@@ -98,6 +115,12 @@ class Plan:
             if layer == last_layer:
                 raise PlanError(f"split move at length {at_len} to layer {layer}: the split is already there")
             last_len, last_layer = at_len, layer
+
+    @property
+    def prefill_error_ceiling(self) -> float | None:
+        """The ε the device may raise prompt frames to (`prefill_max_error`, never below the codec's own); None for a
+        raw codec."""
+        return max(self.prefill_max_error, self.codec.error_budget) if self.codec.kind == "tabq" else None
 
     @property
     def cloud_start(self) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitlm/proto/splitlm.proto\x12\nsplitlm.v1\"\xbc\x01\n\rDeviceMessage\x12 \n\x04open\x18\x01 \x01(\x0b\x32\x10.splitlm.v1.OpenH\x00\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x17.splitlm.v1.ActivationsH\x00\x12+\n\nmove_split\x18\x03 \x01(\x0b\x32\x15.splitlm.v1.MoveSplitH\x00\x12$\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x12.splitlm.v1.CancelH\x00\x42\x06\n\x04kind\"\x7f\n\x04Open\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12&\n\x08sampling\x18\x03 \x01(\x0b\x32\x14.splitlm.v1.Sampling\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0eresume_session\x18\x05 \x01(\t\"o\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x10\n\x08logprobs\x18\x06 \x01(\r\"n\n\x0b\x41\x63tivations\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\x12\x12\n\nwant_token\x18\x03 \x01(\x08\x12\x11\n\tdraft_ids\x18\x04 \x03(\r\x12\x11\n\tkeep_rows\x18\x05 \x01(\r\"Q\n\tMoveSplit\x12\x11\n\tnew_split\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.splitlm.v1.LayerKV\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xab\x01\n\x07LayerKV\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x16\n\x0estart_position\x18\x05 \x01(\r\x12\x11\n\tpositions\x18\x06 \x01(\r\x12\x12\n\nkey_scales\x18\x07 \x01(\x0c\x12\x14\n\x0cvalue_scales\x18\x08 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\t \x01(\r\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb3\x01\n\x0c\x43loudMessage\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.splitlm.v1.OpenedH\x00\x12\"\n\x05token\x18\x02 \x01(\x0b\x32\x11.splitlm.v1.TokenH\x00\x12-\n\x0bsplit_moved\x18\x03 \x01(\x0b\x32\x16.splitlm.v1.SplitMovedH\x00\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.splitlm.v1.ErrorH\x00\x42\x06\n\x04kind\"^\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x17\n\x0fmax_frame_bytes\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"\xaa\x01\n\x05Token\x12\x10\n\x08position\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.splitlm.v1.TopLogprob\x12\x12\n\ncompute_us\x18\x05 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\r\x12\'\n\x04kept\x18\x07 \x03(\x0b\x32\x19.splitlm.v1.DraftLogprobs\"E\n\rDraftLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.splitlm.v1.TopLogprob\")\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"N\n\nSplitMoved\x12\r\n\x05split\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.splitlm.v1.LayerKV\x12\x0c\n\x04more\x18\x03 \x01(\x08\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t2U\n\x0eSplitInference\x12\x43\n\x08Generate\x12\x19.splitlm.v1.DeviceMessage\x1a\x18.splitlm.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitlm/proto/splitlm.proto\x12\nsplitlm.v1\"\xbc\x01\n\rDeviceMessage\x12 \n\x04open\x18\x01 \x01(\x0b\x32\x10.splitlm.v1.OpenH\x00\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x17.splitlm.v1.ActivationsH\x00\x12+\n\nmove_split\x18\x03 \x01(\x0b\x32\x15.splitlm.v1.MoveSplitH\x00\x12$\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x12.splitlm.v1.CancelH\x00\x42\x06\n\x04kind\"\x98\x01\n\x04Open\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12&\n\x08sampling\x18\x03 \x01(\x0b\x32\x14.splitlm.v1.Sampling\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0eresume_session\x18\x05 \x01(\t\x12\x17\n\x0fuplink_receipts\x18\x06 \x01(\x08\"o\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x10\n\x08logprobs\x18\x06 \x01(\r\"n\n\x0b\x41\x63tivations\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\x12\x12\n\nwant_token\x18\x03 \x01(\x08\x12\x11\n\tdraft_ids\x18\x04 \x03(\r\x12\x11\n\tkeep_rows\x18\x05 \x01(\r\"Q\n\tMoveSplit\x12\x11\n\tnew_split\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.splitlm.v1.LayerKV\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\xab\x01\n\x07LayerKV\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x16\n\x0estart_position\x18\x05 \x01(\r\x12\x11\n\tpositions\x18\x06 \x01(\r\x12\x12\n\nkey_scales\x18\x07 \x01(\x0c\x12\x14\n\x0cvalue_scales\x18\x08 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\t \x01(\r\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xdd\x01\n\x0c\x43loudMessage\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.splitlm.v1.OpenedH\x00\x12\"\n\x05token\x18\x02 \x01(\x0b\x32\x11.splitlm.v1.TokenH\x00\x12-\n\x0bsplit_moved\x18\x03 \x01(\x0b\x32\x16.splitlm.v1.SplitMovedH\x00\x12\"\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.splitlm.v1.ErrorH\x00\x12(\n\x08received\x18\x05 \x01(\x0b\x32\x14.splitlm.v1.ReceivedH\x00\x42\x06\n\x04kind\"D\n\x08Received\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\r\x12\x11\n\tserver_us\x18\x03 \x01(\x04\"^\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bmax_seq_len\x18\x02 \x01(\r\x12\x17\n\x0fmax_frame_bytes\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"\xaa\x01\n\x05Token\x12\x10\n\x08position\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.splitlm.v1.TopLogprob\x12\x12\n\ncompute_us\x18\x05 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\r\x12\'\n\x04kept\x18\x07 \x03(\x0b\x32\x19.splitlm.v1.DraftLogprobs\"E\n\rDraftLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12#\n\x03top\x18\x02 \x03(\x0b\x32\x16.splitlm.v1.TopLogprob\")\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"N\n\nSplitMoved\x12\r\n\x05split\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.splitlm.v1.LayerKV\x12\x0c\n\x04more\x18\x03 \x01(\x08\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t2U\n\x0eSplitInference\x12\x43\n\x08Generate\x12\x19.splitlm.v1.DeviceMessage\x1a\x18.splitlm.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICEMESSAGE']._serialized_start=44
   _globals['_DEVICEMESSAGE']._serialized_end=232
-  _globals['_OPEN']._serialized_start=234
-  _globals['_OPEN']._serialized_end=361
-  _globals['_SAMPLING']._serialized_start=363
-  _globals['_SAMPLING']._serialized_end=474
-  _globals['_ACTIVATIONS']._serialized_start=476
-  _globals['_ACTIVATIONS']._serialized_end=586
-  _globals['_MOVESPLIT']._serialized_start=588
-  _globals['_MOVESPLIT']._serialized_end=669
-  _globals['_LAYERKV']._serialized_start=672
-  _globals['_LAYERKV']._serialized_end=843
-  _globals['_CANCEL']._serialized_start=845
-  _globals['_CANCEL']._serialized_end=869
-  _globals['_CLOUDMESSAGE']._serialized_start=872
-  _globals['_CLOUDMESSAGE']._serialized_end=1051
-  _globals['_OPENED']._serialized_start=1053
-  _globals['_OPENED']._serialized_end=1147
-  _globals['_TOKEN']._serialized_start=1150
-  _globals['_TOKEN']._serialized_end=1320
-  _globals['_DRAFTLOGPROBS']._serialized_start=1322
-  _globals['_DRAFTLOGPROBS']._serialized_end=1391
-  _globals['_TOPLOGPROB']._serialized_start=1393
-  _globals['_TOPLOGPROB']._serialized_end=1434
-  _globals['_SPLITMOVED']._serialized_start=1436
-  _globals['_SPLITMOVED']._serialized_end=1514
-  _globals['_ERROR']._serialized_start=1516
-  _globals['_ERROR']._serialized_end=1554
-  _globals['_SPLITINFERENCE']._serialized_start=1556
-  _globals['_SPLITINFERENCE']._serialized_end=1641
+  _globals['_OPEN']._serialized_start=235
+  _globals['_OPEN']._serialized_end=387
+  _globals['_SAMPLING']._serialized_start=389
+  _globals['_SAMPLING']._serialized_end=500
+  _globals['_ACTIVATIONS']._serialized_start=502
+  _globals['_ACTIVATIONS']._serialized_end=612
+  _globals['_MOVESPLIT']._serialized_start=614
+  _globals['_MOVESPLIT']._serialized_end=695
+  _globals['_LAYERKV']._serialized_start=698
+  _globals['_LAYERKV']._serialized_end=869
+  _globals['_CANCEL']._serialized_start=871
+  _globals['_CANCEL']._serialized_end=895
+  _globals['_CLOUDMESSAGE']._serialized_start=898
+  _globals['_CLOUDMESSAGE']._serialized_end=1119
+  _globals['_RECEIVED']._serialized_start=1121
+  _globals['_RECEIVED']._serialized_end=1189
+  _globals['_OPENED']._serialized_start=1191
+  _globals['_OPENED']._serialized_end=1285
+  _globals['_TOKEN']._serialized_start=1288
+  _globals['_TOKEN']._serialized_end=1458
+  _globals['_DRAFTLOGPROBS']._serialized_start=1460
+  _globals['_DRAFTLOGPROBS']._serialized_end=1529
+  _globals['_TOPLOGPROB']._serialized_start=1531
+  _globals['_TOPLOGPROB']._serialized_end=1572
+  _globals['_SPLITMOVED']._serialized_start=1574
+  _globals['_SPLITMOVED']._serialized_end=1652
+  _globals['_ERROR']._serialized_start=1654
+  _globals['_ERROR']._serialized_end=1692
+  _globals['_SPLITINFERENCE']._serialized_start=1694
+  _globals['_SPLITINFERENCE']._serialized_end=1779
 # @@protoc_insertion_point(module_scope)

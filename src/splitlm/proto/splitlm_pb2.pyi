@@ -19,18 +19,20 @@ class DeviceMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., move_split: _Optional[_Union[MoveSplit, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("plan_hash", "model_id", "sampling", "max_tokens", "resume_session")
+    __slots__ = ("plan_hash", "model_id", "sampling", "max_tokens", "resume_session", "uplink_receipts")
     PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESUME_SESSION_FIELD_NUMBER: _ClassVar[int]
+    UPLINK_RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     plan_hash: str
     model_id: str
     sampling: Sampling
     max_tokens: int
     resume_session: str
-    def __init__(self, plan_hash: _Optional[str] = ..., model_id: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_tokens: _Optional[int] = ..., resume_session: _Optional[str] = ...) -> None: ...
+    uplink_receipts: bool
+    def __init__(self, plan_hash: _Optional[str] = ..., model_id: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., max_tokens: _Optional[int] = ..., resume_session: _Optional[str] = ..., uplink_receipts: _Optional[bool] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed", "has_seed", "logprobs")
@@ -101,16 +103,28 @@ class Cancel(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class CloudMessage(_message.Message):
-    __slots__ = ("opened", "token", "split_moved", "error")
+    __slots__ = ("opened", "token", "split_moved", "error", "received")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SPLIT_MOVED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     opened: Opened
     token: Token
     split_moved: SplitMoved
     error: Error
-    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., split_moved: _Optional[_Union[SplitMoved, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    received: Received
+    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., split_moved: _Optional[_Union[SplitMoved, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., received: _Optional[_Union[Received, _Mapping]] = ...) -> None: ...
+
+class Received(_message.Message):
+    __slots__ = ("start_position", "bytes", "server_us")
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_US_FIELD_NUMBER: _ClassVar[int]
+    start_position: int
+    bytes: int
+    server_us: int
+    def __init__(self, start_position: _Optional[int] = ..., bytes: _Optional[int] = ..., server_us: _Optional[int] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("session_id", "max_seq_len", "max_frame_bytes", "max_tokens")
