@@ -6,12 +6,10 @@ queue; a looser codec error ε for those frames sends fewer bytes. The device le
 anyway:
 
 * `UplinkMeter`: the session asks the cloud for a receipt of each prefill frame (Open.uplink_receipts). The cloud
-  reads frames ahead of its compute and stamps each receipt with the time it read the frame, so the times between
-  the receipts of consecutive frames are the times the link took to bring them whenever the link was busy the whole
-  time: the receipts are further apart than the device's hand-offs (by `LINK_BOUND`) while frames wait on the link
-  (`QUEUE_S`, measured without comparing clocks). Such a sample is the link's rate.
-  A sample where the device was the slower side (receipts as far apart as the hand-offs) only says that the link
-  carries at least that much.
+  reads frames ahead of its compute and stamps each receipt with the time it read the frame. While frames wait on
+  the link (a frame's receipt came later after its hand-off than the least such delay, by QUEUE_S; no clocks are
+  compared), the link is busy the whole time, and the bytes receipted over the time since it became busy are its rate. While frames do
+  not wait, the bytes of the run over its span only say that the link carries at least that much.
 * `PrefillBudget`: the ε of the next prefill frame, the plan's codec point while the link keeps up, raised toward the
   plan's ceiling (`Plan.prefill_max_error`) by how much faster the device makes bytes than the link carries them.
   Bytes follow ε as ε^(−SLOPE) (bench/wire.py, SmolLM2 split 10: 254, 226 and 190 bytes per row at ε 0.02, 0.03
@@ -21,7 +19,7 @@ Decode rows keep the plan's ε: a decode step's frame is a few hundred bytes, an
 
 What it cannot do: a prompt's first receipts come back only after its first frames have crossed the link, and by
 then a device faster than its link has made most of the prompt's frames at the plan's ε. The meter outlives the
-session where its owner keeps it (`api.Client` keeps one for all its sessions), so a client's next prompt starts
+session where its owner keeps it (`api.Device` keeps one for all its sessions), so a client's next prompt starts
 from what the last one measured.
 """
 
@@ -33,16 +31,14 @@ from dataclasses import dataclass
 
 from splitlm.errors import ConfigError
 
-LINK_BOUND = 1.2
-"""Receipts this much further apart than the device's hand-offs of the same frames, with a queue of QUEUE_S at least
-on the link: the link was the slower side."""
 QUEUE_S = 0.05
 """Seconds a frame waited on the link beyond the least any frame waited (its receipt time less its hand-off time,
-against the smallest such difference: the clocks' offset and the link's latency cancel). Less is taken for
-scheduling noise: on loopback a receipt came late by more than 5 ms now and then (tests/test_uplink.py), and a
-queue that short delays the first token by no more than that."""
-SMOOTHING = 0.5
-"""Weight of a new link-bound sample in the rate estimate (an exponential average)."""
+against the smallest such difference: the clocks' offset and the link's latency cancel): past this, the link is
+the slower side. Less is taken for scheduling noise: on loopback a receipt came late by more than 5 ms now and then
+(tests/test_uplink.py), and a queue that short delays the first token by no more than that."""
+MIN_SPAN_S = 0.05
+"""Rates are bytes over spans of receipts at least this long: a link that delivers in bursts (a TCP stall, then
+several frames at once) gives single intervals far off its rate (bench/uplink.py: 200 Mbit/s on a 1 Mbit/s link)."""
 SLOPE = 0.3
 """Bytes of an entropy-coded frame go as ε^(−SLOPE) (module docstring)."""
 HEADROOM = 0.9
@@ -65,8 +61,8 @@ class UplinkMeter:
         self._lock = threading.Lock()
         self._sent: dict[int, _Sent] = {}
         """Frames sent and not yet receipted, by start position."""
-        self._last: tuple[int, float, float] | None = None
-        """(end position, receipt time on the server, hand-off time on the device) of the last receipt."""
+        self._last: tuple[int, float] | None = None
+        """(end position, receipt time on the server) of the last receipt."""
         self.rate: float | None = None
         """Bytes per second the link carries, None before a sample."""
         self.link_bound = 0
@@ -81,6 +77,8 @@ class UplinkMeter:
         when the meter does (a client's next prompt starts from what the last one measured)."""
         self._previous: tuple[int, float] | None = None  # (end position, hand-off time) of the last frame sent
         self._least: float | None = None  # the smallest receipt time less hand-off time seen
+        self._run: list = [0.0, 0]  # [first receipt's server time, bytes receipted since] of the current run of frames
+        self._busy: list | None = None  # the same since the link became the slower side, while it is
 
     def sent(self, start: int, rows: int, nbytes: int, error: float, at: float | None = None) -> None:
         """A prefill frame of `rows` positions from `start`, `nbytes` bytes coded at ε `error`, handed to the link now
@@ -103,21 +101,25 @@ class UplinkMeter:
             server_s = server_us / 1e6
             delay = server_s - frame.at  # the link's latency and queue, plus the clocks' offset
             self._least = delay if self._least is None else min(self._least, delay)
-            last, self._last = self._last, (start + frame.rows, server_s, frame.at)
-            if last is None or last[0] != start:  # the first frame of a run: nothing to measure it against
+            last, self._last = self._last, (start + frame.rows, server_s)
+            if last is None or last[0] != start:  # the first frame of a run: the spans start at its receipt
+                self._run, self._busy = [server_s, 0], None
                 return
-            arrived, handed = server_s - last[1], frame.at - last[2]
-            if arrived <= 0:
-                return
-            sample = nbytes / arrived
-            self.limited = arrived > LINK_BOUND * handed and delay - self._least > QUEUE_S
-            if self.limited:
+            self._run[1] += nbytes
+            self.limited = delay - self._least > QUEUE_S
+            if self.limited:  # the frame waited on the link: it was busy since the receipt before
                 self.link_bound += 1
-                self.rate = sample if self.rate is None else (1 - SMOOTHING) * self.rate + SMOOTHING * sample
+                if self._busy is None:
+                    self._busy = [last[1], 0]
+                self._busy[1] += nbytes
+                if server_s - self._busy[0] >= MIN_SPAN_S:
+                    self.rate = self._busy[1] / (server_s - self._busy[0])
             else:
                 self.device_bound += 1
-                if self.rate is None or sample > self.rate:
-                    self.rate = sample
+                self._busy = None
+                span = server_s - self._run[0]
+                if span >= MIN_SPAN_S and (self.rate is None or self._run[1] / span > self.rate):
+                    self.rate = self._run[1] / span
 
 
 class PrefillBudget:
