@@ -73,10 +73,11 @@ async def _read(context: grpc.aio.ServicerContext, timeout: float, waiting_for: 
 
 
 class _Stream:
-    """A session's stream once it is open. A task reads its messages as they arrive, ahead of the session's compute
-    (up to READ_AHEAD_BYTES), and, when the device asked for them (Open.uplink_receipts), answers each prefill
+    """A session's stream once it is open. When the device asked for receipts (Open.uplink_receipts), a task reads
+    its messages as they arrive, ahead of the session's compute (up to READ_AHEAD_BYTES), and answers each prefill
     frame with a Received at the time it is read: the device measures its uplink from those times, and they would
-    follow the cloud's compute, not the link, if frames were read only when the session is ready for them.
+    follow the cloud's compute, not the link, if frames were read only when the session is ready for them. Without
+    receipts the session reads each message when it is ready for it (gRPC's flow control holds the rest back).
     Writes go one at a time (the reader's receipts and the session's answers)."""
 
     def __init__(self, context: grpc.aio.ServicerContext, receipts: bool) -> None:
@@ -86,7 +87,7 @@ class _Stream:
         self._held = 0
         self._room = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._run()) if receipts else None
 
     async def write(self, msg: pb.CloudMessage) -> None:
         async with self._lock:
@@ -107,7 +108,7 @@ class _Stream:
                 if msg is grpc.aio.EOF:
                     self._queue.put_nowait(None)
                     return
-                if self.receipts and msg.WhichOneof("kind") == "activations" and not msg.activations.want_token:
+                if msg.WhichOneof("kind") == "activations" and not msg.activations.want_token:
                     await self.write(pb.CloudMessage(received=pb.Received(
                         start_position=msg.activations.start_position, bytes=len(msg.activations.frame),
                         server_us=time.monotonic_ns() // 1000)))
@@ -122,6 +123,8 @@ class _Stream:
     async def read(self, timeout: float, waiting_for: str) -> pb.DeviceMessage | None:
         """The next message, None at the end of the stream; DEADLINE_EXCEEDED after `timeout` s of silence, and
         what broke the stream, in order, when it broke."""
+        if self._task is None:
+            return await _read(self.context, timeout, waiting_for)
         try:
             async with _timeout(timeout):
                 item = await self._queue.get()
@@ -138,7 +141,8 @@ class _Stream:
         return msg
 
     def close(self) -> None:
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 @dataclass(frozen=True)
@@ -465,6 +469,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 log.exception("event=session_error session=%s code=%s", sid, code.name)
             else:
                 log.info("event=session_error session=%s code=%s message=%r", sid, code.name, message)
+            if stream is not None:
+                stream.close()  # no receipt written while the stream is aborted
             await context.abort(code, message)
         finally:
             if stream is not None:

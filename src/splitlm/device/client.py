@@ -164,6 +164,8 @@ class RemoteSession:
                                                 max_tokens=_check_max_tokens(max_tokens), resume_session=resume_session,
                                                 uplink_receipts=uplink is not None))
         self.uplink = uplink
+        if uplink is not None:
+            uplink.new_stream()
         metadata = [("authorization", f"Bearer {_check_token(token)}")] if token else None
         self.address = getattr(channel, "address", None) or "the server"
         self.link = link or getattr(channel, "link", None) or LinkConfig()
@@ -238,7 +240,7 @@ class RemoteSession:
                     continue
                 self._inbox.put(msg)
             self._inbox.put(_CLOSE)
-        except grpc.RpcError as exc:
+        except BaseException as exc:  # noqa: BLE001 - an RpcError, or anything else: the waiting step meets it
             self._inbox.put(exc)
 
     def _receive(self, what: str, timeout: float, deadline_name: str, refusal: bool = False) -> pb.CloudMessage:
@@ -251,9 +253,11 @@ class RemoteSession:
             msg = self._inbox.get(timeout=timeout)
         except queue.Empty:
             self._fail(self._deadline_error(what, timeout, deadline_name))
-        if isinstance(msg, grpc.RpcError):
+        if isinstance(msg, BaseException):
             self._inbox.put(msg)  # later waits meet it too
-            self._fail(self._error_for(msg, what))
+            self._fail(self._error_for(msg, what) if isinstance(msg, grpc.RpcError) else
+                       TransportError(f"reading the stream from {self.address} failed while the device waited for the "
+                                      f"{what}: {type(msg).__name__}: {msg}"))
         if msg is _CLOSE:
             self._inbox.put(msg)
             self._fail(TransportError(f"{self.address} ended the stream while the device waited for the {what}"))
@@ -420,7 +424,7 @@ class RemoteSession:
         try:
             while True:  # until the cloud ends the stream
                 msg = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-                if msg is _CLOSE or isinstance(msg, grpc.RpcError):
+                if msg is _CLOSE or isinstance(msg, BaseException):
                     break
         except queue.Empty:
             log.info("event=close_timeout address=%s timeout_s=%.1f", self.address, self.link.open_timeout_s)

@@ -592,9 +592,9 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
             error = budget.next() if budget is not None and rows > 1 else None
             frame = head.encode(hidden, error)
             sent[0] += len(frame)
-            token = link.send(frame, rows, last)
-            if error is not None and not last:
+            if error is not None and not last:  # before the send: its receipt may come back before send returns
                 budget.sent(at, rows, len(frame), error)
+            token = link.send(frame, rows, last)
             if on_prefill is not None and len(ids) > 1:
                 on_prefill(head.length - start, len(ids))
             moved()

@@ -80,6 +80,14 @@ class UplinkMeter:
         self._run: list = [0.0, 0]  # [first receipt's server time, bytes receipted since] of the current run of frames
         self._busy: list | None = None  # the same since the link became the slower side, while it is
 
+    def new_stream(self) -> None:
+        """A new stream (a session, or a rebuild on another replica) starts: forget what depends on the last one's
+        positions and server clock; keep the rate and how fast the device makes bytes."""
+        with self._lock:
+            self._sent.clear()
+            self._least = self._last = self._busy = self._previous = None
+            self._run = [0.0, 0]
+
     def sent(self, start: int, rows: int, nbytes: int, error: float, at: float | None = None) -> None:
         """A prefill frame of `rows` positions from `start`, `nbytes` bytes coded at ε `error`, handed to the link now
         (or `at`)."""
@@ -139,12 +147,17 @@ class PrefillBudget:
         never above the last measured frame's."""
         eps = self.base
         meter = self.meter
-        if meter is not None and self.ceiling > self.base and meter.rate and meter.made:
-            made, error = meter.made
-            if meter.limited:
-                eps = error * (made / (HEADROOM * meter.rate)) ** (1.0 / SLOPE)
+        if meter is None or self.ceiling <= self.base:
+            self.used.append(eps)
+            return eps
+        with meter._lock:  # one sample's rate, rate and state together
+            rate, made, limited = meter.rate, meter.made, meter.limited
+        if rate and made:
+            made, error = made
+            if limited:
+                eps = error * (made / (HEADROOM * rate)) ** (1.0 / SLOPE)
             else:
-                eps = min(error, error * (made / meter.rate) ** (1.0 / SLOPE))
+                eps = min(error, error * (made / rate) ** (1.0 / SLOPE))
             eps = min(self.ceiling, max(self.base, eps))
         self.used.append(eps)
         return eps

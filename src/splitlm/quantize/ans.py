@@ -328,6 +328,7 @@ def _grid(y: np.ndarray, basis: Basis, k: np.ndarray, deadzone: float) -> tuple[
     gains = np.searchsorted(_GAIN_EDGES, band_ms).astype(np.uint8)
     u = np.minimum(inv_unit * np.repeat(delta_k / _GAINS32[gains], basis._band_sizes, axis=1), np.float32(1.0 / MIN_SCALE))
     shrink = 0.5 - 1.0 / u + 1.0 / np.expm1(np.minimum(u, np.float32(80.0)))  # u = 1/b, b the Laplace scale; e^80 is finite
+    shrink = np.minimum(np.maximum(shrink, 0.0), 0.5)  # as the decoder clips it (float32 rounding at large b)
     r = v - a + shrink * (a > 0)
     if not basis._unweighted:
         r *= w
@@ -351,7 +352,7 @@ def _search(y: np.ndarray, basis: Basis, budget: np.ndarray, deadzone: float):
     if T == 1:  # a decode row, the hot case: the same search with its bookkeeping on Python scalars
         cands = np.minimum(np.maximum(est[0] + FULL_GRID, 0), RAW16 - 1)  # (np.clip costs 10x more on 4 values)
         a, gains, err = _grid(y, basis, cands, deadzone)
-        met = (err <= budget[0] * MARGIN).tolist()
+        met = (err <= budget[:1] * MARGIN).tolist()  # float64, as the frame path compares (numpy 1.x casts scalars)
         if met[0] and not met[-1]:
             i = G - 1 - met[::-1].index(True)
             return cands[i:i + 1], np.copysign(a[i:i + 1], y).astype(np.float64), gains[i:i + 1], err[i:i + 1].astype(np.float64)
