@@ -86,7 +86,10 @@ def speed(ckpt) -> list[dict]:
         f_turn = [codec.encode(h[i:i + 1], cfg, "numpy", b) for i in range(100, 164)]
         lays = [codec.parse_frame(f) for f in f_turn]
         rows.append({"codec": name,
-                     "encode_row_ms": median_ms(lambda: codec.encode(row, cfg, "numpy", b), 200),
+                     # per decode row: the median over 16 rows of text of each row's median (one row alone swings
+                     # with what its values make the search do)
+                     "encode_row_ms": statistics.median(median_ms(lambda r=r: codec.encode(r, cfg, "numpy", b), 25)
+                                                        for r in (h[i:i + 1] for i in range(100, 116))),
                      "encode_chunk_ms": median_ms(lambda: codec.encode(chunk, cfg, "numpy", b), 10),
                      "decode_row_ms": median_ms(lambda: codec.decode(f_row, "torch", bases=b), 200),
                      "decode_chunk_ms": median_ms(lambda: codec.decode(f_chunk, "torch", bases=b), 10),
