@@ -5,12 +5,13 @@
 SmolLM2 split 10 (W8 head and tail, the default codec: ans at ε 0.03), a 1,024-token prompt, on a link of
 --mbit Mbit/s with 50 ms RTT (network namespaces, tbf and the delay relay of bench/e2e.py). One device client
 (`splitlm.api.Device`, whose uplink meter outlives its sessions) sends the prompt twice, in two sessions: the first
-measures the link, the second starts from that measure. Rows: the plan with its ε fixed (prefill_max_error 0.03),
-and with the ceiling at the default 0.05 and at 0.1. Reports TTFT, bytes up, the ε of the prompt's frames and the
-rate the meter measured, medians of --reps clients per row, the rows alternating (each first in turn). On this
-machine the cloud's prefill of the prompt shares two cores with the device's and takes about 3 s, so the link is
-the slower side below about 0.5 Mbit/s; the default is 0.25. The quality each ε costs is
-bench/wire.py's table (ε 0.05 on every frame: +1.5 % perplexity on the protocol text). Needs root.
+measures the link, the second starts from that measure. Rows: the plan with its ε fixed (prefill_max_error 0.03);
+the ceiling at the default 0.05; the same with the link's bandwidth in the plan (`Predictions.link_mbps`, as the
+partitioner writes it from its link profile), which the first prompt starts from; and the ceiling at 0.1 with it.
+Reports TTFT, bytes up, the ε of the prompt's frames and the rate the meter measured, medians of --reps clients
+per row, the rows alternating (each first in turn). On this machine the cloud's prefill of the prompt shares two
+cores with the device's and takes about 3 s, so the link is the slower side below about 0.5 Mbit/s; the default
+is 0.25. The quality each ε costs is bench/wire.py's table (ε 0.05 on every frame: +1.5 % perplexity on the protocol text). Needs root.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import e2e  # noqa: E402  (the namespace/link harness)
 
-ROWS = {"fixed ε 0.03": 0.03, "adaptive, ceiling 0.05 (default)": 0.05, "adaptive, ceiling 0.1": 0.1}
+ROWS = {"fixed ε 0.03": (0.03, False), "adaptive, ceiling 0.05 (default)": (0.05, False),
+        "same, plan knows the link": (0.05, True), "ceiling 0.1, plan knows the link": (0.1, True)}
+"""plan: (prefill_max_error, whether the plan carries the link's bandwidth as the partitioner's profile gives it)."""
 ONE_WAY_MS = 25.0
 
 
@@ -56,9 +59,13 @@ def main() -> None:
         return device(*args.device)
 
     from splitlm import corpus
+    from splitlm.artifacts import check_manifest
     from splitlm.demo import cached_export
+    from splitlm.errors import ModelLoadError
+    from splitlm.export import export_artifacts
+    from splitlm.model.checkpoint import cache_root
     from splitlm.model.registry import resolve_model
-    from splitlm.partition.plan import Plan
+    from splitlm.partition.plan import Plan, Predictions
     from splitlm.quantize.config import CodecConfig, WeightQuant
 
     ckpt = resolve_model("smollm2-135m")
@@ -66,7 +73,21 @@ def main() -> None:
     prompt = tok.decode(corpus.windows(tok, corpus.protocol_text(), 3)[2] * 2)  # 1,024 tokens of protocol text
     base = Plan(ckpt.model_id, ckpt.weights_hash, 10, device_weights=WeightQuant(8, 32), cloud_weights=WeightQuant(8, 32),
                 max_seq_len=2048, prefill_chunk=128, codec=CodecConfig("tabq"))
-    exports = {name: cached_export(ckpt, base.replace(prefill_max_error=ceiling)) for name, ceiling in ROWS.items()}
+    exports = {}
+    for name, (ceiling, knows) in ROWS.items():
+        plan = base.replace(prefill_max_error=ceiling)
+        if not knows:
+            exports[name] = cached_export(ckpt, plan)
+            continue
+        # predictions are not hashed: a plan that knows the link gets its own folder
+        plan = plan.replace(predictions=Predictions(link_mbps=args.mbit))
+        root = cache_root() / "exports" / f"uplink-{plan.hash}-{args.mbit:g}mbit"
+        try:
+            check_manifest(root / "device")
+            check_manifest(root / "cloud")
+        except ModelLoadError:
+            export_artifacts(ckpt, plan, root)
+        exports[name] = root
     if not e2e.make_namespaces():
         print("skipped: no network namespaces (needs root, ip and tc)")
         return

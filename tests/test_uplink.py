@@ -51,6 +51,20 @@ def test_receipts_of_frames_that_do_not_follow_each_other_are_not_paired():
     assert meter.rate is None
 
 
+def test_a_rate_assumed_from_the_plans_link_profile_holds_until_receipts_measure_the_link():
+    meter = UplinkMeter()
+    meter.assume(5_000)
+    budget = PrefillBudget(0.01, 0.05, meter)
+    assert budget.next() == 0.01  # one hand-off: how fast the device makes bytes is not known yet
+    meter.sent(0, 8, 1_000, 0.01, at=10.0)
+    meter.sent(8, 8, 1_000, 0.01, at=10.01)  # 100 kB/s made against 5 kB/s assumed
+    assert budget.next() == 0.05
+    meter.assume(1e9)  # a measure (or an earlier assumption) is not replaced
+    assert meter.rate == 5_000
+    frames(meter, 4, 10_000, handed=0.1, arrived=0.1)  # receipts: the link keeps up at 100 kB/s
+    assert meter.rate == pytest.approx(100_000) and not meter.limited
+
+
 def test_a_new_stream_forgets_the_last_servers_clock_and_keeps_the_rate():
     """A session's next stream (a later prompt, or a rebuild on another replica) may meet a server whose monotonic
     clock is far from the last one's: its delays are measured against its own least."""

@@ -556,6 +556,8 @@ def generate_split(session: HeadSession, link: "Link | Callable[[bytes, int, boo
     sent = [0]
     ceiling = session.plan.prefill_error_ceiling
     budget = None if ceiling is None else PrefillBudget(session.plan.codec.error_budget, ceiling, getattr(link, "uplink", None))
+    if budget is not None and budget.meter is not None and session.plan.predictions.link_mbps:
+        budget.meter.assume(session.plan.predictions.link_mbps * 1e6 / 8)  # the plan's link profile, until measured
     moves = list(session.plan.split_moves)
     done: list[Move] = []
     history: list[int] = []

@@ -17,10 +17,12 @@ anyway:
 
 Decode rows keep the plan's ε: a decode step's frame is a few hundred bytes, and its latency is the round trip.
 
-What it cannot do: a prompt's first receipts come back only after its first frames have crossed the link, and by
-then a device faster than its link has made most of the prompt's frames at the plan's ε. The meter outlives the
-session where its owner keeps it (`api.Device` keeps one for all its sessions), so a client's next prompt starts
-from what the last one measured.
+A prompt's first receipts come back only after its first frames have crossed the link, and by then a device faster
+than its link has made most of the prompt's frames. So the meter starts from the link bandwidth the plan was
+partitioned for (`Predictions.link_mbps`, the profile's), when the plan has one: from the prompt's third frame on
+(two hand-offs say how fast the device makes bytes) the ε follows it, until receipts measure the link. And the
+meter outlives the session where its owner keeps it (`api.Device` keeps one for all its sessions), so a client's
+next prompt starts from what the last one measured.
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ class UplinkMeter:
         self._least: float | None = None  # the smallest receipt time less hand-off time seen
         self._run: list = [0.0, 0]  # [first receipt's server time, bytes receipted since] of the current run of frames
         self._busy: list | None = None  # the same since the link became the slower side, while it is
+
+    def assume(self, rate: float) -> None:
+        """Start from `rate` bytes per second (a plan's link profile) until receipts measure the link: the link is
+        taken for the slower side when the device makes bytes faster than that."""
+        with self._lock:
+            if self.rate is None and rate > 0:
+                self.rate, self.limited = rate, True
 
     def new_stream(self) -> None:
         """A new stream (a session, or a rebuild on another replica) starts: forget what depends on the last one's

@@ -36,6 +36,9 @@ class Predictions:
     """Bytes on the wire per decoded token, upstream."""
     quality: float | None = None
     """Predicted perplexity on the evaluation protocol (splitlm.evaluate: pydoc_data.topics, 512-token windows)."""
+    link_mbps: float | None = None
+    """The link bandwidth the plan was made for (the profile's), Mbit/s: the device's uplink measure starts from it
+    (device/uplink.py)."""
 
 
 @dataclass(frozen=True)

@@ -308,4 +308,4 @@ def to_plan(c: Candidate, p: Profile, b: Budgets):
                 max_seq_len=c.max_seq_len, prefill_chunk=b.prefill_chunk, split_moves=c.moves,
                 speculate=b.tokens_per_round_trip is not None and c.split < p.num_layers,
                 predictions=Predictions(c.memory_bytes, c.token_latency_ms, c.ttft_ms, b.prompt_tokens, c.bytes_per_token,
-                                            c.perplexity))
+                                            c.perplexity, p.link.bandwidth_mbps))
