@@ -231,3 +231,20 @@ def test_on_a_slow_uplink_the_prompt_frames_go_at_a_looser_error(artifacts, serv
     assert runs[1].link_bytes < 0.9 * runs[0].link_bytes
     assert fast["link_bound_samples"] == 0 and set(fast["prefill_errors"]) == {0.01}
     assert all(len(r.token_ids) == 4 for r in runs)
+
+
+def test_a_meter_that_fails_ends_neither_the_session_nor_its_steps(artifacts, serve):
+    from splitlm.device.client import RemoteSession, connect
+    from splitlm.sampling import SamplingParams
+
+    class Broken(UplinkMeter):
+        def received(self, start, nbytes, server_us):
+            raise ZeroDivisionError("a bug in the meter")
+
+    plan, result = artifacts
+    address, _ = serve()
+    with RemoteSession(connect(address), plan.hash, plan.model_id, SamplingParams(), 4, uplink=Broken()) as remote:
+        frame = _frames(result, 2)
+        remote.send(frame[0], 8, want_token=False)
+        assert remote.send(frame[1], 8) is not None
+        assert remote.uplink is None  # measuring stopped; the session went on

@@ -236,7 +236,11 @@ class RemoteSession:
                 self.bytes_down += msg.ByteSize()
                 if msg.WhichOneof("kind") == "received":
                     if self.uplink is not None:
-                        self.uplink.received(msg.received.start_position, msg.received.bytes, msg.received.server_us)
+                        try:
+                            self.uplink.received(msg.received.start_position, msg.received.bytes, msg.received.server_us)
+                        except Exception:  # noqa: BLE001 - a measure that fails must not end the session
+                            log.exception("event=uplink_meter_error address=%s", self.address)
+                            self.uplink = None
                     continue
                 self._inbox.put(msg)
             self._inbox.put(_CLOSE)
