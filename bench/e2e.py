@@ -18,6 +18,7 @@ compete for them, which a real deployment would not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -108,6 +109,22 @@ def start_relay(one_way_ms: float) -> subprocess.Popen:
 def teardown() -> None:
     for ns in (DEV_NS, CLOUD_NS):
         sh("ip", "netns", "del", ns, check=False)
+
+
+@contextlib.contextmanager
+def emulated_link(one_way_ms: float, mbit: float):
+    """The namespaces (made by make_namespaces) shaped to one link: yields (how it is shaped, the address the
+    device reaches the cloud's server on, port 50551); the relay stops and the namespaces go at the end."""
+    relay = None
+    try:
+        how = shape(one_way_ms, mbit)
+        if how == "tbf+relay":
+            relay = start_relay(one_way_ms)
+        yield how, "127.0.0.1:50552" if relay else f"{CLOUD_IP}:50551"
+    finally:
+        if relay:
+            relay.terminate()
+        teardown()
 
 
 def in_ns(ns: str | None, *cmd: str) -> list[str]:

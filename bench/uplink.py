@@ -92,37 +92,27 @@ def main() -> None:
         print("skipped: no network namespaces (needs root, ip and tc)")
         return
     runs: dict[str, list[list[dict]]] = {name: [] for name in ROWS}
-    relay = None
-    try:
-        how = e2e.shape(ONE_WAY_MS, args.mbit)
-        if how == "tbf+relay":
-            relay = e2e.start_relay(ONE_WAY_MS)
-        target = "127.0.0.1:50552" if relay else f"{e2e.CLOUD_IP}:50551"
-        with tempfile.TemporaryDirectory() as tmp:
-            prompt_file = Path(tmp, "prompt.txt")
-            prompt_file.write_text(prompt)
-            names = list(exports)
-            for rep in range(args.reps):
-                for name in names[rep % len(names):] + names[:rep % len(names)]:  # each row first in turn
-                    root = exports[name]
-                    server = e2e.serve(root, e2e.CLOUD_NS, e2e.CLOUD_IP)
-                    try:
-                        out = Path(tmp, "out.json")
-                        proc = subprocess.run(e2e.in_ns(e2e.DEV_NS, sys.executable, __file__, "--device", str(root), target,
-                                                        str(prompt_file), str(out)), capture_output=True, text=True, timeout=600)
-                        if proc.returncode != 0:
-                            raise RuntimeError(f"the device failed: {proc.stderr.strip()[-800:]}")
-                        runs[name].append(json.loads(out.read_text()))
-                    finally:
-                        server.terminate()
-                        server.wait(10)
-                    t = runs[name][-1]
-                    print(f"  rep {rep} {name:<34} TTFT {t[0]['ttft_s'] * 1e3:6.0f} / {t[1]['ttft_s'] * 1e3:6.0f} ms, "
-                          f"{t[0]['bytes_up']} / {t[1]['bytes_up']} B up", file=sys.stderr, flush=True)
-    finally:
-        if relay:
-            relay.terminate()
-        e2e.teardown()
+    with e2e.emulated_link(ONE_WAY_MS, args.mbit) as (how, target), tempfile.TemporaryDirectory() as tmp:
+        prompt_file = Path(tmp, "prompt.txt")
+        prompt_file.write_text(prompt)
+        names = list(exports)
+        for rep in range(args.reps):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:  # each row first in turn
+                root = exports[name]
+                server = e2e.serve(root, e2e.CLOUD_NS, e2e.CLOUD_IP)
+                try:
+                    out = Path(tmp, "out.json")
+                    proc = subprocess.run(e2e.in_ns(e2e.DEV_NS, sys.executable, __file__, "--device", str(root), target,
+                                                    str(prompt_file), str(out)), capture_output=True, text=True, timeout=600)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"the device failed: {proc.stderr.strip()[-800:]}")
+                    runs[name].append(json.loads(out.read_text()))
+                finally:
+                    server.terminate()
+                    server.wait(10)
+                t = runs[name][-1]
+                print(f"  rep {rep} {name:<34} TTFT {t[0]['ttft_s'] * 1e3:6.0f} / {t[1]['ttft_s'] * 1e3:6.0f} ms, "
+                      f"{t[0]['bytes_up']} / {t[1]['bytes_up']} B up", file=sys.stderr, flush=True)
     rows = []
     for name, reps in runs.items():
         for turn in (0, 1):

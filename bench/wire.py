@@ -113,13 +113,8 @@ def ttft(ckpt, reps: int) -> dict:
     if not e2e.make_namespaces():
         return {"skipped": "no network namespaces (needs root, ip and tc)"}
     out = {"link": f"{2 * LINK[0]:.0f} ms RTT, {LINK[1]} Mbit/s", "rows": []}
-    relay = None
-    try:
-        how = e2e.shape(*LINK)
-        if how == "tbf+relay":
-            relay = e2e.start_relay(LINK[0])
+    with e2e.emulated_link(*LINK) as (how, target):
         out["shaping"] = how
-        target = "127.0.0.1:50552" if relay else f"{e2e.CLOUD_IP}:50551"
         for name, root in exports.items():
             server = e2e.serve(root, e2e.CLOUD_NS, e2e.CLOUD_IP)
             try:
@@ -132,10 +127,6 @@ def ttft(ckpt, reps: int) -> dict:
                    "bytes_up": statistics.median(r.get("bytes_up", r["link_bytes"]) for r in runs)}
             out["rows"].append(row)
             print(f"  {name:<34}{row['prompt_tokens']:>7}{row['ttft_ms']:>10.0f}{row['bytes_up']:>12.0f}", file=sys.stderr, flush=True)
-    finally:
-        if relay:
-            relay.terminate()
-        e2e.teardown()
     fp16, coded = (r["ttft_ms"] for r in out["rows"])
     out["ratio"] = coded / fp16
     return out

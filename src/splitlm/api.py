@@ -57,7 +57,7 @@ class Device:
         self._lock = threading.Lock()
         self._channel = self._tail = None
         self._token, self._failover_deadline_s = token, failover_deadline_s
-        self._uplink = None  # the UplinkMeter every session of this client shares (rate adaptation), made when needed
+        self._uplink = None  # the UplinkMeter every session of this client shares (rate adaptation), made when one adapts
         if self.session.device_only:
             if server:
                 raise ConfigError(f"{artifacts} is a device-only export: there is no cloud part to run on a server")
@@ -147,12 +147,13 @@ class Device:
             return generate_split(session, self._tail.new_session(sampling), ids, max_tokens, on_token, tok,
                                   speculate=session.plan.speculate)
         from splitlm.device.client import FailoverConfig, ReplayingSession
-        from splitlm.device.uplink import adapts
+        from splitlm.device.uplink import UplinkMeter, adapts
 
+        if adapts(session.plan) and self._uplink is None:
+            self._uplink = UplinkMeter()
         with ReplayingSession(self._channel, session.plan.hash, session.plan.model_id, sampling, max_tokens, self._token,
                               failover=FailoverConfig(deadline_s=self._failover_deadline_s),
-                              uplink=adapts(session.plan) and (self._uplink or True)) as remote:
-            self._uplink = remote.uplink or self._uplink
+                              uplink=adapts(session.plan) and self._uplink) as remote:
             result = generate_split(session, remote, ids, max_tokens, on_token, tok, speculate=session.plan.speculate)
         result.extra.update(bytes_up=remote.bytes_up, bytes_down=remote.bytes_down, replays=len(remote.replays))
         return result

@@ -60,15 +60,23 @@ READ_AHEAD_BYTES = 8 << 20
 it stops reading, and gRPC's flow control holds the client back."""
 
 
+def _silent(timeout: float, waiting_for: str) -> RequestError:
+    return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {waiting_for} within {timeout:.3g} s")
+
+
+def _undecodable(exc: DecodeError) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable DeviceMessage: {_clip(str(exc))}")
+
+
 async def _read(context: grpc.aio.ServicerContext, timeout: float, waiting_for: str) -> pb.DeviceMessage | None:
     """The next message, None at the end of the stream; DEADLINE_EXCEEDED after `timeout` s of silence."""
     try:
         async with _timeout(timeout):
             msg = await context.read()
     except asyncio.TimeoutError:
-        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {waiting_for} within {timeout:.3g} s") from None
+        raise _silent(timeout, waiting_for) from None
     except DecodeError as exc:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable DeviceMessage: {_clip(str(exc))}") from None
+        raise _undecodable(exc) from None
     return None if msg is grpc.aio.EOF else msg
 
 
@@ -102,8 +110,7 @@ class _Stream:
                 try:
                     msg = await self.context.read()
                 except DecodeError as exc:
-                    self._queue.put_nowait(RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                                        f"undecodable DeviceMessage: {_clip(str(exc))}"))
+                    self._queue.put_nowait(_undecodable(exc))
                     return
                 if msg is grpc.aio.EOF:
                     self._queue.put_nowait(None)
@@ -129,7 +136,7 @@ class _Stream:
             async with _timeout(timeout):
                 item = await self._queue.get()
         except asyncio.TimeoutError:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no {waiting_for} within {timeout:.3g} s") from None
+            raise _silent(timeout, waiting_for) from None
         if item is None or isinstance(item, Exception):
             self._queue.put_nowait(item)  # every later read meets it too
             if item is None:
