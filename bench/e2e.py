@@ -9,7 +9,8 @@ it says so and runs over loopback, unshaped.
 With --speculate: the split plan on the 20 ms / 50 Mbit/s link only, each prompt generated with and without
 `--speculate`, alternating, median of --reps: tokens/s, TTFT, tokens per round trip, drafts kept, and whether
 the two outputs are equal. The prompts are lookup-friendly (summarize or edit a given text, continue code: asked in
-chat, and as raw code completion) and open chat (SPECULATION_PROMPTS).
+chat, and as raw code completion) and open chat (SPECULATION_PROMPTS); each set is also reported as a whole (its
+tokens over its time).
 
 Both namespaces share this machine's cores: the device's onnxruntime and the cloud's torch
 compete for them, which a real deployment would not.
@@ -207,8 +208,22 @@ def speculation(args, ckpt) -> None:
         p, q = r["plain"], r["speculative"]
         print(f"{r['prompt']:<26}{p['tokens_per_s']:>12.1f}{q['tokens_per_s']:>12.1f}{r['speedup']:>8.2f}x"
               f"{q['tokens_per_round_trip']:>8.2f}{q['drafts_kept']:>9}{p['ttft_ms']:>12.0f}{q['ttft_ms']:>11.0f}{str(r['equal']):>7}")
+    sets = {kind: prompt_set(rows, kind) for kind in ("lookup", "open")}
+    for kind, s in sets.items():
+        print(f"{kind} set ({len(s['prompts'])} prompts): {s['plain_tokens_per_s']:.1f} -> {s['speculative_tokens_per_s']:.1f} "
+              f"tok/s, {s['speedup']:.2f}x; per prompt {s['min_speedup']:.2f}x to {s['max_speedup']:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"netns": netns, "shaping": how, "link": link, "rows": rows}, indent=2))
+    Path(args.json).write_text(json.dumps({"netns": netns, "shaping": how, "link": link, "rows": rows, "sets": sets}, indent=2))
+
+
+def prompt_set(rows: list[dict], kind: str) -> dict:
+    """The prompts labelled "(kind)" taken together: their tokens over their time, plain and speculative."""
+    mine = [r for r in rows if r["prompt"].endswith(f"({kind})")]
+    rate = {key: sum(r[key]["tokens"] for r in mine) / sum(r[key]["tokens"] / r[key]["tokens_per_s"] for r in mine)
+            for key in ("plain", "speculative")}
+    return {"prompts": [r["prompt"] for r in mine], "plain_tokens_per_s": rate["plain"],
+            "speculative_tokens_per_s": rate["speculative"], "speedup": rate["speculative"] / rate["plain"],
+            "min_speedup": min(r["speedup"] for r in mine), "max_speedup": max(r["speedup"] for r in mine)}
 
 
 def main() -> None:
