@@ -121,7 +121,7 @@ def add_partition(sub) -> None:
                          f"fastest of them wins (default {tolerance})")
     pt.add_argument("--speculate", type=float, default=None, metavar="TOKENS_PER_ROUND_TRIP",
                     help="plan for speculation (split plans speculate): the decode tokens a round trip is expected to give, "
-                         ">= 1 (`generate --speculate --json` reports it; 1.5 to 3.4 on lookup-friendly prompts, 1.0 to 1.9 "
+                         ">= 1 (`generate --speculate --json` reports it; 1.4 to 3.4 on lookup-friendly prompts, 1.0 to 1.1 "
                          "on open chat in bench/e2e.py --speculate)")
     pt.add_argument("--out", required=True, help="where to write the chosen plan")
     pt.add_argument("--top", type=int, default=10, help="Pareto candidates to print")
