@@ -284,7 +284,7 @@ def smollm_export(smollm_ckpt, tmp_path_factory):
 @pytest.mark.parametrize("prompt", [f"Rewrite this text, changing 'park' to 'garden':\n\n{LOOKUP_TEXT}",
                                     "Write a short poem about the sea."], ids=["edit", "poem"])
 def test_speculation_on_smollm2_equals_one_token_at_a_time(smollm_ckpt, smollm_export, prompt):
-    """The default plan's export (4-bit source head, int8 compute, the ans codec), 64 greedy tokens: drafts always
+    """The default plan's export (8-bit head, int8 compute, the ans codec), 64 greedy tokens: drafts always
     wrong, always right, mixed, and prompt lookup all give the tokens of decoding one at a time."""
     from splitlm.cloud.tail import TailRunner
     from splitlm.device.runtime import HeadSession, generate_split
