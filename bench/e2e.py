@@ -10,7 +10,7 @@ With --speculate: the split plan on the 20 ms / 50 Mbit/s link only, each prompt
 `--speculate`, alternating, median of --reps: tokens/s, TTFT, tokens per round trip, drafts kept, and whether
 the two outputs are equal. The prompts are lookup-friendly (summarize or edit a given text, continue code: asked in
 chat, and as raw code completion) and open chat (SPECULATION_PROMPTS); each set is also reported as a whole (its
-tokens over its time).
+decoded tokens over its decode time).
 
 Both namespaces share this machine's cores: the device's onnxruntime and the cloud's torch
 compete for them, which a real deployment would not.
@@ -217,9 +217,10 @@ def speculation(args, ckpt) -> None:
 
 
 def prompt_set(rows: list[dict], kind: str) -> dict:
-    """The prompts labelled "(kind)" taken together: their tokens over their time, plain and speculative."""
+    """The prompts labelled "(kind)" taken together: their decoded tokens over their decode time (a generation's
+    tokens/s counts the tokens after its first), plain and speculative."""
     mine = [r for r in rows if r["prompt"].endswith(f"({kind})")]
-    rate = {key: sum(r[key]["tokens"] for r in mine) / sum(r[key]["tokens"] / r[key]["tokens_per_s"] for r in mine)
+    rate = {key: sum(r[key]["tokens"] - 1 for r in mine) / sum((r[key]["tokens"] - 1) / r[key]["tokens_per_s"] for r in mine)
             for key in ("plain", "speculative")}
     return {"prompts": [r["prompt"] for r in mine], "plain_tokens_per_s": rate["plain"],
             "speculative_tokens_per_s": rate["speculative"], "speedup": rate["speculative"] / rate["plain"],

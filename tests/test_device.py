@@ -95,8 +95,8 @@ def test_kv_is_written_in_place_and_rolls_back_by_length(tiny_ckpt, exports):
     first = head.step([3, 4, 5, 6])
     head.step([7])
     assert [b.ctypes.data for b in head.buffers] == before and head.length == 5
-    # a one-row step runs as two (DeviceHead.step_each): the second's K/V land at position 5, which the next step writes
-    assert all(b[:, :, :6].any() and not b[:, :, 6:].any() for b in head.buffers)
+    # a one-row step runs as two (DeviceHead.rows_alike): the second's K/V land at position 5, which the next step writes
+    assert all(b[:, :, :6].any() and b[:, :, 5].any() and not b[:, :, 6:].any() for b in head.buffers)
     assert head.kv_bytes() == 5 * tiny_ckpt.spec.kv_bytes_per_token(2, 32)
     again = DeviceHead(HeadSession(result.device_dir))
     again.step([3, 4, 5])
@@ -104,17 +104,29 @@ def test_kv_is_written_in_place_and_rolls_back_by_length(tiny_ckpt, exports):
     np.testing.assert_allclose(again.step([5, 6]), first[2:], rtol=1e-5, atol=1e-6)
 
 
-def test_rows_of_a_split_head_do_not_depend_on_their_call(tiny_ckpt, exports):
+@pytest.fixture(scope="module")
+def int8_compute_export(tiny_ckpt, tmp_path_factory):
+    """The tiny model's int4 head at split 2 with MatMulNBits' int8 compute (accuracy level 4), as exports ship."""
+    from splitlm.export import export_artifacts
+
+    plan = Plan(tiny_ckpt.model_id, tiny_ckpt.weights_hash, 2, device_weights=WeightQuant(4, 32),
+                codec=CodecConfig("fp16"), max_seq_len=64, prefill_chunk=16)
+    return plan, export_artifacts(tiny_ckpt, plan, tmp_path_factory.mktemp("int8-compute"), progress=False, accuracy_level=4)
+
+
+@pytest.mark.parametrize("compute", ["fp32", "int8"])
+def test_rows_of_a_split_head_do_not_depend_on_their_call(tiny_ckpt, exports, int8_compute_export, compute):
     """A split head's outputs for a position are the same bit for bit whether it ran alone, in a call of several
-    rows or in the buffer's last position (MatMulNBits at int8 compute runs one row another way than several, so a
-    one-row step runs as two): a speculative step's rows, computed in one call, are those of decoding one at a
-    time."""
+    rows, in a prefill chunk's one-row remainder or in the buffer's last position (MatMulNBits at int8 compute runs
+    one row another way than several, so a one-row call runs as two): a speculative step's rows, computed in one
+    call, are those of decoding one at a time."""
     from splitlm.device.runtime import DeviceHead, HeadSession
 
-    plan, result = exports[2, "int4"]
-    head = DeviceHead(HeadSession(result.device_dir))
-    assert head.rows_alike
-    ids = [3, 4, 5, 6, 7, 8, 9]
+    plan, result = exports[2, "int4"] if compute == "fp32" else int8_compute_export
+    session = HeadSession(result.device_dir)
+    head = DeviceHead(session)
+    assert session.rows_alike and head.rows_alike
+    ids = [(5 * i) % 50 + 3 for i in range(plan.prefill_chunk + 1)]  # two prefill chunks, the second of one row
     together = head.step(ids)
     head.reset()
     alone = np.concatenate([head.step([i]) for i in ids])
@@ -122,14 +134,17 @@ def test_rows_of_a_split_head_do_not_depend_on_their_call(tiny_ckpt, exports):
     grouped = np.concatenate([head.step(ids[:1]), head.step(ids[1:3]), head.step_each(ids[3:])])
     np.testing.assert_array_equal(alone, together)
     np.testing.assert_array_equal(grouped, together)
-    # the buffer's last position: no room for the second row after it, so the one before runs again
+    # the buffer's last position: no room for the second row after it, so the one before runs again, to the same K/V
     n = plan.max_seq_len
     prompt = [(7 * i) % 50 + 3 for i in range(n)]
     head.reset()
     full = head.step(prompt)
     head.rewind(n - 1)
+    before = [b.copy() for b in head.presents()]
     np.testing.assert_array_equal(head.step(prompt[-1:]), full[-1:])
     assert head.length == n and head.ids == prompt
+    for a, b in zip(before, head.presents()):
+        np.testing.assert_array_equal(a, b[:, :, :n - 1])
 
 
 def test_parity_failure_names_the_tensor(tiny_ckpt, exports):

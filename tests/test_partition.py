@@ -13,7 +13,7 @@ from splitlm.partition.profile import (
     QualityTable,
     SideProfile,
 )
-from splitlm.partition.search import Budgets, price, search, to_plan
+from splitlm.partition.search import SPECULATIVE_ROW_COST, Budgets, price, search, to_plan
 
 MB = 2**20
 
@@ -103,8 +103,10 @@ def test_speculation_divides_the_link_and_cloud_share_and_the_plan_speculates():
     p = synthetic()
     plain = price(p, 4, 8, 16, 16, p.codecs[0], 1024, Budgets(1e12, 1e6))
     spec = price(p, 4, 8, 16, 16, p.codecs[0], 1024, Budgets(1e12, 1e6, tokens_per_round_trip=2.0))
-    device = 0.5 + 0.05 + 4 * (1.0 + 0.3 * (1024 - 256) / 3840) + 0.01
-    assert spec.token_latency_ms == pytest.approx(device + (plain.token_latency_ms - device) / 2)
+    call, encode = 0.5 + 0.05 + 4 * (1.0 + 0.3 * (1024 - 256) / 3840), 0.01  # the head's call, the row's encode
+    link_and_cloud = plain.token_latency_ms - call - encode
+    # two tokens a round trip: one call of two rows (SPECULATIVE_ROW_COST a row more), two rows encoded
+    assert spec.token_latency_ms == pytest.approx(encode + (call * (1 + SPECULATIVE_ROW_COST) + link_and_cloud) / 2)
     assert spec.ttft_ms == plain.ttft_ms
     b = Budgets(1e12, 1e6, max_seq_len=1024, tokens_per_round_trip=2.0)
     split = to_plan(spec, p, b)

@@ -144,6 +144,9 @@ class HeadSession:
         self.warmed = False
         """Whether a head has run once: onnxruntime's first run of a session prepares its kernels (prepacking,
         thread pools) and takes ~35x a short step; DeviceHead does it at creation, not in the first request."""
+        self.rows_alike: bool | None = None
+        """Whether calls of two rows or more give each row the same numbers however the rows are grouped (DeviceHead
+        checks it on its first head; None before)."""
         if self.kind == "gqa" and self.layers:
             capacity = min(int(seg.inputs[names.past_key(seg.start)].shape[2]) for seg in self.segments if seg.layers)
             if capacity < self.plan.max_seq_len:
@@ -241,6 +244,22 @@ class DeviceHead:
             self.step([session.spec.bos_token_id or 0], last_only=True)
             self.reset()
             session.warmed = True
+        if session.rows_alike is None and session.kind == "gqa" and not self.device_only:
+            session.rows_alike = self._rows_are_alike()
+            if not session.rows_alike:
+                log.warning("this onnxruntime gives a row of %s other numbers in calls of other sizes: speculative steps "
+                            "run their rows one at a time", session.dir)
+
+    def _rows_are_alike(self) -> bool:
+        """Whether three rows in one call equal them in a call of one (run as two) and one of two, bit for bit."""
+        if self.plan.max_seq_len < 4:  # no room to tell
+            return False
+        ids = [int(i) % self.session.spec.vocab_size for i in (5, 6, 7)]
+        together = self.step(ids)
+        self.reset()
+        apart = np.concatenate([self.step(ids[:1]), self.step(ids[1:])])
+        self.reset()
+        return bool(np.array_equal(together, apart))
 
     def reset(self) -> None:
         self.length = 0
@@ -262,9 +281,10 @@ class DeviceHead:
 
     @property
     def rows_alike(self) -> bool:
-        """Whether every call runs at least two rows, so that a position's outputs do not depend on how many rows its
-        call had (`step_each`): a head whose outputs go over the wire, as GroupQueryAttention graphs."""
-        return self.session.kind == "gqa" and not self.device_only
+        """Whether a one-row call runs as two, so that a position's outputs do not depend on how many rows its call
+        had (`step_each`): a GroupQueryAttention head that is not device-only, on an onnxruntime where calls of two rows
+        or more agree (checked at the session's first head: `HeadSession.rows_alike`)."""
+        return self.session.kind == "gqa" and not self.device_only and self.session.rows_alike is not False
 
     @property
     def device_only(self) -> bool:
@@ -367,10 +387,10 @@ class DeviceHead:
         """Run new token ids -> outputs (T, d or V), each row as a one-token step computes it. onnxruntime's MatMulNBits
         at accuracy level 4 (int8 compute) computes a call of one row in another way than one of several (SmolLM2's
         head at split 15: rows 0.8 apart of 95), while calls of two rows or more give every row the same numbers however
-        they are grouped (bit for bit: 6 rows at once, 2 then 4, or one at a time each padded to two). A head whose
-        rows are alike (`rows_alike`: it pads a one-row call to two) runs them in one call, the price of about one
-        step (SmolLM2's default head: 5 rows in 9.3 ms, against 6.7 ms for one row and 33 ms for five one-row calls);
-        another runs them one at a time."""
+        they are grouped (bit for bit, with onnxruntime 1.32 on x86-64: 6 rows at once, 2 then 4, or one at a time each
+        padded to two). A head whose rows are alike (`rows_alike`: it pads a one-row call to two) runs them in one
+        call, the price of about one step (SmolLM2's default head: 5 rows in about 9.5 ms, against 6.7 ms for one row
+        and 33 ms for five one-row calls); another runs them one at a time."""
         if self.rows_alike:
             return self.step(ids)
         return np.concatenate([self.step([i]) for i in ids], axis=0)
@@ -397,7 +417,7 @@ class DeviceHead:
             yield out, start + chunk >= len(ids)
 
     def _run_bound(self, part: np.ndarray, last_only: bool) -> np.ndarray:
-        if part.shape[1] == 1 and self.rows_alike:  # one row runs as one of two (step_each)
+        if part.shape[1] == 1 and self.rows_alike:  # one row runs as one of two (`rows_alike`, `step_each`)
             if self.length + 2 <= self.plan.max_seq_len:  # the token again after it, whose K/V the next step overwrites
                 return self._run_at(np.repeat(part, 2, axis=1), self.length, False)[:1]
             if self.length:  # the buffer's last position: the token before it again (the same numbers), then it
