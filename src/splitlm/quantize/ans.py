@@ -405,8 +405,8 @@ def _bisect(y: np.ndarray, basis: Basis, budget: np.ndarray, deadzone: float) ->
     return lo
 
 
-def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0.2) -> bytes:
-    """Rows x (T, d) -> one frame (module docstring)."""
+def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0.2, checked: bool = False) -> bytes:
+    """Rows x (T, d) -> one frame (module docstring). `checked`: x is finite float32 already (codec.encode checks)."""
     from splitlm.quantize import codec
 
     x = np.asarray(x, np.float32)
@@ -415,7 +415,7 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
     T, d = x.shape
     if d != basis.dim:
         raise CodecError(f"activations of dim {d} do not match the codec basis's {basis.dim}")
-    if not np.isfinite(x).all():
+    if not checked and not np.isfinite(x).all():
         raise CodecError("activations contain NaN or Inf")
     c = x - basis.mean
     # row by row: a matrix product sums in another order than a vector one, and a row must code the same in any frame
@@ -423,6 +423,14 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
     budget = error_budget * _inlier_energy(c)
 
     lo, q, gains, err = _search(y, basis, budget, deadzone)
+    head = b"".join([codec._header("ans", 0, T, d), BASIS.pack(basis.layer, basis.digest), struct.pack("<H", 1)])
+    if T == 1 and float(np.abs(q).max()) <= QMAX and float(err[0]) <= float(budget[0]):
+        # a decode row that codes (the hot case): the frame below without its bookkeeping for raw rows
+        scales = _scales(basis, gains, lo).ravel()
+        coder = _coder(q.astype(np.int32).ravel(), scales)
+        words = coder.get_compressed()
+        return b"".join([head, SEGMENT.pack(1, len(words)), bytes((int(lo[0]),)), gains.tobytes(),
+                         words.astype("<u4", copy=False).tobytes()])
     steps = lo.astype(np.uint8)
     raw = (np.abs(q).max(1) > QMAX) | (err > budget)
     if raw.any():
@@ -434,16 +442,28 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
     gains[raw] = 0
     words = np.zeros(0, np.uint32)
     if coded.any():
-        import constriction
-
-        coder = constriction.stream.stack.AnsCoder()
         sel = np.nonzero(coded)[0]
-        scales = _scales(basis, gains[sel], lo[sel]).ravel()  # float64, as the decoder computes them
-        coder.encode_reverse(q[sel].astype(np.int32).ravel(), _model(), np.zeros_like(scales), scales)
-        words = coder.get_compressed()
+        words = _coder(q[sel].astype(np.int32).ravel(), _scales(basis, gains[sel], lo[sel]).ravel()).get_compressed()
     raw_bytes = b"".join(x[i].astype("<f2" if s == RAW16 else "<f4").tobytes() for i, s in enumerate(steps) if s >= RAW16)
-    return b"".join([codec._header("ans", 0, T, d), BASIS.pack(basis.layer, basis.digest), struct.pack("<H", 1),
-                     SEGMENT.pack(T, len(words)), steps.tobytes(), gains.tobytes(), words.astype("<u4").tobytes(), raw_bytes])
+    return b"".join([head, SEGMENT.pack(T, len(words)), steps.tobytes(), gains.tobytes(), words.astype("<u4", copy=False).tobytes(),
+                     raw_bytes])
+
+
+def _coder(symbols: np.ndarray, scales: np.ndarray):
+    """An ANS coder holding int32 symbols under Laplace models of `scales` (float64, as the decoder computes them)."""
+    import constriction
+
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols, _model(), _zeros(len(scales)), scales)
+    return coder
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(n: int) -> np.ndarray:
+    """The Laplace models' means: zeros (read only, shared)."""
+    z = np.zeros(n)
+    z.flags.writeable = False
+    return z
 
 
 @dataclass(frozen=True)

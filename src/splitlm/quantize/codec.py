@@ -283,7 +283,7 @@ def encode(x: Any, cfg: CodecConfig, backend: str = "numpy", basis: Any = None) 
         if basis is None:
             raise CodecError("entropy 'ans' codes rows in the split layer's calibrated basis, and none was given "
                              "(an export carries it in codec_basis.npz)")
-        return ans.encode(ops.numpy(x), basis, cfg.error_budget, cfg.deadzone)
+        return ans.encode(ops.numpy(x), basis, cfg.error_budget, cfg.deadzone, checked=True)
     T, d = x.shape
     if cfg.kind == "fp32":
         return _header("fp32", 0, T, d) + ops.tobytes(x)
