@@ -92,6 +92,24 @@ def test_frames_join_without_re_encoding(basis):
     assert np.allclose(whole, each, rtol=1e-6, atol=1e-6)  # the same symbols; the basis product rounds by batch
 
 
+@pytest.mark.parametrize("eps", [0.005, 0.035, 0.1])
+def test_a_row_codes_the_same_alone_and_in_a_frame_of_several(basis, eps):
+    """A decode step's one-row frame (the encoder's own path for it) and a speculative or prefill frame of several
+    rows give a row the same step, gains and reconstruction: the cloud computes the same token either way. One
+    row goes raw in both."""
+    x = activations(24, seed=6)
+    x[5, 9] = 3e9
+    whole = ans.encode(x, basis, eps)
+    lay = codec.parse_frame(whole).ans
+    rows = ans.decode(whole, lay, basis)
+    for i in range(len(x)):
+        alone = ans.encode(x[i:i + 1], basis, eps)
+        one = codec.parse_frame(alone).ans
+        assert one.steps[0] == lay.steps[i] and (one.gains[0] == lay.gains[i]).all(), i
+        np.testing.assert_allclose(ans.decode(alone, one, basis)[0], rows[i], rtol=1e-6, atol=1e-6 * np.abs(rows[i]).max())
+    assert lay.steps[5] >= ans.RAW16
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_frames_of_one_layer_decode_as_one_batch(basis, backend):
     xs = [activations(t, seed=10 + t) for t in (1, 1, 3, 1, 7)]

@@ -427,7 +427,7 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
     if T == 1 and float(np.abs(q).max()) <= QMAX and float(err[0]) <= float(budget[0]):
         # a decode row that codes (the hot case): the frame below without its bookkeeping for raw rows
         scales = _scales(basis, gains, lo).ravel()
-        coder = _coder(q.astype(np.int32).ravel(), scales)
+        coder = _coder(q.astype(np.int32).ravel(), scales, _zeros(d))
         words = coder.get_compressed()
         return b"".join([head, SEGMENT.pack(1, len(words)), bytes((int(lo[0]),)), gains.tobytes(),
                          words.astype("<u4", copy=False).tobytes()])
@@ -443,24 +443,26 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
     words = np.zeros(0, np.uint32)
     if coded.any():
         sel = np.nonzero(coded)[0]
-        words = _coder(q[sel].astype(np.int32).ravel(), _scales(basis, gains[sel], lo[sel]).ravel()).get_compressed()
+        scales = _scales(basis, gains[sel], lo[sel]).ravel()
+        words = _coder(q[sel].astype(np.int32).ravel(), scales, np.zeros_like(scales)).get_compressed()
     raw_bytes = b"".join(x[i].astype("<f2" if s == RAW16 else "<f4").tobytes() for i, s in enumerate(steps) if s >= RAW16)
     return b"".join([head, SEGMENT.pack(T, len(words)), steps.tobytes(), gains.tobytes(), words.astype("<u4", copy=False).tobytes(),
                      raw_bytes])
 
 
-def _coder(symbols: np.ndarray, scales: np.ndarray):
-    """An ANS coder holding int32 symbols under Laplace models of `scales` (float64, as the decoder computes them)."""
+def _coder(symbols: np.ndarray, scales: np.ndarray, means: np.ndarray):
+    """An ANS coder holding int32 symbols under Laplace models of `scales` (float64, as the decoder computes them)
+    and `means` (zeros)."""
     import constriction
 
     coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(symbols, _model(), _zeros(len(scales)), scales)
+    coder.encode_reverse(symbols, _model(), means, scales)
     return coder
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _zeros(n: int) -> np.ndarray:
-    """The Laplace models' means: zeros (read only, shared)."""
+    """The Laplace models' means of a decode row: zeros (read only, shared)."""
     z = np.zeros(n)
     z.flags.writeable = False
     return z
