@@ -423,41 +423,31 @@ def encode(x: np.ndarray, basis: Basis, error_budget: float, deadzone: float = 0
     budget = error_budget * _inlier_energy(c)
 
     lo, q, gains, err = _search(y, basis, budget, deadzone)
-    head = b"".join([codec._header("ans", 0, T, d), BASIS.pack(basis.layer, basis.digest), struct.pack("<H", 1)])
+    steps, raw_bytes = lo.astype(np.uint8), b""
     if T == 1 and float(np.abs(q).max()) <= QMAX and float(err[0]) <= float(budget[0]):
-        # a decode row that codes (the hot case): the frame below without its bookkeeping for raw rows
-        scales = _scales(basis, gains, lo).ravel()
-        coder = _coder(q.astype(np.int32).ravel(), scales, _zeros(d))
-        words = coder.get_compressed()
-        return b"".join([head, SEGMENT.pack(1, len(words)), bytes((int(lo[0]),)), gains.tobytes(),
-                         words.astype("<u4", copy=False).tobytes()])
-    steps = lo.astype(np.uint8)
-    raw = (np.abs(q).max(1) > QMAX) | (err > budget)
-    if raw.any():
-        with np.errstate(over="ignore", invalid="ignore"):  # beyond fp16's range: raw fp32
-            x16 = x[raw].astype(np.float16).astype(np.float64)
-            fits16 = ((x[raw] - x16) ** 2).sum(1) <= budget[raw]
-        steps[raw] = np.where(fits16, RAW16, RAW32)
-    coded = ~raw
-    gains[raw] = 0
+        scales, means = _scales(basis, gains, lo).ravel(), _zeros(d)  # a decode row that codes: the hot case
+    else:  # rows the coder cannot carry go raw: fp16 where that meets their budget, else fp32
+        raw = (np.abs(q).max(1) > QMAX) | (err > budget)
+        if raw.any():
+            with np.errstate(over="ignore", invalid="ignore"):  # beyond fp16's range: raw fp32
+                x16 = x[raw].astype(np.float16).astype(np.float64)
+                fits16 = ((x[raw] - x16) ** 2).sum(1) <= budget[raw]
+            steps[raw] = np.where(fits16, RAW16, RAW32)
+            gains[raw] = 0
+            raw_bytes = b"".join(x[i].astype("<f2" if s == RAW16 else "<f4").tobytes() for i, s in enumerate(steps) if s >= RAW16)
+        sel = np.nonzero(~raw)[0]
+        q, scales = q[sel], _scales(basis, gains[sel], lo[sel]).ravel()
+        means = np.zeros_like(scales)
     words = np.zeros(0, np.uint32)
-    if coded.any():
-        sel = np.nonzero(coded)[0]
-        scales = _scales(basis, gains[sel], lo[sel]).ravel()
-        words = _coder(q[sel].astype(np.int32).ravel(), scales, np.zeros_like(scales)).get_compressed()
-    raw_bytes = b"".join(x[i].astype("<f2" if s == RAW16 else "<f4").tobytes() for i, s in enumerate(steps) if s >= RAW16)
-    return b"".join([head, SEGMENT.pack(T, len(words)), steps.tobytes(), gains.tobytes(), words.astype("<u4", copy=False).tobytes(),
+    if len(scales):
+        import constriction
+
+        coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(q.astype(np.int32).ravel(), _model(), means, scales)  # scales float64, as the decoder's
+        words = coder.get_compressed()
+    return b"".join([codec._header("ans", 0, T, d), BASIS.pack(basis.layer, basis.digest), struct.pack("<H", 1),
+                     SEGMENT.pack(T, len(words)), steps.tobytes(), gains.tobytes(), words.astype("<u4", copy=False).tobytes(),
                      raw_bytes])
-
-
-def _coder(symbols: np.ndarray, scales: np.ndarray, means: np.ndarray):
-    """An ANS coder holding int32 symbols under Laplace models of `scales` (float64, as the decoder computes them)
-    and `means` (zeros)."""
-    import constriction
-
-    coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(symbols, _model(), means, scales)
-    return coder
 
 
 @functools.lru_cache(maxsize=4)
