@@ -49,7 +49,7 @@ def main() -> None:
             ids = [first] + [DRAFT] * (rows - 1)
             t0 = time.perf_counter()
             for i in ids:  # as the head ran a step before
-                head.step_each([i])
+                head.step([i])
             t1 = time.perf_counter()
             head.rewind(len(prompt))
             hidden = head.step_each(ids)
