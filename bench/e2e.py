@@ -145,12 +145,14 @@ def run_generate(artifacts: Path, tokens: int, server: str | None, ns: str | Non
         return json.loads(Path(out.name).read_text())
 
 
-def serve(artifacts: Path, ns: str | None, host: str) -> subprocess.Popen:
-    """`splitlm serve` in namespace `ns`, once it says it is serving (its log, one INFO line per session, goes to
-    a temporary file: a pipe nobody reads would fill and stop it)."""
+def serve(artifacts: Path, ns: str | None, host: str, extra: tuple[str, ...] = (), threads: int | None = None) -> subprocess.Popen:
+    """`splitlm serve` (with `extra` flags; `threads`: its torch threads, default all cores) in namespace `ns`, once
+    it says it is serving (its log, one INFO line per session, goes to a temporary file: a pipe nobody reads would
+    fill and stop it)."""
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(in_ns(ns, SPLITLM, "serve", "--artifacts", str(artifacts), "--host", host, "--port", "50551"),
-                            stdout=subprocess.PIPE, stderr=log, text=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.Popen(in_ns(ns, SPLITLM, "serve", "--artifacts", str(artifacts), "--host", host, "--port", "50551", *extra),
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     line = proc.stdout.readline()
     if "serving" not in line:
         proc.kill()

@@ -10,9 +10,12 @@
    per 128-row prefill chunk, and the cloud's decoder for the same (medians).
 3. TTFT of a 1,024-token prompt on an emulated 5 Mbit/s link with 50 ms RTT (network namespaces, tbf and
    the delay relay of bench/e2e.py): the same split plan exported with an fp16 link and with the default
-   codec, median of 3 runs each, in one run. Needs root; without it (or with --no-link) it is skipped.
+   codec, median of 3 runs each, in one run, with the cloud computing in float32 and in bfloat16 (`serve
+   --dtype`); the device and the server get one core each. Beside them, each cloud's compute floor: the
+   codec's TTFT on no link at all (the device in the server's namespace), which no codec can beat on this
+   machine. Needs root; without it (or with --no-link) it is skipped.
 
-The KV codec for moves is not built yet: its row says so.
+The KV codec for moves: bench/kv_wire.py.
 """
 
 from __future__ import annotations
@@ -102,44 +105,58 @@ def speed(ckpt) -> list[dict]:
 
 
 def ttft(ckpt, reps: int) -> dict:
-    """TTFT of a 1,024-token prompt on the emulated link, fp16 against the default codec, in one run."""
+    """TTFT of a 1,024-token prompt on the emulated link, fp16 against the default codec, in one run, with the cloud
+    computing in float32 and in bfloat16 (`serve --dtype`). Each side gets one core (the device `--threads 1`, the
+    server one torch thread), as a device and a server of their own would. The compute floor of each: the codec's
+    TTFT with the device beside the server, on no link at all; no codec brings TTFT below it on this machine."""
     tok = ckpt.tokenizer()
     ids = corpus.windows(tok, corpus.protocol_text(), 3)[2] * 2  # 1,024 tokens of protocol text
     prompt = tok.decode(ids)
     base = Plan(ckpt.model_id, ckpt.weights_hash, SPLIT, device_weights=WeightQuant(8, 32), cloud_weights=WeightQuant(8, 32),
                 max_seq_len=2048, prefill_chunk=128)
     exports = {name: cached_export(ckpt, base.replace(codec=cfg)) for name, cfg in
-               (("fp16", CodecConfig("fp16")), ("ans eps 0.03 (tabq default)", CodecConfig("tabq")))}
+               (("fp16", CodecConfig("fp16")), (CODEC_ROW, CodecConfig("tabq")))}
     if not e2e.make_namespaces():
         return {"skipped": "no network namespaces (needs root, ip and tc)"}
-    out = {"link": f"{2 * LINK[0]:.0f} ms RTT, {LINK[1]} Mbit/s", "rows": []}
+    out = {"link": f"{2 * LINK[0]:.0f} ms RTT, {LINK[1]} Mbit/s", "rows": [], "ratio": {}, "floor_ratio": {}}
+    beside = f"{e2e.CLOUD_IP}:50551"  # the server's own address, from its own namespace: no link
     with e2e.emulated_link(*LINK) as (how, target):
         out["shaping"] = how
-        for name, root in exports.items():
-            server = e2e.serve(root, e2e.CLOUD_NS, e2e.CLOUD_IP)
-            try:
-                runs = [_generate(root, prompt, target) for _ in range(reps)]
-            finally:
-                server.terminate()
-                server.wait(10)
-            row = {"codec": name, "prompt_tokens": runs[0]["prompt_tokens"],
-                   "ttft_ms": statistics.median(r["ttft_s"] for r in runs) * 1e3,
-                   "bytes_up": statistics.median(r.get("bytes_up", r["link_bytes"]) for r in runs)}
-            out["rows"].append(row)
-            print(f"  {name:<34}{row['prompt_tokens']:>7}{row['ttft_ms']:>10.0f}{row['bytes_up']:>12.0f}", file=sys.stderr, flush=True)
-    fp16, coded = (r["ttft_ms"] for r in out["rows"])
-    out["ratio"] = coded / fp16
+        for dtype in CLOUD_DTYPES:
+            for name, root in exports.items():
+                server = e2e.serve(root, e2e.CLOUD_NS, e2e.CLOUD_IP, ("--dtype", dtype), threads=1)
+                try:
+                    for where, ns, address in (("link", e2e.DEV_NS, target), ("no link", e2e.CLOUD_NS, beside)):
+                        if where == "no link" and name == "fp16":
+                            continue
+                        runs = [_generate(root, prompt, address, ns) for _ in range(reps)]
+                        row = {"cloud_dtype": dtype, "codec": name, "where": where, "prompt_tokens": runs[0]["prompt_tokens"],
+                               "ttft_ms": statistics.median(r["ttft_s"] for r in runs) * 1e3,
+                               "bytes_up": statistics.median(r.get("bytes_up", r["link_bytes"]) for r in runs)}
+                        out["rows"].append(row)
+                        print(f"  {dtype:<9}{name:<30}{where:<8}{row['prompt_tokens']:>6}{row['ttft_ms']:>8.0f}{row['bytes_up']:>10.0f}",
+                              file=sys.stderr, flush=True)
+                finally:
+                    server.terminate()
+                    server.wait(10)
+            ms = {(r["codec"], r["where"]): r["ttft_ms"] for r in out["rows"] if r["cloud_dtype"] == dtype}
+            out["ratio"][dtype] = ms[CODEC_ROW, "link"] / ms["fp16", "link"]
+            out["floor_ratio"][dtype] = ms[CODEC_ROW, "no link"] / ms["fp16", "link"]
     return out
 
 
-def _generate(root: Path, prompt: str, server: str) -> dict:
+CLOUD_DTYPES = ("float32", "bfloat16")
+CODEC_ROW = "ans eps 0.03 (tabq default)"
+
+
+def _generate(root: Path, prompt: str, server: str, ns: str) -> dict:
     import subprocess
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [e2e.SPLITLM, "generate", "--artifacts", str(root), "--prompt", prompt, "--max-tokens", "4", "--server", server,
-               "--json", out.name]
-        proc = subprocess.run(e2e.in_ns(e2e.DEV_NS, *cmd), capture_output=True, text=True, timeout=600)
+               "--threads", "1", "--json", out.name]
+        proc = subprocess.run(e2e.in_ns(ns, *cmd), capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"generate failed: {proc.stderr.strip()[-500:]}")
         return json.loads(Path(out.name).read_text())
@@ -159,7 +176,8 @@ def main() -> None:
     s = speed(ckpt)
     link = {"skipped": "--no-link"} if args.no_link else None
     if link is None:
-        print("TTFT of a 1,024-token prompt, 50 ms RTT / 5 Mbit/s (codec, prompt tokens, TTFT ms, bytes up):", file=sys.stderr)
+        print("TTFT of a 1,024-token prompt, 50 ms RTT / 5 Mbit/s (cloud dtype, codec, path, prompt tokens, TTFT ms, bytes up):",
+              file=sys.stderr)
         link = ttft(ckpt, args.reps)
     print(f"\nSmolLM2 split {SPLIT}, {args.windows} windows per text; B/token counts every byte (headers, side information)")
     print(f"{'text':<10}{'codec':<34}{'B/token':>9}{'vs fp16':>9}{'ppl':>9}{'Δ ppl':>9}")
@@ -172,10 +190,14 @@ def main() -> None:
         print(f"{r['codec']:<34}{r['encode_row_ms']:>11.3f}{r['encode_chunk_ms']:>11.2f}{r['decode_row_ms']:>11.3f}"
               f"{r['decode_chunk_ms']:>11.2f}{r['decode_turn64_ms_per_row']:>25.3f}{r['row_frame_bytes']:>12}")
     if "rows" in link:
-        print(f"\nTTFT, 1,024-token prompt, {link['link']} (shaping: {link['shaping']}), median of {args.reps}")
+        print(f"\nTTFT, 1,024-token prompt, {link['link']} (shaping: {link['shaping']}), median of {args.reps}; device and "
+              "server one core each")
+        print(f"{'cloud':<10}{'codec':<34}{'path':<9}{'TTFT':>9}{'bytes up':>14}")
         for r in link["rows"]:
-            print(f"{r['codec']:<34}{r['ttft_ms']:>9.0f} ms{r['bytes_up']:>12.0f} B up")
-        print(f"codec / fp16 TTFT: {link['ratio']:.2f}x")
+            print(f"{r['cloud_dtype']:<10}{r['codec']:<34}{r['where']:<9}{r['ttft_ms']:>6.0f} ms{r['bytes_up']:>12.0f} B")
+        for dtype in link["ratio"]:
+            print(f"{dtype} cloud: codec / fp16 TTFT {link['ratio'][dtype]:.2f}x; the compute floor (codec, no link) / fp16 "
+                  f"{link['floor_ratio'][dtype]:.2f}x")
     else:
         print(f"\nTTFT on the emulated link: skipped ({link['skipped']})")
     print("\nKV codec for moves: bench/kv_wire.py")

@@ -484,3 +484,34 @@ def test_sequence_length_errors_say_what_to_do(tiny_ckpt, tmp_path, capsys):
     root = export_artifacts(tiny_ckpt, short_plan, tmp_path / "short", progress=False).device_dir.parent
     assert main(["generate", "--artifacts", str(root), "--prompt", "a prompt longer than sixteen tokens", "--max-tokens", "2"]) == 2
     assert "shorten the prompt, or re-partition with --max-seq-len" in capsys.readouterr().err
+
+
+def test_a_tail_computes_in_the_dtype_asked_for(tiny_ckpt, exports):
+    """TailRunner(dtype="bfloat16") (`serve --dtype`): the parameters, the decoded frames and the K/V are bfloat16,
+    the logits stay within bfloat16's rounding of the float32 tail's on the same frames, and the tokens come back as
+    float32 logits; float16 on a CPU and an unknown type are refused."""
+    import torch
+
+    from splitlm.cloud.tail import TailRunner
+    from splitlm.device.runtime import DeviceHead, HeadSession
+    from tests.tolerances import TOL
+
+    plan, result = exports[2, "int4"]
+    head = DeviceHead(HeadSession(result.device_dir))
+    prompt = tiny_ckpt.tokenizer().encode("the cloud computes in half precision " * 3).ids
+    frames = [head.encode(h) for h, _ in head.chunks(prompt)] + [head.encode(head.step([7]))]
+    ref, half = TailRunner(result.cloud_dir).new_session(), TailRunner(result.cloud_dir, dtype="bfloat16").new_session()
+    assert {p.dtype for p in half.runner.stage.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ref.runner.stage.parameters()} == {torch.float32}
+    for frame in frames:
+        a, b = ref.logits(frame), half.logits(frame)
+        assert b.dtype == torch.float32 and a.shape == b.shape
+        rel = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a))
+        assert 0 < rel <= TOL["bf16_tail_logits_rel"], rel
+    k, v = half.cache.read(plan.split_layer)
+    assert k.dtype == v.dtype == torch.bfloat16 and k.shape[2] == len(prompt) + 1
+    assert isinstance(half.next_token(head.encode(head.step([9]))), int)
+    for bad, match in (("float16", "float16 runs on CUDA only"), ("int8", "the tail computes in one of float32, bfloat16")):
+        with pytest.raises(ConfigError, match=match):
+            TailRunner(result.cloud_dir, dtype=bad, warm_up=False)
+    assert np.isfinite(b.numpy()).all()

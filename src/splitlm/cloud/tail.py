@@ -41,6 +41,22 @@ def kernel_impl(impl: str, device: torch.device) -> str:
     return dispatch.choose(impl, device)  # also refuses an unknown name
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The tail's compute types by name (`splitlm serve --dtype`)."""
+
+
+def check_dtype(dtype: "torch.dtype | str", device: torch.device) -> torch.dtype:
+    """`dtype` (a name of DTYPES or a torch dtype) for a tail on `device`, or ConfigError: float16 runs on CUDA only
+    (a CPU has no fast float16 matmul; bfloat16 is its half type: twice float32's speed on CPUs with AVX512-BF16 or
+    AMX)."""
+    chosen = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if chosen not in DTYPES.values():
+        raise ConfigError(f"dtype {dtype!r}: the tail computes in one of {', '.join(DTYPES)}")
+    if chosen == torch.float16 and device.type != "cuda":
+        raise ConfigError(f"dtype float16 runs on CUDA only, and this tail runs on {device}: use bfloat16 or float32")
+    return chosen
+
+
 def decode_frames(frames: list[Frame], impl: str, device: torch.device, bases: dict | None = None) -> list[torch.Tensor]:
     """Parsed frames -> their (T_i, d) float32 hidden states on `device`, decoded as one batch: by
     the codec's torch decoder ('reference') or the Triton one ('triton'); ans frames against `bases`
@@ -56,9 +72,10 @@ def decode_frames(frames: list[Frame], impl: str, device: torch.device, bases: d
 class TailRunner:
     """The tail stage of DIR/cloud, shared by all sessions."""
 
-    def __init__(self, cloud_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "auto",
+    def __init__(self, cloud_dir: str | Path, dtype: "torch.dtype | str" = torch.float32, device: str = "auto",
                  kernels: str = "auto", warm_up: bool = True, verify: bool = False) -> None:
-        """device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'. kernels: 'auto' (Triton on
+        """dtype: what the tail computes in (`check_dtype`; float32 by default, the reference numbers).
+        device: 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'. kernels: 'auto' (Triton on
         CUDA, torch references elsewhere), 'triton' or 'reference' (kernels.dispatch). warm_up: run
         a throwaway prompt and step now, so that the first session does not pay for lazy
         initialisation (oneDNN primitives, CUDA context, Triton compiles: ~0.5 s for SmolLM2 on CPU). verify:
@@ -70,6 +87,8 @@ class TailRunner:
             self.device = torch.device(device)
         except RuntimeError as exc:
             raise ConfigError(f"device {device!r}: {exc}") from None
+        self.dtype = check_dtype(dtype, self.device)
+        """What the tail computes in: its float parameters, the decoded frames, its K/V (weights dequantize to it)."""
         self.kernels = kernel_impl(kernels, self.device)
         self.bases = {}
         """The entropy 'ans' codec's calibrated basis at each split the plan allows ({} for other codecs)."""
@@ -82,9 +101,9 @@ class TailRunner:
         # every torch op of the tail runs on this one thread (the batcher's): a second thread's
         # OpenMP pool makes GNU OpenMP stop spinning when threads outnumber cores (~40 % slower)
         self._worker = TorchThread("splitlm-tail")
-        self.stage: Transformer = self._worker.submit(self._build, dtype).result()
-        log.info("tail [%d, %d) on %s, kernels %s (%d quantized Linears on kernels)", self.stage.start,
-                 self.spec.num_layers, self.device, self.kernels, self.kernel_linears)
+        self.stage: Transformer = self._worker.submit(self._build, self.dtype).result()
+        log.info("tail [%d, %d) on %s in %s, kernels %s (%d quantized Linears on kernels)", self.stage.start,
+                 self.spec.num_layers, self.device, str(self.dtype).removeprefix("torch."), self.kernels, self.kernel_linears)
         self.batcher = Batcher(self.stage, worker=self._worker, chunk=self.plan.prefill_chunk, decode=self._decode)
         """Runs every session's steps from now on (it occupies the torch thread)."""
         if warm_up:
@@ -105,8 +124,8 @@ class TailRunner:
         return codec.parse_frame(frame, self.plan.max_seq_len, codec.frame_kind(self.plan.codec), self.spec.hidden_size)
 
     def _decode(self, frames: list[Frame]) -> list[torch.Tensor]:
-        """The batcher's frame decoder (on its thread)."""
-        return decode_frames(frames, self.kernels, self.device, self.bases)
+        """The batcher's frame decoder (on its thread), in the tail's dtype."""
+        return [x.to(self.dtype) for x in decode_frames(frames, self.kernels, self.device, self.bases)]
 
     def _build(self, dtype: torch.dtype) -> Transformer:
         stage = load_stage(self.spec, self.dir / TAIL_FILE, dtype)
@@ -256,7 +275,7 @@ class TailSession:
         (the LM head then runs on the last position only: a prompt's other logits are never sampled)."""
         hidden = self._frame(frame, None)
         self.position += hidden.layout.rows
-        return self.runner.batcher.submit(self.cache, hidden, last_only, start=self.split).result()
+        return self.runner.batcher.submit(self.cache, hidden, last_only, start=self.split).result().float()
 
     def next_token(self, frame: bytes, rows: int | None = None) -> int:
         """The token for the position after `frame`'s. `rows`: the positions the caller put in the
@@ -296,7 +315,7 @@ class TailSession:
         budget, or memory); the session is unchanged then."""
         layers = self.check_move(new_split)
         cache, runner = self.cache, self.runner
-        dtype = next(p.dtype for p in runner.stage.parameters() if p.is_floating_point())
+        dtype = runner.dtype
 
         def shallower() -> None:
             done = []

@@ -271,7 +271,7 @@ def save_stage(stage: Transformer, path: Path) -> None:
 
 
 def load_stage(spec, path: Path, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Inverse of save_stage."""
+    """Inverse of save_stage; `dtype`: the float parameters' type (quantized weights dequantize to their input's)."""
     from safetensors import safe_open
 
     from splitlm.errors import ModelLoadError
@@ -293,10 +293,11 @@ def load_stage(spec, path: Path, dtype: torch.dtype = torch.float32) -> Transfor
             swap_module(stage, key, QuantLinear(q, bias))
             if bias is not None:
                 tensors[key + ".bias"] = bias
-    missing, unexpected = stage.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
-                                                strict=False)
+    missing, unexpected = stage.load_state_dict(tensors, strict=False)
     if [m for m in missing if not m.endswith((".codes", ".scales", ".zeros"))] or unexpected:
         raise ModelLoadError(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if stage.embeds and stage.finalizes and spec.tie_word_embeddings and not isinstance(stage.lm_head, QuantLinear):
         stage.lm_head.weight = stage.model.embed_tokens.weight
+    for p in stage.parameters():  # (load_state_dict keeps a parameter's dtype: cast after it, from the saved values)
+        p.data = p.data.to(dtype)
     return stage.eval()
