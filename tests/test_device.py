@@ -511,7 +511,41 @@ def test_a_tail_computes_in_the_dtype_asked_for(tiny_ckpt, exports):
     k, v = half.cache.read(plan.split_layer)
     assert k.dtype == v.dtype == torch.bfloat16 and k.shape[2] == len(prompt) + 1
     assert isinstance(half.next_token(head.encode(head.step([9]))), int)
+    # the batcher's path: a frame of 3 rows, and the same rows as frames of 1 and 2, give the same logits bit for bit
+    assert half.runner.rows_alike
+    rows = head.step([11, 12, 13])
+    together, apart = half.runner.new_session(), half.runner.new_session()
+    for frame in frames:
+        together.logits(frame)
+        apart.logits(frame)
+    one = together.logits(head.encode(rows))
+    assert torch.equal(one, torch.cat([apart.logits(head.encode(rows[:1])), apart.logits(head.encode(rows[1:]))]))
     for bad, match in (("float16", "float16 runs on CUDA only"), ("int8", "the tail computes in one of float32, bfloat16")):
         with pytest.raises(ConfigError, match=match):
             TailRunner(result.cloud_dir, dtype=bad, warm_up=False)
     assert np.isfinite(b.numpy()).all()
+
+
+def test_lone_rows_run_padded_where_a_one_row_matmul_rounds_otherwise():
+    """`row_floor` finds the rows from which a tail's matmuls give a row the same numbers in a call of any size, and
+    `_pad_rows` runs fewer rows padded to them. A bfloat16 matmul of SmolLM2's down projection (1536 -> 576) on a
+    CPU with AVX512-BF16 (oneDNN) rounds a lone row otherwise than one among others, at a few values of 64 rows:
+    there the floor is 2, and padded lone rows equal those of one call of all 64, bit for bit."""
+    from pathlib import Path
+
+    import torch
+
+    from splitlm.cloud.tail import _pad_rows, row_floor
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1536, 576, bias=False).to(torch.bfloat16)
+    x = torch.randn(64, 1536).to(torch.bfloat16)
+    whole = lin(x)
+    lone = torch.cat([lin(x[i:i + 1]) for i in range(64)])
+    floor = row_floor(torch.nn.Sequential(lin), torch.bfloat16)
+    assert floor in (1, 2) and (floor > 1 or torch.equal(lone, whole))
+    if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
+        assert floor == 2 and not torch.equal(lone, whole)
+    _pad_rows(lin, floor)
+    assert torch.equal(torch.cat([lin(x[i:i + 1]) for i in range(64)]), whole)
+    assert torch.equal(lin(x[None, :1]), whole[None, :1]) and lin(x[:0]).shape == (0, 576)  # any leading shape, no rows

@@ -57,6 +57,69 @@ def check_dtype(dtype: "torch.dtype | str", device: torch.device) -> torch.dtype
     return chosen
 
 
+ROW_FLOOR_MAX = 2
+"""The most rows a lone row's matmuls are padded to. bfloat16 on a CPU (oneDNN) rounds a one-row matmul
+otherwise than one of 2 or more rows, which all agree: 2 rows cost a decode step about 3 % more on SmolLM2.
+float32 (MKL) rounds 1, 2 to 3, and 4 or more rows three ways, and 4 rows would cost about 40 %: it stays at 1."""
+
+ROWS_TRIED = (1, 2, 3, 5)
+"""`row_floor` runs 16 rows in calls of these many rows, and against one call of all 16."""
+
+
+def _linears(stage: torch.nn.Module) -> list[torch.nn.Module]:
+    """The matmul modules of a stage (nn.Linear, QuantLinear, KernelLinear: leaves with in_ and out_features)."""
+    return [m for m in stage.modules() if hasattr(m, "in_features") and hasattr(m, "out_features") and not any(m.children())]
+
+
+@torch.inference_mode()
+def row_floor(stage: torch.nn.Module, dtype: torch.dtype) -> int:
+    """The fewest rows, up to ROW_FLOOR_MAX, from which every matmul of `stage` gives each of 16 rows the same numbers
+    in calls of ROWS_TRIED rows (those at or above it) as in one call of all 16 (random inputs, one module per kind
+    and shape: a kernel is chosen by shape, and a difference in rounding shows on some values only); 1 when none does."""
+    kinds = {}
+    for m in _linears(stage):
+        kinds.setdefault((type(m), m.in_features, m.out_features, getattr(m, "bits", None)), m)
+    device, gen = next(stage.parameters()).device, torch.Generator().manual_seed(0)
+    agree = {n: True for n in ROWS_TRIED}
+    for m in kinds.values():
+        x = torch.randn(16, m.in_features, generator=gen).to(device, dtype)
+        whole = m(x)
+        for n in ROWS_TRIED:
+            agree[n] = agree[n] and torch.equal(torch.cat([m(x[i:i + n]) for i in range(0, 16, n)])[:16], whole)
+    for floor in range(1, ROW_FLOOR_MAX + 1):
+        if all(agree[n] for n in ROWS_TRIED if n >= floor):
+            return floor
+    return 1
+
+
+def _pad_rows(module: torch.nn.Module, rows: int) -> None:
+    """Run `module` (a matmul) on at least `rows` rows: fewer are padded with zero rows, whose outputs are dropped."""
+    inner = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        n = x.numel() // x.shape[-1]
+        if n >= rows:
+            return inner(x)
+        flat = x.reshape(n, x.shape[-1])
+        out = inner(torch.cat([flat, flat.new_zeros(rows - n, x.shape[-1])]))
+        return out[:n].reshape(*x.shape[:-1], out.shape[-1])
+
+    module.forward = forward
+
+
+@torch.inference_mode()
+def rows_alike(stage: Transformer, dtype: torch.dtype) -> bool:
+    """Whether `stage` gives 8 new positions the same logits bit for bit in one call as in calls of 1, 1, 2 and 4
+    rows (after the same 4 positions; random hidden states)."""
+    device = next(stage.parameters()).device
+    x = torch.randn(1, 12, stage.spec.hidden_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    together, apart = KVCache(), KVCache()
+    stage(x[:, :4], cache=together, last_only=True)
+    stage(x[:, :4], cache=apart, last_only=True)
+    whole = stage(x[:, 4:], cache=together)
+    return torch.equal(whole, torch.cat([stage(x[:, a:b], cache=apart) for a, b in ((4, 5), (5, 6), (6, 8), (8, 12))], 1))
+
+
 def decode_frames(frames: list[Frame], impl: str, device: torch.device, bases: dict | None = None) -> list[torch.Tensor]:
     """Parsed frames -> their (T_i, d) float32 hidden states on `device`, decoded as one batch: by
     the codec's torch decoder ('reference') or the Triton one ('triton'); ans frames against `bases`
@@ -136,7 +199,22 @@ class TailRunner:
             from splitlm.kernels import dispatch
 
             self.kernel_linears = dispatch.apply_kernels(stage, "triton")
-        return stage.to(self.device)
+        stage = stage.to(self.device)
+        self.row_floor = row_floor(stage, dtype)
+        """The rows each matmul of the tail runs at least (a lone row padded to them): the fewest from which its
+        matmuls give a row the same numbers in a call of any size."""
+        if self.row_floor > 1:
+            for m in _linears(stage):
+                _pad_rows(m, self.row_floor)
+        self.rows_alike = rows_alike(stage, dtype)
+        """Whether the tail gives a row the same logits, bit for bit, alone as in a call of several rows: then a
+        speculative step's tokens are those of decoding one at a time, by construction."""
+        if self.rows_alike:
+            log.info("tail rows: a row's logits are the same alone and among others (lone rows run as %d)", self.row_floor)
+        else:
+            log.info("tail rows: a row alone rounds otherwise than among others (%s here): speculative output can part "
+                     "from one-at-a-time decoding where two tokens tie within that rounding", str(dtype).removeprefix("torch."))
+        return stage
 
     def limit(self, max_batch: int, kv_budget: int | None) -> None:
         """Sessions batched together at most, and KV bytes all sessions together may hold."""
