@@ -500,7 +500,8 @@ def test_a_tail_computes_in_the_dtype_asked_for(tiny_ckpt, exports):
     head = DeviceHead(HeadSession(result.device_dir))
     prompt = tiny_ckpt.tokenizer().encode("the cloud computes in half precision " * 3).ids
     frames = [head.encode(h) for h, _ in head.chunks(prompt)] + [head.encode(head.step([7]))]
-    ref, half = TailRunner(result.cloud_dir).new_session(), TailRunner(result.cloud_dir, dtype="bfloat16").new_session()
+    ref = TailRunner(result.cloud_dir, device="cpu").new_session()
+    half = TailRunner(result.cloud_dir, dtype="bfloat16", device="cpu").new_session()
     assert {p.dtype for p in half.runner.stage.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in ref.runner.stage.parameters()} == {torch.float32}
     for frame in frames:
@@ -522,8 +523,7 @@ def test_a_tail_computes_in_the_dtype_asked_for(tiny_ckpt, exports):
     assert torch.equal(one, torch.cat([apart.logits(head.encode(rows[:1])), apart.logits(head.encode(rows[1:]))]))
     for bad, match in (("float16", "float16 runs on CUDA only"), ("int8", "the tail computes in one of float32, bfloat16")):
         with pytest.raises(ConfigError, match=match):
-            TailRunner(result.cloud_dir, dtype=bad, warm_up=False)
-    assert np.isfinite(b.numpy()).all()
+            TailRunner(result.cloud_dir, dtype=bad, device="cpu", warm_up=False)
 
 
 def test_lone_rows_run_padded_where_a_one_row_matmul_rounds_otherwise():

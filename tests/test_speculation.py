@@ -293,7 +293,7 @@ def test_speculation_on_smollm2_equals_one_token_at_a_time(smollm_ckpt, smollm_e
     from splitlm.cloud.tail import TailRunner
     from splitlm.device.runtime import HeadSession, generate_split
 
-    session, runner = HeadSession(smollm_export.device_dir), TailRunner(smollm_export.cloud_dir, dtype=dtype)
+    session, runner = HeadSession(smollm_export.device_dir), TailRunner(smollm_export.cloud_dir, dtype=dtype, device="cpu")
     assert runner.rows_alike or dtype == "float32"
     ids = smollm_ckpt.tokenizer().encode(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n").ids
     plain = generate_split(session, runner.new_session(), ids, 64).token_ids

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,16 +55,34 @@ def check_dtype(dtype: "torch.dtype | str", device: torch.device) -> torch.dtype
         raise ConfigError(f"dtype {dtype!r}: the tail computes in one of {', '.join(DTYPES)}")
     if chosen == torch.float16 and device.type != "cuda":
         raise ConfigError(f"dtype float16 runs on CUDA only, and this tail runs on {device}: use bfloat16 or float32")
+    if chosen == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use float16 or float32")
+    if chosen == torch.bfloat16 and device.type == "cpu" and not _cpu_has_bf16():
+        log.warning("dtype bfloat16 on a CPU without AVX512-BF16 or AMX: its matmuls may run slower than float32's")
     return chosen
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16, AMX; Linux's /proc/cpuinfo flags). Where
+    the flags cannot be read, True (no warning)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 ROW_FLOOR_MAX = 2
 """The most rows a lone row's matmuls are padded to. bfloat16 on a CPU (oneDNN) rounds a one-row matmul
-otherwise than one of 2 or more rows, which all agree: 2 rows cost a decode step about 3 % more on SmolLM2.
-float32 (MKL) rounds 1, 2 to 3, and 4 or more rows three ways, and 4 rows would cost about 40 %: it stays at 1."""
+otherwise than one of 2 or more rows, which agree (`bench/tail_rows.py`): two rows cost a decode step little.
+float32 (MKL) rounds calls of 1, of 2 to 3 and of 4 or more rows three ways, and four rows would cost a decode
+step much more (same bench): it stays at 1."""
 
-ROWS_TRIED = (1, 2, 3, 5)
-"""`row_floor` runs 16 rows in calls of these many rows, and against one call of all 16."""
+ROWS_TRIED = (1, 2, 3, 4)
+"""`row_floor` runs a matmul's rows in calls of these many rows, and against one call of all of them."""
+
+VALUES_TRIED = 40_000
+"""Output values each matmul kind is compared on (a rounding difference shows on a few values in ten thousand)."""
 
 
 def _linears(stage: torch.nn.Module) -> list[torch.nn.Module]:
@@ -73,44 +92,49 @@ def _linears(stage: torch.nn.Module) -> list[torch.nn.Module]:
 
 @torch.inference_mode()
 def row_floor(stage: torch.nn.Module, dtype: torch.dtype) -> int:
-    """The fewest rows, up to ROW_FLOOR_MAX, from which every matmul of `stage` gives each of 16 rows the same numbers
-    in calls of ROWS_TRIED rows (those at or above it) as in one call of all 16 (random inputs, one module per kind
-    and shape: a kernel is chosen by shape, and a difference in rounding shows on some values only); 1 when none does."""
+    """The fewest rows, up to ROW_FLOOR_MAX, from which every matmul of `stage` gives each row the same numbers in
+    calls of ROWS_TRIED rows (those at or above it) as in one call of all of them: 12 to 96 rows of random input,
+    enough for VALUES_TRIED outputs, one module per kind and shape (a kernel is chosen by shape and dtype); 1 when
+    none does. Calls of more rows (batches, prefill chunks) are not tried."""
     kinds = {}
     for m in _linears(stage):
         kinds.setdefault((type(m), m.in_features, m.out_features, getattr(m, "bits", None)), m)
     device, gen = next(stage.parameters()).device, torch.Generator().manual_seed(0)
     agree = {n: True for n in ROWS_TRIED}
     for m in kinds.values():
-        x = torch.randn(16, m.in_features, generator=gen).to(device, dtype)
+        rows = min(96, 12 * -(-VALUES_TRIED // (12 * m.out_features)))  # a multiple of 12: whole calls of 1 to 4 rows
+        x = torch.randn(rows, m.in_features, generator=gen).to(device, dtype)
         whole = m(x)
         for n in ROWS_TRIED:
-            agree[n] = agree[n] and torch.equal(torch.cat([m(x[i:i + n]) for i in range(0, 16, n)])[:16], whole)
+            agree[n] = agree[n] and torch.equal(torch.cat([m(x[i:i + n]) for i in range(0, rows, n)]), whole)
     for floor in range(1, ROW_FLOOR_MAX + 1):
         if all(agree[n] for n in ROWS_TRIED if n >= floor):
             return floor
     return 1
 
 
+def _padded_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A matmul module's forward on at least `self.min_rows` rows: fewer are padded with zero rows, whose outputs are
+    dropped (bound to the module by `_pad_rows`, so that a deep copy binds to the copy)."""
+    n = x.numel() // x.shape[-1]
+    if n >= self.min_rows:
+        return type(self).forward(self, x)
+    flat = x.reshape(n, x.shape[-1])
+    out = type(self).forward(self, torch.cat([flat, flat.new_zeros(self.min_rows - n, x.shape[-1])]))
+    return out[:n].reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _pad_rows(module: torch.nn.Module, rows: int) -> None:
-    """Run `module` (a matmul) on at least `rows` rows: fewer are padded with zero rows, whose outputs are dropped."""
-    inner = module.forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        n = x.numel() // x.shape[-1]
-        if n >= rows:
-            return inner(x)
-        flat = x.reshape(n, x.shape[-1])
-        out = inner(torch.cat([flat, flat.new_zeros(rows - n, x.shape[-1])]))
-        return out[:n].reshape(*x.shape[:-1], out.shape[-1])
-
-    module.forward = forward
+    """Run `module` (a matmul) on at least `rows` rows (`_padded_forward`)."""
+    module.min_rows = rows
+    module.forward = types.MethodType(_padded_forward, module)
 
 
 @torch.inference_mode()
 def rows_alike(stage: Transformer, dtype: torch.dtype) -> bool:
     """Whether `stage` gives 8 new positions the same logits bit for bit in one call as in calls of 1, 1, 2 and 4
-    rows (after the same 4 positions; random hidden states)."""
+    rows (after the same 4 positions; random hidden states): one session's decode and speculative steps. Batched
+    steps of several sessions (masked, right-padded) and long contexts are not tried."""
     device = next(stage.parameters()).device
     x = torch.randn(1, 12, stage.spec.hidden_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     together, apart = KVCache(), KVCache()
@@ -143,7 +167,6 @@ class TailRunner:
         a throwaway prompt and step now, so that the first session does not pay for lazy
         initialisation (oneDNN primitives, CUDA context, Triton compiles: ~0.5 s for SmolLM2 on CPU). verify:
         check the sha256 of the folder's files against its manifest (their sizes are always checked)."""
-        self.dir, self.plan, self.spec = read_folder(cloud_dir, TAIL_FILE, verify=verify)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -152,6 +175,7 @@ class TailRunner:
             raise ConfigError(f"device {device!r}: {exc}") from None
         self.dtype = check_dtype(dtype, self.device)
         """What the tail computes in: its float parameters, the decoded frames, its K/V (weights dequantize to it)."""
+        self.dir, self.plan, self.spec = read_folder(cloud_dir, TAIL_FILE, verify=verify)
         self.kernels = kernel_impl(kernels, self.device)
         self.bases = {}
         """The entropy 'ans' codec's calibrated basis at each split the plan allows ({} for other codecs)."""
