@@ -283,7 +283,8 @@ def test_verbose_turns_on_splitlm_logging_not_the_libraries(capsys):
 
 
 def test_serve_writes_the_port_it_listens_on_to_port_file(artifacts, tmp_path):
-    """serve --port 0 --port-file F, a real server process: F holds the bound port once it listens, and a client connects to it."""
+    """serve --port 0 --port-file F --dtype bfloat16, a real server process: F holds the bound port once it listens, and a
+    client connects to it; the tail computes in bfloat16."""
     import subprocess
     import sys
     import time
@@ -295,7 +296,7 @@ def test_serve_writes_the_port_it_listens_on_to_port_file(artifacts, tmp_path):
 
     port_file = tmp_path / "port"
     proc = subprocess.Popen([sys.executable, "-m", "splitlm.cli", "serve", "--artifacts", str(artifacts[1].cloud_dir.parent),
-                             "--port", "0", "--port-file", str(port_file)],
+                             "--port", "0", "--port-file", str(port_file), "--dtype", "bfloat16"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         deadline = time.monotonic() + 120
@@ -317,6 +318,7 @@ def test_serve_writes_the_port_it_listens_on_to_port_file(artifacts, tmp_path):
         proc.wait(10)
     log = proc.stderr.read()  # without -v, serve still logs a line per session opened and closed
     assert "event=session_open" in log and re.search(r"event=session_close .* tokens=3 ttft_ms=\d+ tokens_per_s=", log), log
+    assert "in bfloat16" in log, log  # the tail's start line
 
 
 def test_serve_refuses_a_port_file_it_cannot_write_before_starting(capsys, tmp_path, monkeypatch, artifacts):

@@ -216,15 +216,16 @@ class TextStream:
         self._closed.set()
 
 
-def serve(artifacts: str | os.PathLike, address: str = "127.0.0.1:0", **config: Any):
+def serve(artifacts: str | os.PathLike, address: str = "127.0.0.1:0", dtype: str = "float32", **config: Any):
     """Serve the cloud part of an export (full install): a running Server with `.port`, `.stop()` and
-    `.wait_for_termination()`. `config`: ServerConfig fields (max_sessions, auth_token, max_kv_bytes, ...)."""
+    `.wait_for_termination()`. `dtype`: what the tail computes in, as `splitlm serve --dtype`. `config`:
+    ServerConfig fields (max_sessions, auth_token, max_kv_bytes, ...)."""
     _needs_cloud("serve")
     from splitlm.artifacts import export_side
     from splitlm.cloud.service import ServerConfig, start_server
     from splitlm.cloud.tail import TailRunner
 
-    server, _, _ = start_server(TailRunner(export_side(artifacts, "cloud")), address, ServerConfig(**config))
+    server, _, _ = start_server(TailRunner(export_side(artifacts, "cloud"), dtype=dtype), address, ServerConfig(**config))
     return server
 
 
