@@ -4,7 +4,7 @@ veth pair shaped with netem (delay, rate), for a split plan, cloud-only (ℓ = 0
 it says so and runs over loopback, unshaped.
 
     sudo .venv/bin/python bench/e2e.py [--tokens 32] [--json bench/results/e2e.json]
-    sudo .venv/bin/python bench/e2e.py --speculate [--tokens 64] [--json bench/results/speculation.json]
+    sudo .venv/bin/python bench/e2e.py --speculate [--tokens 64] [--cloud-dtype bfloat16] [--json bench/results/speculation.json]
 
 With --speculate: the split plan on the 20 ms / 50 Mbit/s link only, each prompt generated with and without
 `--speculate`, alternating, median of --reps: tokens/s, TTFT, tokens per round trip, drafts kept, and whether
@@ -172,7 +172,7 @@ def speculation(args, ckpt) -> None:
             how = shape(one_way, mbit)
             if how == "tbf+relay":
                 relay = start_relay(one_way)
-        server_proc = serve(root, CLOUD_NS if netns else None, CLOUD_IP if netns else "127.0.0.1")
+        server_proc = serve(root, CLOUD_NS if netns else None, CLOUD_IP if netns else "127.0.0.1", ("--dtype", args.cloud_dtype))
         target = "127.0.0.1:50552" if relay else f"{CLOUD_IP if netns else '127.0.0.1'}:50551"
         try:
             for name, prompt in SPECULATION_PROMPTS.items():
@@ -203,7 +203,7 @@ def speculation(args, ckpt) -> None:
             teardown()
     raw = ", ".join(sorted(RAW_PROMPTS))
     print(f"SmolLM2 split {default_plan(ckpt).split_layer}, {link}, {args.tokens} tokens (chat template but for {raw}), "
-          f"median of {args.reps}, plain and speculative alternating; link shaping: {how}")
+          f"median of {args.reps}, plain and speculative alternating; link shaping: {how}; cloud in {args.cloud_dtype}")
     print(f"{'prompt':<26}{'plain tok/s':>12}{'spec tok/s':>12}{'speedup':>9}{'tok/RT':>8}{'kept':>9}{'TTFT plain':>12}"
           f"{'TTFT spec':>11}{'equal':>7}")
     for r in rows:
@@ -215,7 +215,8 @@ def speculation(args, ckpt) -> None:
         print(f"{kind} set ({len(s['prompts'])} prompts): {s['plain_tokens_per_s']:.1f} -> {s['speculative_tokens_per_s']:.1f} "
               f"tok/s, {s['speedup']:.2f}x; per prompt {s['min_speedup']:.2f}x to {s['max_speedup']:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"netns": netns, "shaping": how, "link": link, "rows": rows, "sets": sets}, indent=2))
+    Path(args.json).write_text(json.dumps({"netns": netns, "shaping": how, "link": link, "cloud_dtype": args.cloud_dtype, "rows": rows,
+                                           "sets": sets}, indent=2))
 
 
 def prompt_set(rows: list[dict], kind: str) -> dict:
@@ -234,12 +235,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="tokens per generation (default 32; 64 with --speculate)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--speculate", action="store_true", help="speculative against plain decoding (module docstring)")
-    ap.add_argument("--json", default=None, help="default bench/results/e2e.json (speculation.json with --speculate)")
+    ap.add_argument("--cloud-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="with --speculate: what the cloud computes in (serve --dtype; default float32)")
+    ap.add_argument("--json", default=None, help="default bench/results/e2e.json (speculation.json with --speculate, "
+                                                 "speculation_bfloat16.json with --cloud-dtype bfloat16)")
     args = ap.parse_args()
+    if args.cloud_dtype != "float32" and not args.speculate:
+        ap.error("--cloud-dtype goes with --speculate")
     ckpt = resolve_model("smollm2-135m")
     if args.speculate:
         args.tokens = args.tokens or 64
-        args.json = args.json or "bench/results/speculation.json"
+        args.json = args.json or ("bench/results/speculation.json" if args.cloud_dtype == "float32" else
+                                  f"bench/results/speculation_{args.cloud_dtype}.json")
         return speculation(args, ckpt)
     args.tokens = args.tokens or 32
     args.json = args.json or "bench/results/e2e.json"
