@@ -5,9 +5,9 @@ bfloat16 tail's numbers against float32's. SmolLM2, the default plan's cloud par
 
 1. For each matmul shape of the tail and each dtype: the call sizes (1 to 48 rows) that give 48 rows of random
    input the same numbers, as groups ("1 | 2 3 | 4 6 ..." means three roundings).
-2. A decode step of the tail (one position after 100), its matmuls unpadded at 1, 2 and 4 rows, and as the
-   TailRunner runs a lone row (padded to its `row_floor`), float32 and bfloat16, median of 25.
-3. `row_floor` and `rows_alike` as the TailRunner finds them for each dtype.
+2. A step of the tail (1 to 4 positions after 100: a decode step, speculative steps), its matmuls unpadded, and
+   as the TailRunner runs them (`row_padding`), float32 and bfloat16, median of 25.
+3. `row_padding` and `rows_alike` as the TailRunner finds them for each dtype.
 4. bfloat16 against float32 on the same frames (4 windows of the protocol text through the exported head):
    the logits' relative L2, how often the two pick the same token, and perplexity.
 """
@@ -107,11 +107,10 @@ def main() -> None:
         for (k, n), m in kinds.items():
             out["groups"].append({"dtype": name, "in": k, "out": n, "groups": groups(m, dtype)})
         runner = TailRunner(root / "cloud", dtype=name, device="cpu", warm_up=False)
-        out["runner"][name] = {"row_floor": runner.row_floor, "rows_alike": runner.rows_alike}
-        for rows in (1, 2, 4):
-            out["step_ms"].append({"dtype": name, "how": f"{rows} row(s), unpadded", "ms": step_ms(stage, rows, dtype)})
-        out["step_ms"].append({"dtype": name, "how": f"1 row as the runner runs it (floor {runner.row_floor})",
-                               "ms": step_ms(runner.stage, 1, dtype)})
+        out["runner"][name] = {"row_padding": runner.row_padding, "rows_alike": runner.rows_alike}
+        for rows in (1, 2, 3, 4):
+            out["step_ms"].append({"dtype": name, "rows": rows, "unpadded_ms": step_ms(stage, rows, dtype),
+                                   "runner_ms": step_ms(runner.stage, rows, dtype), "runs_as": runner.row_padding.get(rows, rows)})
     runners = {name: TailRunner(root / "cloud", dtype=name, device="cpu", warm_up=False) for name in DTYPES}
     out["bfloat16_vs_float32"] = compare(ckpt, root, runners, args.windows)
 
@@ -119,12 +118,13 @@ def main() -> None:
     print(f"\n{'dtype':<10}{'matmul':<14}rows rounded alike (of calls of {', '.join(map(str, SIZES))})")
     for r in out["groups"]:
         print(f"{r['dtype']:<10}{r['in']:>5} -> {r['out']:<6}  {r['groups']}")
-    print(f"\n{'dtype':<10}{'decode step':<42}{'ms':>8}")
+    print(f"\n{'dtype':<10}{'step rows':>10}{'unpadded ms':>13}{'runner ms':>11}{'runs as':>9}")
     for r in out["step_ms"]:
-        print(f"{r['dtype']:<10}{r['how']:<42}{r['ms']:>8.1f}")
+        print(f"{r['dtype']:<10}{r['rows']:>10}{r['unpadded_ms']:>13.1f}{r['runner_ms']:>11.1f}{r['runs_as']:>9}")
     print()
     for name, r in out["runner"].items():
-        print(f"{name}: row_floor {r['row_floor']}, rows_alike {r['rows_alike']}")
+        padded = ", ".join(f"{n} as {m}" for n, m in r["row_padding"].items()) or "none"
+        print(f"{name}: rows padded {padded}; rows_alike {r['rows_alike']}")
     c = out["bfloat16_vs_float32"]
     print(f"\nbfloat16 vs float32, {c['windows']} protocol windows: logits relative L2 "
           f"{min(c['logits_rel_l2']):.4f} to {max(c['logits_rel_l2']):.4f}; same token at {100 * min(c['same_token']):.1f} to "

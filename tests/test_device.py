@@ -546,6 +546,28 @@ def test_lone_rows_run_padded_where_a_one_row_matmul_rounds_otherwise():
     assert floor in (1, 2) and (floor > 1 or torch.equal(lone, whole))
     if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
         assert floor == 2 and not torch.equal(lone, whole)
-    _pad_rows(lin, floor)
+    _pad_rows(lin, {n: floor for n in range(1, floor)})
     assert torch.equal(torch.cat([lin(x[i:i + 1]) for i in range(64)]), whole)
     assert torch.equal(lin(x[None, :1]), whole[None, :1]) and lin(x[:0]).shape == (0, 576)  # any leading shape, no rows
+
+
+def test_float32_calls_of_two_or_three_rows_run_as_four_on_mkl():
+    """On a CPU with MKL a float32 matmul of 2 or 3 rows costs about 2 or 3 of one row, and one of 4 rows less
+    (`bench/tail_rows.py`): `row_padding` pads them to 4, and a padded call's rows are those of a 4-row call, bit for bit."""
+    import torch
+
+    from splitlm.cloud.tail import _pad_rows, row_padding
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 1536, bias=False)
+    pad = row_padding(torch.nn.Sequential(lin), torch.float32)
+    if not torch.backends.mkl.is_available():
+        assert pad == {}
+        return
+    assert pad == {2: 4, 3: 4}
+    x = torch.randn(4, 576)
+    four = torch.nn.functional.linear(x, lin.weight)
+    _pad_rows(lin, pad)
+    with torch.inference_mode():
+        assert torch.equal(lin(x[:2]), four[:2]) and torch.equal(lin(x[None, :3]), four[None, :3])
+        assert torch.equal(lin(x[:1]), torch.nn.functional.linear(x[:1], lin.weight))  # a lone row stays alone

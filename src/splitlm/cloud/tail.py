@@ -75,8 +75,8 @@ def _cpu_has_bf16() -> bool:
 ROW_FLOOR_MAX = 2
 """The most rows a lone row's matmuls are padded to. bfloat16 on a CPU (oneDNN) rounds a one-row matmul
 otherwise than one of 2 or more rows, which agree (`bench/tail_rows.py`): two rows cost a decode step little.
-float32 (MKL) rounds calls of 1, of 2 to 3 and of 4 or more rows three ways, and four rows would cost a decode
-step much more (same bench): it stays at 1."""
+float32 (MKL) rounds calls of 1, of 2 to 3 and of 4 or more rows three ways, and four rows would cost a lone row's
+decode step much more (same bench): its floor stays at 1."""
 
 ROWS_TRIED = (1, 2, 3, 4)
 """`row_floor` runs a matmul's rows in calls of these many rows, and against one call of all of them."""
@@ -113,20 +113,37 @@ def row_floor(stage: torch.nn.Module, dtype: torch.dtype) -> int:
     return 1
 
 
+FASTER_ROWS = {2: 4, 3: 4}
+"""float32 on a CPU with MKL: a matmul of 2 or 3 rows costs about 2 or 3 times one of a row, and one of 4 rows
+less than one of 3 (`bench/tail_rows.py`; SmolLM2's LM head: 21 and 32 ms against 16 ms), so such calls (a
+speculative step's 2 or 3 rows, a batch of 2 or 3 decode steps) run padded to 4 rows."""
+
+
+def row_padding(stage: torch.nn.Module, dtype: torch.dtype) -> dict[int, int]:
+    """Rows n -> the rows a call of n runs padded to, for the matmuls of `stage`: below `row_floor`, the floor (so that
+    a row rounds alike alone and among others); in float32 on a CPU with MKL, FASTER_ROWS (speed)."""
+    floor = row_floor(stage, dtype)
+    pad = {n: floor for n in range(1, floor)}
+    if dtype == torch.float32 and next(stage.parameters()).device.type == "cpu" and torch.backends.mkl.is_available():
+        pad.update({n: rows for n, rows in FASTER_ROWS.items() if n >= floor})
+    return pad
+
+
 def _padded_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A matmul module's forward on at least `self.min_rows` rows: fewer are padded with zero rows, whose outputs are
-    dropped (bound to the module by `_pad_rows`, so that a deep copy binds to the copy)."""
+    """A matmul module's forward with a call of n rows run as `self.pad_rows[n]` rows (n when absent): zero rows added,
+    their outputs dropped (bound to the module by `_pad_rows`, so that a deep copy binds to the copy)."""
     n = x.numel() // x.shape[-1]
-    if n >= self.min_rows:
+    rows = self.pad_rows.get(n, n)
+    if rows <= n:
         return type(self).forward(self, x)
     flat = x.reshape(n, x.shape[-1])
-    out = type(self).forward(self, torch.cat([flat, flat.new_zeros(self.min_rows - n, x.shape[-1])]))
+    out = type(self).forward(self, torch.cat([flat, flat.new_zeros(rows - n, x.shape[-1])]))
     return out[:n].reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _pad_rows(module: torch.nn.Module, rows: int) -> None:
-    """Run `module` (a matmul) on at least `rows` rows (`_padded_forward`)."""
-    module.min_rows = rows
+def _pad_rows(module: torch.nn.Module, pad: dict[int, int]) -> None:
+    """Run `module` (a matmul) with calls of n rows padded to pad[n] rows (`_padded_forward`)."""
+    module.pad_rows = dict(pad)
     module.forward = types.MethodType(_padded_forward, module)
 
 
@@ -224,20 +241,21 @@ class TailRunner:
 
             self.kernel_linears = dispatch.apply_kernels(stage, "triton")
         stage = stage.to(self.device)
-        self.row_floor = row_floor(stage, dtype)
-        """The rows each matmul of the tail runs at least (a lone row padded to them): the fewest from which its
-        matmuls give a row the same numbers in a call of any size."""
-        if self.row_floor > 1:
+        self.row_padding = row_padding(stage, dtype)
+        """Rows n -> the rows the tail's matmuls run a call of n as (`row_padding`)."""
+        if self.row_padding:
             for m in _linears(stage):
-                _pad_rows(m, self.row_floor)
+                _pad_rows(m, self.row_padding)
         self.rows_alike = rows_alike(stage, dtype)
         """Whether the tail gives a row the same logits, bit for bit, alone as in a call of several rows: then a
         speculative step's tokens are those of decoding one at a time, by construction."""
+        padded = ", ".join(f"{n} as {rows}" for n, rows in self.row_padding.items()) or "none"
         if self.rows_alike:
-            log.info("tail rows: a row's logits are the same alone and among others (lone rows run as %d)", self.row_floor)
+            log.info("tail rows: a row's logits are the same alone and among others (rows padded: %s)", padded)
         else:
-            log.info("tail rows: a row alone rounds otherwise than among others (%s here): speculative output can part "
-                     "from one-at-a-time decoding where two tokens tie within that rounding", str(dtype).removeprefix("torch."))
+            log.info("tail rows: a row alone rounds otherwise than among others (%s here; rows padded: %s): speculative output "
+                     "can part from one-at-a-time decoding where two tokens tie within that rounding",
+                     str(dtype).removeprefix("torch."), padded)
         return stage
 
     def limit(self, max_batch: int, kv_budget: int | None) -> None:
