@@ -129,7 +129,7 @@ def ttft(ckpt, reps: int) -> dict:
                     for where, ns, address in (("link", e2e.DEV_NS, target), ("no link", e2e.CLOUD_NS, beside)):
                         if where == "no link" and name == "fp16":
                             continue
-                        runs = [_generate(root, prompt, address, ns) for _ in range(reps)]
+                        runs = [e2e.run_generate(root, 4, address, ns, prompt, ("--threads", "1"), chat=False) for _ in range(reps)]
                         row = {"cloud_dtype": dtype, "codec": name, "where": where, "prompt_tokens": runs[0]["prompt_tokens"],
                                "ttft_ms": statistics.median(r["ttft_s"] for r in runs) * 1e3,
                                "bytes_up": statistics.median(r.get("bytes_up", r["link_bytes"]) for r in runs)}
@@ -147,19 +147,6 @@ def ttft(ckpt, reps: int) -> dict:
 
 CLOUD_DTYPES = ("float32", "bfloat16")
 CODEC_ROW = "ans eps 0.03 (tabq default)"
-
-
-def _generate(root: Path, prompt: str, server: str, ns: str) -> dict:
-    import subprocess
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [e2e.SPLITLM, "generate", "--artifacts", str(root), "--prompt", prompt, "--max-tokens", "4", "--server", server,
-               "--threads", "1", "--json", out.name]
-        proc = subprocess.run(e2e.in_ns(ns, *cmd), capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"generate failed: {proc.stderr.strip()[-500:]}")
-        return json.loads(Path(out.name).read_text())
 
 
 def main() -> None:
