@@ -66,6 +66,7 @@ def test_profile_load_names_the_file_and_the_missing_field(tmp_path):
 
 def test_profile_saves_what_it_measured_when_a_later_phase_stops_it(tmp_path, capsys, monkeypatch, tiny_ckpt):
     """Interrupted after its first phase, `splitlm profile` keeps that phase's measurements in OUT.partial."""
+    import gc
     import json
 
     import splitlm.profiler.device as device
@@ -76,6 +77,10 @@ def test_profile_saves_what_it_measured_when_a_later_phase_stops_it(tmp_path, ca
 
     monkeypatch.setattr(device, "measure_kv_head", stop)  # the phase after the embedding-only head
     out = tmp_path / "p.json"
+    # an earlier test's stopped gRPC aio server can leave tasks whose destruction prints a traceback to stderr: let
+    # them go now, before this command's stderr is read
+    gc.collect()
+    capsys.readouterr()
     assert main(["profile", "--model", "tiny-random", "--reps", "1", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert f"what they measured is in {out}.partial" in err and "Traceback" not in err
